@@ -1,0 +1,28 @@
+"""fastopt: neural-network optimizer update rules at the speed of memory.
+
+Quick start::
+
+    import numpy as np, fastopt
+    w = np.random.default_rng(0).standard_normal((256, 128)).astype(np.float32)
+    opt = fastopt.Adam([w], lr=1e-3)
+    opt.step([grad_w])                 # in place
+
+See :mod:`fastopt.optimizers` for the classes, :mod:`fastopt.functional` for the
+stateless layer and :mod:`fastopt.registry` for the rules.
+"""
+
+from . import backends, functional, registry
+from .optimizer import Optimizer
+from .optimizers import (CLASSES, SGD, Adagrad, Adam, Adamax, AdamW, Lion, NAdam,
+                         RMSprop)
+
+__version__ = "0.1.0"
+
+
+def available_backends():
+    """Names of the backends usable on this machine."""
+    return backends.available()
+
+
+__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam",
+           "Lion", "CLASSES", "available_backends", "functional", "registry", "backends"]

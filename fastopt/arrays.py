@@ -1,0 +1,48 @@
+"""Checks and conversions of user arrays (parameters and dense gradients).
+
+Parameters are updated in place, so they must be writeable, C-contiguous,
+native-endian float32/float64 NumPy arrays (or objects NumPy can view without a
+copy, such as CPU torch tensors).  Anything else is refused with a clear error:
+a silent copy would make the update vanish.
+
+Gradients are read only: a gradient of another float dtype is converted to the
+parameter's dtype, a non-contiguous one is copied to a contiguous array; an
+integer, complex or object gradient, or one of the wrong shape, is refused.
+"""
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_param(obj, where):
+    """View ``obj`` as an ndarray that can be updated in place, or raise."""
+    if isinstance(obj, (list, tuple)) or np.isscalar(obj) or obj is None:
+        raise TypeError(f"{where}: expected an array, got {type(obj).__name__}")
+    if hasattr(obj, "__cuda_array_interface__") and not hasattr(obj, "__array_interface__"):
+        raise TypeError(f"{where}: a device array needs backend='cuda' (or 'auto')")
+    arr = obj if isinstance(obj, np.ndarray) else np.asarray(obj)
+    if arr.dtype not in FLOAT_DTYPES or not arr.dtype.isnative:
+        raise TypeError(f"{where}: dtype {arr.dtype} is not supported "
+                        "(float32 or float64, native byte order)")
+    if not arr.flags.writeable:
+        raise ValueError(f"{where}: the array is read-only; an optimizer updates it in place")
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{where}: the array is not C-contiguous (strides {arr.strides}); "
+                         "fastopt updates contiguous memory in place, pass a contiguous array")
+    return arr
+
+
+def as_grad(obj, param, where):
+    """Return ``obj`` as a C-contiguous ndarray of ``param``'s dtype and shape, or raise."""
+    if isinstance(obj, (list, tuple)) or obj is None:
+        raise TypeError(f"{where}: expected an array, got {type(obj).__name__}")
+    arr = obj if isinstance(obj, np.ndarray) else np.asarray(obj)
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{where}: gradient dtype {arr.dtype} is not a float dtype")
+    if arr.shape != param.shape:
+        raise ValueError(f"{where}: gradient shape {arr.shape} does not match "
+                         f"parameter shape {param.shape}")
+    if arr.dtype != param.dtype or not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr, dtype=param.dtype)
+    return arr

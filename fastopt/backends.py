@@ -1,0 +1,88 @@
+"""Backends: who runs a dense step over a bucket of tensors.
+
+A *bucket* (:class:`Bucket`) is the unit of work: tensors of one dtype whose
+groups use the same state slots, with their pointer table, chunk table and
+per-step scalar rows.  Every backend runs a bucket with the same semantics:
+
+* ``numpy``: the reference functions of :mod:`fastopt.reference`, one tensor at a
+  time (slow; the oracle).
+* ``numba``: one Numba parallel region over the bucket's chunks
+  (:mod:`fastopt._numba_cpu`).
+
+``backend="auto"`` picks the fastest available CPU backend for host arrays.  A
+backend named explicitly that is not available raises; there is no silent fallback.
+"""
+
+from dataclasses import dataclass, field
+from typing import List
+
+import numpy as np
+
+from . import _numba_cpu
+
+
+@dataclass
+class Bucket:
+    dtype: np.dtype
+    uses: tuple                       # which of the NSLOTS slots are used
+    index: List[int]                  # optimizer-wide parameter indices
+    params: List[np.ndarray]
+    grads: List[np.ndarray] = field(default_factory=list)
+    slots: List[list] = field(default_factory=list)   # per tensor: NSLOTS arrays or None
+    ptrs: np.ndarray = None           # int64 (T, 2 + NSLOTS)
+    chunks: np.ndarray = None         # int64 (C, 3)
+    hyper: np.ndarray = None          # float64 (R, NSCALARS)
+    hidx: np.ndarray = None           # int64 (T,)
+    nelem: int = 0
+    # reference backend only: per tensor (group dict, step, state dict, fresh set)
+    ref_args: list = None
+
+
+class NumbaBackend:
+    name = "numba"
+
+    def run(self, rule, bucket):
+        if bucket.nelem:
+            _numba_cpu.launch(rule.math, bucket.dtype, bucket.uses, bucket.ptrs,
+                              bucket.chunks, bucket.hyper, bucket.hidx, bucket.nelem)
+
+
+class NumpyBackend:
+    name = "numpy"
+
+    def run(self, rule, bucket):
+        with np.errstate(all="ignore"):   # NaN/Inf propagate silently, as in the kernels
+            for p, g, (group, step, state, fresh) in zip(bucket.params, bucket.grads,
+                                                          bucket.ref_args):
+                rule.reference(p, g, state, group, step, fresh)
+
+
+_BACKENDS = {"numba": NumbaBackend(), "numpy": NumpyBackend()}
+_UNAVAILABLE = {}   # name -> reason, filled by optional backends that failed to load
+_KNOWN = ("auto", "numba", "cython", "cuda", "numpy")
+
+
+def register(name, backend=None, reason=None):
+    """Make an optional backend available (or record why it is not)."""
+    if backend is not None:
+        _BACKENDS[name] = backend
+    else:
+        _UNAVAILABLE[name] = reason
+
+
+def available():
+    """Names of the backends that can run on this machine."""
+    return sorted(_BACKENDS)
+
+
+def resolve(name):
+    """The backend object for a name given by the user (``"auto"`` -> fastest CPU)."""
+    if name not in _KNOWN:
+        raise ValueError(f"unknown backend {name!r}; choose one of {_KNOWN}")
+    if name == "auto":
+        name = "numba"
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        why = _UNAVAILABLE.get(name, "it is not built into this version of fastopt")
+        raise RuntimeError(f"backend {name!r} is not available: {why}") from None

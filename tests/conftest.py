@@ -1,0 +1,63 @@
+"""Shared helpers for the registry-driven tests."""
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import registry
+
+#: every backend that runs on host arrays here (the registry-driven suites loop over it)
+CPU_BACKENDS = [b for b in fastopt.available_backends() if b != "cuda"]
+DTYPES = [np.float32, np.float64]
+#: shapes that cover: a scalar-like vector, a 2-D matrix, several chunks, empty
+SHAPES = [(7,), (33, 17), (70_001,), (0,)]
+
+
+def rule_cases():
+    """(rule name, variant index) for every registry variant."""
+    return [pytest.param(name, k, id=f"{name}-v{k}")
+            for name, rule in registry.RULES.items() for k in range(len(rule.variants))]
+
+
+def awkward_grads(shapes, dtype, steps, seed=0):
+    """Gradients over `steps` steps: random, with exact zeros, an all-zero step, a
+    1e3-scale step and a 1e-6-scale step."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in range(steps):
+        gs = []
+        for shape in shapes:
+            g = rng.standard_normal(shape)
+            g[rng.random(shape) < 0.2] = 0.0
+            if t % 17 == 5:
+                g[...] = 0.0
+            elif t % 13 == 3:
+                g *= 1e3
+            elif t % 11 == 7:
+                g *= 1e-6
+            gs.append(g.astype(dtype))
+        out.append(gs)
+    return out
+
+
+def init_params(shapes, dtype, seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+def reference_run(rule, variant, params, grads_seq):
+    """Run the NumPy reference functions directly (not through the optimizer)."""
+    group = rule.check_group({**rule.defaults, **variant})
+    uses = rule.uses_slots(group)
+    params = [p.copy() for p in params]
+    states = []
+    for p in params:
+        st = {n: np.full(p.shape, rule.slot_init(group, n), dtype=p.dtype)
+              for n, u in zip(rule.slots, uses) if u}
+        st.update(rule.host_init(group))
+        states.append(st)
+    with np.errstate(all="ignore"):
+        for t, grads in enumerate(grads_seq, start=1):
+            for p, g, st in zip(params, grads, states):
+                rule.reference(p, g, st, group, t, fresh=set(rule.slots) if t == 1 else set())
+    return params, states
