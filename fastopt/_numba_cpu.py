@@ -59,13 +59,22 @@ def _stamp(fn):
     return int(hashlib.sha256(src.encode()).hexdigest()[:15], 16)
 
 
-def make_driver(math, dtype, uses, parallel):
-    """Compile (or load from cache) the chunked driver for one rule configuration."""
+def make_driver(math, dtype, uses, const, parallel):
+    """Compile (or load from cache) the chunked driver for one rule configuration.
+
+    ``const``: ``((index, value), ...)`` per-step scalars that are fixed for this
+    configuration (option flags, zero weight decay); they become compile-time
+    constants, so the branches they control vanish from the vectorized loop.
+    """
     MATH = math
     DT = np.dtype(dtype).type
     ITEM = np.dtype(dtype).itemsize
     U0, U1, U2 = (bool(u) for u in uses)
     STAMP = _stamp(math)
+    fixed = dict(const)
+    F0, F1, F2, F3, F4, F5, F6, F7, F8, F9, F10, F11 = (k in fixed for k in range(NSCALARS))
+    K0, K1, K2, K3, K4, K5, K6, K7, K8, K9, K10, K11 = (DT(fixed.get(k, 0.0))
+                                                       for k in range(NSCALARS))
 
     def driver(ptrs, chunks, hyper, hidx):
         stamp = STAMP  # noqa: F841  (keeps the rule's source hash in the cache key)
@@ -75,9 +84,12 @@ def make_driver(math, dtype, uses, parallel):
             lo = chunks[ci, 1]
             n = chunks[ci, 2] - lo
             r = hidx[t]
-            c = (DT(hyper[r, 0]), DT(hyper[r, 1]), DT(hyper[r, 2]), DT(hyper[r, 3]),
-                 DT(hyper[r, 4]), DT(hyper[r, 5]), DT(hyper[r, 6]), DT(hyper[r, 7]),
-                 DT(hyper[r, 8]), DT(hyper[r, 9]), DT(hyper[r, 10]), DT(hyper[r, 11]))
+            c = (K0 if F0 else DT(hyper[r, 0]), K1 if F1 else DT(hyper[r, 1]),
+                 K2 if F2 else DT(hyper[r, 2]), K3 if F3 else DT(hyper[r, 3]),
+                 K4 if F4 else DT(hyper[r, 4]), K5 if F5 else DT(hyper[r, 5]),
+                 K6 if F6 else DT(hyper[r, 6]), K7 if F7 else DT(hyper[r, 7]),
+                 K8 if F8 else DT(hyper[r, 8]), K9 if F9 else DT(hyper[r, 9]),
+                 K10 if F10 else DT(hyper[r, 10]), K11 if F11 else DT(hyper[r, 11]))
             off = lo * ITEM
             P = carray(_voidptr(ptrs[t, 0] + off), (n,), DT)
             G = carray(_voidptr(ptrs[t, 1] + off), (n,), DT)
@@ -103,17 +115,17 @@ def make_driver(math, dtype, uses, parallel):
 _DRIVERS = {}
 
 
-def driver_for(math, dtype, uses, parallel):
-    key = (math, np.dtype(dtype).str, tuple(bool(u) for u in uses), bool(parallel))
+def driver_for(math, dtype, uses, const, parallel):
+    key = (math, np.dtype(dtype).str, tuple(bool(u) for u in uses), const, bool(parallel))
     d = _DRIVERS.get(key)
     if d is None:
-        d = _DRIVERS[key] = make_driver(math, dtype, uses, parallel)
+        d = _DRIVERS[key] = make_driver(math, dtype, uses, const, parallel)
     return d
 
 
-def launch(math, dtype, uses, ptrs, chunks, hyper, hidx, nelem):
+def launch(math, dtype, uses, const, ptrs, chunks, hyper, hidx, nelem):
     """Run one driver over the given chunk table (serial below PARALLEL_MIN)."""
-    driver_for(math, dtype, uses, nelem >= PARALLEL_MIN)(ptrs, chunks, hyper, hidx)
+    driver_for(math, dtype, uses, const, nelem >= PARALLEL_MIN)(ptrs, chunks, hyper, hidx)
 
 
 def make_chunks(sizes, chunk=CHUNK):

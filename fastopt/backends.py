@@ -27,6 +27,7 @@ class Bucket:
     uses: tuple                       # which of the NSLOTS slots are used
     index: List[int]                  # optimizer-wide parameter indices
     params: List[np.ndarray]
+    const: tuple = ()                 # ((scalar index, value), ...) fixed for this bucket
     grads: List[np.ndarray] = field(default_factory=list)
     slots: List[list] = field(default_factory=list)   # per tensor: NSLOTS arrays or None
     ptrs: np.ndarray = None           # int64 (T, 2 + NSLOTS)
@@ -43,7 +44,7 @@ class NumbaBackend:
 
     def run(self, rule, bucket):
         if bucket.nelem:
-            _numba_cpu.launch(rule.math, bucket.dtype, bucket.uses, bucket.ptrs,
+            _numba_cpu.launch(rule.math, bucket.dtype, bucket.uses, bucket.const, bucket.ptrs,
                               bucket.chunks, bucket.hyper, bucket.hidx, bucket.nelem)
 
 

@@ -59,7 +59,7 @@ def _apply(rule, param, grad, slot_arrays, step, host, backend, hyper):
             else ptrs[0, 0]
     state = {n: a for n, a in zip(rule.slots, slots) if a is not None}
     state.update(host)
-    b = backends.Bucket(dtype=p.dtype, uses=tuple(uses), index=[0], params=[p], grads=[g],
+    b = backends.Bucket(dtype=p.dtype, uses=tuple(uses), const=rule.constants(group), index=[0], params=[p], grads=[g],
                         ptrs=ptrs, chunks=make_chunks([p.size]),
                         hyper=np.array([scal], dtype=np.float64),
                         hidx=np.zeros(1, dtype=np.int64), nelem=p.size,

@@ -20,6 +20,7 @@ from .arrays import as_grad, as_param
 from .registry import NSCALARS, NSLOTS
 
 STATE_DICT_VERSION = 1
+_NUMPY = backends.resolve("numpy")
 
 from ._cy_util import data_address, gather_grads
 
@@ -50,7 +51,11 @@ class Optimizer:
         for g in groups:
             self.add_param_group(g)
         self._state = [self._empty_state(i) for i in range(len(self._params))]
-        self._plans = {}
+        self._steps = np.zeros(len(self._params), dtype=np.int64)
+        self._host_keys = tuple(rule.host_init(self.defaults))
+        self._check_keys = tuple(rule.checks)
+        self._group_snapshot = None
+        self._plan = None
         self._version = 0
 
     # ------------------------------------------------------------------ groups
@@ -78,27 +83,32 @@ class Optimizer:
         self._params.extend(checked)
         if hasattr(self, "_state"):
             self._state.extend(self._empty_state(i) for i in range(start, len(self._params)))
+            self._steps = np.concatenate([self._steps, np.zeros(len(checked), np.int64)])
             self._version += 1
 
     def _empty_state(self, i):
-        return {"step": 0}
+        return {}
 
-    def _checked_groups(self):
-        """Validated copies of the groups' hyperparameters (users may edit them)."""
-        out = []
-        for g in self.param_groups:
-            out.append(self.rule.check_group(g))
-        return out
+    def _validated_groups(self):
+        """Validated copies of the groups' hyperparameters and their slot usage.
 
-    def _group_of(self):
-        """Parameter index -> group index."""
-        owner = []
-        for gi, g in enumerate(self.param_groups):
-            owner.extend([gi] * len(g["params"]))
-        if len(owner) != len(self._params):
-            raise RuntimeError("param_groups' 'params' lists must not be edited; "
-                               "use add_param_group")
-        return owner
+        Users may edit ``param_groups`` between steps; the check is redone only when
+        a value changed (compared against the last validated snapshot).
+        """
+        keys = self._check_keys
+        snap = [tuple([g.get(k) for k in keys]) + (len(g["params"]),) for g in self.param_groups]
+        if snap != self._group_snapshot:
+            groups = [self.rule.check_group(g) for g in self.param_groups]
+            owner = []
+            for gi, g in enumerate(self.param_groups):
+                owner.extend([gi] * len(g["params"]))
+            if len(owner) != len(self._params):
+                raise RuntimeError("param_groups' 'params' lists must not be edited; "
+                                   "use add_param_group")
+            spec = tuple((self.rule.uses_slots(g), self.rule.constants(g)) for g in groups)
+            self._group_cache = (groups, spec, owner)
+            self._group_snapshot = snap
+        return self._group_cache
 
     # ------------------------------------------------------------------- step
     def _align_grads(self, grads):
@@ -126,16 +136,16 @@ class Optimizer:
         (its step count does not advance).  Returns True (the step was applied).
         """
         grads = self._align_grads(grads)
-        groups = self._checked_groups()
-        owner = self._group_of()
-        active = [i for i, g in enumerate(grads) if g is not None]
+        groups, uses, owner = self._validated_groups()
+        n = len(grads)
+        active = [i for i in range(n) if grads[i] is not None]
         if not active:
             return True
-        params = self._params
-        # phase 1: check every gradient (fast C loop, slow path for the rest)
-        dense = grads if len(active) == len(grads) else [grads[i] for i in active]
-        plist = params if len(active) == len(grads) else [params[i] for i in active]
-        dense = list(dense)
+        everyone = len(active) == n
+        dense = grads if everyone else [grads[i] for i in active]
+        plist = self._params if everyone else [self._params[i] for i in active]
+        # phase 1: check every gradient; a C loop writes the addresses, the slow
+        # path converts (or refuses) the gradients that need it
         gptr = np.empty((len(dense), 1), dtype=np.int64)
         start = 0
         while start < len(dense):
@@ -143,104 +153,117 @@ class Optimizer:
             if bad < 0:
                 break
             k = start + bad
+            if dense is grads:
+                dense = list(grads)
             dense[k] = as_grad(dense[k], plist[k], f"gradient {active[k]}")
             gptr[k, 0] = data_address(dense[k])
             start = k + 1
-        # phase 2: state, scalars, kernels
-        uses = [self.rule.uses_slots(g) for g in groups]
-        fresh = self._allocate_state(active, owner, groups, uses)
-        buckets = self._buckets(active, owner, uses)
-        new_host = {}
-        for key, members in buckets.items():
-            b = self._fill_bucket(key, members, active, dense, gptr[:, 0], owner, groups,
-                                  fresh, new_host)
-            self.backend.run(self.rule, b)
-        for i in active:
-            st = self._state[i]
-            st["step"] += 1
-            if i in new_host:
-                st.update(new_host[i])
+        # phase 2: nothing below fails on user input
+        key = (None if everyone else tuple(active), uses, self._version)
+        plan = self._plan if self._plan is not None and self._plan[0] == key else None
+        if plan is None:
+            fresh = self._allocate_state(active, owner, groups, uses)
+            plan = (key, self._build_plan(active, owner, uses, fresh))
+            self._plan = plan if not fresh else None
+        buckets = plan[1]
+        rule = self.rule
+        new_host = []
+        for b in buckets:
+            b.ptrs[:, 1] = gptr[b.pos, 0]
+            for r, (gi, rep, fresh) in enumerate(b.rows):
+                st = self._state[rep]
+                host = {k: st[k] for k in self._host_keys}
+                scal, host2 = rule.scalars(groups[gi], int(self._steps[rep]) + 1, host, fresh)
+                b.hyper[r] = scal
+                if host2:
+                    new_host.append((b.row_members[r], host2))
+            if self.backend is _NUMPY:
+                b.grads = [dense[k] for k in b.pos]
+                b.ref_args = [(groups[owner[i]], int(self._steps[i]) + 1,
+                               self._ref_state(i, b.uses), b.fresh_of.get(i, ()))
+                              for i in b.index]
+            self.backend.run(rule, b)
+        if everyone:
+            self._steps += 1
+        else:
+            self._steps[active] += 1
+        for members, host2 in new_host:
+            for i in members:
+                self._state[i].update(host2)
         return True
 
+    def _ref_state(self, i, uses):
+        st = self._state[i]
+        out = {n: st[n] for n, u in zip(self.rule.slots, uses) if u}
+        out.update({k: st[k] for k in self._host_keys})
+        return out
+
     def _allocate_state(self, active, owner, groups, uses):
-        """Create the state slots a parameter's group needs; returns {i: fresh names}."""
+        """Create the state a parameter's group needs; returns {i: fresh slot names}."""
         fresh = {}
         rule = self.rule
         for i in active:
             st = self._state[i]
             g = groups[owner[i]]
-            if st["step"] == 0 and not any(k in st for k in rule.host_init(g)):
-                st.update(rule.host_init(g))
-            for name, used in zip(rule.slots, uses[owner[i]]):
+            for k, v in rule.host_init(g).items():
+                st.setdefault(k, v)
+            for name, used in zip(rule.slots, uses[owner[i]][0]):
                 if used and name not in st:
                     p = self._params[i]
                     st[name] = np.full(p.shape, rule.slot_init(g, name), dtype=p.dtype)
                     fresh.setdefault(i, set()).add(name)
-                    self._version += 1
-        return fresh
+        if fresh:
+            self._version += 1
+        return {i: tuple(sorted(v)) for i, v in fresh.items()}
 
-    def _buckets(self, active, owner, uses):
-        buckets = {}
+    def _build_plan(self, active, owner, uses, fresh):
+        """Buckets (dtype x slot usage) with their pointer, chunk and row tables."""
+        by_key = {}
         for pos, i in enumerate(active):
-            key = (self._params[i].dtype.str, uses[owner[i]])
-            buckets.setdefault(key, []).append(pos)
-        return buckets
-
-    def _fill_bucket(self, key, members, active, dense, gptr, owner, groups, fresh, new_host):
-        dtype, uses = np.dtype(key[0]), key[1]
-        rule = self.rule
-        idx = [active[pos] for pos in members]
-        b = backends.Bucket(dtype=dtype, uses=uses, index=idx,
-                            params=[self._params[i] for i in idx],
-                            grads=[dense[pos] for pos in members])
-        b.ptrs, b.chunks, b.nelem = self._tables(key, idx)
-        b.ptrs = b.ptrs.copy()
-        b.ptrs[:, 1] = gptr if len(members) == len(gptr) else gptr[members]
-        rows, hidx, ref = {}, np.empty(len(idx), dtype=np.int64), []
-        for t, i in enumerate(idx):
-            st = self._state[i]
-            gi = owner[i]
-            host = {k: st[k] for k in rule.host_init(groups[gi])}
-            fr = fresh.get(i, ())
-            rkey = (gi, st["step"] + 1, tuple(sorted(host.items())), tuple(sorted(fr)))
-            row = rows.get(rkey)
-            if row is None:
-                scal, host2 = rule.scalars(groups[gi], st["step"] + 1, host, fr)
-                row = rows[rkey] = (len(rows), scal, host2)
-            hidx[t] = row[0]
-            if row[2]:
-                new_host[i] = row[2]
-            if isinstance(self.backend, backends.NumpyBackend):
-                state = {n: st[n] for n, u in zip(rule.slots, uses) if u}
-                state.update(host)
-                ref.append((groups[gi], st["step"] + 1, state, fr))
-        b.hyper = np.array([r[1] for r in sorted(rows.values())], dtype=np.float64)
-        b.hidx, b.ref_args = hidx, ref
-        return b
-
-    def _tables(self, key, idx):
-        """Pointer table (param and state columns) and chunk table, cached."""
-        ck = (key, tuple(idx), self._version)
-        hit = self._plans.get(ck)
-        if hit is None:
-            if len(self._plans) > 64:
-                self._plans.clear()
-            uses = key[1]
+            by_key.setdefault((self._params[i].dtype.str, uses[owner[i]]), []).append((pos, i))
+        buckets = []
+        for (dt, (use, const)), members in by_key.items():
+            idx = [i for _, i in members]
             ptrs = np.zeros((len(idx), 2 + NSLOTS), dtype=np.int64)
+            rows, row_of, row_members = [], {}, []
+            hidx = np.empty(len(idx), dtype=np.int64)
             for t, i in enumerate(idx):
-                p = self._params[i]
-                ptrs[t, 0] = data_address(p)
-                for s, (name, used) in enumerate(zip(self.rule.slots + (None,) * NSLOTS, uses)):
-                    ptrs[t, 2 + s] = data_address(self._state[i][name]) if used else ptrs[t, 0]
+                st = self._state[i]
+                ptrs[t, 0] = data_address(self._params[i])
+                for s, (name, used) in enumerate(zip(self.rule.slots, use)):
+                    if used:
+                        ptrs[t, 2 + s] = data_address(st[name])
+                for s in range(NSLOTS):
+                    if ptrs[t, 2 + s] == 0:
+                        ptrs[t, 2 + s] = ptrs[t, 0]
+                fr = fresh.get(i, ())
+                rkey = (owner[i], int(self._steps[i]),
+                        tuple(st[k] for k in self._host_keys), fr)
+                r = row_of.get(rkey)
+                if r is None:
+                    r = row_of[rkey] = len(rows)
+                    rows.append((owner[i], i, fr))
+                    row_members.append([])
+                row_members[r].append(i)
+                hidx[t] = r
             sizes = [self._params[i].size for i in idx]
-            hit = self._plans[ck] = (ptrs, _numba_cpu.make_chunks(sizes), int(sum(sizes)))
-        return hit
+            b = backends.Bucket(dtype=np.dtype(dt), uses=use, const=const, index=idx,
+                                params=[self._params[i] for i in idx], ptrs=ptrs,
+                                chunks=_numba_cpu.make_chunks(sizes),
+                                hyper=np.zeros((len(rows), NSCALARS)), hidx=hidx,
+                                nelem=int(sum(sizes)))
+            b.pos = np.array([pos for pos, _ in members], dtype=np.int64)
+            b.rows, b.row_members = rows, row_members
+            b.fresh_of = {i: fresh[i] for i in idx if i in fresh}
+            buckets.append(b)
+        return buckets
 
     # -------------------------------------------------------------- state_dict
     @property
     def state(self):
         """Per-parameter state, keyed by parameter index (read-only view)."""
-        return {i: st for i, st in enumerate(self._state) if st["step"] or len(st) > 1}
+        return {i: {"step": int(self._steps[i]), **st} for i, st in enumerate(self._state)
+                if self._steps[i] or st}
 
     def state_dict(self):
         """A plain dict in torch's layout plus a format version and the optimizer name.
@@ -257,9 +280,11 @@ class Optimizer:
             start += n
         state = {}
         for i, st in enumerate(self._state):
-            if st["step"] == 0 and len(st) == 1:
+            if self._steps[i] == 0 and not st:
                 continue
-            state[i] = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()}
+            state[i] = {"step": int(self._steps[i])}
+            state[i].update({k: (v.copy() if isinstance(v, np.ndarray) else v)
+                             for k, v in st.items()})
         out = {"version": STATE_DICT_VERSION, "optimizer": self.rule.name,
                "state": state, "param_groups": groups}
         if self._names is not None:
@@ -292,6 +317,7 @@ class Optimizer:
                                  f"{sorted(unknown)}")
             new_groups.append(self.rule.check_group({**self.defaults, **hyper}))
         new_state = [self._empty_state(i) for i in range(len(self._params))]
+        new_steps = np.zeros(len(self._params), dtype=np.int64)
         allowed = set(self.rule.slots)
         for key, st in sd["state"].items():
             i = int(key)
@@ -303,7 +329,8 @@ class Optimizer:
             if isinstance(step, (bool, float)) or not isinstance(step, (int, np.integer)) \
                     or step < 0:
                 raise ValueError(f"state of parameter {i}: invalid step {step!r}")
-            out = {"step": int(step)}
+            new_steps[i] = int(step)
+            out = {}
             for name, v in st.items():
                 if name == "step":
                     continue
@@ -328,7 +355,9 @@ class Optimizer:
         for g, hyper in zip(self.param_groups, new_groups):
             g.update(hyper)
         self._state = new_state
-        self._plans.clear()
+        self._steps = new_steps
+        self._group_snapshot = None
+        self._plan = None
         self._version += 1
 
     def __repr__(self):

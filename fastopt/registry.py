@@ -34,6 +34,10 @@ class Rule:
     host_init: Callable = lambda group: {}      # per-parameter host scalars (NAdam)
     slot_init: Callable = lambda group, name: 0.0  # initial value of a state slot
     cross_check: Callable = lambda group: None  # checks spanning hyperparameters
+    #: scalar indices that are option flags (0/1): drivers specialize on their values
+    flags: Tuple[int, ...] = ()
+    #: scalar indices (weight decay) whose zero value drivers specialize on
+    zero_switches: Tuple[int, ...] = ()
     #: configurations that together exercise every option (tests and benchmarks use them)
     variants: Tuple[dict, ...] = ({},)
 
@@ -47,6 +51,17 @@ class Rule:
             out[key] = check(key, group.get(key, self.defaults[key]))
         self.cross_check(out)
         return out
+
+    def constants(self, group):
+        """The per-step scalars that are fixed for a group: ``((index, value), ...)``.
+
+        Option flags keep their value; a zero weight decay is fixed at zero.  Kernels
+        compile these in, so a flag costs no branch in the element loop.
+        """
+        scal, _ = self.scalars(group, 1, self.host_init(group), ())
+        fixed = [(k, scal[k]) for k in self.flags]
+        fixed += [(k, 0.0) for k in self.zero_switches if scal[k] == 0.0]
+        return tuple(sorted(fixed))
 
 
 def _pad(values):
@@ -81,6 +96,8 @@ SGD = Rule(
     uses_slots=lambda g: (g["momentum"] != 0.0, False, False),
     scalars=_sgd_scalars,
     math=rules.sgd,
+    flags=(4, 5, 7),
+    zero_switches=(1,),
     variants=({"lr": 0.01}, {"lr": 0.01, "momentum": 0.9},
               {"lr": 0.01, "momentum": 0.9, "dampening": 0.9, "weight_decay": 1e-2},
               {"lr": 0.01, "momentum": 0.9, "nesterov": True, "maximize": True}),
@@ -107,6 +124,8 @@ Adagrad = Rule(
     uses_slots=lambda g: (True, False, False),
     scalars=_adagrad_scalars,
     math=rules.adagrad,
+    flags=(3,),
+    zero_switches=(1,),
     variants=({}, {"lr_decay": 0.01, "weight_decay": 1e-2, "initial_accumulator_value": 0.1},
               {"maximize": True, "eps": 1e-6}),
     reference=reference.adagrad,
@@ -133,6 +152,8 @@ RMSprop = Rule(
     uses_slots=lambda g: (True, g["centered"], g["momentum"] > 0.0),
     scalars=_rmsprop_scalars,
     math=rules.rmsprop,
+    flags=(6, 7, 8),
+    zero_switches=(1,),
     variants=({}, {"centered": True}, {"momentum": 0.9, "weight_decay": 1e-2},
               {"centered": True, "momentum": 0.5, "maximize": True, "alpha": 0.9}),
     reference=reference.rmsprop,
@@ -166,6 +187,8 @@ Adam = Rule(
     uses_slots=lambda g: (True, True, g["amsgrad"]),
     scalars=_adam_scalars_for(decoupled=False),
     math=rules.adam,
+    flags=(9, 10),
+    zero_switches=(7,),
     reference=reference.adam,
     variants=({}, {"amsgrad": True}, {"weight_decay": 1e-2, "maximize": True},
               {"amsgrad": True, "weight_decay": 1e-2, "betas": (0.5, 0.9), "eps": 1e-6}),
@@ -180,6 +203,8 @@ AdamW = Rule(
     uses_slots=lambda g: (True, True, g["amsgrad"]),
     scalars=_adam_scalars_for(decoupled=True),
     math=rules.adam,
+    flags=(9, 10),
+    zero_switches=(7,),
     reference=reference.adamw,
     variants=({}, {"amsgrad": True, "weight_decay": 0.1}, {"maximize": True}),
 )
@@ -202,6 +227,8 @@ Adamax = Rule(
     uses_slots=lambda g: (True, True, False),
     scalars=_adamax_scalars,
     math=rules.adamax,
+    flags=(6,),
+    zero_switches=(5,),
     variants=({}, {"weight_decay": 1e-2, "maximize": True, "betas": (0.8, 0.99)}),
     reference=reference.adamax,
 )
@@ -241,6 +268,8 @@ NAdam = Rule(
     uses_slots=lambda g: (True, True, False),
     scalars=_nadam_scalars,
     math=rules.nadam,
+    flags=(10,),
+    zero_switches=(8,),
     variants=({}, {"weight_decay": 1e-2}, {"weight_decay": 1e-2, "decoupled_weight_decay": True,
                                            "maximize": True, "momentum_decay": 1e-2}),
     reference=reference.nadam,
@@ -265,6 +294,7 @@ Lion = Rule(
     uses_slots=lambda g: (True, False, False),
     scalars=_lion_scalars,
     math=rules.lion,
+    flags=(6, 7, 8),
     variants=({}, {"weight_decay": 0.1, "maximize": True, "betas": (0.95, 0.98)}),
     reference=reference.lion,
 )
