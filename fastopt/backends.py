@@ -19,6 +19,8 @@ from typing import List
 import numpy as np
 
 from . import _numba_cpu
+from ._cy_util import data_address, gather_grads
+from .arrays import as_grad, as_param
 
 
 @dataclass
@@ -39,7 +41,50 @@ class Bucket:
     ref_args: list = None
 
 
-class NumbaBackend:
+class HostArrays:
+    """Array handling shared by the host (CPU) backends.  A device backend provides
+    the same methods for its own arrays (see ``fastopt._cuda_backend``)."""
+
+    device = "cpu"
+
+    def as_param(self, obj, where):
+        return as_param(obj, where)
+
+    def check_grads(self, dense, plist, active):
+        """Check (and where needed convert) gradients; returns (grads, addresses).
+
+        A C loop checks type, shape, dtype and layout and records addresses; the
+        slow path converts other float dtypes and non-contiguous gradients, or
+        raises.  Nothing is written to any parameter or state here.
+        """
+        gptr = np.empty((len(dense), 1), dtype=np.int64)
+        start, copied = 0, False
+        while start < len(dense):
+            bad = gather_grads(dense[start:], plist[start:], gptr[start:], 0)
+            if bad < 0:
+                break
+            k = start + bad
+            if not copied:
+                dense, copied = list(dense), True
+            dense[k] = as_grad(dense[k], plist[k], f"gradient {active[k]}")
+            gptr[k, 0] = data_address(dense[k])
+            start = k + 1
+        return dense, gptr[:, 0]
+
+    def full(self, shape, value, dtype):
+        return np.full(shape, value, dtype=dtype)
+
+    def address(self, a):
+        return data_address(a)
+
+    def to_host(self, a):
+        return a.copy()
+
+    def from_host(self, a, like):
+        return np.array(a, dtype=like.dtype, order="C", copy=True)
+
+
+class NumbaBackend(HostArrays):
     name = "numba"
 
     def run(self, rule, bucket):
@@ -48,7 +93,7 @@ class NumbaBackend:
                               bucket.chunks, bucket.hyper, bucket.hidx, bucket.nelem)
 
 
-class NumpyBackend:
+class NumpyBackend(HostArrays):
     name = "numpy"
 
     def run(self, rule, bucket):
@@ -59,6 +104,8 @@ class NumpyBackend:
 
 
 _BACKENDS = {"numba": NumbaBackend(), "numpy": NumpyBackend()}
+#: the CPU backend "auto" picks (see README: measured per case)
+AUTO_CPU = "numba"
 _UNAVAILABLE = {}   # name -> reason, filled by optional backends that failed to load
 _KNOWN = ("auto", "numba", "cython", "cuda", "numpy")
 
@@ -76,12 +123,20 @@ def available():
     return sorted(_BACKENDS)
 
 
-def resolve(name):
-    """The backend object for a name given by the user (``"auto"`` -> fastest CPU)."""
+def is_device_array(obj):
+    return hasattr(obj, "__cuda_array_interface__") and not isinstance(obj, np.ndarray)
+
+
+def resolve(name, sample=None):
+    """The backend object for a name given by the user.
+
+    ``"auto"``: ``cuda`` when ``sample`` (the first parameter) is a device array,
+    else the fastest CPU backend.
+    """
     if name not in _KNOWN:
         raise ValueError(f"unknown backend {name!r}; choose one of {_KNOWN}")
     if name == "auto":
-        name = "numba"
+        name = "cuda" if sample is not None and is_device_array(sample) else AUTO_CPU
     try:
         return _BACKENDS[name]
     except KeyError:

@@ -16,13 +16,11 @@ fail on user input.
 import numpy as np
 
 from . import _numba_cpu, backends
-from .arrays import as_grad, as_param
 from .registry import NSCALARS, NSLOTS
 
 STATE_DICT_VERSION = 1
 _NUMPY = backends.resolve("numpy")
 
-from ._cy_util import data_address, gather_grads
 
 
 class Optimizer:
@@ -36,7 +34,7 @@ class Optimizer:
         if unknown:
             raise TypeError(f"{rule.name}: unexpected hyperparameter(s) {sorted(unknown)}")
         self.defaults = rule.check_group({**rule.defaults, **hyper})
-        self.backend = backends.resolve(backend)
+        self.backend = backends.resolve(backend, sample=_first_array(params))
         self._names = None           # parameter names when params was a dict
         self._params = []            # flat list of ndarrays
         self.param_groups = []
@@ -60,26 +58,30 @@ class Optimizer:
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, group):
-        """Add a group dict ``{"params": [...], **hyperparameters}`` (as in torch)."""
+        """Add a group dict ``{"params": [...], **hyperparameters}`` (as in torch).
+
+        Hyperparameters not given take the optimizer's defaults.  Other keys (such as
+        a scheduler's ``initial_lr``) are kept as they are and saved in state_dict.
+        """
         if not isinstance(group, dict) or "params" not in group:
             raise TypeError("a param group must be a dict with a 'params' entry")
-        unknown = set(group) - set(self.rule.defaults) - {"params"}
-        if unknown:
-            raise TypeError(f"{self.rule.name}: unexpected hyperparameter(s) {sorted(unknown)}")
         arrays = group["params"]
         if isinstance(arrays, dict):
             raise TypeError("a param group's 'params' must be a list of arrays")
         if not isinstance(arrays, (list, tuple)):
             arrays = [arrays]
         start = len(self._params)
-        checked = [as_param(a, f"parameter {start + k}") for k, a in enumerate(arrays)]
+        checked = [self.backend.as_param(a, f"parameter {start + k}")
+                   for k, a in enumerate(arrays)]
         seen = {id(p) for p in self._params}
         for k, a in enumerate(checked):
-            if id(a) in seen or any(np.shares_memory(a, p) for p in self._params[-64:]):
+            if id(a) in seen or (self.backend.device == "cpu" and
+                                 any(np.shares_memory(a, p) for p in self._params[-64:])):
                 raise ValueError(f"parameter {start + k} appears twice or overlaps another one")
             seen.add(id(a))
         hyper = self.rule.check_group({**self.defaults, **group})
-        self.param_groups.append({**hyper, "params": checked})
+        extras = {k: v for k, v in group.items() if k not in hyper and k != "params"}
+        self.param_groups.append({**extras, **hyper, "params": checked})
         self._params.extend(checked)
         if hasattr(self, "_state"):
             self._state.extend(self._empty_state(i) for i in range(start, len(self._params)))
@@ -144,20 +146,8 @@ class Optimizer:
         everyone = len(active) == n
         dense = grads if everyone else [grads[i] for i in active]
         plist = self._params if everyone else [self._params[i] for i in active]
-        # phase 1: check every gradient; a C loop writes the addresses, the slow
-        # path converts (or refuses) the gradients that need it
-        gptr = np.empty((len(dense), 1), dtype=np.int64)
-        start = 0
-        while start < len(dense):
-            bad = gather_grads(dense[start:], plist[start:], gptr[start:], 0)
-            if bad < 0:
-                break
-            k = start + bad
-            if dense is grads:
-                dense = list(grads)
-            dense[k] = as_grad(dense[k], plist[k], f"gradient {active[k]}")
-            gptr[k, 0] = data_address(dense[k])
-            start = k + 1
+        # phase 1: check (and where needed convert) every gradient
+        dense, gptr = self.backend.check_grads(dense, plist, active)
         # phase 2: nothing below fails on user input
         key = (None if everyone else tuple(active), uses, self._version)
         plan = self._plan if self._plan is not None and self._plan[0] == key else None
@@ -169,7 +159,8 @@ class Optimizer:
         rule = self.rule
         new_host = []
         for b in buckets:
-            b.ptrs[:, 1] = gptr[b.pos, 0]
+            b.ptrs[:, 1] = gptr[b.pos]
+            b.grads = dense if b.all_active else [dense[k] for k in b.pos]
             for r, (gi, rep, fresh) in enumerate(b.rows):
                 st = self._state[rep]
                 host = {k: st[k] for k in self._host_keys}
@@ -178,7 +169,6 @@ class Optimizer:
                 if host2:
                     new_host.append((b.row_members[r], host2))
             if self.backend is _NUMPY:
-                b.grads = [dense[k] for k in b.pos]
                 b.ref_args = [(groups[owner[i]], int(self._steps[i]) + 1,
                                self._ref_state(i, b.uses), b.fresh_of.get(i, ()))
                               for i in b.index]
@@ -210,7 +200,7 @@ class Optimizer:
             for name, used in zip(rule.slots, uses[owner[i]][0]):
                 if used and name not in st:
                     p = self._params[i]
-                    st[name] = np.full(p.shape, rule.slot_init(g, name), dtype=p.dtype)
+                    st[name] = self.backend.full(p.shape, rule.slot_init(g, name), p.dtype)
                     fresh.setdefault(i, set()).add(name)
         if fresh:
             self._version += 1
@@ -225,14 +215,17 @@ class Optimizer:
         for (dt, (use, const)), members in by_key.items():
             idx = [i for _, i in members]
             ptrs = np.zeros((len(idx), 2 + NSLOTS), dtype=np.int64)
+            slots = []
             rows, row_of, row_members = [], {}, []
             hidx = np.empty(len(idx), dtype=np.int64)
             for t, i in enumerate(idx):
                 st = self._state[i]
-                ptrs[t, 0] = data_address(self._params[i])
-                for s, (name, used) in enumerate(zip(self.rule.slots, use)):
-                    if used:
-                        ptrs[t, 2 + s] = data_address(st[name])
+                ptrs[t, 0] = self.backend.address(self._params[i])
+                slots.append([st[name] if used else None
+                              for name, used in zip(self.rule.slots + (None,) * NSLOTS, use)])
+                for s, arr in enumerate(slots[-1]):
+                    if arr is not None:
+                        ptrs[t, 2 + s] = self.backend.address(arr)
                 for s in range(NSLOTS):
                     if ptrs[t, 2 + s] == 0:
                         ptrs[t, 2 + s] = ptrs[t, 0]
@@ -252,7 +245,9 @@ class Optimizer:
                                 chunks=_numba_cpu.make_chunks(sizes),
                                 hyper=np.zeros((len(rows), NSCALARS)), hidx=hidx,
                                 nelem=int(sum(sizes)))
+            b.slots = slots
             b.pos = np.array([pos for pos, _ in members], dtype=np.int64)
+            b.all_active = len(members) == len(active)
             b.rows, b.row_members = rows, row_members
             b.fresh_of = {i: fresh[i] for i in idx if i in fresh}
             buckets.append(b)
@@ -283,7 +278,7 @@ class Optimizer:
             if self._steps[i] == 0 and not st:
                 continue
             state[i] = {"step": int(self._steps[i])}
-            state[i].update({k: (v.copy() if isinstance(v, np.ndarray) else v)
+            state[i].update({k: (self.backend.to_host(v) if not isinstance(v, float) else v)
                              for k, v in st.items()})
         out = {"version": STATE_DICT_VERSION, "optimizer": self.rule.name,
                "state": state, "param_groups": groups}
@@ -311,11 +306,9 @@ class Optimizer:
             if len(g_new.get("params", ())) != len(g_old["params"]):
                 raise ValueError(f"param group {gi} has a different number of parameters")
             hyper = {k: v for k, v in g_new.items() if k != "params"}
-            unknown = set(hyper) - set(self.rule.defaults)
-            if unknown:
-                raise ValueError(f"state_dict group {gi} has unknown hyperparameters "
-                                 f"{sorted(unknown)}")
-            new_groups.append(self.rule.check_group({**self.defaults, **hyper}))
+            checked = self.rule.check_group({**self.defaults, **hyper})
+            extras = {k: v for k, v in hyper.items() if k not in checked}
+            new_groups.append({**extras, **checked})
         new_state = [self._empty_state(i) for i in range(len(self._params))]
         new_steps = np.zeros(len(self._params), dtype=np.int64)
         allowed = set(self.rule.slots)
@@ -342,7 +335,7 @@ class Optimizer:
                     if v.dtype != p.dtype:
                         raise ValueError(f"state {name!r} of parameter {i} has dtype {v.dtype}, "
                                          f"expected {p.dtype} (fastopt never casts state)")
-                    out[name] = np.array(v, dtype=p.dtype, order="C", copy=True)
+                    out[name] = self.backend.from_host(v, p)
                 elif name in self.rule.host_init(new_groups[0]):
                     if not isinstance(v, (float, int, np.floating)) or isinstance(v, bool):
                         raise ValueError(f"state {name!r} of parameter {i} must be a number")
@@ -353,7 +346,9 @@ class Optimizer:
             new_state[i] = out
         # all checked: commit
         for g, hyper in zip(self.param_groups, new_groups):
-            g.update(hyper)
+            params = g["params"]
+            g.clear()
+            g.update({**hyper, "params": params})
         self._state = new_state
         self._steps = new_steps
         self._group_snapshot = None
@@ -367,3 +362,17 @@ class Optimizer:
             lines.append(f"  group {gi}: {len(g['params'])} params, {hyper}")
         return "\n".join(lines)
 
+
+
+def _first_array(params):
+    """The first parameter array in any of the accepted ``params`` forms (or None)."""
+    try:
+        if isinstance(params, dict):
+            return next(iter(params.values()), None)
+        first = params[0]
+        if isinstance(first, dict):
+            ps = first.get("params")
+            return ps[0] if isinstance(ps, (list, tuple)) and ps else ps
+        return first
+    except (TypeError, IndexError, KeyError):
+        return None
