@@ -28,6 +28,7 @@ def ext(name, source, openmp=False):
 
 extensions = [
     ext("_cy_util", "_cy_util.pyx"),
+    ext("_cy_dense", "_cy_dense.pyx", openmp=True),
 ]
 
 setup(

@@ -12,11 +12,15 @@ stateless layer and :mod:`fastopt.registry` for the rules.
 """
 
 from . import backends, functional, registry
+from ._cython_backend import register_backend as _register_cython
 from .optimizer import Optimizer
+from .sparse import RowSparse
 from .optimizers import (CLASSES, SGD, Adagrad, Adam, Adamax, AdamW, Lion, NAdam,
                          RMSprop)
 
 __version__ = "0.1.0"
+
+_register_cython()
 
 
 def available_backends():
@@ -24,5 +28,5 @@ def available_backends():
     return backends.available()
 
 
-__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam",
+__all__ = ["Optimizer", "RowSparse", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam",
            "Lion", "CLASSES", "available_backends", "functional", "registry", "backends"]
