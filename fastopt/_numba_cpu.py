@@ -28,7 +28,7 @@ import inspect
 import numpy as np
 from numba import carray, njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, register_jitable
 
 from .registry import NSCALARS, NSLOTS
 
@@ -59,22 +59,36 @@ def _stamp(fn):
     return int(hashlib.sha256(src.encode()).hexdigest()[:15], 16)
 
 
-def make_driver(math, dtype, uses, const, parallel):
-    """Compile (or load from cache) the chunked driver for one rule configuration.
-
-    ``const``: ``((index, value), ...)`` per-step scalars that are fixed for this
-    configuration (option flags, zero weight decay); they become compile-time
-    constants, so the branches they control vanish from the vectorized loop.
-    """
-    MATH = math
+def scalar_loader(dtype, const):
+    """A jitable ``load(hyper, r) -> c``: row ``r`` of the per-step scalars as a tuple
+    in ``dtype``, with the ``const`` entries ``((index, value), ...)`` compiled in as
+    constants (option flags, zero weight decay), so the branches they control vanish
+    from the vectorized loop."""
     DT = np.dtype(dtype).type
-    ITEM = np.dtype(dtype).itemsize
-    U0, U1, U2 = (bool(u) for u in uses)
-    STAMP = _stamp(math)
     fixed = dict(const)
     F0, F1, F2, F3, F4, F5, F6, F7, F8, F9, F10, F11 = (k in fixed for k in range(NSCALARS))
     K0, K1, K2, K3, K4, K5, K6, K7, K8, K9, K10, K11 = (DT(fixed.get(k, 0.0))
                                                        for k in range(NSCALARS))
+
+    def load(hyper, r):
+        return (K0 if F0 else DT(hyper[r, 0]), K1 if F1 else DT(hyper[r, 1]),
+                K2 if F2 else DT(hyper[r, 2]), K3 if F3 else DT(hyper[r, 3]),
+                K4 if F4 else DT(hyper[r, 4]), K5 if F5 else DT(hyper[r, 5]),
+                K6 if F6 else DT(hyper[r, 6]), K7 if F7 else DT(hyper[r, 7]),
+                K8 if F8 else DT(hyper[r, 8]), K9 if F9 else DT(hyper[r, 9]),
+                K10 if F10 else DT(hyper[r, 10]), K11 if F11 else DT(hyper[r, 11]))
+
+    return register_jitable(load)
+
+
+def make_driver(math, dtype, uses, const, parallel):
+    """Compile (or load from cache) the chunked dense driver for one configuration."""
+    MATH = math
+    LOAD = scalar_loader(dtype, const)
+    DT = np.dtype(dtype).type
+    ITEM = np.dtype(dtype).itemsize
+    U0, U1, U2 = (bool(u) for u in uses)
+    STAMP = _stamp(math)
 
     def driver(ptrs, chunks, hyper, hidx):
         stamp = STAMP  # noqa: F841  (keeps the rule's source hash in the cache key)
@@ -83,13 +97,7 @@ def make_driver(math, dtype, uses, const, parallel):
             t = chunks[ci, 0]
             lo = chunks[ci, 1]
             n = chunks[ci, 2] - lo
-            r = hidx[t]
-            c = (K0 if F0 else DT(hyper[r, 0]), K1 if F1 else DT(hyper[r, 1]),
-                 K2 if F2 else DT(hyper[r, 2]), K3 if F3 else DT(hyper[r, 3]),
-                 K4 if F4 else DT(hyper[r, 4]), K5 if F5 else DT(hyper[r, 5]),
-                 K6 if F6 else DT(hyper[r, 6]), K7 if F7 else DT(hyper[r, 7]),
-                 K8 if F8 else DT(hyper[r, 8]), K9 if F9 else DT(hyper[r, 9]),
-                 K10 if F10 else DT(hyper[r, 10]), K11 if F11 else DT(hyper[r, 11]))
+            c = LOAD(hyper, hidx[t])
             off = lo * ITEM
             P = carray(_voidptr(ptrs[t, 0] + off), (n,), DT)
             G = carray(_voidptr(ptrs[t, 1] + off), (n,), DT)
@@ -112,20 +120,76 @@ def make_driver(math, dtype, uses, const, parallel):
     return njit(parallel=parallel, error_model="numpy", cache=True, nogil=True)(driver)
 
 
+def make_rows_driver(math, dtype, uses, const, parallel):
+    """Compile the row-sparse driver: parallel over unique rows, duplicates summed
+    in their order of appearance (see :func:`fastopt.sparse.coalesce_plan`).
+
+    ``P, S0, S1, S2``: (nrows, D) views of the parameter and its state (unused slots
+    get ``P`` and are never touched); ``vals``: (nnz, D) gradient rows.
+    """
+    MATH = math
+    LOAD = scalar_loader(dtype, const)
+    DT = np.dtype(dtype).type
+    U0, U1, U2 = (bool(u) for u in uses)
+    STAMP = _stamp(math)
+
+    def rows_driver(P, S0, S1, S2, vals, order, seg, uniq, hyper, scratch):
+        stamp = STAMP  # noqa: F841
+        zero = DT(0)
+        c = LOAD(hyper, 0)
+        D = P.shape[1]
+        for u in prange(uniq.shape[0]):
+            r = uniq[u]
+            a = seg[u]
+            b = seg[u + 1]
+            G = vals[order[a]]
+            if b - a > 1:          # duplicates: sum whole rows, in order of appearance
+                G = scratch[u]
+                G[:] = vals[order[a]]
+                for k in range(a + 1, b):
+                    row = vals[order[k]]
+                    for j in range(D):
+                        G[j] += row[j]
+            for j in range(D):
+                s0 = S0[r, j] if U0 else zero
+                s1 = S1[r, j] if U1 else zero
+                s2 = S2[r, j] if U2 else zero
+                p, s0, s1, s2 = MATH(P[r, j], G[j], s0, s1, s2, c)
+                P[r, j] = p
+                if U0:
+                    S0[r, j] = s0
+                if U1:
+                    S1[r, j] = s1
+                if U2:
+                    S2[r, j] = s2
+
+    return njit(parallel=parallel, error_model="numpy", cache=True, nogil=True)(rows_driver)
+
+
 _DRIVERS = {}
 
 
-def driver_for(math, dtype, uses, const, parallel):
-    key = (math, np.dtype(dtype).str, tuple(bool(u) for u in uses), const, bool(parallel))
+def driver_for(math, dtype, uses, const, parallel, factory=make_driver):
+    key = (factory.__name__, math, np.dtype(dtype).str, tuple(bool(u) for u in uses), const,
+           bool(parallel))
     d = _DRIVERS.get(key)
     if d is None:
-        d = _DRIVERS[key] = make_driver(math, dtype, uses, const, parallel)
+        d = _DRIVERS[key] = factory(math, dtype, uses, const, parallel)
     return d
 
 
 def launch(math, dtype, uses, const, ptrs, chunks, hyper, hidx, nelem):
     """Run one driver over the given chunk table (serial below PARALLEL_MIN)."""
     driver_for(math, dtype, uses, const, nelem >= PARALLEL_MIN)(ptrs, chunks, hyper, hidx)
+
+
+def launch_rows(math, dtype, uses, const, P, slots, vals, order, seg, uniq, hyper):
+    """Run the row-sparse driver (serial below PARALLEL_MIN touched elements)."""
+    S = [s if s is not None else P for s in slots]
+    parallel = uniq.shape[0] * P.shape[1] >= PARALLEL_MIN
+    scratch = np.empty((uniq.shape[0], P.shape[1]), dtype=P.dtype)   # rows with duplicates
+    driver_for(math, dtype, uses, const, parallel, make_rows_driver)(
+        P, S[0], S[1], S[2], vals, order, seg, uniq, hyper, scratch)
 
 
 def make_chunks(sizes, chunk=CHUNK):

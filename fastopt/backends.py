@@ -41,6 +41,22 @@ class Bucket:
     ref_args: list = None
 
 
+@dataclass
+class RowsWork:
+    """One parameter's row-sparse step: coalescing plan, scalars and arrays."""
+    param: np.ndarray                 # the parameter (any shape; rows = first axis)
+    slots: list                       # NSLOTS state arrays or None
+    vals: np.ndarray                  # (nnz, D) gradient rows, param dtype
+    idx: np.ndarray                   # (nnz,) int64 row indices (validated)
+    order: np.ndarray                 # stable sort of idx (fastopt.sparse.coalesce_plan)
+    seg: np.ndarray
+    uniq: np.ndarray
+    uses: tuple
+    const: tuple
+    hyper: np.ndarray                 # (1, NSCALARS)
+    ref_args: tuple = None            # (group, step, state dict, fresh) for the reference
+
+
 class HostArrays:
     """Array handling shared by the host (CPU) backends.  A device backend provides
     the same methods for its own arrays (see ``fastopt._cuda_backend``)."""
@@ -87,6 +103,14 @@ class HostArrays:
 class NumbaBackend(HostArrays):
     name = "numba"
 
+    def run_rows(self, rule, w):
+        nrows = w.param.shape[0]
+        _numba_cpu.launch_rows(rule.math, w.param.dtype, w.uses, w.const,
+                               w.param.reshape(nrows, -1),
+                               [s.reshape(nrows, -1) if s is not None else None
+                                for s in w.slots],
+                               w.vals, w.order, w.seg, w.uniq, w.hyper)
+
     def run(self, rule, bucket):
         if bucket.nelem:
             _numba_cpu.launch(rule.math, bucket.dtype, bucket.uses, bucket.const, bucket.ptrs,
@@ -95,6 +119,24 @@ class NumbaBackend(HostArrays):
 
 class NumpyBackend(HostArrays):
     name = "numpy"
+
+    def run_rows(self, rule, w):
+        """Reference semantics of a lazy sparse step: coalesce, then apply the dense
+        reference to the touched rows (and their state) only."""
+        from .sparse import coalesce
+        nrows = w.param.shape[0]
+        uniq, summed = coalesce(w.idx, w.vals, nrows)
+        group, step, state, fresh = w.ref_args
+        p2 = w.param.reshape(nrows, -1)
+        rows = p2[uniq]
+        st = {k: (v.reshape(nrows, -1)[uniq] if isinstance(v, np.ndarray) else v)
+              for k, v in state.items()}
+        with np.errstate(all="ignore"):
+            rule.reference(rows, summed, st, group, step, fresh)
+        p2[uniq] = rows
+        for k, v in state.items():
+            if isinstance(v, np.ndarray):
+                v.reshape(nrows, -1)[uniq] = st[k]
 
     def run(self, rule, bucket):
         with np.errstate(all="ignore"):   # NaN/Inf propagate silently, as in the kernels

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import _numba_cpu, backends
 from .registry import NSCALARS, NSLOTS
+from .sparse import checked_rows, coalesce_plan, is_sparse
 
 STATE_DICT_VERSION = 1
 _NUMPY = backends.resolve("numpy")
@@ -28,8 +29,13 @@ class Optimizer:
 
     rule = None  # set by subclasses
 
-    def __init__(self, params, backend="auto", **hyper):
+    def __init__(self, params, backend="auto", sparse_mode="lazy", **hyper):
         rule = self.rule
+        if sparse_mode not in ("lazy", "exact"):
+            raise ValueError(f"Invalid sparse_mode: {sparse_mode!r} (use 'lazy' or 'exact')")
+        if sparse_mode == "exact":
+            raise ValueError(f"{rule.name}: sparse_mode='exact' is not available")
+        self.sparse_mode = sparse_mode
         unknown = set(hyper) - set(rule.defaults)
         if unknown:
             raise TypeError(f"{rule.name}: unexpected hyperparameter(s) {sorted(unknown)}")
@@ -73,12 +79,7 @@ class Optimizer:
         start = len(self._params)
         checked = [self.backend.as_param(a, f"parameter {start + k}")
                    for k, a in enumerate(arrays)]
-        seen = {id(p) for p in self._params}
-        for k, a in enumerate(checked):
-            if id(a) in seen or (self.backend.device == "cpu" and
-                                 any(np.shares_memory(a, p) for p in self._params[-64:])):
-                raise ValueError(f"parameter {start + k} appears twice or overlaps another one")
-            seen.add(id(a))
+        _refuse_overlaps(self._params + checked, self.backend, start)
         hyper = self.rule.check_group({**self.defaults, **group})
         extras = {k: v for k, v in group.items() if k not in hyper and k != "params"}
         self.param_groups.append({**extras, **hyper, "params": checked})
@@ -140,14 +141,25 @@ class Optimizer:
         grads = self._align_grads(grads)
         groups, uses, owner = self._validated_groups()
         n = len(grads)
-        active = [i for i in range(n) if grads[i] is not None]
-        if not active:
-            return True
+        active, sparse = [], []
+        for i in range(n):
+            g = grads[i]
+            if g is None:
+                continue
+            if type(g) is not np.ndarray and is_sparse(g):
+                sparse.append(i)
+            else:
+                active.append(i)
+        # phase 1: check (and where needed convert) every gradient
+        rows = self._check_sparse(grads, sparse) if sparse else []
         everyone = len(active) == n
         dense = grads if everyone else [grads[i] for i in active]
         plist = self._params if everyone else [self._params[i] for i in active]
-        # phase 1: check (and where needed convert) every gradient
         dense, gptr = self.backend.check_grads(dense, plist, active)
+        if rows:
+            self._step_rows(rows, groups, uses, owner)
+        if not active:
+            return True
         # phase 2: nothing below fails on user input
         key = (None if everyone else tuple(active), uses, self._version)
         plan = self._plan if self._plan is not None and self._plan[0] == key else None
@@ -181,6 +193,45 @@ class Optimizer:
             for i in members:
                 self._state[i].update(host2)
         return True
+
+    def _check_sparse(self, grads, sparse):
+        """Validate the row-sparse gradients; returns [(i, idx, vals)] (empty ones
+        dropped: an empty sparse gradient is a no-op)."""
+        if not hasattr(self.backend, "run_rows"):
+            raise NotImplementedError(f"backend {self.backend.name!r} does not take sparse "
+                                      "gradients yet; use backend='numba'")
+        out = []
+        for i in sparse:
+            idx, vals = checked_rows(grads[i], self._params[i], f"gradient {i}")
+            if idx.shape[0]:
+                out.append((i, idx, vals))
+        return out
+
+    def _step_rows(self, rows, groups, uses, owner):
+        """Apply the validated row-sparse gradients (lazy mode: touched rows only)."""
+        rule = self.rule
+        active = [i for i, _, _ in rows]
+        fresh = self._allocate_state(active, owner, groups, uses)
+        for i, idx, vals in rows:
+            gi = owner[i]
+            use, const = uses[gi]
+            st = self._state[i]
+            step = int(self._steps[i]) + 1
+            host = {k: st[k] for k in self._host_keys}
+            fr = fresh.get(i, ())
+            scal, host2 = rule.scalars(groups[gi], step, host, fr)
+            p = self._params[i]
+            order, seg, uniq = coalesce_plan(idx, p.shape[0])
+            slots = [st[name] if u else None
+                     for name, u in zip(rule.slots + (None,) * NSLOTS, use)]
+            work = backends.RowsWork(param=p, slots=slots, vals=vals, idx=idx, order=order,
+                                     seg=seg, uniq=uniq, uses=use, const=const,
+                                     hyper=np.array([scal], dtype=np.float64),
+                                     ref_args=(groups[gi], step, self._ref_state(i, use), fr))
+            self.backend.run_rows(rule, work)
+            self._steps[i] += 1
+            st.update(host2)
+        self._plan = None if fresh else self._plan
 
     def _ref_state(self, i, uses):
         st = self._state[i]
@@ -376,3 +427,22 @@ def _first_array(params):
         return first
     except (TypeError, IndexError, KeyError):
         return None
+
+
+def _refuse_overlaps(params, backend, start):
+    """Raise if two parameters share memory (an update would be applied twice).
+
+    Sorts the parameters' byte ranges and compares neighbours: O(n log n).
+    """
+    spans = []
+    for k, p in enumerate(params):
+        nbytes = p.size * p.dtype.itemsize
+        if nbytes:
+            lo = backend.address(p)
+            spans.append((lo, lo + nbytes, k))
+    spans.sort()
+    for (lo1, hi1, k1), (lo2, hi2, k2) in zip(spans, spans[1:]):
+        if lo2 < hi1:
+            k = max(k1, k2)
+            raise ValueError(f"parameter {k} appears twice or overlaps parameter "
+                             f"{min(k1, k2)}")

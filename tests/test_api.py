@@ -32,7 +32,7 @@ def test_class_signature_matches_registry(name):
     cls = fastopt.CLASSES[name]
     sig = inspect.signature(cls.__init__)
     rule = registry.RULES[name]
-    got = {k: p.default for k, p in sig.parameters.items() if k not in ("self", "params", "backend")}
+    got = {k: p.default for k, p in sig.parameters.items() if k not in ("self", "params", "backend", "sparse_mode")}
     assert got == rule.defaults
     assert sig.parameters["backend"].default == "auto"
 

@@ -1,0 +1,164 @@
+"""Row-sparse gradients: the type, its validation and its coalescing.
+
+``RowSparse(indices, values)`` stands for a gradient that is zero except on the
+rows ``indices`` of a parameter: ``indices`` is int32 or int64 of shape (nnz,),
+``values`` has shape ``(nnz, *param.shape[1:])`` (for a 1-D parameter each index is
+one element and ``values`` has shape (nnz,)).  Repeated indices are allowed and are
+summed ("coalesced") before the update, deterministically: rows are ordered by a
+stable radix sort on the index and each row's values are added in the order they
+appear, so the result is identical from run to run and for any thread count, and
+equals the dense update with the summed gradient.
+
+scipy.sparse matrices and arrays (CSR, CSC, COO, ...) are accepted for 2-D
+parameters: the rows that hold at least one stored entry (explicit zeros included)
+are the touched rows, with their dense contents as values.
+
+Validation happens before anything is written: indices must be integers in
+``[0, nrows)`` (IndexError otherwise, naming the offending index), values must have
+the right shape (ValueError) and a float dtype (TypeError; other float dtypes are
+converted to the parameter's).  An empty sparse gradient is a no-op.
+"""
+
+import numpy as np
+from numba import njit
+
+__all__ = ["RowSparse", "is_sparse", "checked_rows"]
+
+
+class RowSparse:
+    """A gradient that is non-zero only on some rows of a parameter."""
+
+    __slots__ = ("indices", "values")
+
+    def __init__(self, indices, values):
+        indices = np.asarray(indices)
+        values = np.asarray(values)
+        if indices.ndim != 1:
+            raise ValueError(f"RowSparse indices must be 1-D, got shape {indices.shape}")
+        if indices.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
+            raise TypeError(f"RowSparse indices must be int32 or int64, got {indices.dtype}")
+        if values.ndim < 1 or values.shape[0] != indices.shape[0]:
+            raise ValueError(f"RowSparse values must have shape (nnz, ...) with nnz = "
+                             f"{indices.shape[0]}, got {values.shape}")
+        self.indices = indices
+        self.values = values
+
+    @property
+    def nnz(self):
+        return self.indices.shape[0]
+
+    def __repr__(self):
+        return f"RowSparse(nnz={self.nnz}, row_shape={self.values.shape[1:]})"
+
+    @classmethod
+    def from_scipy(cls, matrix):
+        """The touched rows of a scipy.sparse matrix/array with their dense values."""
+        csr = matrix.tocsr()
+        counts = np.diff(csr.indptr)
+        rows = np.flatnonzero(counts).astype(np.int64)
+        values = csr[rows].toarray() if rows.size else np.zeros((0, csr.shape[1]), csr.dtype)
+        return cls(rows, np.ascontiguousarray(values))
+
+
+def _is_scipy_sparse(obj):
+    mod = type(obj).__module__
+    return mod.startswith("scipy.sparse") and hasattr(obj, "tocsr")
+
+
+def is_sparse(obj):
+    return isinstance(obj, RowSparse) or _is_scipy_sparse(obj)
+
+
+def checked_rows(grad, param, where):
+    """Validate a sparse gradient against its parameter.
+
+    Returns ``(indices int64 (nnz,), values (nnz, D) C-contiguous in the param's
+    dtype)`` where ``D`` is the number of elements in a row; raises before anything
+    is written.
+    """
+    if _is_scipy_sparse(grad):
+        if param.ndim != 2:
+            raise ValueError(f"{where}: a scipy.sparse gradient needs a 2-D parameter, "
+                             f"got shape {param.shape}")
+        if tuple(grad.shape) != tuple(param.shape):
+            raise ValueError(f"{where}: sparse gradient shape {tuple(grad.shape)} does not "
+                             f"match parameter shape {param.shape}")
+        grad = RowSparse.from_scipy(grad)
+    if param.ndim == 0:
+        raise ValueError(f"{where}: a 0-d parameter cannot take a row-sparse gradient")
+    idx, vals = grad.indices, grad.values
+    row_shape = param.shape[1:]
+    if vals.shape[1:] != row_shape:
+        raise ValueError(f"{where}: RowSparse values shape {vals.shape} does not match "
+                         f"(nnz, *param.shape[1:]) = ({idx.shape[0]}, "
+                         f"{', '.join(map(str, row_shape))})")
+    if vals.dtype.kind != "f":
+        raise TypeError(f"{where}: RowSparse values dtype {vals.dtype} is not a float dtype")
+    nrows = param.shape[0]
+    if idx.size:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= nrows:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"{where}: sparse index {bad} is out of range for a parameter "
+                             f"with {nrows} rows")
+    idx = idx.astype(np.int64, copy=False)
+    row_size = int(np.prod(row_shape, dtype=np.int64))
+    vals = np.ascontiguousarray(vals, dtype=param.dtype).reshape(idx.shape[0], row_size)
+    return idx, vals
+
+
+@njit(cache=True, nogil=True)
+def coalesce_plan(idx, nrows):
+    """Stable radix argsort of row indices and the segments of equal rows.
+
+    Returns ``(order, seg, uniq)``: ``idx[order]`` is sorted (ties in their original
+    order), rows ``uniq[u]`` own positions ``order[seg[u]:seg[u + 1]]``.  O(nnz) per
+    11-bit digit; no atomics, so the result is deterministic.
+    """
+    n = idx.shape[0]
+    order = np.arange(n)
+    tmp = np.empty(n, dtype=np.int64)
+    bits = 1
+    while (1 << bits) < nrows:
+        bits += 1
+    shift = 0
+    count = np.empty(2049, dtype=np.int64)
+    while shift < bits:
+        count[:] = 0
+        for i in range(n):
+            count[((idx[order[i]] >> shift) & 2047) + 1] += 1
+        for d in range(2048):
+            count[d + 1] += count[d]
+        for i in range(n):
+            d = (idx[order[i]] >> shift) & 2047
+            tmp[count[d]] = order[i]
+            count[d] += 1
+        order, tmp = tmp, order
+        shift += 11
+    nuniq = 0
+    for i in range(n):
+        if i == 0 or idx[order[i]] != idx[order[i - 1]]:
+            nuniq += 1
+    seg = np.empty(nuniq + 1, dtype=np.int64)
+    uniq = np.empty(nuniq, dtype=np.int64)
+    u = 0
+    for i in range(n):
+        if i == 0 or idx[order[i]] != idx[order[i - 1]]:
+            seg[u] = i
+            uniq[u] = idx[order[i]]
+            u += 1
+    seg[nuniq] = n
+    return order, seg, uniq
+
+
+def coalesce(idx, vals, nrows):
+    """Unique sorted rows and their summed values (the reference of coalescing)."""
+    order, seg, uniq = coalesce_plan(idx, nrows)
+    summed = np.empty((uniq.shape[0], vals.shape[1]), dtype=vals.dtype)
+    for u in range(uniq.shape[0]):
+        rows = order[seg[u]:seg[u + 1]]
+        acc = vals[rows[0]].copy()
+        for r in rows[1:]:
+            acc += vals[r]
+        summed[u] = acc
+    return uniq, summed
