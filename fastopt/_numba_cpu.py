@@ -192,6 +192,41 @@ def launch_rows(math, dtype, uses, const, P, slots, vals, order, seg, uniq, hype
         P, S[0], S[1], S[2], vals, order, seg, uniq, hyper, scratch)
 
 
+def make_catch_up_driver(coeff, dtype, uses, const, parallel):
+    """Compile the exact-mode catch-up: for each listed row, apply the rule's closed
+    form (``fastopt.exact``) for its number of skipped steps to (param, slot 0)."""
+    COEFF = coeff
+    DT = np.dtype(dtype).type
+    U0 = bool(uses[0])
+    STAMP = _stamp(coeff)
+
+    def catch_up(P, S0, rows, ks, firsts, h):
+        stamp = STAMP  # noqa: F841
+        D = P.shape[1]
+        for q in prange(rows.shape[0]):
+            k = ks[q]
+            if k <= 0:
+                continue
+            a, b, c, e = COEFF(k, firsts[q], h)
+            r = rows[q]
+            for j in range(D):
+                p = P[r, j]
+                if U0:
+                    s = S0[r, j]
+                    P[r, j] = DT(a * p + b * s)
+                    S0[r, j] = DT(c * p + e * s)
+                else:
+                    P[r, j] = DT(a * p)
+
+    return njit(parallel=parallel, error_model="numpy", cache=True, nogil=True)(catch_up)
+
+
+def launch_catch_up(coeff, dtype, uses, P, S0, rows, ks, firsts, h):
+    parallel = rows.shape[0] * P.shape[1] >= PARALLEL_MIN
+    driver_for(coeff, dtype, uses[:1] + (False, False), (), parallel, make_catch_up_driver)(
+        P, S0 if S0 is not None else P, rows, ks, firsts, h)
+
+
 def make_chunks(sizes, chunk=CHUNK):
     """Chunk table (tensor, start, stop) for tensors of the given element counts."""
     rows = []

@@ -57,6 +57,21 @@ class RowsWork:
     ref_args: tuple = None            # (group, step, state dict, fresh) for the reference
 
 
+@dataclass
+class CatchUpWork:
+    """Exact sparse mode: bring ``rows`` of one parameter from step ``last[q]`` to
+    ``t_end`` as if they had received zero gradients (see :mod:`fastopt.exact`)."""
+    param: np.ndarray
+    slots: list
+    rows: np.ndarray                  # int64 row indices
+    last: np.ndarray                  # int64 step each row is up to date with
+    t_end: int
+    buffer_start: int                 # step at which SGD's momentum buffer was created
+    scalars: tuple                    # the rule's per-step scalars (for the closed form)
+    group: dict
+    uses: tuple
+
+
 class HostArrays:
     """Array handling shared by the host (CPU) backends.  A device backend provides
     the same methods for its own arrays (see ``fastopt._cuda_backend``)."""
@@ -103,6 +118,15 @@ class HostArrays:
 class NumbaBackend(HostArrays):
     name = "numba"
 
+    def run_catch_up(self, rule, w):
+        nrows = w.param.shape[0]
+        ks = w.t_end - w.last
+        firsts = w.last == w.buffer_start - 1
+        s0 = w.slots[0].reshape(nrows, -1) if w.slots[0] is not None else None
+        _numba_cpu.launch_catch_up(rule.catch_up, w.param.dtype, w.uses,
+                                   w.param.reshape(nrows, -1), s0, w.rows, ks, firsts,
+                                   np.array(w.scalars, dtype=np.float64))
+
     def run_rows(self, rule, w):
         nrows = w.param.shape[0]
         _numba_cpu.launch_rows(rule.math, w.param.dtype, w.uses, w.const,
@@ -119,6 +143,26 @@ class NumbaBackend(HostArrays):
 
 class NumpyBackend(HostArrays):
     name = "numpy"
+
+    def run_catch_up(self, rule, w):
+        """The definition of exact mode: run the skipped steps with zero gradients
+        through the dense reference, step by step (slow; the oracle)."""
+        nrows = w.param.shape[0]
+        p2 = w.param.reshape(nrows, -1)
+        names = [n for n, u in zip(rule.slots, w.uses) if u]
+        arrays = {n: s.reshape(nrows, -1) for n, s in zip(rule.slots, w.slots) if s is not None}
+        for last in np.unique(w.last):
+            rows = w.rows[w.last == last]
+            sub = p2[rows]
+            st = {n: arrays[n][rows] for n in names}
+            zero = np.zeros_like(sub)
+            with np.errstate(all="ignore"):
+                for step in range(int(last) + 1, w.t_end + 1):
+                    fresh = {"momentum_buffer"} if step == w.buffer_start else set()
+                    rule.reference(sub, zero, st, w.group, step, fresh)
+            p2[rows] = sub
+            for n in names:
+                arrays[n][rows] = st[n]
 
     def run_rows(self, rule, w):
         """Reference semantics of a lazy sparse step: coalesce, then apply the dense

@@ -33,9 +33,8 @@ class Optimizer:
         rule = self.rule
         if sparse_mode not in ("lazy", "exact"):
             raise ValueError(f"Invalid sparse_mode: {sparse_mode!r} (use 'lazy' or 'exact')")
-        if sparse_mode == "exact":
-            raise ValueError(f"{rule.name}: sparse_mode='exact' is not available")
         self.sparse_mode = sparse_mode
+        self._exact = {}    # exact mode: param index -> {row_step, buffer_start, group}
         unknown = set(hyper) - set(rule.defaults)
         if unknown:
             raise TypeError(f"{rule.name}: unexpected hyperparameter(s) {sorted(unknown)}")
@@ -81,6 +80,7 @@ class Optimizer:
                    for k, a in enumerate(arrays)]
         _refuse_overlaps(self._params + checked, self.backend, start)
         hyper = self.rule.check_group({**self.defaults, **group})
+        self._check_exact(hyper)
         extras = {k: v for k, v in group.items() if k not in hyper and k != "params"}
         self.param_groups.append({**extras, **hyper, "params": checked})
         self._params.extend(checked)
@@ -88,6 +88,15 @@ class Optimizer:
             self._state.extend(self._empty_state(i) for i in range(start, len(self._params)))
             self._steps = np.concatenate([self._steps, np.zeros(len(checked), np.int64)])
             self._version += 1
+
+    def _check_exact(self, group):
+        if self.sparse_mode != "exact":
+            return
+        reason = self.rule.exact_reason(group) if self.rule.catch_up is not None else \
+            "it has no closed form for skipped steps"
+        if reason is not None:
+            raise ValueError(f"{self.rule.name}: sparse_mode='exact' is not possible for this "
+                             f"configuration: {reason}; use sparse_mode='lazy'")
 
     def _empty_state(self, i):
         return {}
@@ -160,6 +169,10 @@ class Optimizer:
             self._step_rows(rows, groups, uses, owner)
         if not active:
             return True
+        if self._exact:
+            exact_dense = [i for i in active if i in self._exact]
+            for i in exact_dense:
+                self._flush_param(i)
         # phase 2: nothing below fails on user input
         key = (None if everyone else tuple(active), uses, self._version)
         plan = self._plan if self._plan is not None and self._plan[0] == key else None
@@ -189,6 +202,10 @@ class Optimizer:
             self._steps += 1
         else:
             self._steps[active] += 1
+        if self._exact:
+            for i in exact_dense:
+                self._exact[i]["row_step"][:] = self._steps[i]
+                self._exact[i]["group"] = groups[owner[i]]
         for members, host2 in new_host:
             for i in members:
                 self._state[i].update(host2)
@@ -197,9 +214,14 @@ class Optimizer:
     def _check_sparse(self, grads, sparse):
         """Validate the row-sparse gradients; returns [(i, idx, vals)] (empty ones
         dropped: an empty sparse gradient is a no-op)."""
-        if not hasattr(self.backend, "run_rows"):
+        if not hasattr(self.backend, "run_rows") or (
+                self.sparse_mode == "exact" and not hasattr(self.backend, "run_catch_up")):
             raise NotImplementedError(f"backend {self.backend.name!r} does not take sparse "
-                                      "gradients yet; use backend='numba'")
+                                      f"gradients in {self.sparse_mode} mode yet; "
+                                      "use backend='numba'")
+        if self.sparse_mode == "exact":
+            for g in self._validated_groups()[0]:
+                self._check_exact(g)
         out = []
         for i in sparse:
             idx, vals = checked_rows(grads[i], self._params[i], f"gradient {i}")
@@ -208,9 +230,12 @@ class Optimizer:
         return out
 
     def _step_rows(self, rows, groups, uses, owner):
-        """Apply the validated row-sparse gradients (lazy mode: touched rows only)."""
+        """Apply the validated row-sparse gradients: touched rows only (lazy); in exact
+        mode the touched rows are first caught up over the steps they missed."""
         rule = self.rule
         active = [i for i, _, _ in rows]
+        if self.sparse_mode == "exact":
+            self._flush_changed(active, groups, owner)
         fresh = self._allocate_state(active, owner, groups, uses)
         for i, idx, vals in rows:
             gi = owner[i]
@@ -224,6 +249,12 @@ class Optimizer:
             order, seg, uniq = coalesce_plan(idx, p.shape[0])
             slots = [st[name] if u else None
                      for name, u in zip(rule.slots + (None,) * NSLOTS, use)]
+            if self.sparse_mode == "exact":
+                ex = self._exact_info(i, groups[gi], use)
+                if "momentum_buffer" in fr:
+                    ex["buffer_start"] = step
+                self._catch_up(i, uniq, step - 1)
+                ex["row_step"][uniq] = step
             work = backends.RowsWork(param=p, slots=slots, vals=vals, idx=idx, order=order,
                                      seg=seg, uniq=uniq, uses=use, const=const,
                                      hyper=np.array([scal], dtype=np.float64),
@@ -232,6 +263,56 @@ class Optimizer:
             self._steps[i] += 1
             st.update(host2)
         self._plan = None if fresh else self._plan
+
+    # ------------------------------------------------------------ exact mode
+    def _exact_info(self, i, group, uses):
+        ex = self._exact.get(i)
+        if ex is None:
+            ex = self._exact[i] = {
+                "row_step": np.full(self._params[i].shape[0], self._steps[i], np.int64),
+                "buffer_start": 0, "group": group, "uses": uses}
+        return ex
+
+    def _catch_up(self, i, rows, t_end):
+        """Bring ``rows`` of parameter ``i`` up to step ``t_end`` (zero gradients)."""
+        ex = self._exact[i]
+        last = ex["row_step"][rows]
+        pending = last < t_end
+        if not pending.any():
+            return
+        rows, last = rows[pending], last[pending]
+        st = self._state[i]
+        group, uses = ex["group"], ex["uses"]
+        scal, _ = self.rule.scalars(group, t_end, {k: st[k] for k in self._host_keys}, ())
+        slots = [st[n] if u and n in st else None for n, u in zip(self.rule.slots, uses)]
+        self.backend.run_catch_up(self.rule, backends.CatchUpWork(
+            param=self._params[i], slots=slots, rows=rows, last=last, t_end=int(t_end),
+            buffer_start=ex["buffer_start"], scalars=scal, group=group, uses=uses))
+        ex["row_step"][rows] = t_end
+
+    def _flush_param(self, i):
+        ex = self._exact.get(i)
+        if ex is not None:
+            rows = np.flatnonzero(ex["row_step"] < self._steps[i])
+            self._catch_up(i, rows, int(self._steps[i]))
+
+    def _flush_changed(self, params, groups, owner):
+        """Exact mode: parameters whose hyperparameters changed since their pending
+        rows were left behind are brought up to date with the old ones first."""
+        for i in params:
+            ex = self._exact.get(i)
+            if ex is not None and ex["group"] != groups[owner[i]]:
+                self._flush_param(i)
+                ex["group"] = groups[owner[i]]
+                ex["uses"] = self._validated_groups()[1][owner[i]][0]
+
+    def flush(self):
+        """Exact sparse mode: bring every row of every parameter up to date, as if the
+        skipped steps had been dense steps with zero gradient on those rows.  Call it
+        before evaluating or exporting parameters; ``state_dict()`` calls it.  A no-op
+        in lazy mode."""
+        for i in list(self._exact):
+            self._flush_param(i)
 
     def _ref_state(self, i, uses):
         st = self._state[i]
@@ -316,8 +397,10 @@ class Optimizer:
 
         ``{"version": 1, "optimizer": "Adam", "state": {index: {"step": int,
         "exp_avg": ndarray, ...}}, "param_groups": [{..., "params": [indices]}]}``.
-        Arrays are copies.
+        Arrays are copies.  In exact sparse mode the optimizer is flushed first (every
+        row brought up to date), so the saved state needs no per-row bookkeeping.
         """
+        self.flush()
         groups, start = [], 0
         for g in self.param_groups:
             n = len(g["params"])
@@ -402,6 +485,7 @@ class Optimizer:
             g.update({**hyper, "params": params})
         self._state = new_state
         self._steps = new_steps
+        self._exact = {}
         self._group_snapshot = None
         self._plan = None
         self._version += 1

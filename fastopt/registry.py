@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
 
+from . import exact
 from . import hyperparams as hp
 from . import reference, rules
 
@@ -38,6 +39,10 @@ class Rule:
     flags: Tuple[int, ...] = ()
     #: scalar indices (weight decay) whose zero value drivers specialize on
     zero_switches: Tuple[int, ...] = ()
+    #: sparse_mode="exact": closed-form catch-up (fastopt.exact) or None
+    catch_up: Callable = None
+    #: group -> None when exact mode is possible for it, else the reason
+    exact_reason: Callable = lambda group: "no closed form for skipped steps"
     #: configurations that together exercise every option (tests and benchmarks use them)
     variants: Tuple[dict, ...] = ({},)
 
@@ -103,6 +108,8 @@ SGD = Rule(
               {"lr": 0.01, "momentum": 0.9, "nesterov": True, "maximize": True}),
     reference=reference.sgd,
     cross_check=_sgd_cross,
+    catch_up=exact.sgd,
+    exact_reason=exact.sgd_reason,
 )
 
 # ----------------------------------------------------------------------- Adagrad
@@ -130,6 +137,8 @@ Adagrad = Rule(
               {"maximize": True, "eps": 1e-6}),
     reference=reference.adagrad,
     slot_init=lambda g, name: g["initial_accumulator_value"],
+    catch_up=exact.identity,
+    exact_reason=exact.adagrad_reason,
 )
 
 # ----------------------------------------------------------------------- RMSprop
@@ -152,6 +161,8 @@ RMSprop = Rule(
     uses_slots=lambda g: (True, g["centered"], g["momentum"] > 0.0),
     scalars=_rmsprop_scalars,
     math=rules.rmsprop,
+    catch_up=exact.rmsprop,
+    exact_reason=exact.rmsprop_reason,
     flags=(6, 7, 8),
     zero_switches=(1,),
     variants=({}, {"centered": True}, {"momentum": 0.9, "weight_decay": 1e-2},
