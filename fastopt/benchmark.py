@@ -169,6 +169,78 @@ def _torch_step(torch, case, mode, variant):
     return opt.step
 
 
+@dataclass
+class SparseCase:
+    """Lazy sparse step on an embedding table: ``lookups`` Zipf(1.2)-distributed row
+    indices per step (many duplicates), ``dim`` columns, float32."""
+    rule: str
+    rows: int
+    dim: int = 64
+    lookups: int = 16_384
+    dtype: str = "float32"
+    variant: int = 0
+
+    @property
+    def label(self):
+        return f"{self.rule} sparse {_fmt_count(self.rows)}x{self.dim} {self.lookups} lookups"
+
+    def gradient(self, seed=0):
+        rng = np.random.default_rng(seed)
+        idx = np.minimum(rng.zipf(1.2, self.lookups) - 1, self.rows - 1).astype(np.int64)
+        vals = rng.standard_normal((self.lookups, self.dim)).astype(self.dtype)
+        return idx, vals
+
+    @property
+    def elements(self):
+        """Elements updated per step (touched rows x dim)."""
+        idx, _ = self.gradient()
+        return int(np.unique(idx).size) * self.dim
+
+    def bytes_per_step(self):
+        """Touched rows of param and state read and written, gradient values read."""
+        rule = registry.RULES[self.rule]
+        group = rule.check_group({**rule.defaults, **rule.variants[self.variant]})
+        k = sum(rule.uses_slots(group))
+        item = np.dtype(self.dtype).itemsize
+        return self.elements * item * (2 + 2 * k) + self.lookups * self.dim * item
+
+
+TORCH_SPARSE = {"Adam": "SparseAdam", "Adagrad": "Adagrad", "SGD": "SGD"}
+
+
+def sparse_implementations(case, host_backends=None):
+    """fastopt backends that take sparse gradients, and torch's sparse optimizer."""
+    from .sparse import RowSparse
+    rule = registry.RULES[case.rule]
+    variant = rule.variants[case.variant]
+    idx, vals = case.gradient()
+    out = {}
+    if host_backends is None:
+        host_backends = [b for b in backends.available() if b != "cuda"]
+    for name in host_backends:
+        if not hasattr(backends.resolve(name), "run_rows"):
+            continue
+        table = np.random.default_rng(1).standard_normal((case.rows, case.dim)).astype(
+            case.dtype)
+        opt = CLASSES[case.rule]([table], backend=name, **variant)
+        out[f"fastopt-{name}"] = _bind(opt.step, [RowSparse(idx, vals)])
+    torch = _torch()
+    if torch is not None and case.rule in TORCH_SPARSE:
+        table = torch.from_numpy(np.random.default_rng(1).standard_normal(
+            (case.rows, case.dim)).astype(case.dtype))
+        p = torch.nn.Parameter(table)
+        kwargs = dict(lr=1e-3)
+        topt = getattr(torch.optim, TORCH_SPARSE[case.rule])([p], **kwargs)
+        ti, tv = torch.from_numpy(idx)[None], torch.from_numpy(vals)
+
+        def torch_step():
+            p.grad = torch.sparse_coo_tensor(ti, tv, (case.rows, case.dim),
+                                             check_invariants=False)
+            topt.step()
+        out[f"torch-{TORCH_SPARSE[case.rule]}"] = torch_step
+    return out
+
+
 def time_step(fn, min_time=0.3, max_repeats=20):
     """Best seconds per call: a warm-up, then repeats of batches of calls."""
     fn()
@@ -190,7 +262,8 @@ def time_step(fn, min_time=0.3, max_repeats=20):
 
 def measure(case, host_backends=None, min_time=0.3, skip=()):
     """Time every implementation of a case; returns a list of result dicts."""
-    impls = implementations(case, host_backends)
+    impls = (sparse_implementations(case, host_backends) if isinstance(case, SparseCase)
+             else implementations(case, host_backends))
     nbytes = case.bytes_per_step()
     times = {name: time_step(fn, min_time) for name, fn in impls.items() if name not in skip}
     ceiling = times.get("ceiling")
@@ -225,11 +298,15 @@ def default_cases(quick=False):
     cases = [Case(name, (big,)) for name in registry.RULES]
     cases += [Case("Adam", (10_000,) * (100 if quick else 1000)),
               Case("Adam", (100,) * 10)]
+    cases += [SparseCase("Adam", 100_000 if quick else 1_000_000)]
+    if not quick:
+        cases += [SparseCase("Adam", 4_000_000), SparseCase("Adagrad", 1_000_000)]
     return cases
 
 
 def format_table(rows):
-    """A Markdown table; per case, 'vs fastest torch' is torch's best time / ours."""
+    """A Markdown table; per case, 'vs best torch' is torch's best time / this one's.
+    For sparse cases, elements are the touched ones and there is no ceiling."""
     header = ("| case | implementation | time/step | elements/s | GB/s | of ceiling |"
               " speed-up vs best torch |\n|---|---|---:|---:|---:|---:|---:|")
     lines = [header]
