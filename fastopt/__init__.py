@@ -16,7 +16,7 @@ from ._cython_backend import register_backend as _register_cython
 from .optimizer import Optimizer
 from .sparse import RowSparse
 from .optimizers import (CLASSES, SGD, Adagrad, Adam, Adamax, AdamW, Lion, NAdam,
-                         RMSprop)
+                         RMSprop, RowWiseAdagrad)
 
 __version__ = "0.1.0"
 
@@ -29,4 +29,4 @@ def available_backends():
 
 
 __all__ = ["Optimizer", "RowSparse", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam",
-           "Lion", "CLASSES", "available_backends", "functional", "registry", "backends"]
+           "Lion", "RowWiseAdagrad", "CLASSES", "available_backends", "functional", "registry", "backends"]

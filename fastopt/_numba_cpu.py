@@ -120,6 +120,43 @@ def make_driver(math, dtype, uses, const, parallel):
     return njit(parallel=parallel, error_model="numpy", cache=True, nogil=True)(driver)
 
 
+@register_jitable
+def summed_row(vals, order, a, b, scratch_row):
+    """The gradient of one touched row: ``vals[order[a]]`` or, with duplicates, the
+    sum of ``vals[order[a:b]]`` added in order of appearance (deterministic)."""
+    G = vals[order[a]]
+    if b - a > 1:
+        G = scratch_row
+        G[:] = vals[order[a]]
+        for k in range(a + 1, b):
+            row = vals[order[k]]
+            for j in range(G.shape[0]):
+                G[j] += row[j]
+    return G
+
+
+def make_rowwise_driver(math, dtype, uses, const, parallel):
+    """Compile the driver of a row-wise rule (one state value per row): parallel over
+    the touched rows, the rule math works on whole rows.  Dense steps use it too,
+    with every row touched once."""
+    MATH = math
+    LOAD = scalar_loader(dtype, const)
+    DT = np.dtype(dtype).type
+    STAMP = _stamp(math)
+
+    def rowwise_driver(P, S0, S1, S2, vals, order, seg, uniq, hyper, scratch):
+        stamp = STAMP  # noqa: F841
+        zero = DT(0)
+        c = LOAD(hyper, 0)
+        inv_d = DT(1) / DT(P.shape[1])
+        for u in prange(uniq.shape[0]):
+            r = uniq[u]
+            G = summed_row(vals, order, seg[u], seg[u + 1], scratch[u])
+            S0[r, 0] = MATH(P[r], G, S0[r, 0], inv_d, zero, c)
+
+    return njit(parallel=parallel, error_model="numpy", cache=True, nogil=True)(rowwise_driver)
+
+
 def make_rows_driver(math, dtype, uses, const, parallel):
     """Compile the row-sparse driver: parallel over unique rows, duplicates summed
     in their order of appearance (see :func:`fastopt.sparse.coalesce_plan`).
@@ -142,14 +179,7 @@ def make_rows_driver(math, dtype, uses, const, parallel):
             r = uniq[u]
             a = seg[u]
             b = seg[u + 1]
-            G = vals[order[a]]
-            if b - a > 1:          # duplicates: sum whole rows, in order of appearance
-                G = scratch[u]
-                G[:] = vals[order[a]]
-                for k in range(a + 1, b):
-                    row = vals[order[k]]
-                    for j in range(D):
-                        G[j] += row[j]
+            G = summed_row(vals, order, a, b, scratch[u])
             for j in range(D):
                 s0 = S0[r, j] if U0 else zero
                 s1 = S1[r, j] if U1 else zero
@@ -183,12 +213,16 @@ def launch(math, dtype, uses, const, ptrs, chunks, hyper, hidx, nelem):
     driver_for(math, dtype, uses, const, nelem >= PARALLEL_MIN)(ptrs, chunks, hyper, hidx)
 
 
-def launch_rows(math, dtype, uses, const, P, slots, vals, order, seg, uniq, hyper):
+def launch_rows(math, dtype, uses, const, P, slots, vals, order, seg, uniq, hyper,
+                rowwise=False):
     """Run the row-sparse driver (serial below PARALLEL_MIN touched elements)."""
     S = [s if s is not None else P for s in slots]
     parallel = uniq.shape[0] * P.shape[1] >= PARALLEL_MIN
-    scratch = np.empty((uniq.shape[0], P.shape[1]), dtype=P.dtype)   # rows with duplicates
-    driver_for(math, dtype, uses, const, parallel, make_rows_driver)(
+    # scratch rows only when some rows are summed (scratch[u] is then never read)
+    dups = order.shape[0] > uniq.shape[0]
+    scratch = np.empty((uniq.shape[0] if dups else 0, P.shape[1]), dtype=P.dtype)
+    factory = make_rowwise_driver if rowwise else make_rows_driver
+    driver_for(math, dtype, uses, const, parallel, factory)(
         P, S[0], S[1], S[2], vals, order, seg, uniq, hyper, scratch)
 
 

@@ -133,7 +133,8 @@ class NumbaBackend(HostArrays):
                                w.param.reshape(nrows, -1),
                                [s.reshape(nrows, -1) if s is not None else None
                                 for s in w.slots],
-                               w.vals, w.order, w.seg, w.uniq, w.hyper)
+                               w.vals, w.order, w.seg, w.uniq, w.hyper,
+                               rowwise=rule.layout == "rowwise")
 
     def run(self, rule, bucket):
         if bucket.nelem:

@@ -59,10 +59,29 @@ class Case:
         rule = registry.RULES[self.rule]
         return rule.check_group({**rule.defaults, **rule.variants[self.variant]})
 
+    def shape(self, n):
+        """A tensor of ``n`` elements: 1-D, or rows of ``ROW_DIM`` for row-wise rules
+        (an embedding table; their state is one value per row)."""
+        if registry.RULES[self.rule].layout == "rowwise":
+            if n % ROW_DIM:
+                raise ValueError(f"{self.rule} benchmark tensors are rows of {ROW_DIM}: "
+                                 f"{n} elements do not divide into them")
+            return (n // ROW_DIM, ROW_DIM)
+        return (n,)
+
     def bytes_per_step(self):
-        """Bytes a step must move: read p, g and each used slot; write p and slots."""
-        uses = registry.RULES[self.rule].uses_slots(self.group())
-        return self.elements * np.dtype(self.dtype).itemsize * (3 + 2 * sum(uses))
+        """Bytes a step must move: read p, g and each used slot; write p and slots
+        (a row-wise rule's slots have one value per row)."""
+        rule = registry.RULES[self.rule]
+        k = sum(rule.uses_slots(self.group()))
+        item = np.dtype(self.dtype).itemsize
+        if rule.layout == "rowwise":
+            return item * (3 * self.elements + 2 * k * (self.elements // ROW_DIM))
+        return self.elements * item * (3 + 2 * k)
+
+
+#: row length of the dense benchmark tensors of row-wise rules
+ROW_DIM = 64
 
 
 def _fmt_count(n):
@@ -74,8 +93,9 @@ def _fmt_count(n):
 
 def _data(case, seed=0):
     rng = np.random.default_rng(seed)
-    params = [rng.standard_normal(n).astype(case.dtype) for n in case.sizes]
-    grads = [(rng.standard_normal(n) * 1e-3).astype(case.dtype) for n in case.sizes]
+    params = [rng.standard_normal(case.shape(n)).astype(case.dtype) for n in case.sizes]
+    grads = [(rng.standard_normal(case.shape(n)) * 1e-3).astype(case.dtype)
+             for n in case.sizes]
     return params, grads
 
 
@@ -121,8 +141,12 @@ def _bind(step, grads):
 
 
 def _ceiling(case):
+    """The no-math kernel over the same streams (a row-wise rule's per-row state,
+    1/ROW_DIM of a stream, is left out)."""
     rule = registry.RULES[case.rule]
     uses = rule.uses_slots(case.group())
+    if rule.layout == "rowwise":
+        uses = (False,) * registry.NSLOTS
     params, grads = _data(case)
     slots = [[np.zeros_like(p) for _ in range(registry.NSLOTS)] for p in params]
     ptrs = np.zeros((len(params), 2 + registry.NSLOTS), dtype=np.int64)
@@ -202,7 +226,8 @@ class SparseCase:
         group = rule.check_group({**rule.defaults, **rule.variants[self.variant]})
         k = sum(rule.uses_slots(group))
         item = np.dtype(self.dtype).itemsize
-        return self.elements * item * (2 + 2 * k) + self.lookups * self.dim * item
+        state = self.elements // self.dim if rule.layout == "rowwise" else self.elements
+        return item * (2 * self.elements + 2 * k * state + self.lookups * self.dim)
 
 
 TORCH_SPARSE = {"Adam": "SparseAdam", "Adagrad": "Adagrad", "SGD": "SGD"}
@@ -300,7 +325,8 @@ def default_cases(quick=False):
               Case("Adam", (100,) * 10)]
     cases += [SparseCase("Adam", 100_000 if quick else 1_000_000)]
     if not quick:
-        cases += [SparseCase("Adam", 4_000_000), SparseCase("Adagrad", 1_000_000)]
+        cases += [SparseCase("Adam", 4_000_000), SparseCase("Adagrad", 1_000_000),
+                  SparseCase("RowWiseAdagrad", 1_000_000)]
     return cases
 
 

@@ -46,19 +46,32 @@ def _apply(rule, param, grad, slot_arrays, step, host, backend, hyper):
         if arr is None:
             raise ValueError(f"{rule.name}: state {name!r} is required by this configuration")
         a = as_param(arr, name)
-        if a.shape != p.shape or a.dtype != p.dtype:
+        if a.shape != rule.slot_shape(p.shape) or a.dtype != p.dtype:
             raise ValueError(f"state {name!r} has shape {a.shape} and dtype {a.dtype}; "
-                             f"expected {p.shape} and {p.dtype}")
+                             f"expected {rule.slot_shape(p.shape)} and {p.dtype}")
         slots.append(a)
     fresh = set(rule.slots) if step == 1 else set()
     scal, new_host = rule.scalars(group, int(step), host, fresh)
+    state = {n: a for n, a in zip(rule.slots, slots) if a is not None}
+    state.update(host)
+    if rule.layout == "rowwise":     # whole rows: every row once through the row driver
+        if p.ndim == 0:
+            raise ValueError(f"{rule.name} needs a parameter with at least one dimension")
+        if p.size == 0:
+            return new_host
+        rows = np.arange(p.shape[0], dtype=np.int64)
+        bk.run_rows(rule, backends.RowsWork(
+            param=p, slots=slots + [None] * (NSLOTS - len(slots)),
+            vals=g.reshape(p.shape[0], p.size // p.shape[0]), idx=rows, order=rows, seg=np.arange(
+                p.shape[0] + 1, dtype=np.int64), uniq=rows, uses=tuple(uses),
+            const=rule.constants(group), hyper=np.array([scal], dtype=np.float64),
+            ref_args=(group, int(step), state, fresh)))
+        return new_host
     ptrs = np.zeros((1, 2 + NSLOTS), dtype=np.int64)
     ptrs[0, 0], ptrs[0, 1] = data_address(p), data_address(g)
     for s in range(NSLOTS):
         ptrs[0, 2 + s] = data_address(slots[s]) if s < len(slots) and slots[s] is not None \
             else ptrs[0, 0]
-    state = {n: a for n, a in zip(rule.slots, slots) if a is not None}
-    state.update(host)
     b = backends.Bucket(dtype=p.dtype, uses=tuple(uses), const=rule.constants(group), index=[0], params=[p], grads=[g],
                         ptrs=ptrs, chunks=make_chunks([p.size]),
                         hyper=np.array([scal], dtype=np.float64),
@@ -66,6 +79,11 @@ def _apply(rule, param, grad, slot_arrays, step, host, backend, hyper):
                         ref_args=[(group, int(step), state, fresh)])
     bk.run(rule, b)
     return new_host
+
+
+def _fname(rule):
+    """``Adam`` -> ``adam_``, ``RowWiseAdagrad`` -> ``rowwise_adagrad_``."""
+    return {"RowWiseAdagrad": "rowwise_adagrad"}.get(rule.name, rule.name.lower()) + "_"
 
 
 def _make(rule):
@@ -100,13 +118,13 @@ def _make(rule):
     params += [P(k, P.KEYWORD_ONLY, default=v) for k, v in rule.host_init(rule.defaults).items()]
     params += [P("backend", P.KEYWORD_ONLY, default="auto")]
     fn.__signature__ = inspect.Signature(params)
-    fn.__name__ = fn.__qualname__ = rule.name.lower() + "_"
+    fn.__name__ = fn.__qualname__ = _fname(rule)
     fn.__doc__ = (f"In-place {rule.name} step on one parameter (see fastopt.{rule.name} "
                   f"for the equations).  State arrays: {', '.join(rule.slots)}.")
     return fn
 
 
 for _rule in registry.RULES.values():
-    globals()[_rule.name.lower() + "_"] = _make(_rule)
+    globals()[_fname(_rule)] = _make(_rule)
 
-__all__ = [r.name.lower() + "_" for r in registry.RULES.values()]
+__all__ = [_fname(r) for r in registry.RULES.values()]

@@ -79,6 +79,9 @@ class Optimizer:
         checked = [self.backend.as_param(a, f"parameter {start + k}")
                    for k, a in enumerate(arrays)]
         _refuse_overlaps(self._params + checked, self.backend, start)
+        if self.rule.layout == "rowwise" and any(a.ndim == 0 for a in checked):
+            raise ValueError(f"{self.rule.name} keeps one accumulator per row: parameters "
+                             "need at least one dimension")
         hyper = self.rule.check_group({**self.defaults, **group})
         self._check_exact(hyper)
         extras = {k: v for k, v in group.items() if k not in hyper and k != "params"}
@@ -165,6 +168,9 @@ class Optimizer:
         dense = grads if everyone else [grads[i] for i in active]
         plist = self._params if everyone else [self._params[i] for i in active]
         dense, gptr = self.backend.check_grads(dense, plist, active)
+        if self.rule.layout == "rowwise" and active:
+            rows += [(i, None, g) for i, g in zip(active, dense)]
+            active = []
         if rows:
             self._step_rows(rows, groups, uses, owner)
         if not active:
@@ -246,7 +252,16 @@ class Optimizer:
             fr = fresh.get(i, ())
             scal, host2 = rule.scalars(groups[gi], step, host, fr)
             p = self._params[i]
-            order, seg, uniq = coalesce_plan(idx, p.shape[0])
+            if idx is None:         # a dense gradient of a row-wise rule: every row once
+                if p.size == 0:     # nothing to update (a row of zero elements has no mean)
+                    self._steps[i] += 1
+                    st.update(host2)
+                    continue
+                idx = order = uniq = np.arange(p.shape[0], dtype=np.int64)
+                seg = np.arange(p.shape[0] + 1, dtype=np.int64)
+                vals = vals.reshape(p.shape[0], -1)
+            else:
+                order, seg, uniq = coalesce_plan(idx, p.shape[0])
             slots = [st[name] if u else None
                      for name, u in zip(rule.slots + (None,) * NSLOTS, use)]
             if self.sparse_mode == "exact":
@@ -332,7 +347,8 @@ class Optimizer:
             for name, used in zip(rule.slots, uses[owner[i]][0]):
                 if used and name not in st:
                     p = self._params[i]
-                    st[name] = self.backend.full(p.shape, rule.slot_init(g, name), p.dtype)
+                    st[name] = self.backend.full(rule.slot_shape(p.shape),
+                                                 rule.slot_init(g, name), p.dtype)
                     fresh.setdefault(i, set()).add(name)
         if fresh:
             self._version += 1
@@ -463,9 +479,9 @@ class Optimizer:
                     continue
                 if name in allowed:
                     v = np.asarray(v)
-                    if v.shape != p.shape:
+                    if v.shape != self.rule.slot_shape(p.shape):
                         raise ValueError(f"state {name!r} of parameter {i} has shape {v.shape}, "
-                                         f"expected {p.shape}")
+                                         f"expected {self.rule.slot_shape(p.shape)}")
                     if v.dtype != p.dtype:
                         raise ValueError(f"state {name!r} of parameter {i} has dtype {v.dtype}, "
                                          f"expected {p.dtype} (fastopt never casts state)")

@@ -148,6 +148,31 @@ class Lion(Optimizer):
                          weight_decay=weight_decay, maximize=maximize)
 
 
+class RowWiseAdagrad(Optimizer):
+    """Row-wise Adagrad: one accumulator per row (first axis) instead of per element,
+    the memory-saving variant large embedding trainers use (FBGEMM's
+    ``rowwise_adagrad``).  Same hyperparameters as :class:`Adagrad`::
+
+        g = -g if maximize;  g += weight_decay * p
+        sum[r] += mean_j(g[r, j]^2)
+        p[r, :] -= clr * g[r, :] / (sqrt(sum[r]) + eps)
+
+    with ``clr = lr / (1 + (t - 1) * lr_decay)``.  State ``sum`` has shape
+    ``(param.shape[0],)``.  For a 1-D parameter every element is a row, which is
+    plain Adagrad.  Backends: numba and numpy (dense and sparse).
+    """
+
+    rule = registry.RowWiseAdagrad
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                 initial_accumulator_value=0.0, eps=1e-10, maximize=False,
+                 sparse_mode="lazy", backend="auto"):
+        super().__init__(params, backend=backend, sparse_mode=sparse_mode, lr=lr,
+                         lr_decay=lr_decay, weight_decay=weight_decay,
+                         initial_accumulator_value=initial_accumulator_value, eps=eps,
+                         maximize=maximize)
+
+
 #: rule name -> class
 CLASSES = {cls.rule.name: cls for cls in (SGD, Adagrad, RMSprop, Adam, AdamW, Adamax,
-                                          NAdam, Lion)}
+                                          NAdam, Lion, RowWiseAdagrad)}

@@ -147,3 +147,20 @@ def lion(param, grad, state, group, step, fresh=()):
     param *= 1 - lr * group["weight_decay"]
     param -= lr * np.sign(update)
     m[...] = b2 * m + (1 - b2) * g
+
+
+def rowwise_adagrad(param, grad, state, group, step, fresh=()):
+    """Row-wise Adagrad: state ``sum`` has one entry per row (first axis)::
+
+        g = -g if maximize;  g = g + weight_decay * p
+        sum_r = sum_r + mean_j(g_rj^2);   p_rj = p_rj - clr * g_rj / (sqrt(sum_r) + eps)
+    """
+    if param.size == 0:
+        return
+    nrows = param.shape[0]
+    p2 = param.reshape(nrows, -1)
+    g = _l2(_signed_grad(grad.reshape(nrows, -1), group), p2, group["weight_decay"])
+    clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])
+    s = state["sum"].reshape(-1)
+    s += np.mean(g * g, axis=1)
+    p2 -= clr * g / (np.sqrt(s)[:, None] + group["eps"])

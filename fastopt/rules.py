@@ -231,3 +231,75 @@ def lion(p, g, m, s1, s2, c):
     p = p * decay - lr * _sign(u, c[7], c[8])
     m = b2 * m + omb2 * g
     return p, m, s1, s2
+
+
+@register_jitable
+def _row_sumsq(prow, grow, wd, maximize, zero):
+    """Sum over a row of ``g_j^2`` with ``g = (-grad if maximize else grad) + wd * p``,
+    in a fixed order that does not wait on one chain of additions: eight partial
+    sums, lane ``k`` taking elements ``j = k (mod 8)`` of the first ``n - n % 8``;
+    the last ``n % 8`` elements are added to lane 0 in order; then
+    ``((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))``.  Deterministic (no thread-count or
+    vector-width dependence); the Cython copy adds in the same order.  The flags
+    are tested once per row, not per element (the per-element form is 7x slower)."""
+    n = grow.shape[0]
+    n8 = n - n % 8
+    mx = maximize != zero
+    decay = wd != zero
+    l0 = zero
+    l1 = zero
+    l2 = zero
+    l3 = zero
+    l4 = zero
+    l5 = zero
+    l6 = zero
+    l7 = zero
+    for j in range(0, n8, 8):
+        a0, a1, a2, a3 = grow[j], grow[j + 1], grow[j + 2], grow[j + 3]
+        a4, a5, a6, a7 = grow[j + 4], grow[j + 5], grow[j + 6], grow[j + 7]
+        if decay:
+            if mx:
+                a0, a1, a2, a3, a4, a5, a6, a7 = -a0, -a1, -a2, -a3, -a4, -a5, -a6, -a7
+            a0 = a0 + wd * prow[j]
+            a1 = a1 + wd * prow[j + 1]
+            a2 = a2 + wd * prow[j + 2]
+            a3 = a3 + wd * prow[j + 3]
+            a4 = a4 + wd * prow[j + 4]
+            a5 = a5 + wd * prow[j + 5]
+            a6 = a6 + wd * prow[j + 6]
+            a7 = a7 + wd * prow[j + 7]
+        l0 += a0 * a0
+        l1 += a1 * a1
+        l2 += a2 * a2
+        l3 += a3 * a3
+        l4 += a4 * a4
+        l5 += a5 * a5
+        l6 += a6 * a6
+        l7 += a7 * a7
+    for j in range(n8, n):
+        a = -grow[j] if mx else grow[j]
+        if decay:
+            a = a + wd * prow[j]
+        l0 += a * a
+    return ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+
+
+@register_jitable
+def rowwise_adagrad(prow, grow, acc, inv_d, zero, c):
+    """Row-wise Adagrad (one accumulator per row, as large embedding trainers use).
+    Works on a whole row: ``prow`` is updated in place, the new accumulator returned.
+    Scalars: ``(clr, weight_decay, eps, maximize)`` as Adagrad; ``inv_d = 1 / D``::
+
+        g = -g if maximize;  g = g + weight_decay * p        (per element)
+        sum_row = sum_row + sum_j(g_j^2) * inv_d    (sum: see _row_sumsq)
+        p_j = p_j - clr * g_j / (sqrt(sum_row) + eps)
+    """
+    clr, wd, eps = c[0], c[1], c[2]
+    acc = acc + _row_sumsq(prow, grow, wd, c[3], zero) * inv_d
+    denom = np.sqrt(acc) + eps
+    for j in range(prow.shape[0]):
+        g = -grow[j] if c[3] else grow[j]
+        if wd:
+            g = g + wd * prow[j]
+        prow[j] = prow[j] - clr * g / denom
+    return acc

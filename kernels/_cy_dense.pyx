@@ -29,6 +29,10 @@ driver.
 Rule ids: the index in :data:`MATH_NAMES` of the ``fastopt.rules`` function name;
 the Python side (``fastopt._cython_backend``) builds its table from the registry.
 
+A second entry point, :func:`run_rows`, is the twin of the Numba row-sparse driver
+(``_numba_cpu.make_rows_driver``): it runs the same element loop over each touched
+row of a (nrows, D) parameter (see "Row-sparse driver" below).
+
 Compiled with ``-ffp-contract=off`` (no FMA contraction, so results match the
 Python rule math and Numba bit for bit on every CPU) and ``-fno-math-errno``
 (``sqrt`` needs no ``errno`` branch and vectorizes; no value changes).  No
@@ -36,12 +40,13 @@ fast-math flags.  The tables are checked here (cheap O(T + C) loop); the
 addresses are trusted: the Python layer validates shapes, dtypes and contiguity.
 """
 
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.stdint cimport int64_t, intptr_t
+from libc.stdlib cimport free, malloc
 cimport openmp
 
 from cython cimport floating
-from _cy_rules cimport adagrad, adam, adamax, lion, nadam, rmsprop, sgd
+from _cy_rules cimport adagrad, adam, adamax, lion, nadam, rmsprop, rowwise_adagrad, sgd
 
 cdef enum:
     NSCALARS = 12      # fastopt.registry.NSCALARS (checked by fastopt._cython_backend)
@@ -64,6 +69,9 @@ cdef enum:
 #: names of the ``fastopt.rules`` functions that have a Cython copy; id = index
 MATH_NAMES = ("sgd", "adagrad", "rmsprop", "adam", "adamax", "nadam", "lion")
 assert len(MATH_NAMES) == R_COUNT
+
+#: row-wise rules (one state value per row; :func:`run_rowwise`); id = index
+ROWWISE_NAMES = ("rowwise_adagrad",)
 
 #: dtype codes of :func:`run_dense`
 DTYPE_CODES = {"float32": 0, "float64": 1}
@@ -307,6 +315,292 @@ def run_dense(int rule_id, int dtype_code, bint uses0, bint uses1, bint uses2,
         with nogil:
             for ci in range(C):
                 _run_chunk(dtype_code, rule_id, ucode, pp, cp + 3 * ci, hp, ip)
+
+
+# ------------------------------------------------------- row-sparse driver
+#
+# Twin of ``_numba_cpu.make_rows_driver``: one task per unique row ``uniq[u]``,
+# whose gradient rows are ``vals[order[seg[u]:seg[u + 1]]]``.  A single gradient
+# row is used in place; duplicates are summed into a scratch row (the first copied,
+# the others added one by one in order of appearance, as in the Numba driver), so
+# every element of the sum is the same sequence of IEEE additions.  The touched
+# row then goes through the dense element loop (``_by_rule`` -> ``_loop`` -> the
+# ``_cy_rules`` math) with D elements.  Each row is written by exactly one thread
+# and rows are distinct (``uniq`` strictly increasing, checked), so there are no
+# atomics and the result does not depend on the thread count or the schedule.
+# The scratch is one row per thread (not per unique row as in Numba: same values).
+
+cdef inline void _one_row(floating zero, int rule, int ucode, floating* P,
+                          const floating* V, floating* S0, floating* S1, floating* S2,
+                          Py_ssize_t D, const int64_t* order, int64_t a, int64_t b,
+                          int64_t r, floating* buf, const floating* c) noexcept nogil:
+    cdef const floating* G = V + order[a] * D
+    cdef const floating* row
+    cdef int64_t k
+    cdef Py_ssize_t j
+    cdef int64_t off = r * D
+    if b - a > 1:           # duplicates: sum whole rows, in order of appearance
+        for j in range(D):
+            buf[j] = G[j]
+        for k in range(a + 1, b):
+            row = V + order[k] * D
+            for j in range(D):
+                buf[j] = buf[j] + row[j]
+        G = buf
+    _by_rule(rule, ucode, P + off, G, S0 + off, S1 + off, S2 + off, D, c)
+
+
+cdef void _rows(floating zero, int rule, int ucode, const int64_t* addrs, Py_ssize_t D,
+                const int64_t* order, const int64_t* seg, const int64_t* uniq,
+                Py_ssize_t nuniq, const double* h, char* scratch, Py_ssize_t stride,
+                bint parallel) noexcept nogil:
+    """All unique rows; ``zero`` only selects the dtype.  ``scratch``: one row of
+    ``stride`` bytes per OpenMP thread (thread 0's row for the serial loop)."""
+    cdef floating* P = <floating*><intptr_t>addrs[0]
+    cdef const floating* V = <const floating*><intptr_t>addrs[1]
+    cdef floating* S0 = <floating*><intptr_t>addrs[2]
+    cdef floating* S1 = <floating*><intptr_t>addrs[3]
+    cdef floating* S2 = <floating*><intptr_t>addrs[4]
+    cdef floating c[NSCALARS]
+    cdef Py_ssize_t u
+    cdef int k
+    for k in range(NSCALARS):
+        c[k] = <floating>h[k]
+    if parallel:
+        # dynamic: the rows with many duplicates (hot ids) are adjacent in ``uniq``
+        for u in prange(nuniq, schedule="dynamic", chunksize=16):
+            _one_row(zero, rule, ucode, P, V, S0, S1, S2, D, order, seg[u], seg[u + 1],
+                     uniq[u], <floating*>(scratch + threadid() * stride), c)
+    else:
+        for u in range(nuniq):
+            _one_row(zero, rule, ucode, P, V, S0, S1, S2, D, order, seg[u], seg[u + 1],
+                     uniq[u], <floating*>scratch, c)
+
+
+cdef int _check_plan(str who, Py_ssize_t nrows, Py_ssize_t nnz, const int64_t[::1] order,
+                     const int64_t[::1] seg, const int64_t[::1] uniq) except -1:
+    """Validate a coalescing plan: ``order`` in [0, nnz), non-empty increasing
+    segments within [0, nnz], ``uniq`` strictly increasing in [0, nrows)."""
+    cdef Py_ssize_t nuniq = uniq.shape[0]
+    cdef Py_ssize_t i, bad = -1
+    with nogil:
+        for i in range(nnz):
+            if not 0 <= order[i] < nnz:
+                bad = i
+                break
+    if bad >= 0:
+        raise IndexError(f"{who}: order[{bad}] = {order[bad]} is not in [0, {nnz})")
+    with nogil:
+        for i in range(nuniq):
+            if (not 0 <= seg[i] < seg[i + 1] <= nnz or not 0 <= uniq[i] < nrows
+                    or (i > 0 and uniq[i] <= uniq[i - 1])):
+                bad = i
+                break
+    if bad >= 0:
+        raise IndexError(f"{who}: bad plan entry {bad}: uniq {uniq[bad]}, segment "
+                         f"[{seg[bad]}, {seg[bad + 1]}) (nrows {nrows}, nnz {nnz}; uniq "
+                         f"must be strictly increasing, segments non-empty)")
+    return 0
+
+
+def run_rows(int rule_id, int dtype_code, bint uses0, bint uses1, bint uses2,
+             const int64_t[::1] addrs, Py_ssize_t nrows, Py_ssize_t D, Py_ssize_t nnz,
+             const int64_t[::1] order, const int64_t[::1] seg, const int64_t[::1] uniq,
+             const double[:, ::1] hyper, Py_ssize_t parallel_min):
+    """Row-sparse (lazy) step of rule ``rule_id`` on the touched rows only.
+
+    ``addrs`` int64 (5,): data addresses of the parameter viewed as (nrows, D), the
+    gradient rows ``vals`` (nnz, D), and the 3 state slots (an unused slot holds the
+    parameter's address and is never read or written), all C-contiguous in the
+    dtype of ``dtype_code``.  ``order, seg, uniq``: the coalescing plan of
+    ``fastopt.sparse.coalesce_plan``; ``hyper`` row 0: the step's scalars.  A
+    parallel region (dynamic schedule) is used when ``len(uniq) * D >=
+    parallel_min``, else a serial loop; the GIL is released either way.  The plan
+    is validated (sizes, ``order`` in [0, nnz), non-empty increasing segments,
+    ``uniq`` strictly increasing in [0, nrows)), the addresses are trusted.
+    """
+    cdef Py_ssize_t nuniq = uniq.shape[0]
+    cdef Py_ssize_t i, bad = -1
+    cdef int ucode = (1 if uses0 else 0) | (2 if uses1 else 0) | (4 if uses2 else 0)
+    cdef Py_ssize_t item, stride, nthreads
+    cdef char* scratch
+    cdef bint parallel
+    if not 0 <= rule_id < R_COUNT:
+        raise ValueError(f"run_rows: unknown rule id {rule_id} (0..{R_COUNT - 1})")
+    if dtype_code not in (0, 1):
+        raise ValueError(f"run_rows: unknown dtype code {dtype_code} (0 float32, 1 float64)")
+    if addrs.shape[0] != NCOLS or hyper.shape[1] != NSCALARS or hyper.shape[0] < 1:
+        raise ValueError("run_rows: addrs must have 5 entries and hyper shape (R >= 1, 12)")
+    if nrows < 0 or D < 0 or nnz < 0:
+        raise ValueError(f"run_rows: negative size (nrows={nrows}, D={D}, nnz={nnz})")
+    if order.shape[0] != nnz or seg.shape[0] != nuniq + 1:
+        raise ValueError(f"run_rows: plan sizes order {order.shape[0]}, seg {seg.shape[0]}, "
+                         f"uniq {nuniq} do not fit nnz = {nnz}")
+    if nuniq == 0 or D == 0:
+        return
+    _check_plan("run_rows", nrows, nnz, order, seg, uniq)
+
+    parallel = nuniq * D >= parallel_min
+    item = 4 if dtype_code == 0 else 8
+    stride = (D * item + 127) // 128 * 128      # one cache-line-aligned row per thread
+    nthreads = openmp.omp_get_max_threads() if parallel else 1
+    scratch = <char*>malloc(nthreads * stride)
+    if scratch == NULL:
+        raise MemoryError("run_rows: no memory for the scratch rows")
+    cdef const int64_t* ap = &addrs[0]
+    cdef const int64_t* op = &order[0]
+    cdef const int64_t* sp = &seg[0]
+    cdef const int64_t* up = &uniq[0]
+    cdef const double* hp = &hyper[0, 0]
+    try:
+        with nogil:
+            if dtype_code == 0:
+                _rows(<float>0, rule_id, ucode, ap, D, op, sp, up, nuniq, hp, scratch,
+                      stride, parallel)
+            else:
+                _rows(<double>0, rule_id, ucode, ap, D, op, sp, up, nuniq, hp, scratch,
+                      stride, parallel)
+    finally:
+        free(scratch)
+
+
+# --------------------------------------------------------- row-wise driver
+#
+# Twin of ``_numba_cpu.make_rowwise_driver``: a row-wise rule keeps one state value
+# per row (``S0`` has ``nrows`` entries) and its math takes the whole row.  Same
+# plan, duplicate summation and thread-independence as :func:`run_rows`; dense
+# steps of a row-wise rule come here with every row touched once.
+
+cdef inline void _rowwise_one(floating inv_d, floating* P, const floating* V,
+                              floating* S0, Py_ssize_t D, const int64_t* order, int64_t a,
+                              int64_t b, int64_t r, floating* buf,
+                              const floating* c) noexcept nogil:
+    cdef const floating* G = V + order[a] * D
+    cdef const floating* row
+    cdef int64_t k
+    cdef Py_ssize_t j
+    if b - a > 1:
+        for j in range(D):
+            buf[j] = G[j]
+        for k in range(a + 1, b):
+            row = V + order[k] * D
+            for j in range(D):
+                buf[j] = buf[j] + row[j]
+        G = buf
+    S0[r] = rowwise_adagrad(P + r * D, G, S0[r], inv_d, D, c)
+
+
+cdef void _rowwise(floating zero, const int64_t* addrs, Py_ssize_t D, const int64_t* order,
+                   const int64_t* seg, const int64_t* uniq, Py_ssize_t nuniq,
+                   const double* h, char* scratch, Py_ssize_t stride,
+                   bint parallel) noexcept nogil:
+    cdef floating* P = <floating*><intptr_t>addrs[0]
+    cdef const floating* V = <const floating*><intptr_t>addrs[1]
+    cdef floating* S0 = <floating*><intptr_t>addrs[2]
+    cdef floating c[NSCALARS]
+    cdef floating inv_d = (<floating>1) / (<floating>D)
+    cdef Py_ssize_t u
+    cdef int k
+    for k in range(NSCALARS):
+        c[k] = <floating>h[k]
+    if parallel:
+        for u in prange(nuniq, schedule="dynamic", chunksize=16):
+            _rowwise_one(inv_d, P, V, S0, D, order, seg[u], seg[u + 1], uniq[u],
+                         <floating*>(scratch + threadid() * stride), c)
+    else:
+        for u in range(nuniq):
+            _rowwise_one(inv_d, P, V, S0, D, order, seg[u], seg[u + 1], uniq[u],
+                         <floating*>scratch, c)
+
+
+def run_rowwise(int rule_id, int dtype_code, const int64_t[::1] addrs, Py_ssize_t nrows,
+                Py_ssize_t D, Py_ssize_t nnz, const int64_t[::1] order,
+                const int64_t[::1] seg, const int64_t[::1] uniq,
+                const double[:, ::1] hyper, Py_ssize_t parallel_min):
+    """Step of row-wise rule ``rule_id`` (index in :data:`ROWWISE_NAMES`) on the rows
+    of the plan.  ``addrs`` int64 (3,): the parameter viewed as (nrows, D), the
+    gradient rows (nnz, D) and the per-row state (nrows,), all C-contiguous in the
+    dtype of ``dtype_code``.  Plan and parallel threshold as :func:`run_rows`."""
+    cdef Py_ssize_t nuniq = uniq.shape[0]
+    cdef Py_ssize_t item, stride, nthreads
+    cdef char* scratch
+    cdef bint parallel
+    if not 0 <= rule_id < len(ROWWISE_NAMES):
+        raise ValueError(f"run_rowwise: unknown row-wise rule id {rule_id}")
+    if dtype_code not in (0, 1):
+        raise ValueError(f"run_rowwise: unknown dtype code {dtype_code}")
+    if addrs.shape[0] != 3 or hyper.shape[1] != NSCALARS or hyper.shape[0] < 1:
+        raise ValueError("run_rowwise: addrs must have 3 entries and hyper shape (R >= 1, 12)")
+    if nrows < 0 or D < 0 or nnz < 0:
+        raise ValueError(f"run_rowwise: negative size (nrows={nrows}, D={D}, nnz={nnz})")
+    if order.shape[0] != nnz or seg.shape[0] != nuniq + 1:
+        raise ValueError(f"run_rowwise: plan sizes order {order.shape[0]}, seg "
+                         f"{seg.shape[0]}, uniq {nuniq} do not fit nnz = {nnz}")
+    if nuniq == 0 or D == 0:
+        return
+    _check_plan("run_rowwise", nrows, nnz, order, seg, uniq)
+    parallel = nuniq * D >= parallel_min
+    item = 4 if dtype_code == 0 else 8
+    stride = (D * item + 127) // 128 * 128
+    nthreads = openmp.omp_get_max_threads() if parallel else 1
+    scratch = <char*>malloc(nthreads * stride)
+    if scratch == NULL:
+        raise MemoryError("run_rowwise: no memory for the scratch rows")
+    cdef const int64_t* ap = &addrs[0]
+    cdef const int64_t* op = &order[0]
+    cdef const int64_t* sp = &seg[0]
+    cdef const int64_t* up = &uniq[0]
+    cdef const double* hp = &hyper[0, 0]
+    try:
+        with nogil:
+            if dtype_code == 0:
+                _rowwise(<float>0, ap, D, op, sp, up, nuniq, hp, scratch, stride, parallel)
+            else:
+                _rowwise(<double>0, ap, D, op, sp, up, nuniq, hp, scratch, stride, parallel)
+    finally:
+        free(scratch)
+
+
+def math_row(int rule_id, prow, grow, acc, c):
+    """One row through the Cython math of row-wise rule ``rule_id`` (parity tests):
+    ``prow`` (a C-contiguous float32/float64 array) is updated in place, ``grow`` is
+    a C-contiguous array of the same dtype and length, ``c`` the 12 scalars (cast to
+    the dtype); returns the new accumulator as a NumPy scalar."""
+    import numpy as np
+    if not 0 <= rule_id < len(ROWWISE_NAMES):
+        raise ValueError(f"math_row: unknown row-wise rule id {rule_id}")
+    if len(c) != NSCALARS:
+        raise ValueError(f"math_row: expected {NSCALARS} scalars, got {len(c)}")
+    dt = prow.dtype
+    if grow.dtype != dt or grow.shape != prow.shape or prow.ndim != 1:
+        raise ValueError("math_row: prow and grow must be 1-D arrays of one dtype and length")
+    if dt == np.float32:
+        return np.float32(_row32(prow, grow, acc, c))
+    if dt == np.float64:
+        return np.float64(_row64(prow, grow, acc, c))
+    raise TypeError(f"math_row: dtype {dt} is not float32 or float64")
+
+
+cdef float _row32(float[::1] p, const float[::1] g, float acc, c) except? -1:
+    cdef float cc[NSCALARS]
+    cdef int k
+    for k in range(NSCALARS):
+        cc[k] = <float>c[k]
+    if p.shape[0] == 0:
+        return acc
+    cdef float inv_d = (<float>1) / (<float>p.shape[0])
+    return rowwise_adagrad(&p[0], &g[0], acc, inv_d, p.shape[0], cc)
+
+
+cdef double _row64(double[::1] p, const double[::1] g, double acc, c) except? -1:
+    cdef double cc[NSCALARS]
+    cdef int k
+    for k in range(NSCALARS):
+        cc[k] = <double>c[k]
+    if p.shape[0] == 0:
+        return acc
+    cdef double inv_d = 1.0 / (<double>p.shape[0])
+    return rowwise_adagrad(&p[0], &g[0], acc, inv_d, p.shape[0], cc)
 
 
 def math_elem(int rule_id, p, g, s0, s1, s2, c, dtype):

@@ -222,3 +222,64 @@ cdef inline void lion(floating* p_, floating g, floating* m_, floating* s1_, flo
     m = b2 * m + omb2 * g
     p_[0] = p
     m_[0] = m
+
+
+# ------------------------------------------------------------ row-wise rules
+#
+# A row-wise rule keeps one state value per row and works on a whole row:
+#
+#     acc = rule(prow, grow, acc, inv_d, n, c)      # prow updated in place
+#
+# (``rules.rowwise_adagrad(prow, grow, acc, inv_d, zero, c)``; ``n`` is the row
+# length, the Python version reads it from the array).
+
+
+cdef inline floating _row_sumsq(const floating* prow, const floating* grow, Py_ssize_t n,
+                                floating wd, floating maximize) noexcept nogil:
+    """rules._row_sumsq: eight partial sums, the tail into lane 0, the same tree."""
+    cdef Py_ssize_t n8 = n - n % 8
+    cdef Py_ssize_t j
+    cdef bint mx = maximize != 0
+    cdef bint decay = wd != 0
+    cdef floating l[8]
+    cdef floating a[8]
+    cdef floating b
+    cdef int k
+    for k in range(8):
+        l[k] = 0
+    for j in range(0, n8, 8):
+        for k in range(8):
+            a[k] = grow[j + k]
+        if decay:
+            if mx:
+                for k in range(8):
+                    a[k] = -a[k]
+            for k in range(8):
+                a[k] = a[k] + wd * prow[j + k]
+        for k in range(8):
+            l[k] = l[k] + a[k] * a[k]
+    for j in range(n8, n):
+        b = -grow[j] if mx else grow[j]
+        if decay:
+            b = b + wd * prow[j]
+        l[0] = l[0] + b * b
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+
+
+@cython.cdivision(True)
+cdef inline floating rowwise_adagrad(floating* prow, const floating* grow, floating acc,
+                                     floating inv_d, Py_ssize_t n,
+                                     const floating* c) noexcept nogil:
+    """rules.rowwise_adagrad: scalars (clr, weight_decay, eps, maximize) as Adagrad;
+    the squared gradient is summed as ``_row_sumsq`` does, then scaled by ``inv_d``."""
+    cdef floating clr = c[0], wd = c[1], eps = c[2]
+    cdef floating g, denom
+    cdef Py_ssize_t j
+    acc = acc + _row_sumsq(prow, grow, n, wd, c[3]) * inv_d
+    denom = _sqrt(acc) + eps
+    for j in range(n):
+        g = -grow[j] if c[3] else grow[j]
+        if wd:
+            g = g + wd * prow[j]
+        prow[j] = prow[j] - clr * g / denom
+    return acc

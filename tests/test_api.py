@@ -207,10 +207,10 @@ def test_functional_matches_class(name):
     p_cls = rng.standard_normal(50)
     p_fn = p_cls.copy()
     opt = fastopt.CLASSES[name]([p_cls], **variant)
-    slots = [np.full(50, rule.slot_init(group, s)) if u else None
+    slots = [np.full(rule.slot_shape((50,)), rule.slot_init(group, s)) if u else None
              for s, u in zip(rule.slots, uses)]
     host = rule.host_init(group)
-    fn = getattr(fastopt.functional, name.lower() + "_")
+    fn = getattr(fastopt.functional, fastopt.functional._fname(rule))
     for t in range(1, 6):
         g = rng.standard_normal(50)
         opt.step([g])

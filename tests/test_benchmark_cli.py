@@ -23,9 +23,17 @@ def test_ceiling_kernel_moves_every_used_stream():
 
 @pytest.mark.parametrize("name", list(registry.RULES))
 def test_bytes_per_step_counts_used_slots(name):
-    case = benchmark.Case(name, (10,), "float32")
-    uses = registry.RULES[name].uses_slots(case.group())
-    assert case.bytes_per_step() == 10 * 4 * (3 + 2 * sum(uses))
+    rule = registry.RULES[name]
+    if rule.layout == "rowwise":        # rows of ROW_DIM, one state value per row
+        case = benchmark.Case(name, (10 * benchmark.ROW_DIM,), "float32")
+        assert case.shape(640) == (10, benchmark.ROW_DIM)
+        assert case.bytes_per_step() == 4 * (3 * 640 + 2 * 10)
+        with pytest.raises(ValueError, match="rows of"):
+            case.shape(10)
+    else:
+        case = benchmark.Case(name, (10,), "float32")
+        uses = rule.uses_slots(case.group())
+        assert case.bytes_per_step() == 10 * 4 * (3 + 2 * sum(uses))
     assert benchmark.Case("Adam", (10,)).bytes_per_step() == 10 * 28
 
 

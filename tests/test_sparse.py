@@ -36,7 +36,7 @@ def lazy_oracle(rule, variant, param, grads):
     uses = rule.uses_slots(group)
     p = param.copy()
     nrows = p.shape[0]
-    state = {n: np.full(p.shape, rule.slot_init(group, n), p.dtype)
+    state = {n: np.full(rule.slot_shape(p.shape), rule.slot_init(group, n), p.dtype)
              for n, u in zip(rule.slots, uses) if u}
     state.update(rule.host_init(group))
     for t, g in enumerate(grads, start=1):
