@@ -12,6 +12,7 @@ stateless layer and :mod:`fastopt.registry` for the rules.
 """
 
 from . import backends, functional, registry
+from ._cuda_backend import register_lazily as _register_cuda
 from ._cython_backend import register_backend as _register_cython
 from .optimizer import Optimizer
 from .sparse import RowSparse
@@ -21,6 +22,7 @@ from .optimizers import (CLASSES, SGD, Adagrad, Adam, Adamax, AdamW, Lion, NAdam
 __version__ = "0.1.0"
 
 _register_cython()
+_register_cuda()      # numba.cuda is imported on first request, not here
 
 
 def available_backends():

@@ -21,10 +21,25 @@ def main(argv=None):
 
     from . import backends, benchmark, registry
     if args.device == "cuda":
-        if "cuda" not in backends.available():
-            print("fastopt bench --device cuda: the CUDA backend is not available in this "
-                  "build or on this machine", file=sys.stderr)
+        from . import _cuda_backend
+        if _cuda_backend.register_backend() is None:
+            why = backends._UNAVAILABLE.get("cuda", "unknown reason")
+            print(f"fastopt bench --device cuda: the CUDA backend is not available: {why}",
+                  file=sys.stderr)
             return 2
+        if _cuda_backend._SIM:
+            print("fastopt bench --device cuda: NUMBA_ENABLE_CUDASIM is set; GPU timings in "
+                  "the CUDA simulator mean nothing. Run it on a machine with a GPU.",
+                  file=sys.stderr)
+            return 2
+        from . import _cuda_bench
+        rules = None
+        if args.rules:
+            rules = [r.strip() for r in args.rules.split(",")]
+            for r in rules:
+                registry.get(r)
+        _cuda_bench.benchmark_table(quick=args.quick, rules=rules)
+        return 0
     cases = benchmark.default_cases(quick=args.quick)
     if args.rules:
         wanted = [r.strip() for r in args.rules.split(",")]
