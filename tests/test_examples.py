@@ -3,6 +3,7 @@
 import runpy
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -47,3 +48,52 @@ def test_mlp_digits(tmp_path, capsys):
     else:
         assert not plot.exists() and "matplotlib is not installed" in out
 
+
+
+def _loss_table(out):
+    """The printed training-loss table (from its title to the blank line after it)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("training loss"))
+    end = lines.index("", start)
+    return lines[start:end]
+
+
+def test_embedding_zipf(capsys):
+    main = load_example("embedding_zipf.py")["main"]
+    results, baseline = main(["--quick", "--seed", "3"])
+    out = capsys.readouterr().out
+
+    assert set(results) == {"Adam (lazy)", "Adagrad", "RowWiseAdagrad", "SGD"}
+    steps = 150
+    for name, r in results.items():
+        loss = np.asarray(r["loss"])
+        assert len(loss) == steps and np.all(np.isfinite(loss)), name
+        # the loss falls: the last 25 batches average well below the first batch
+        assert loss[-25:].mean() < 0.8 * loss[0], (name, loss[0], loss[-25:].mean())
+        assert loss[-25:].mean() < loss[:25].mean(), name
+        assert r["test_rmse"] < baseline, (name, r["test_rmse"], baseline)
+    for name in ("Adam (lazy)", "Adagrad", "RowWiseAdagrad"):
+        assert results[name]["test_rmse"] < 0.8 * baseline, (name, results[name]["test_rmse"])
+    # same initial tables and first batch for every optimizer
+    assert len({r["loss"][0] for r in results.values()}) == 1
+    # state: Adam two floats per element, Adagrad one, row-wise Adagrad one per row
+    nbytes = {name: r["state_bytes"] for name, r in results.items()}
+    assert nbytes["Adagrad"] > 0 and nbytes["Adam (lazy)"] == 2 * nbytes["Adagrad"]
+    assert nbytes["RowWiseAdagrad"] * 16 == nbytes["Adagrad"]          # dim 16 in --quick
+    assert nbytes["SGD"] == 0
+    assert all(r["step_ms"] > 0 for r in results.values())
+    assert "held-out RMSE" in out and f"gives {baseline:.4f}" in out
+    table = _loss_table(out)
+    assert len(table) == 2 + 1 + steps // 25
+
+    # deterministic: the same seed prints the same losses; another seed does not
+    again, baseline_again = main(["--quick", "--seed", "3"])
+    assert _loss_table(capsys.readouterr().out) == table
+    assert baseline_again == baseline
+    for name, r in results.items():
+        assert again[name]["loss"] == r["loss"], name
+        assert again[name]["test_rmse"] == r["test_rmse"], name
+    other, _ = main(["--quick", "--seed", "4", "--steps", "25"])
+    other_table = _loss_table(capsys.readouterr().out)
+    assert other_table[2] != table[2]                        # the initial loss differs
+    assert other["SGD"]["loss"] != results["SGD"]["loss"][:25]
