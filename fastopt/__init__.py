@@ -11,7 +11,7 @@ See :mod:`fastopt.optimizers` for the classes, :mod:`fastopt.functional` for the
 stateless layer and :mod:`fastopt.registry` for the rules.
 """
 
-from . import backends, functional, registry
+from . import backends, functional, fused, registry
 from ._cuda_backend import register_lazily as _register_cuda
 from ._cython_backend import register_backend as _register_cython
 from .optimizer import Optimizer

@@ -30,6 +30,8 @@ from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, register_jitable
 
+from . import fused
+from .fused import post, pre, renorm_row
 from .registry import NSCALARS, NSLOTS
 
 #: Elements per chunk: big enough to amortize the per-chunk setup, small enough to
@@ -39,7 +41,7 @@ CHUNK = 1 << 15
 #: costs more than it saves).
 PARALLEL_MIN = 1 << 15
 
-assert NSCALARS == 12 and NSLOTS == 3
+assert NSCALARS == 18 and NSLOTS == 3
 
 
 @intrinsic
@@ -63,20 +65,34 @@ def scalar_loader(dtype, const):
     """A jitable ``load(hyper, r) -> c``: row ``r`` of the per-step scalars as a tuple
     in ``dtype``, with the ``const`` entries ``((index, value), ...)`` compiled in as
     constants (option flags, zero weight decay), so the branches they control vanish
-    from the vectorized loop."""
+    from the vectorized loop.  (A ``("fused", flags)`` entry of ``const`` is for the
+    drivers: see :func:`fastopt.fused.split`.)"""
     DT = np.dtype(dtype).type
-    fixed = dict(const)
-    F0, F1, F2, F3, F4, F5, F6, F7, F8, F9, F10, F11 = (k in fixed for k in range(NSCALARS))
-    K0, K1, K2, K3, K4, K5, K6, K7, K8, K9, K10, K11 = (DT(fixed.get(k, 0.0))
-                                                       for k in range(NSCALARS))
+    fixed = dict(k for k in const if isinstance(k[0], int))
+    (F0, F1, F2, F3, F4, F5, F6, F7, F8, F9, F10, F11, F12, F13, F14, F15, F16,
+     F17) = (k in fixed for k in range(NSCALARS))
+    (K0, K1, K2, K3, K4, K5, K6, K7, K8, K9, K10, K11, K12, K13, K14, K15, K16,
+     K17) = (DT(fixed.get(k, 0.0)) for k in range(NSCALARS))
 
     def load(hyper, r):
-        return (K0 if F0 else DT(hyper[r, 0]), K1 if F1 else DT(hyper[r, 1]),
-                K2 if F2 else DT(hyper[r, 2]), K3 if F3 else DT(hyper[r, 3]),
-                K4 if F4 else DT(hyper[r, 4]), K5 if F5 else DT(hyper[r, 5]),
-                K6 if F6 else DT(hyper[r, 6]), K7 if F7 else DT(hyper[r, 7]),
-                K8 if F8 else DT(hyper[r, 8]), K9 if F9 else DT(hyper[r, 9]),
-                K10 if F10 else DT(hyper[r, 10]), K11 if F11 else DT(hyper[r, 11]))
+        return (K0 if F0 else DT(hyper[r, 0]),
+                K1 if F1 else DT(hyper[r, 1]),
+                K2 if F2 else DT(hyper[r, 2]),
+                K3 if F3 else DT(hyper[r, 3]),
+                K4 if F4 else DT(hyper[r, 4]),
+                K5 if F5 else DT(hyper[r, 5]),
+                K6 if F6 else DT(hyper[r, 6]),
+                K7 if F7 else DT(hyper[r, 7]),
+                K8 if F8 else DT(hyper[r, 8]),
+                K9 if F9 else DT(hyper[r, 9]),
+                K10 if F10 else DT(hyper[r, 10]),
+                K11 if F11 else DT(hyper[r, 11]),
+                K12 if F12 else DT(hyper[r, 12]),
+                K13 if F13 else DT(hyper[r, 13]),
+                K14 if F14 else DT(hyper[r, 14]),
+                K15 if F15 else DT(hyper[r, 15]),
+                K16 if F16 else DT(hyper[r, 16]),
+                K17 if F17 else DT(hyper[r, 17]))
 
     return register_jitable(load)
 
@@ -88,6 +104,8 @@ def make_driver(math, dtype, uses, const, parallel):
     DT = np.dtype(dtype).type
     ITEM = np.dtype(dtype).itemsize
     U0, U1, U2 = (bool(u) for u in uses)
+    SC, CL, L1, LO, HI, MX = fused.split(const)[1]
+    assert not MX, "max_norm runs through the row driver"
     STAMP = _stamp(math)
 
     def driver(ptrs, chunks, hyper, hidx):
@@ -108,8 +126,9 @@ def make_driver(math, dtype, uses, const, parallel):
                 s0 = S0[i] if U0 else zero
                 s1 = S1[i] if U1 else zero
                 s2 = S2[i] if U2 else zero
-                p, s0, s1, s2 = MATH(P[i], G[i], s0, s1, s2, c)
-                P[i] = p
+                g = pre(G[i], c, SC, CL)
+                p, s0, s1, s2 = MATH(P[i], g, s0, s1, s2, c)
+                P[i] = post(p, c, zero, L1, LO, HI)
                 if U0:
                     S0[i] = s0
                 if U1:
@@ -142,6 +161,10 @@ def make_rowwise_driver(math, dtype, uses, const, parallel):
     MATH = math
     LOAD = scalar_loader(dtype, const)
     DT = np.dtype(dtype).type
+    SC, CL, L1, LO, HI, MX = fused.split(const)[1]
+    PRE = SC or CL
+    POST = L1 or LO or HI
+    EPS = DT(fused.RENORM_EPS)
     STAMP = _stamp(math)
 
     def rowwise_driver(P, S0, S1, S2, vals, order, seg, uniq, hyper, scratch):
@@ -152,7 +175,18 @@ def make_rowwise_driver(math, dtype, uses, const, parallel):
         for u in prange(uniq.shape[0]):
             r = uniq[u]
             G = summed_row(vals, order, seg[u], seg[u + 1], scratch[u])
-            S0[r, 0] = MATH(P[r], G, S0[r, 0], inv_d, zero, c)
+            if PRE:                       # scaled / clipped copy of the gradient row
+                buf = scratch[u]
+                for j in range(G.shape[0]):
+                    buf[j] = pre(G[j], c, SC, CL)
+                G = buf
+            prow = P[r]
+            S0[r, 0] = MATH(prow, G, S0[r, 0], inv_d, zero, c)
+            if POST:
+                for j in range(prow.shape[0]):
+                    prow[j] = post(prow[j], c, zero, L1, LO, HI)
+            if MX:
+                renorm_row(prow, c, zero, EPS)
 
     return njit(parallel=parallel, error_model="numpy", cache=True, nogil=True)(rowwise_driver)
 
@@ -168,6 +202,8 @@ def make_rows_driver(math, dtype, uses, const, parallel):
     LOAD = scalar_loader(dtype, const)
     DT = np.dtype(dtype).type
     U0, U1, U2 = (bool(u) for u in uses)
+    SC, CL, L1, LO, HI, MX = fused.split(const)[1]
+    EPS = DT(fused.RENORM_EPS)
     STAMP = _stamp(math)
 
     def rows_driver(P, S0, S1, S2, vals, order, seg, uniq, hyper, scratch):
@@ -184,14 +220,17 @@ def make_rows_driver(math, dtype, uses, const, parallel):
                 s0 = S0[r, j] if U0 else zero
                 s1 = S1[r, j] if U1 else zero
                 s2 = S2[r, j] if U2 else zero
-                p, s0, s1, s2 = MATH(P[r, j], G[j], s0, s1, s2, c)
-                P[r, j] = p
+                g = pre(G[j], c, SC, CL)
+                p, s0, s1, s2 = MATH(P[r, j], g, s0, s1, s2, c)
+                P[r, j] = post(p, c, zero, L1, LO, HI)
                 if U0:
                     S0[r, j] = s0
                 if U1:
                     S1[r, j] = s1
                 if U2:
                     S2[r, j] = s2
+            if MX:
+                renorm_row(P[r], c, zero, EPS)
 
     return njit(parallel=parallel, error_model="numpy", cache=True, nogil=True)(rows_driver)
 
@@ -219,8 +258,9 @@ def launch_rows(math, dtype, uses, const, P, slots, vals, order, seg, uniq, hype
     S = [s if s is not None else P for s in slots]
     parallel = uniq.shape[0] * P.shape[1] >= PARALLEL_MIN
     # scratch rows only when some rows are summed (scratch[u] is then never read)
-    dups = order.shape[0] > uniq.shape[0]
-    scratch = np.empty((uniq.shape[0] if dups else 0, P.shape[1]), dtype=P.dtype)
+    sc, cl = fused.split(const)[1][:2]
+    need = order.shape[0] > uniq.shape[0] or (rowwise and (sc or cl))
+    scratch = np.empty((uniq.shape[0] if need else 0, P.shape[1]), dtype=P.dtype)
     factory = make_rowwise_driver if rowwise else make_rows_driver
     driver_for(math, dtype, uses, const, parallel, factory)(
         P, S[0], S[1], S[2], vals, order, seg, uniq, hyper, scratch)
@@ -268,3 +308,36 @@ def make_chunks(sizes, chunk=CHUNK):
         for lo in range(0, n, chunk):
             rows.append((t, lo, min(lo + chunk, n)))
     return np.array(rows, dtype=np.int64).reshape(-1, 3)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _count_nonfinite(a):
+    n = a.shape[0]
+    nblocks = (n + CHUNK - 1) // CHUNK
+    bad = 0
+    for b in prange(nblocks):
+        lo = b * CHUNK
+        hi = min(lo + CHUNK, n)
+        k = 0
+        for i in range(lo, hi):
+            x = a[i]
+            if x - x != 0:          # Inf - Inf and NaN - NaN are NaN; finite x - x is 0
+                k += 1
+        bad += k
+    return bad
+
+
+@njit(cache=True, nogil=True)
+def _first_nonfinite(a):
+    for i in range(a.shape[0]):
+        x = a[i]
+        if x - x != 0:
+            return i
+    return -1
+
+
+def all_finite(a):
+    """True when the 1-D array ``a`` has no Inf/NaN (parallel above PARALLEL_MIN)."""
+    if a.shape[0] >= PARALLEL_MIN:
+        return _count_nonfinite(a) == 0
+    return _first_nonfinite(a) < 0

@@ -18,7 +18,7 @@ from typing import List
 
 import numpy as np
 
-from . import _numba_cpu
+from . import _numba_cpu, fused
 from ._cy_util import data_address, gather_grads
 from .arrays import as_grad, as_param
 
@@ -39,6 +39,7 @@ class Bucket:
     nelem: int = 0
     # reference backend only: per tensor (group dict, step, state dict, fresh set)
     ref_args: list = None
+    grad_scale: float = None          # step(grad_scale=...), for the reference backend
 
 
 @dataclass
@@ -55,6 +56,7 @@ class RowsWork:
     const: tuple
     hyper: np.ndarray                 # (1, NSCALARS)
     ref_args: tuple = None            # (group, step, state dict, fresh) for the reference
+    grad_scale: float = None          # step(grad_scale=...), for the reference backend
 
 
 @dataclass
@@ -102,6 +104,10 @@ class HostArrays:
             start = k + 1
         return dense, gptr[:, 0]
 
+    def all_finite(self, arrays):
+        """True when no array holds an Inf or NaN (a parallel scan, stops early)."""
+        return all(_numba_cpu.all_finite(a.reshape(-1)) for a in arrays if a.size)
+
     def full(self, shape, value, dtype):
         return np.full(shape, value, dtype=dtype)
 
@@ -117,6 +123,7 @@ class HostArrays:
 
 class NumbaBackend(HostArrays):
     name = "numba"
+    fuses_options = True          # fastopt.fused options are compiled into the drivers
 
     def run_catch_up(self, rule, w):
         nrows = w.param.shape[0]
@@ -144,6 +151,7 @@ class NumbaBackend(HostArrays):
 
 class NumpyBackend(HostArrays):
     name = "numpy"
+    fuses_options = True          # applied with whole-array NumPy (fastopt.fused.np_*)
 
     def run_catch_up(self, rule, w):
         """The definition of exact mode: run the skipped steps with zero gradients
@@ -177,7 +185,9 @@ class NumpyBackend(HostArrays):
         st = {k: (v.reshape(nrows, -1)[uniq] if isinstance(v, np.ndarray) else v)
               for k, v in state.items()}
         with np.errstate(all="ignore"):
-            rule.reference(rows, summed, st, group, step, fresh)
+            rule.reference(rows, fused.np_pre(summed, group, w.grad_scale), st, group, step,
+                           fresh)
+            fused.np_post(rows, group)
         p2[uniq] = rows
         for k, v in state.items():
             if isinstance(v, np.ndarray):
@@ -187,7 +197,9 @@ class NumpyBackend(HostArrays):
         with np.errstate(all="ignore"):   # NaN/Inf propagate silently, as in the kernels
             for p, g, (group, step, state, fresh) in zip(bucket.params, bucket.grads,
                                                           bucket.ref_args):
-                rule.reference(p, g, state, group, step, fresh)
+                rule.reference(p, fused.np_pre(g, group, bucket.grad_scale), state, group,
+                               step, fresh)
+                fused.np_post(p, group)
 
 
 _BACKENDS = {"numba": NumbaBackend(), "numpy": NumpyBackend()}
@@ -211,7 +223,11 @@ def available():
 
 
 def is_device_array(obj):
-    return hasattr(obj, "__cuda_array_interface__") and not isinstance(obj, np.ndarray)
+    """A CUDA device array: ``__cuda_array_interface__`` (CuPy, torch, numba) or a
+    numba device array of the CUDA simulator (``__cuda_ndarray__``)."""
+    if isinstance(obj, np.ndarray):
+        return False
+    return hasattr(obj, "__cuda_array_interface__") or bool(getattr(obj, "__cuda_ndarray__", False))
 
 
 def resolve(name, sample=None):

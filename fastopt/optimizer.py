@@ -13,9 +13,11 @@ Nothing in phase 1 writes to a parameter or to the state; nothing in phase 2 can
 fail on user input.
 """
 
+import dataclasses
+
 import numpy as np
 
-from . import _numba_cpu, backends
+from . import _numba_cpu, backends, fused
 from .registry import NSCALARS, NSLOTS
 from .sparse import checked_rows, coalesce_plan, is_sparse
 
@@ -97,6 +99,7 @@ class Optimizer:
             return
         reason = self.rule.exact_reason(group) if self.rule.catch_up is not None else \
             "it has no closed form for skipped steps"
+        reason = reason or fused.exact_reason(group)
         if reason is not None:
             raise ValueError(f"{self.rule.name}: sparse_mode='exact' is not possible for this "
                              f"configuration: {reason}; use sparse_mode='lazy'")
@@ -120,10 +123,24 @@ class Optimizer:
             if len(owner) != len(self._params):
                 raise RuntimeError("param_groups' 'params' lists must not be edited; "
                                    "use add_param_group")
-            spec = tuple((self.rule.uses_slots(g), self.rule.constants(g)) for g in groups)
+            flags = [fused.flags(g) for g in groups]
+            if any(any(f) for f in flags):
+                self._require_fused()
+            spec = tuple((self.rule.uses_slots(g), fused.with_flags(self.rule.constants(g), f))
+                         for g, f in zip(groups, flags))
+            # parameters updated row by row: row-wise rules, and max_norm groups
+            self._by_rows = frozenset(i for i, gi in enumerate(owner)
+                                      if self.rule.layout == "rowwise" or flags[gi][5])
             self._group_cache = (groups, spec, owner)
             self._group_snapshot = snap
         return self._group_cache
+
+    def _require_fused(self):
+        if not getattr(self.backend, "fuses_options", False):
+            raise NotImplementedError(
+                f"backend {self.backend.name!r} does not fuse the options of "
+                "fastopt.fused (grad_scale, clip_value, l1, param_min, param_max, "
+                "max_norm); use backend='numba' (or 'numpy')")
 
     # ------------------------------------------------------------------- step
     def _align_grads(self, grads):
@@ -145,12 +162,20 @@ class Optimizer:
             raise ValueError(f"got {len(grads)} gradients for {n} parameters")
         return grads
 
-    def step(self, grads):
+    def step(self, grads, grad_scale=None, skip_nonfinite=False):
         """Apply one update in place.  ``grads`` mirrors the parameters: a list
         aligned with them, or a dict with the same keys; ``None`` skips a parameter
-        (its step count does not advance).  Returns True (the step was applied).
+        (its step count does not advance).
+
+        ``grad_scale``: the gradients are divided by it inside the update pass (loss
+        scaling).  ``skip_nonfinite``: first check every gradient for Inf/NaN and,
+        if any is found, skip the whole step (parameters, state and step counts
+        untouched).  Returns True when the step was applied, False when skipped.
         """
         grads = self._align_grads(grads)
+        gs = fused.check_grad_scale(grad_scale)
+        if gs is not None:
+            self._require_fused()
         groups, uses, owner = self._validated_groups()
         n = len(grads)
         active, sparse = [], []
@@ -168,11 +193,25 @@ class Optimizer:
         dense = grads if everyone else [grads[i] for i in active]
         plist = self._params if everyone else [self._params[i] for i in active]
         dense, gptr = self.backend.check_grads(dense, plist, active)
-        if self.rule.layout == "rowwise" and active:
-            rows += [(i, None, g) for i, g in zip(active, dense)]
-            active = []
+        if skip_nonfinite:
+            finite = getattr(self.backend, "all_finite", None)
+            if finite is None:
+                raise NotImplementedError(f"backend {self.backend.name!r} cannot check "
+                                          "gradients for skip_nonfinite")
+            if not (finite(dense) and finite([v for _, _, v in rows])):
+                return False
+        by_rows = self._by_rows
+        if by_rows and active:
+            moved = [k for k, i in enumerate(active) if i in by_rows]
+            if moved:
+                rows += [(active[k], None, dense[k]) for k in moved]
+                keep = [k for k, i in enumerate(active) if i not in by_rows]
+                everyone = False
+                active = [active[k] for k in keep]
+                dense = [dense[k] for k in keep]
+                gptr = gptr[keep]
         if rows:
-            self._step_rows(rows, groups, uses, owner)
+            self._step_rows(rows, groups, uses, owner, gs)
         if not active:
             return True
         if self._exact:
@@ -197,13 +236,19 @@ class Optimizer:
                 host = {k: st[k] for k in self._host_keys}
                 scal, host2 = rule.scalars(groups[gi], int(self._steps[rep]) + 1, host, fresh)
                 b.hyper[r] = scal
+                b.hyper[r, fused.BASE:] = fused.scalars(groups[gi], gs)
                 if host2:
                     new_host.append((b.row_members[r], host2))
             if self.backend is _NUMPY:
                 b.ref_args = [(groups[owner[i]], int(self._steps[i]) + 1,
                                self._ref_state(i, b.uses), b.fresh_of.get(i, ()))
                               for i in b.index]
-            self.backend.run(rule, b)
+            if gs is None:
+                self.backend.run(rule, b)
+            else:
+                self.backend.run(rule, dataclasses.replace(
+                    b, grad_scale=gs, const=fused.with_flags(
+                        b.const, (True,) + fused.split(b.const)[1][1:])))
         if everyone:
             self._steps += 1
         else:
@@ -235,7 +280,7 @@ class Optimizer:
                 out.append((i, idx, vals))
         return out
 
-    def _step_rows(self, rows, groups, uses, owner):
+    def _step_rows(self, rows, groups, uses, owner, gs=None):
         """Apply the validated row-sparse gradients: touched rows only (lazy); in exact
         mode the touched rows are first caught up over the steps they missed."""
         rule = self.rule
@@ -270,10 +315,14 @@ class Optimizer:
                     ex["buffer_start"] = step
                 self._catch_up(i, uniq, step - 1)
                 ex["row_step"][uniq] = step
+            hyper = np.array([scal], dtype=np.float64)
+            hyper[0, fused.BASE:] = fused.scalars(groups[gi], gs)
+            if gs is not None:
+                const = fused.with_flags(const, (True,) + fused.split(const)[1][1:])
             work = backends.RowsWork(param=p, slots=slots, vals=vals, idx=idx, order=order,
-                                     seg=seg, uniq=uniq, uses=use, const=const,
-                                     hyper=np.array([scal], dtype=np.float64),
-                                     ref_args=(groups[gi], step, self._ref_state(i, use), fr))
+                                     seg=seg, uniq=uniq, uses=use, const=const, hyper=hyper,
+                                     ref_args=(groups[gi], step, self._ref_state(i, use), fr),
+                                     grad_scale=gs)
             self.backend.run_rows(rule, work)
             self._steps[i] += 1
             st.update(host2)

@@ -9,7 +9,11 @@ keeps the two equal).  Common to all:
 * ``backend``: ``"auto" | "numba" | "cython" | "cuda" | "numpy"``.
 * ``sparse_mode``: ``"lazy"`` (default) or ``"exact"``, for row-sparse gradients
   (:class:`fastopt.RowSparse`, scipy.sparse); see :mod:`fastopt.sparse`.
-* ``step(grads)`` updates in place; ``state_dict()`` / ``load_state_dict()``.
+* ``**fused_options``: ``clip_value``, ``l1``, ``param_min``, ``param_max``,
+  ``max_norm`` (off by default), applied in the update pass; see :mod:`fastopt.fused`.
+* ``step(grads, grad_scale=None, skip_nonfinite=False)`` updates in place and
+  returns True, or False when ``skip_nonfinite`` found an Inf/NaN gradient and
+  skipped the step; ``state_dict()`` / ``load_state_dict()``.
 
 Example::
 
@@ -37,8 +41,10 @@ class SGD(Optimizer):
     rule = registry.SGD
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, maximize=False, sparse_mode="lazy", backend="auto"):
-        super().__init__(params, backend=backend, sparse_mode=sparse_mode, lr=lr, momentum=momentum,
+                 nesterov=False, maximize=False, sparse_mode="lazy", backend="auto",
+                 **fused_options):
+        super().__init__(params, backend=backend, sparse_mode=sparse_mode, **fused_options,
+                         lr=lr, momentum=momentum,
                          dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize)
 
@@ -54,8 +60,10 @@ class Adagrad(Optimizer):
     rule = registry.Adagrad
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-                 initial_accumulator_value=0.0, eps=1e-10, maximize=False, sparse_mode="lazy", backend="auto"):
-        super().__init__(params, backend=backend, sparse_mode=sparse_mode, lr=lr, lr_decay=lr_decay,
+                 initial_accumulator_value=0.0, eps=1e-10, maximize=False, sparse_mode="lazy", backend="auto",
+                 **fused_options):
+        super().__init__(params, backend=backend, sparse_mode=sparse_mode, **fused_options,
+                         lr=lr, lr_decay=lr_decay,
                          weight_decay=weight_decay,
                          initial_accumulator_value=initial_accumulator_value, eps=eps,
                          maximize=maximize)
@@ -72,8 +80,10 @@ class RMSprop(Optimizer):
     rule = registry.RMSprop
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
-                 momentum=0.0, centered=False, maximize=False, sparse_mode="lazy", backend="auto"):
-        super().__init__(params, backend=backend, sparse_mode=sparse_mode, lr=lr, alpha=alpha, eps=eps,
+                 momentum=0.0, centered=False, maximize=False, sparse_mode="lazy", backend="auto",
+                 **fused_options):
+        super().__init__(params, backend=backend, sparse_mode=sparse_mode, **fused_options,
+                         lr=lr, alpha=alpha, eps=eps,
                          weight_decay=weight_decay, momentum=momentum, centered=centered,
                          maximize=maximize)
 
@@ -90,8 +100,10 @@ class Adam(Optimizer):
     rule = registry.Adam
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, maximize=False, sparse_mode="lazy", backend="auto"):
-        super().__init__(params, backend=backend, sparse_mode=sparse_mode, lr=lr, betas=betas, eps=eps,
+                 amsgrad=False, maximize=False, sparse_mode="lazy", backend="auto",
+                 **fused_options):
+        super().__init__(params, backend=backend, sparse_mode=sparse_mode, **fused_options,
+                         lr=lr, betas=betas, eps=eps,
                          weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
 
 
@@ -102,8 +114,10 @@ class AdamW(Optimizer):
     rule = registry.AdamW
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, maximize=False, sparse_mode="lazy", backend="auto"):
-        super().__init__(params, backend=backend, sparse_mode=sparse_mode, lr=lr, betas=betas, eps=eps,
+                 amsgrad=False, maximize=False, sparse_mode="lazy", backend="auto",
+                 **fused_options):
+        super().__init__(params, backend=backend, sparse_mode=sparse_mode, **fused_options,
+                         lr=lr, betas=betas, eps=eps,
                          weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
 
 
@@ -114,8 +128,10 @@ class Adamax(Optimizer):
     rule = registry.Adamax
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 maximize=False, sparse_mode="lazy", backend="auto"):
-        super().__init__(params, backend=backend, sparse_mode=sparse_mode, lr=lr, betas=betas, eps=eps,
+                 maximize=False, sparse_mode="lazy", backend="auto",
+                 **fused_options):
+        super().__init__(params, backend=backend, sparse_mode=sparse_mode, **fused_options,
+                         lr=lr, betas=betas, eps=eps,
                          weight_decay=weight_decay, maximize=maximize)
 
 
@@ -129,8 +145,10 @@ class NAdam(Optimizer):
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False,
-                 sparse_mode="lazy", backend="auto"):
-        super().__init__(params, backend=backend, sparse_mode=sparse_mode, lr=lr, betas=betas, eps=eps,
+                 sparse_mode="lazy", backend="auto",
+                 **fused_options):
+        super().__init__(params, backend=backend, sparse_mode=sparse_mode, **fused_options,
+                         lr=lr, betas=betas, eps=eps,
                          weight_decay=weight_decay, momentum_decay=momentum_decay,
                          decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
 
@@ -143,8 +161,10 @@ class Lion(Optimizer):
     rule = registry.Lion
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
-                 maximize=False, sparse_mode="lazy", backend="auto"):
-        super().__init__(params, backend=backend, sparse_mode=sparse_mode, lr=lr, betas=betas,
+                 maximize=False, sparse_mode="lazy", backend="auto",
+                 **fused_options):
+        super().__init__(params, backend=backend, sparse_mode=sparse_mode, **fused_options,
+                         lr=lr, betas=betas,
                          weight_decay=weight_decay, maximize=maximize)
 
 
@@ -166,8 +186,10 @@ class RowWiseAdagrad(Optimizer):
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, maximize=False,
-                 sparse_mode="lazy", backend="auto"):
-        super().__init__(params, backend=backend, sparse_mode=sparse_mode, lr=lr,
+                 sparse_mode="lazy", backend="auto",
+                 **fused_options):
+        super().__init__(params, backend=backend, sparse_mode=sparse_mode, **fused_options,
+                         lr=lr,
                          lr_decay=lr_decay, weight_decay=weight_decay,
                          initial_accumulator_value=initial_accumulator_value, eps=eps,
                          maximize=maximize)

@@ -12,12 +12,13 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
 
-from . import exact
+from . import exact, fused
 from . import hyperparams as hp
 from . import reference, rules
 
-#: Length of the per-step scalar tuple every rule math receives.
-NSCALARS = 12
+#: Length of the per-step scalar tuple every rule math receives: the rule's own
+#: scalars in columns 0..11, the fused options' (fastopt.fused) in 12..17.
+NSCALARS = 18
 #: Number of state slots every rule math receives.
 NSLOTS = 3
 
@@ -49,6 +50,11 @@ class Rule:
     #: configurations that together exercise every option (tests and benchmarks use them)
     variants: Tuple[dict, ...] = ({},)
 
+    def __post_init__(self):
+        # every rule also takes the fused options (fastopt.fused), off by default
+        object.__setattr__(self, "defaults", {**self.defaults, **fused.DEFAULTS})
+        object.__setattr__(self, "checks", {**self.checks, **fused.CHECKS})
+
     def check_group(self, group):
         """Validate and normalize the hyperparameters of one param group (a dict).
 
@@ -58,6 +64,7 @@ class Rule:
         for key, check in self.checks.items():
             out[key] = check(key, group.get(key, self.defaults[key]))
         self.cross_check(out)
+        fused.cross_check(out)
         return out
 
     def slot_shape(self, param_shape):
@@ -80,7 +87,7 @@ class Rule:
 
 def _pad(values):
     values = tuple(float(v) for v in values)
-    assert len(values) <= NSCALARS
+    assert len(values) <= fused.BASE
     return values + (0.0,) * (NSCALARS - len(values))
 
 

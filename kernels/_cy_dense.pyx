@@ -9,13 +9,13 @@ same tables the Numba driver (``fastopt._numba_cpu``) receives:
 * ``ptrs``   int64 (T, 5): data addresses of param, grad and the 3 state slots
   (an unused slot holds the param's address and is never read or written);
 * ``chunks`` int64 (C, 3): ``(tensor, start, stop)`` element ranges;
-* ``hyper``  float64 (R, 12): per-step host scalars, one row per (group, step);
+* ``hyper``  float64 (R, NSCALARS = 18): per-step host scalars, one row per (group, step);
 * ``hidx``   int64 (T,): the ``hyper`` row of each tensor.
 
 Like the Numba driver, it runs one OpenMP parallel region (``prange`` over chunks,
 ``schedule(static)``, GIL released) when the step has at least ``parallel_min``
 elements, and a serial loop (GIL released, no parallel region) below.  Each chunk
-casts its 12 scalars to the param dtype once and runs a loop over its elements that
+casts its NSCALARS scalars to the param dtype once and runs a loop over its elements that
 calls the rule's math from ``_cy_rules.pxd``.
 
 Specialization is done with fused types, so there is one loop written once: the
@@ -49,7 +49,7 @@ from cython cimport floating
 from _cy_rules cimport adagrad, adam, adamax, lion, nadam, rmsprop, rowwise_adagrad, sgd
 
 cdef enum:
-    NSCALARS = 12      # fastopt.registry.NSCALARS (checked by fastopt._cython_backend)
+    NSCALARS = 18      # fastopt.registry.NSCALARS (checked by fastopt._cython_backend)
     NCOLS = 5          # param, grad and fastopt.registry.NSLOTS (3) state slots
 
 #: table widths this extension was compiled for (checked against the registry)
@@ -282,7 +282,7 @@ def run_dense(int rule_id, int dtype_code, bint uses0, bint uses1, bint uses2,
         raise ValueError(f"run_dense: unknown dtype code {dtype_code} (0 float32, 1 float64)")
     if ptrs.shape[1] != NCOLS or chunks.shape[1] != 3 or hyper.shape[1] != NSCALARS:
         raise ValueError("run_dense: tables must be ptrs (T, 5), chunks (C, 3), "
-                         "hyper (R, 12)")
+                         "hyper (R, NSCALARS)")
     if hidx.shape[0] != T:
         raise ValueError(f"run_dense: hidx has {hidx.shape[0]} rows for {T} tensors")
     if C == 0:
@@ -430,7 +430,7 @@ def run_rows(int rule_id, int dtype_code, bint uses0, bint uses1, bint uses2,
     if dtype_code not in (0, 1):
         raise ValueError(f"run_rows: unknown dtype code {dtype_code} (0 float32, 1 float64)")
     if addrs.shape[0] != NCOLS or hyper.shape[1] != NSCALARS or hyper.shape[0] < 1:
-        raise ValueError("run_rows: addrs must have 5 entries and hyper shape (R >= 1, 12)")
+        raise ValueError("run_rows: addrs must have 5 entries and hyper shape (R >= 1, NSCALARS)")
     if nrows < 0 or D < 0 or nnz < 0:
         raise ValueError(f"run_rows: negative size (nrows={nrows}, D={D}, nnz={nnz})")
     if order.shape[0] != nnz or seg.shape[0] != nuniq + 1:
@@ -530,7 +530,7 @@ def run_rowwise(int rule_id, int dtype_code, const int64_t[::1] addrs, Py_ssize_
     if dtype_code not in (0, 1):
         raise ValueError(f"run_rowwise: unknown dtype code {dtype_code}")
     if addrs.shape[0] != 3 or hyper.shape[1] != NSCALARS or hyper.shape[0] < 1:
-        raise ValueError("run_rowwise: addrs must have 3 entries and hyper shape (R >= 1, 12)")
+        raise ValueError("run_rowwise: addrs must have 3 entries and hyper shape (R >= 1, NSCALARS)")
     if nrows < 0 or D < 0 or nnz < 0:
         raise ValueError(f"run_rowwise: negative size (nrows={nrows}, D={D}, nnz={nnz})")
     if order.shape[0] != nnz or seg.shape[0] != nuniq + 1:
@@ -564,7 +564,7 @@ def run_rowwise(int rule_id, int dtype_code, const int64_t[::1] addrs, Py_ssize_
 def math_row(int rule_id, prow, grow, acc, c):
     """One row through the Cython math of row-wise rule ``rule_id`` (parity tests):
     ``prow`` (a C-contiguous float32/float64 array) is updated in place, ``grow`` is
-    a C-contiguous array of the same dtype and length, ``c`` the 12 scalars (cast to
+    a C-contiguous array of the same dtype and length, ``c`` the NSCALARS scalars (cast to
     the dtype); returns the new accumulator as a NumPy scalar."""
     import numpy as np
     if not 0 <= rule_id < len(ROWWISE_NAMES):

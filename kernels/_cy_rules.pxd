@@ -10,7 +10,7 @@ them bit for bit against the Python functions, for both dtypes, on awkward input
 Calling convention (``rules.py`` returns a 4-tuple; here the values are updated in
 place through pointers)::
 
-    rule(&p, g, &s0, &s1, &s2, c)      # c: NSCALARS (12) scalars in p's dtype
+    rule(&p, g, &s0, &s1, &s2, c)      # c: NSCALARS (18) scalars in p's dtype
 
 * every value, scalar and intermediate is of the fused type ``floating`` (the
   parameter's dtype): no literals, no promotion, so float32 arithmetic stays float32;

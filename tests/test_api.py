@@ -32,8 +32,10 @@ def test_class_signature_matches_registry(name):
     cls = fastopt.CLASSES[name]
     sig = inspect.signature(cls.__init__)
     rule = registry.RULES[name]
-    got = {k: p.default for k, p in sig.parameters.items() if k not in ("self", "params", "backend", "sparse_mode")}
-    assert got == rule.defaults
+    got = {k: p.default for k, p in sig.parameters.items()
+           if k not in ("self", "params", "backend", "sparse_mode", "fused_options")}
+    assert got == {k: v for k, v in rule.defaults.items() if k not in fastopt.fused.DEFAULTS}
+    assert sig.parameters["fused_options"].kind is inspect.Parameter.VAR_KEYWORD
     assert sig.parameters["backend"].default == "auto"
 
 
@@ -148,7 +150,8 @@ def bad_values(check):
 def hyper_cases():
     return [pytest.param(name, key, bad, id=f"{name}-{key}-{bad!r}")
             for name, rule in registry.RULES.items()
-            for key, check in rule.checks.items() for bad in bad_values(check)]
+            for key, check in rule.checks.items() if key not in fastopt.fused.DEFAULTS
+            for bad in bad_values(check)]       # fused options: tests/test_fused.py
 
 
 @pytest.mark.parametrize("name,key,bad", hyper_cases())

@@ -262,9 +262,6 @@ def test_foreign_device_arrays_are_updated_in_place_and_auto_picks_cuda():
         assert_close(x.numpy(), e, np.float32)
 
 
-@pytest.mark.xfail(not backends.is_device_array(dev(np.zeros(1))), strict=True,
-                   reason="core: fastopt.backends.is_device_array does not yet recognize numba "
-                          "device arrays without __cuda_array_interface__ (the simulator's)")
 def test_auto_picks_cuda_for_numba_device_arrays():
     assert fastopt.Adam([dev(np.zeros(3, np.float32))]).backend.name == "cuda"
 

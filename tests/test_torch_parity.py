@@ -29,7 +29,8 @@ def float64_default():
 
 def torch_optimizer(name, tparams, variant):
     cls = getattr(torch.optim, name)
-    kwargs = dict(registry.RULES[name].defaults)
+    kwargs = {k: v for k, v in registry.RULES[name].defaults.items()
+              if k not in fastopt.fused.DEFAULTS}
     kwargs.update(variant)
     return cls(tparams, **kwargs)
 
