@@ -113,7 +113,7 @@ def _torch(case, mode):
         t = torch.from_numpy(p).cuda()
         t.grad = torch.from_numpy(g).cuda()
         tparams.append(t)
-    kwargs = {**registry.RULES[case.rule].defaults, **registry.RULES[case.rule].variants[
+    kwargs = {**registry.torch_defaults(registry.RULES[case.rule]), **registry.RULES[case.rule].variants[
         case.variant], mode: True}
     try:
         opt = getattr(torch.optim, case.rule)(tparams, **kwargs)

@@ -180,7 +180,7 @@ def _torch_step(torch, case, mode, variant):
         t = torch.from_numpy(p)
         t.grad = torch.from_numpy(g)
         tparams.append(t)
-    kwargs = {**registry.RULES[case.rule].defaults, **variant}
+    kwargs = {**registry.torch_defaults(registry.RULES[case.rule]), **variant}
     if mode != "forloop":
         kwargs[mode] = True
     else:

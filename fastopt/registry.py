@@ -85,6 +85,11 @@ class Rule:
         return tuple(sorted(fixed))
 
 
+def torch_defaults(rule):
+    """The rule's own hyperparameters (torch's names), without the fused options."""
+    return {k: v for k, v in rule.defaults.items() if k not in fused.DEFAULTS}
+
+
 def _pad(values):
     values = tuple(float(v) for v in values)
     assert len(values) <= fused.BASE
