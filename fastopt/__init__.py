@@ -11,7 +11,9 @@ See :mod:`fastopt.optimizers` for the classes, :mod:`fastopt.functional` for the
 stateless layer and :mod:`fastopt.registry` for the rules.
 """
 
-from . import backends, functional, fused, registry
+from . import backends, checkpoint, clip, functional, fused, init, lr_scheduler, registry
+from .checkpoint import load, save
+from .clip import clip_grad_norm_, clip_grad_value_
 from ._cuda_backend import register_lazily as _register_cuda
 from ._cython_backend import register_backend as _register_cython
 from .optimizer import Optimizer
@@ -31,4 +33,6 @@ def available_backends():
 
 
 __all__ = ["Optimizer", "RowSparse", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam",
-           "Lion", "RowWiseAdagrad", "CLASSES", "available_backends", "functional", "registry", "backends"]
+           "Lion", "RowWiseAdagrad", "CLASSES", "available_backends", "functional", "registry", "backends",
+           "fused", "lr_scheduler", "init", "checkpoint", "clip", "save", "load",
+           "clip_grad_norm_", "clip_grad_value_"]
