@@ -126,7 +126,8 @@ def split(const):
 
 
 def with_flags(const, fl):
-    """``const`` with the fused flags ``fl`` (dropped when all off)."""
+    """``const`` with the fused flags ``fl`` (dropped when all off); the entry is
+    always last, so ``const[-1][0] == "fused"`` tells whether any is on."""
     rest, _ = split(const)
     return rest + ((("fused", tuple(fl)),) if any(fl) else ())
 

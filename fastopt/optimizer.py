@@ -229,6 +229,7 @@ class Optimizer:
         rule = self.rule
         new_host = []
         for b in buckets:
+            fusing = gs is not None or (b.const and b.const[-1][0] == "fused")
             b.ptrs[:, 1] = gptr[b.pos]
             b.grads = dense if b.all_active else [dense[k] for k in b.pos]
             for r, (gi, rep, fresh) in enumerate(b.rows):
@@ -236,7 +237,8 @@ class Optimizer:
                 host = {k: st[k] for k in self._host_keys}
                 scal, host2 = rule.scalars(groups[gi], int(self._steps[rep]) + 1, host, fresh)
                 b.hyper[r] = scal
-                b.hyper[r, fused.BASE:] = fused.scalars(groups[gi], gs)
+                if fusing:          # columns read only by drivers with a fused option on
+                    b.hyper[r, fused.BASE:] = fused.scalars(groups[gi], gs)
                 if host2:
                     new_host.append((b.row_members[r], host2))
             if self.backend is _NUMPY:

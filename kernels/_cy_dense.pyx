@@ -377,12 +377,21 @@ cdef void _rows(floating zero, int rule, int ucode, const int64_t* addrs, Py_ssi
                      uniq[u], <floating*>scratch, c)
 
 
-cdef int _check_plan(str who, Py_ssize_t nrows, Py_ssize_t nnz, const int64_t[::1] order,
-                     const int64_t[::1] seg, const int64_t[::1] uniq) except -1:
-    """Validate a coalescing plan: ``order`` in [0, nnz), non-empty increasing
-    segments within [0, nnz], ``uniq`` strictly increasing in [0, nrows)."""
+cdef int _check_plan(str who, Py_ssize_t nrows, Py_ssize_t D, Py_ssize_t nnz,
+                     const int64_t[::1] order, const int64_t[::1] seg,
+                     const int64_t[::1] uniq) except -1:
+    """Validate sizes and a coalescing plan: ``order`` in [0, nnz), non-empty
+    increasing segments within [0, nnz], ``uniq`` strictly increasing in [0, nrows).
+    Returns 0 when there is nothing to do (no rows or empty rows), else 1."""
     cdef Py_ssize_t nuniq = uniq.shape[0]
     cdef Py_ssize_t i, bad = -1
+    if nrows < 0 or D < 0 or nnz < 0:
+        raise ValueError(f"{who}: negative size (nrows={nrows}, D={D}, nnz={nnz})")
+    if order.shape[0] != nnz or seg.shape[0] != nuniq + 1:
+        raise ValueError(f"{who}: plan sizes order {order.shape[0]}, seg {seg.shape[0]}, "
+                         f"uniq {nuniq} do not fit nnz = {nnz}")
+    if nuniq == 0 or D == 0:
+        return 0
     with nogil:
         for i in range(nnz):
             if not 0 <= order[i] < nnz:
@@ -400,7 +409,20 @@ cdef int _check_plan(str who, Py_ssize_t nrows, Py_ssize_t nnz, const int64_t[::
         raise IndexError(f"{who}: bad plan entry {bad}: uniq {uniq[bad]}, segment "
                          f"[{seg[bad]}, {seg[bad + 1]}) (nrows {nrows}, nnz {nnz}; uniq "
                          f"must be strictly increasing, segments non-empty)")
-    return 0
+    return 1
+
+
+cdef char* _scratch_rows(str who, int dtype_code, Py_ssize_t D, bint parallel,
+                         Py_ssize_t* stride) except NULL:
+    """One cache-line-aligned row of D elements per OpenMP thread (one when serial);
+    the caller frees it.  ``stride[0]`` receives the row size in bytes."""
+    cdef Py_ssize_t item = 4 if dtype_code == 0 else 8
+    cdef Py_ssize_t nthreads = openmp.omp_get_max_threads() if parallel else 1
+    stride[0] = (D * item + 127) // 128 * 128
+    cdef char* scratch = <char*>malloc(nthreads * stride[0])
+    if scratch == NULL:
+        raise MemoryError(f"{who}: no memory for the scratch rows")
+    return scratch
 
 
 def run_rows(int rule_id, int dtype_code, bint uses0, bint uses1, bint uses2,
@@ -420,9 +442,8 @@ def run_rows(int rule_id, int dtype_code, bint uses0, bint uses1, bint uses2,
     ``uniq`` strictly increasing in [0, nrows)), the addresses are trusted.
     """
     cdef Py_ssize_t nuniq = uniq.shape[0]
-    cdef Py_ssize_t i, bad = -1
     cdef int ucode = (1 if uses0 else 0) | (2 if uses1 else 0) | (4 if uses2 else 0)
-    cdef Py_ssize_t item, stride, nthreads
+    cdef Py_ssize_t stride
     cdef char* scratch
     cdef bint parallel
     if not 0 <= rule_id < R_COUNT:
@@ -431,22 +452,11 @@ def run_rows(int rule_id, int dtype_code, bint uses0, bint uses1, bint uses2,
         raise ValueError(f"run_rows: unknown dtype code {dtype_code} (0 float32, 1 float64)")
     if addrs.shape[0] != NCOLS or hyper.shape[1] != NSCALARS or hyper.shape[0] < 1:
         raise ValueError("run_rows: addrs must have 5 entries and hyper shape (R >= 1, NSCALARS)")
-    if nrows < 0 or D < 0 or nnz < 0:
-        raise ValueError(f"run_rows: negative size (nrows={nrows}, D={D}, nnz={nnz})")
-    if order.shape[0] != nnz or seg.shape[0] != nuniq + 1:
-        raise ValueError(f"run_rows: plan sizes order {order.shape[0]}, seg {seg.shape[0]}, "
-                         f"uniq {nuniq} do not fit nnz = {nnz}")
-    if nuniq == 0 or D == 0:
+    if _check_plan("run_rows", nrows, D, nnz, order, seg, uniq) == 0:
         return
-    _check_plan("run_rows", nrows, nnz, order, seg, uniq)
 
     parallel = nuniq * D >= parallel_min
-    item = 4 if dtype_code == 0 else 8
-    stride = (D * item + 127) // 128 * 128      # one cache-line-aligned row per thread
-    nthreads = openmp.omp_get_max_threads() if parallel else 1
-    scratch = <char*>malloc(nthreads * stride)
-    if scratch == NULL:
-        raise MemoryError("run_rows: no memory for the scratch rows")
+    scratch = _scratch_rows("run_rows", dtype_code, D, parallel, &stride)
     cdef const int64_t* ap = &addrs[0]
     cdef const int64_t* op = &order[0]
     cdef const int64_t* sp = &seg[0]
@@ -522,7 +532,7 @@ def run_rowwise(int rule_id, int dtype_code, const int64_t[::1] addrs, Py_ssize_
     gradient rows (nnz, D) and the per-row state (nrows,), all C-contiguous in the
     dtype of ``dtype_code``.  Plan and parallel threshold as :func:`run_rows`."""
     cdef Py_ssize_t nuniq = uniq.shape[0]
-    cdef Py_ssize_t item, stride, nthreads
+    cdef Py_ssize_t stride
     cdef char* scratch
     cdef bint parallel
     if not 0 <= rule_id < len(ROWWISE_NAMES):
@@ -531,21 +541,10 @@ def run_rowwise(int rule_id, int dtype_code, const int64_t[::1] addrs, Py_ssize_
         raise ValueError(f"run_rowwise: unknown dtype code {dtype_code}")
     if addrs.shape[0] != 3 or hyper.shape[1] != NSCALARS or hyper.shape[0] < 1:
         raise ValueError("run_rowwise: addrs must have 3 entries and hyper shape (R >= 1, NSCALARS)")
-    if nrows < 0 or D < 0 or nnz < 0:
-        raise ValueError(f"run_rowwise: negative size (nrows={nrows}, D={D}, nnz={nnz})")
-    if order.shape[0] != nnz or seg.shape[0] != nuniq + 1:
-        raise ValueError(f"run_rowwise: plan sizes order {order.shape[0]}, seg "
-                         f"{seg.shape[0]}, uniq {nuniq} do not fit nnz = {nnz}")
-    if nuniq == 0 or D == 0:
+    if _check_plan("run_rowwise", nrows, D, nnz, order, seg, uniq) == 0:
         return
-    _check_plan("run_rowwise", nrows, nnz, order, seg, uniq)
     parallel = nuniq * D >= parallel_min
-    item = 4 if dtype_code == 0 else 8
-    stride = (D * item + 127) // 128 * 128
-    nthreads = openmp.omp_get_max_threads() if parallel else 1
-    scratch = <char*>malloc(nthreads * stride)
-    if scratch == NULL:
-        raise MemoryError("run_rowwise: no memory for the scratch rows")
+    scratch = _scratch_rows("run_rowwise", dtype_code, D, parallel, &stride)
     cdef const int64_t* ap = &addrs[0]
     cdef const int64_t* op = &order[0]
     cdef const int64_t* sp = &seg[0]
