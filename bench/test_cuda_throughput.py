@@ -28,26 +28,27 @@ from numba import cuda  # noqa: E402
 if not cuda.is_available():
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
-from fastopt import _cuda_backend, _cuda_bench, benchmark  # noqa: E402
+from fastopt import benchmark, cuda_bench  # noqa: E402
+from fastopt.backends import cuda as cuda_backend  # noqa: E402
 
 from conftest import record  # noqa: E402
 
-_cuda_backend.register_backend()
-CASES = _cuda_bench.default_cases()
+cuda_backend.register_backend()
+CASES = cuda_bench.default_cases()
 _CEILING = {}   # case label -> best seconds of the ceiling kernel
 
 
 def _ceiling_seconds(case):
     if case.label not in _CEILING:
-        fn = _cuda_bench.implementation(case, "ceiling-cuda")
+        fn = cuda_bench.implementation(case, "ceiling-cuda")
         _CEILING[case.label] = benchmark.time_step(fn, min_time=0.3)
     return _CEILING[case.label]
 
 
-@pytest.mark.parametrize("impl", _cuda_bench.IMPLEMENTATIONS)
+@pytest.mark.parametrize("impl", cuda_bench.IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.label.replace(" ", "-"))
 def test_cuda_step(benchmark, case, impl):
-    fn = _cuda_bench.implementation(case, impl)
+    fn = cuda_bench.implementation(case, impl)
     if fn is None:
         pytest.skip(f"{impl} is not available for {case.label} here")
     benchmark.group = f"{case.label} cuda"

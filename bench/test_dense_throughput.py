@@ -3,13 +3,13 @@ cases (1,000 x 10K, 10 x 100), for every implementation side by side."""
 
 import pytest
 
-from fastopt import registry
+from fastopt import rules
 from fastopt.benchmark import Case, implementation_names, implementations
 
 from conftest import record
 
 SIZES = [1_000, 10_000, 100_000, 1_000_000, 10_000_000]
-CASES = [Case(name, (n,)) for name in registry.RULES for n in SIZES]
+CASES = [Case(name, (n,)) for name in rules.RULES for n in SIZES]
 CASES += [Case("Adam", (10_000,) * 1000), Case("Adam", (100,) * 10),
           Case("SGD", (10_000,) * 1000, variant=1), Case("Adam", (1_000_000,), "float64")]
 

@@ -7,24 +7,26 @@ Quick start::
     opt = fastopt.Adam([w], lr=1e-3)
     opt.step([grad_w])                 # in place
 
-See :mod:`fastopt.optimizers` for the classes, :mod:`fastopt.functional` for the
-stateless layer and :mod:`fastopt.registry` for the rules.
+Layout: :mod:`fastopt.rules` (one module per rule: named scalars, element math,
+NumPy reference, closed form; the registry), :mod:`fastopt.backends` (one module
+per backend and the capability table), the optimizer API (:mod:`fastopt.optimizers`,
+:mod:`fastopt.functional`, :mod:`fastopt.planner`) and the training-loop toolkit
+(:mod:`fastopt.lr_scheduler`, :mod:`fastopt.clip`, :mod:`fastopt.init`,
+:mod:`fastopt.checkpoint`, :mod:`fastopt.benchmark`).
 """
 
-from . import backends, checkpoint, clip, functional, fused, init, lr_scheduler, registry
+from ._version import __version__
+from . import backends, checkpoint, clip, functional, init, lr_scheduler, rules
 from .checkpoint import load, save
 from .clip import clip_grad_norm_, clip_grad_value_
-from ._cuda_backend import register_lazily as _register_cuda
-from ._cython_backend import register_backend as _register_cython
 from .optimizer import Optimizer
 from .sparse import RowSparse
 from .optimizers import (CLASSES, SGD, Adagrad, Adam, Adamax, AdamW, Lion, NAdam,
                          RMSprop, RowWiseAdagrad)
+from .rules import fused
 
-__version__ = "0.1.0"
 
-_register_cython()
-_register_cuda()      # numba.cuda is imported on first request, not here
+
 
 
 def available_backends():
@@ -32,7 +34,7 @@ def available_backends():
     return backends.available()
 
 
-__all__ = ["Optimizer", "RowSparse", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam",
-           "Lion", "RowWiseAdagrad", "CLASSES", "available_backends", "functional", "registry", "backends",
-           "fused", "lr_scheduler", "init", "checkpoint", "clip", "save", "load",
-           "clip_grad_norm_", "clip_grad_value_"]
+__all__ = ["Optimizer", "RowSparse", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax",
+           "NAdam", "Lion", "RowWiseAdagrad", "CLASSES", "available_backends", "functional",
+           "rules", "backends", "fused", "lr_scheduler", "init", "checkpoint",
+           "clip", "save", "load", "clip_grad_norm_", "clip_grad_value_", "__version__"]

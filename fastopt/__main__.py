@@ -1,12 +1,54 @@
-"""Command line: ``python -m fastopt bench`` (also the ``fastopt`` console script)."""
+"""Command line: ``python -m fastopt info`` and ``python -m fastopt bench`` (also the
+``fastopt`` console script)."""
 
 import argparse
+import os
+import platform
 import sys
+
+
+def info(out=sys.stdout):
+    """Versions, threads, backends with their capabilities, CUDA devices."""
+    import numba
+    import numpy as np
+
+    from . import __version__, backends
+    from .backends.base import FEATURES
+    w = out.write
+    w(f"fastopt {__version__}  ({os.path.dirname(__file__)})\n")
+    w(f"python {platform.python_version()}  numpy {np.__version__}  numba {numba.__version__}\n")
+    w(f"machine: {platform.machine()} {platform.processor() or ''}, "
+      f"{os.cpu_count()} CPUs, numba threads {numba.get_num_threads()} "
+      f"(threading layer: {numba.config.THREADING_LAYER})\n")
+    caps = backends.capabilities()
+    feats = list(FEATURES)
+    w("\nbackends (x: supported)\n")
+    width = max(len(f) for f in feats)
+    names = sorted(caps)
+    w(" " * (width + 2) + "  ".join(f"{n:>7}" for n in names) + "\n")
+    for f in feats:
+        w(f"  {f:<{width}}" + "  ".join(f"{('x' if f in caps[n] else '-'):>7}"
+                                        for n in names) + "\n")
+    for name, why in sorted(backends.unavailable().items()):
+        w(f"\n{name}: not available: {why}\n")
+    if "cython" in caps:
+        from . import _cy_dense
+        w(f"\ncython: OpenMP threads {_cy_dense.openmp_max_threads()}\n")
+    if "cuda" in caps:
+        from numba import cuda
+        try:
+            for d in cuda.list_devices():
+                w(f"cuda device {d.id}: {d.name.decode() if isinstance(d.name, bytes) else d.name}\n")
+        except Exception as exc:      # noqa: BLE001 (informational only)
+            w(f"cuda devices: could not list ({exc})\n")
+    return 0
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastopt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, threads, backends and their capabilities, "
+                                "CUDA devices")
     bench = sub.add_parser("bench", help="print the optimizer throughput table for this machine")
     bench.add_argument("--quick", action="store_true",
                        help="smaller sizes and shorter timing (about a minute)")
@@ -18,27 +60,30 @@ def main(argv=None):
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                        help="cpu (default) or cuda")
     args = parser.parse_args(argv)
+    if args.command == "info":
+        return info()
 
-    from . import backends, benchmark, registry
+    from . import backends, benchmark
+    from . import rules as registry
     if args.device == "cuda":
-        from . import _cuda_backend
-        if _cuda_backend.register_backend() is None:
-            why = backends._UNAVAILABLE.get("cuda", "unknown reason")
+        from .backends import cuda as cuda_backend
+        if cuda_backend.register_backend() is None:
+            why = backends.unavailable().get("cuda", "unknown reason")
             print(f"fastopt bench --device cuda: the CUDA backend is not available: {why}",
                   file=sys.stderr)
             return 2
-        if _cuda_backend._SIM:
+        if cuda_backend._SIM:
             print("fastopt bench --device cuda: NUMBA_ENABLE_CUDASIM is set; GPU timings in "
                   "the CUDA simulator mean nothing. Run it on a machine with a GPU.",
                   file=sys.stderr)
             return 2
-        from . import _cuda_bench
+        from . import cuda_bench
         rules = None
         if args.rules:
             rules = [r.strip() for r in args.rules.split(",")]
             for r in rules:
                 registry.get(r)
-        _cuda_bench.benchmark_table(quick=args.quick, rules=rules)
+        cuda_bench.benchmark_table(quick=args.quick, rules=rules)
         return 0
     cases = benchmark.default_cases(quick=args.quick)
     if args.rules:

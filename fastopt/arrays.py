@@ -37,6 +37,10 @@ def as_grad(obj, param, where):
     """Return ``obj`` as a C-contiguous ndarray of ``param``'s dtype and shape, or raise."""
     if isinstance(obj, (list, tuple)) or obj is None:
         raise TypeError(f"{where}: expected an array, got {type(obj).__name__}")
+    if not isinstance(obj, np.ndarray) and not (
+            hasattr(obj, "__array__") or hasattr(obj, "__array_interface__")
+            or hasattr(obj, "__array_struct__") or np.isscalar(obj)):
+        raise TypeError(f"{where}: expected an array, got {type(obj).__name__}")
     arr = obj if isinstance(obj, np.ndarray) else np.asarray(obj)
     if arr.dtype.kind != "f":
         raise TypeError(f"{where}: gradient dtype {arr.dtype} is not a float dtype")

@@ -26,8 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 from numba.extending import register_jitable
 
-from . import _numba_cpu, backends, registry
+from . import backends
+from . import rules as registry
+from .backends import numba_cpu
+from .backends.base import Config
 from .optimizers import CLASSES
+from .rules import Rule, scalars_type
 
 
 @register_jitable
@@ -35,6 +39,14 @@ def touch(p, g, s0, s1, s2, c):
     """No-math stand-in for a rule: every stream read, every used stream written
     (one add each, so the compiler cannot drop a store)."""
     return p + g, s0 + g, s1 + g, s2 + g
+
+
+#: the ceiling kernel's scalars: only the fused fields, all unused
+Scalars = scalars_type("CeilingScalars", ())
+#: the ceiling as a rule, so that it runs through the same dense driver as every rule
+CEILING = Rule(name="ceiling", defaults={}, checks={}, slots=(), uses_slots=lambda g: (),
+               Scalars=Scalars, host_scalars=lambda g, step, host, fresh: ({}, host),
+               math=touch, reference=None)
 
 
 @dataclass
@@ -153,14 +165,17 @@ def _ceiling(case):
     for t, (p, g, ss) in enumerate(zip(params, grads, slots)):
         ptrs[t, :2] = p.ctypes.data, g.ctypes.data
         ptrs[t, 2:] = [s.ctypes.data if u else p.ctypes.data for s, u in zip(ss, uses)]
-    chunks = _numba_cpu.make_chunks([p.size for p in params])
+    chunks = numba_cpu.make_chunks([p.size for p in params])
     hyper = np.zeros((1, registry.NSCALARS))
     hidx = np.zeros(len(params), dtype=np.int64)
     keep = (params, grads, slots)
 
+    config = Config(rule=CEILING, dtype=np.dtype(case.dtype), uses=tuple(uses))
+    driver = numba_cpu._driver(numba_cpu.make_dense_driver, config,
+                               case.elements >= numba_cpu.PARALLEL_MIN)
+
     def run():
-        _numba_cpu.launch(touch, np.dtype(case.dtype), uses, (), ptrs, chunks, hyper, hidx,
-                          case.elements)
+        driver(ptrs, chunks, hyper, hidx)
         return keep
     return run
 
@@ -243,7 +258,7 @@ def sparse_implementations(case, host_backends=None):
     if host_backends is None:
         host_backends = [b for b in backends.available() if b != "cuda"]
     for name in host_backends:
-        if not hasattr(backends.resolve(name), "run_rows"):
+        if not backends.resolve(name).supports("sparse_lazy"):
             continue
         table = np.random.default_rng(1).standard_normal((case.rows, case.dim)).astype(
             case.dtype)

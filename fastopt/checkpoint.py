@@ -311,8 +311,8 @@ def load(path, optimizer, scheduler=None):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    current = optimizer.state_dict()
-    expected = current.get("optimizer", type(optimizer).__name__)
+    rule = getattr(optimizer, "rule", None)
+    expected = rule.name if rule is not None else type(optimizer).__name__
     try:
         header, arrays = _read(path)
         sd = _check(header, arrays, expected)
@@ -331,11 +331,14 @@ def load(path, optimizer, scheduler=None):
     except Exception as e:  # corrupted, truncated, foreign or mismatched file
         raise ValueError(f"{path!r} is not a valid fastopt checkpoint for this "
                          f"{expected} optimizer: {e}") from e
-    optimizer.load_state_dict(sd)
+    # a non-flushing copy to roll back to (taking a state_dict() here would bring
+    # pending exact-mode rows up to date: a refused load must change nothing)
+    current = optimizer._capture() if scheduler is not None else None
+    optimizer.load_state_dict(sd)          # atomic: checks everything, then commits
     if scheduler is not None:
         try:
             scheduler.load_state_dict(sched_sd)
         except BaseException:
-            optimizer.load_state_dict(current)
+            optimizer._restore(current)
             raise
     return extra

@@ -16,6 +16,7 @@ import math
 import numbers
 
 import numpy as np
+from numba import njit, prange
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_"]
 
@@ -69,24 +70,66 @@ def _norm_type(norm_type):
     return p
 
 
+def _block_sums_impl(a, p):
+    """Per block of ``_CHUNK`` elements, the float64 sum of ``|x|^p`` (p = 1, 2 or
+    other), each block added in element order with four interleaved partial sums
+    combined as ``(s0 + s1) + (s2 + s3)``.  The blocks depend only on the size, so
+    the result does not depend on the thread count."""
+    n = a.shape[0]
+    nb = (n + _CHUNK - 1) // _CHUNK
+    out = np.empty(nb, dtype=np.float64)
+    for b in prange(nb):
+        lo = b * _CHUNK
+        hi = min(lo + _CHUNK, n)
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        m = lo + (hi - lo) // 4 * 4
+        for i in range(lo, m, 4):
+            x0, x1, x2, x3 = (abs(np.float64(a[i])), abs(np.float64(a[i + 1])),
+                              abs(np.float64(a[i + 2])), abs(np.float64(a[i + 3])))
+            if p == 2.0:
+                s0 += x0 * x0
+                s1 += x1 * x1
+                s2 += x2 * x2
+                s3 += x3 * x3
+            elif p == 1.0:
+                s0 += x0
+                s1 += x1
+                s2 += x2
+                s3 += x3
+            else:
+                s0 += x0 ** p
+                s1 += x1 ** p
+                s2 += x2 ** p
+                s3 += x3 ** p
+        for i in range(m, hi):
+            x = abs(np.float64(a[i]))
+            s0 += x * x if p == 2.0 else (x if p == 1.0 else x ** p)
+        out[b] = (s0 + s1) + (s2 + s3)
+    return out
+
+
+_block_sums = njit(parallel=True, cache=True, nogil=True)(_block_sums_impl)
+_block_sums_serial = njit(cache=True, nogil=True)(_block_sums_impl)
+
+
 def _array_norm(g, p):
-    """p-norm of one array in float64 (chunked so float32 arrays need no full copy)."""
+    """p-norm of one array, accumulated in float64 in a fixed order (no BLAS, whose
+    reduction order changes with its thread count)."""
     flat = g.reshape(-1)  # a view when possible; a copy for non-contiguous arrays
     if flat.size == 0:
         return 0.0
-    if g.dtype == np.float64:
-        return float(np.linalg.norm(flat, ord=p))
     if p == math.inf:
         return float(np.abs(flat).max())  # exact in the array's own dtype
+    if flat.dtype not in (np.float32, np.float64):
+        flat = flat.astype(np.float64)
     acc = 0.0
-    for start in range(0, flat.size, _CHUNK):
-        c = flat[start:start + _CHUNK].astype(np.float64)
-        if p == 2.0:
-            acc += float(np.dot(c, c))
-        elif p == 1.0:
-            acc += float(np.abs(c).sum())
-        else:
-            acc += float((np.abs(c) ** p).sum())
+    from .backends.base import may_use_threads
+    sums = _block_sums if may_use_threads() and flat.size > _CHUNK else _block_sums_serial
+    for part in sums(np.ascontiguousarray(flat), p):   # blocks added in order
+        acc += part
     if p == 2.0:
         return math.sqrt(acc)
     if p == 1.0:
@@ -95,9 +138,22 @@ def _array_norm(g, p):
 
 
 def _combine(norms, p):
+    """The p-norm of the per-array norms, added in list order."""
     if not norms:
         return 0.0
-    return float(np.linalg.norm(np.array(norms, dtype=np.float64), ord=p))
+    if p == math.inf:
+        return max(norms) if not any(math.isnan(x) for x in norms) else math.nan
+    acc = 0.0
+    for x in norms:
+        try:
+            acc += x * x if p == 2.0 else (x if p == 1.0 else x ** p)
+        except OverflowError:
+            acc = math.inf
+    if p == 2.0:
+        return math.sqrt(acc)
+    if p == 1.0:
+        return acc
+    return acc ** (1.0 / p)
 
 
 def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):

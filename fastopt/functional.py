@@ -5,80 +5,106 @@ One function per rule, named after it with a trailing underscore (in place)::
     fastopt.functional.adam_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *,
                              step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                              weight_decay=0.0, amsgrad=False, maximize=False,
-                             backend="auto")
+                             clip_value=None, l1=0.0, param_min=None, param_max=None,
+                             max_norm=None, grad_scale=None, backend="auto")
 
 * positional arrays after ``grad``: the rule's state slots in the registry's order
   (torch's state names); a slot the configuration does not use may be ``None``;
 * ``step``: the number of this step, starting at 1 (bias corrections, lr decay);
   SGD's momentum buffer is set to the gradient when ``step == 1``, as torch does
   when it creates the buffer;
-* hyperparameters: the same names, defaults and checks as the classes;
+* hyperparameters and fused options: the same names, defaults and checks as the
+  classes; ``grad_scale`` divides the gradient inside the update pass;
+* ``grad`` may be a dense array or a row-sparse gradient (:class:`fastopt.RowSparse`,
+  scipy.sparse): lazy mode, touched rows only;
 * NAdam also takes ``mu_product`` (the product of the previous mu's, 1.0 before the
   first step) and returns the new one; the others return None.
 
-Everything is validated before any array is written.
+The work is planned by :mod:`fastopt.planner`, the planner the optimizer classes use,
+so every option and backend behaves exactly as through the classes.  Everything is
+validated before any array is written; a gradient or state array that shares memory
+with the parameter or another state array is refused.
 """
 
 import inspect
 
 import numpy as np
 
-from . import backends, registry
-from ._cy_util import data_address
-from ._numba_cpu import make_chunks
-from .arrays import as_grad, as_param
-from .registry import NSLOTS
+from . import backends, planner, rules
+from .param_groups import refuse_overlaps
+from .rules import fused
+from .sparse import checked_rows, is_sparse
 
 
-def _apply(rule, param, grad, slot_arrays, step, host, backend, hyper):
+def _apply(rule, param, grad, slot_arrays, step, host, backend, hyper, grad_scale):
     group = rule.check_group({**rule.defaults, **hyper})
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) \
+            or not 1 <= step <= 2 ** 53:
         raise ValueError(f"Invalid step: {step!r} (the number of this step, >= 1)")
-    bk = backends.resolve(backend)
-    p = as_param(param, "param")
-    g = as_grad(grad, p, "grad")
-    uses = rule.uses_slots(group)
+    for k, v in host.items():
+        if not np.isfinite(v) or not 0.0 < v <= 1.0:
+            raise ValueError(f"Invalid {k}: {v!r} (a finite number in (0, 1])")
+    bk = backends.resolve(backend, sample=param)
+    spec = planner.group_spec(rule, group)
+    if rule.layout == "rowwise":
+        bk.require("rowwise", f"the row-wise rule {rule.name}")
+    if any(spec.switches[1:]):
+        bk.require("fused_options")
+    gs = fused.check_grad_scale(grad_scale)
+    p = bk.as_param(param, "param")
+    if gs is not None:
+        bk.require("grad_scale")
+        fused.check_grad_scale_dtypes(gs, [p.dtype])
+    if rule.layout == "rowwise" and p.ndim == 0:
+        raise ValueError(f"{rule.name} needs a parameter with at least one dimension")
     slots = []
-    for name, used, arr in zip(rule.slots, uses, slot_arrays):
+    for name, used, arr in zip(rule.slots, spec.uses, slot_arrays):
         if not used:
             slots.append(None)
             continue
         if arr is None:
             raise ValueError(f"{rule.name}: state {name!r} is required by this configuration")
-        a = as_param(arr, name)
+        a = bk.as_param(arr, name)
         if a.shape != rule.slot_shape(p.shape) or a.dtype != p.dtype:
             raise ValueError(f"state {name!r} has shape {a.shape} and dtype {a.dtype}; "
                              f"expected {rule.slot_shape(p.shape)} and {p.dtype}")
         slots.append(a)
+    refuse_overlaps([p] + [s for s in slots if s is not None], bk, "array (param, state...)")
+    sparse = is_sparse(grad) and not isinstance(grad, np.ndarray)
+    if sparse:
+        bk.require("sparse_lazy")
+        idx, vals = checked_rows(grad, p, "grad")
+        g = vals
+    else:
+        (g,), _ = bk.check_grads([grad], [p], ["grad"])
+    owned = [p] + [s for s in slots if s is not None]
+    if g.size and any(_shares(bk, g, a) for a in owned):
+        raise ValueError("grad shares memory with the parameter or a state array; pass a "
+                         "separate gradient array (e.g. grad.copy())")
+    # everything checked: plan and run
     fresh = set(rule.slots) if step == 1 else set()
-    scal, new_host = rule.scalars(group, int(step), host, fresh)
+    row, new_host = rule.row(group, int(step), host, fresh, gs)
+    slots += [None] * (rules.NSLOTS - len(slots))
     state = {n: a for n, a in zip(rule.slots, slots) if a is not None}
     state.update(host)
-    if rule.layout == "rowwise":     # whole rows: every row once through the row driver
-        if p.ndim == 0:
-            raise ValueError(f"{rule.name} needs a parameter with at least one dimension")
-        if p.size == 0:
-            return new_host
-        rows = np.arange(p.shape[0], dtype=np.int64)
-        bk.run_rows(rule, backends.RowsWork(
-            param=p, slots=slots + [None] * (NSLOTS - len(slots)),
-            vals=g.reshape(p.shape[0], p.size // p.shape[0]), idx=rows, order=rows, seg=np.arange(
-                p.shape[0] + 1, dtype=np.int64), uniq=rows, uses=tuple(uses),
-            const=rule.constants(group), hyper=np.array([scal], dtype=np.float64),
-            ref_args=(group, int(step), state, fresh)))
+    ref = (group, int(step), state, fresh)
+    if sparse or spec.by_rows:
+        if p.size and (not sparse or idx.shape[0]):
+            work = planner.rows_work(rule, spec, p, slots, row,
+                                     idx if sparse else None, g, gs, ref=ref)
+            bk.run_rows(work)
         return new_host
-    ptrs = np.zeros((1, 2 + NSLOTS), dtype=np.int64)
-    ptrs[0, 0], ptrs[0, 1] = data_address(p), data_address(g)
-    for s in range(NSLOTS):
-        ptrs[0, 2 + s] = data_address(slots[s]) if s < len(slots) and slots[s] is not None \
-            else ptrs[0, 0]
-    b = backends.Bucket(dtype=p.dtype, uses=tuple(uses), const=rule.constants(group), index=[0], params=[p], grads=[g],
-                        ptrs=ptrs, chunks=make_chunks([p.size]),
-                        hyper=np.array([scal], dtype=np.float64),
-                        hidx=np.zeros(1, dtype=np.int64), nelem=p.size,
-                        ref_args=[(group, int(step), state, fresh)])
-    bk.run(rule, b)
+    (b,) = planner.dense_buckets(rule, bk, [(p, slots, spec, 0)])
+    work = planner.fill_bucket(b, np.array([bk.address(g)], dtype=np.int64), [g], [row], gs,
+                               all_active=True)
+    work.ref = [ref]
+    bk.run_dense(work)
     return new_host
+
+
+def _shares(bk, a, b):
+    lo1, lo2 = bk.address(a), bk.address(b)
+    return lo1 < lo2 + b.nbytes and lo2 < lo1 + a.nbytes and a.nbytes and b.nbytes
 
 
 def _fname(rule):
@@ -90,11 +116,16 @@ def _make(rule):
     hyper_names = list(rule.defaults)
     host_names = list(rule.host_init(rule.defaults))
 
-    def fn(param, grad, *slot_arrays, step, backend="auto", **kwargs):
+    def fn(param, grad, *slot_arrays, step, backend="auto", grad_scale=None, **kwargs):
         if len(slot_arrays) > len(rule.slots):
             raise TypeError(f"{fn.__name__}() takes at most {len(rule.slots)} state arrays "
                             f"({', '.join(rule.slots)})")
-        host = {k: float(kwargs.pop(k, v)) for k, v in rule.host_init(rule.defaults).items()}
+        host = {}
+        for k, v in rule.host_init(rule.defaults).items():
+            x = kwargs.pop(k, v)
+            if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)):
+                raise ValueError(f"Invalid {k}: {x!r} (expected a number)")
+            host[k] = float(x)
         slot_kw = set(rule.slots)
         unknown = set(kwargs) - set(hyper_names) - slot_kw
         if unknown:
@@ -105,7 +136,8 @@ def _make(rule):
                 if slot_arrays[k] is not None:
                     raise TypeError(f"{fn.__name__}() got {name!r} twice")
                 slot_arrays[k] = kwargs.pop(name)
-        new_host = _apply(rule, param, grad, slot_arrays, step, host, backend, kwargs)
+        new_host = _apply(rule, param, grad, slot_arrays, step, host, backend, kwargs,
+                          grad_scale)
         if host_names:
             return new_host[host_names[0]] if len(host_names) == 1 else new_host
         return None
@@ -116,7 +148,8 @@ def _make(rule):
     params += [P("step", P.KEYWORD_ONLY)]
     params += [P(k, P.KEYWORD_ONLY, default=v) for k, v in rule.defaults.items()]
     params += [P(k, P.KEYWORD_ONLY, default=v) for k, v in rule.host_init(rule.defaults).items()]
-    params += [P("backend", P.KEYWORD_ONLY, default="auto")]
+    params += [P("grad_scale", P.KEYWORD_ONLY, default=None),
+               P("backend", P.KEYWORD_ONLY, default="auto")]
     fn.__signature__ = inspect.Signature(params)
     fn.__name__ = fn.__qualname__ = _fname(rule)
     fn.__doc__ = (f"In-place {rule.name} step on one parameter (see fastopt.{rule.name} "
@@ -124,7 +157,7 @@ def _make(rule):
     return fn
 
 
-for _rule in registry.RULES.values():
+for _rule in rules.RULES.values():
     globals()[_fname(_rule)] = _make(_rule)
 
-__all__ = [_fname(r) for r in registry.RULES.values()]
+__all__ = [_fname(r) for r in rules.RULES.values()]

@@ -1,29 +1,36 @@
-"""The optimizer base class: param groups, validation, state, state_dict, step.
+"""The optimizer class: a facade over param groups, the step planner, the exact-mode
+tracker and state_dict.
 
-Every optimizer class is this class plus a registry :class:`~fastopt.registry.Rule`.
-A step is done in two phases so that bad input changes nothing:
+Every optimizer class is :class:`Optimizer` bound to one rule of
+:mod:`fastopt.rules`.  A step is done in two phases so that bad input changes
+nothing:
 
-1. *check*: hyperparameters of every group, gradient count/keys, every gradient's
-   type, shape and dtype (converting other float dtypes and non-contiguous
-   gradients into contiguous arrays of the parameter's dtype);
-2. *apply*: allocate missing state, compute per-step host scalars (float64), run
-   the backend over each bucket, then advance step counts and host scalars.
+1. *check*: hyperparameters of every group (edits included), gradient count/keys,
+   every gradient's type, shape and dtype (other float dtypes and non-contiguous
+   gradients are converted into contiguous arrays of the parameter's dtype), sparse
+   indices, aliasing between gradients and parameters or state, the backend's
+   capabilities, ``grad_scale``, and the non-finite scan of ``skip_nonfinite``;
+2. *apply*: allocate missing state, compute the per-step float64 scalars, run the
+   backend over the planned work, then advance step counts and host scalars.
 
 Nothing in phase 1 writes to a parameter or to the state; nothing in phase 2 can
-fail on user input.
+fail on user input.  One optimizer is stepped by one thread at a time: concurrent
+calls of ``step``/``flush``/``load_state_dict`` are serialized by a lock.
 """
 
-import dataclasses
+import threading
 
 import numpy as np
 
-from . import _numba_cpu, backends, fused
-from .registry import NSCALARS, NSLOTS
-from .sparse import checked_rows, coalesce_plan, is_sparse
+from . import backends, planner, state_io
+from .exact_mode import ExactTracker
+from .param_groups import ParamGroups
+from .rules import fused
+from .sparse import checked_rows, is_sparse
 
-STATE_DICT_VERSION = 1
-_NUMPY = backends.resolve("numpy")
-
+STATE_DICT_VERSION = state_io.STATE_DICT_VERSION
+#: largest step count accepted (float64 represents every integer up to 2**53)
+MAX_STEP = 2 ** 53
 
 
 class Optimizer:
@@ -36,15 +43,14 @@ class Optimizer:
         if sparse_mode not in ("lazy", "exact"):
             raise ValueError(f"Invalid sparse_mode: {sparse_mode!r} (use 'lazy' or 'exact')")
         self.sparse_mode = sparse_mode
-        self._exact = {}    # exact mode: param index -> {row_step, buffer_start, group}
         unknown = set(hyper) - set(rule.defaults)
         if unknown:
             raise TypeError(f"{rule.name}: unexpected hyperparameter(s) {sorted(unknown)}")
         self.defaults = rule.check_group({**rule.defaults, **hyper})
         self.backend = backends.resolve(backend, sample=_first_array(params))
-        self._names = None           # parameter names when params was a dict
-        self._params = []            # flat list of ndarrays
-        self.param_groups = []
+        self._check_backend(self.defaults)
+        self._groups = ParamGroups(rule, self.backend, self.defaults, self._check_group)
+        self._names = None
         if isinstance(params, dict):
             self._names = list(params)
             groups = [{"params": list(params.values())}]
@@ -53,48 +59,50 @@ class Optimizer:
             if not params:
                 raise ValueError(f"{rule.name}: got an empty parameter list")
             groups = params if isinstance(params[0], dict) else [{"params": params}]
+        self._state = []
+        self._steps = np.zeros(0, dtype=np.int64)
         for g in groups:
             self.add_param_group(g)
-        self._state = [self._empty_state(i) for i in range(len(self._params))]
-        self._steps = np.zeros(len(self._params), dtype=np.int64)
         self._host_keys = tuple(rule.host_init(self.defaults))
-        self._check_keys = tuple(rule.checks)
-        self._group_snapshot = None
+        self._exact = ExactTracker()
         self._plan = None
-        self._version = 0
+        self._plan_version = 0
+        self._alias = None
+        self._alias_ok = None
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ groups
+    @property
+    def param_groups(self):
+        """The groups as in torch: a list of dicts, editable between steps."""
+        return self._groups.groups
+
+    @property
+    def _params(self):
+        return self._groups.params
+
     def add_param_group(self, group):
         """Add a group dict ``{"params": [...], **hyperparameters}`` (as in torch).
 
         Hyperparameters not given take the optimizer's defaults.  Other keys (such as
         a scheduler's ``initial_lr``) are kept as they are and saved in state_dict.
         """
-        if not isinstance(group, dict) or "params" not in group:
-            raise TypeError("a param group must be a dict with a 'params' entry")
-        arrays = group["params"]
-        if isinstance(arrays, dict):
-            raise TypeError("a param group's 'params' must be a list of arrays")
-        if not isinstance(arrays, (list, tuple)):
-            arrays = [arrays]
-        start = len(self._params)
-        checked = [self.backend.as_param(a, f"parameter {start + k}")
-                   for k, a in enumerate(arrays)]
-        _refuse_overlaps(self._params + checked, self.backend, start)
-        if self.rule.layout == "rowwise" and any(a.ndim == 0 for a in checked):
-            raise ValueError(f"{self.rule.name} keeps one accumulator per row: parameters "
-                             "need at least one dimension")
-        hyper = self.rule.check_group({**self.defaults, **group})
-        self._check_exact(hyper)
-        extras = {k: v for k, v in group.items() if k not in hyper and k != "params"}
-        self.param_groups.append({**extras, **hyper, "params": checked})
-        self._params.extend(checked)
-        if hasattr(self, "_state"):
-            self._state.extend(self._empty_state(i) for i in range(start, len(self._params)))
-            self._steps = np.concatenate([self._steps, np.zeros(len(checked), np.int64)])
-            self._version += 1
+        added = self._groups.add(group)
+        self._state.extend({} for _ in added)
+        self._steps = np.concatenate([self._steps, np.zeros(len(added), np.int64)])
+        self._plan_version = getattr(self, "_plan_version", 0) + 1
 
-    def _check_exact(self, group):
+    def _check_backend(self, group):
+        """Refuse, at construction or when a group changes, what the backend lacks."""
+        bk = self.backend
+        if self.rule.layout == "rowwise":
+            bk.require("rowwise", f"the row-wise rule {self.rule.name}")
+        if any(fused.flags(group)[1:]):
+            bk.require("fused_options")
+        bk.require("sparse_exact" if self.sparse_mode == "exact" else "sparse_lazy")
+
+    def _check_group(self, group):
+        self._check_backend(group)
         if self.sparse_mode != "exact":
             return
         reason = self.rule.exact_reason(group) if self.rule.catch_up is not None else \
@@ -103,44 +111,6 @@ class Optimizer:
         if reason is not None:
             raise ValueError(f"{self.rule.name}: sparse_mode='exact' is not possible for this "
                              f"configuration: {reason}; use sparse_mode='lazy'")
-
-    def _empty_state(self, i):
-        return {}
-
-    def _validated_groups(self):
-        """Validated copies of the groups' hyperparameters and their slot usage.
-
-        Users may edit ``param_groups`` between steps; the check is redone only when
-        a value changed (compared against the last validated snapshot).
-        """
-        keys = self._check_keys
-        snap = [tuple([g.get(k) for k in keys]) + (len(g["params"]),) for g in self.param_groups]
-        if snap != self._group_snapshot:
-            groups = [self.rule.check_group(g) for g in self.param_groups]
-            owner = []
-            for gi, g in enumerate(self.param_groups):
-                owner.extend([gi] * len(g["params"]))
-            if len(owner) != len(self._params):
-                raise RuntimeError("param_groups' 'params' lists must not be edited; "
-                                   "use add_param_group")
-            flags = [fused.flags(g) for g in groups]
-            if any(any(f) for f in flags):
-                self._require_fused()
-            spec = tuple((self.rule.uses_slots(g), fused.with_flags(self.rule.constants(g), f))
-                         for g, f in zip(groups, flags))
-            # parameters updated row by row: row-wise rules, and max_norm groups
-            self._by_rows = frozenset(i for i, gi in enumerate(owner)
-                                      if self.rule.layout == "rowwise" or flags[gi][5])
-            self._group_cache = (groups, spec, owner)
-            self._group_snapshot = snap
-        return self._group_cache
-
-    def _require_fused(self):
-        if not getattr(self.backend, "fuses_options", False):
-            raise NotImplementedError(
-                f"backend {self.backend.name!r} does not fuse the options of "
-                "fastopt.fused (grad_scale, clip_value, l1, param_min, param_max, "
-                "max_norm); use backend='numba' (or 'numpy')")
 
     # ------------------------------------------------------------------- step
     def _align_grads(self, grads):
@@ -155,12 +125,22 @@ class Optimizer:
                 raise KeyError(f"gradient keys do not match the parameters: "
                                f"missing {missing}, unexpected {extra}")
             return [grads[k] for k in self._names]
-        if isinstance(grads, np.ndarray) or not hasattr(grads, "__len__"):
-            grads = [grads] if n == 1 else grads
-        grads = list(grads)
-        if len(grads) != n:
-            raise ValueError(f"got {len(grads)} gradients for {n} parameters")
-        return grads
+        if type(grads) is list:
+            out = grads
+        elif isinstance(grads, tuple):
+            out = list(grads)
+        elif n == 1 and (grads is None or is_sparse(grads) or hasattr(grads, "shape")
+                         or hasattr(grads, "__array_interface__")):
+            out = [grads]
+        else:
+            raise TypeError(f"gradients must be a list (or tuple) aligned with the {n} "
+                            f"parameters, or a dict keyed like them; got "
+                            f"{type(grads).__name__}" + (
+                                " (a single array is accepted only when there is one "
+                                "parameter)" if hasattr(grads, "shape") else ""))
+        if len(out) != n:
+            raise ValueError(f"got {len(out)} gradients for {n} parameters")
+        return out
 
     def step(self, grads, grad_scale=None, skip_nonfinite=False):
         """Apply one update in place.  ``grads`` mirrors the parameters: a list
@@ -168,291 +148,290 @@ class Optimizer:
         (its step count does not advance).
 
         ``grad_scale``: the gradients are divided by it inside the update pass (loss
-        scaling).  ``skip_nonfinite``: first check every gradient for Inf/NaN and,
-        if any is found, skip the whole step (parameters, state and step counts
-        untouched).  Returns True when the step was applied, False when skipped.
+        scaling).  ``skip_nonfinite``: first check every gradient (divided by
+        ``grad_scale``) for Inf/NaN and, if any is found, skip the whole step
+        (parameters, state and step counts untouched).  Returns True when the step
+        was applied, False when skipped.
         """
+        with self._lock:
+            return self._step(grads, grad_scale, skip_nonfinite)
+
+    def _step(self, grads, grad_scale, skip_nonfinite):
         grads = self._align_grads(grads)
-        gs = fused.check_grad_scale(grad_scale)
-        if gs is not None:
-            self._require_fused()
-        groups, uses, owner = self._validated_groups()
+        specs, owner = self._groups.validated()
+        params = self._params
+        bk = self.backend
         n = len(grads)
-        active, sparse = [], []
+        dense_i, sparse_i = [], []
         for i in range(n):
             g = grads[i]
             if g is None:
                 continue
             if type(g) is not np.ndarray and is_sparse(g):
-                sparse.append(i)
+                sparse_i.append(i)
             else:
-                active.append(i)
-        # phase 1: check (and where needed convert) every gradient
-        rows = self._check_sparse(grads, sparse) if sparse else []
-        everyone = len(active) == n
-        dense = grads if everyone else [grads[i] for i in active]
-        plist = self._params if everyone else [self._params[i] for i in active]
-        dense, gptr = self.backend.check_grads(dense, plist, active)
+                dense_i.append(i)
+        # phase 1: check (and where needed convert) everything
+        if skip_nonfinite not in (True, False):
+            raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
+        gs = fused.check_grad_scale(grad_scale)
+        if gs is not None:
+            bk.require("grad_scale", "step(grad_scale=...)")
+            fused.check_grad_scale_dtypes(gs, {params[i].dtype for i in dense_i + sparse_i})
         if skip_nonfinite:
-            finite = getattr(self.backend, "all_finite", None)
-            if finite is None:
-                raise NotImplementedError(f"backend {self.backend.name!r} cannot check "
-                                          "gradients for skip_nonfinite")
-            if not (finite(dense) and finite([v for _, _, v in rows])):
-                return False
-        by_rows = self._by_rows
-        if by_rows and active:
-            moved = [k for k, i in enumerate(active) if i in by_rows]
-            if moved:
-                rows += [(active[k], None, dense[k]) for k in moved]
-                keep = [k for k, i in enumerate(active) if i not in by_rows]
-                everyone = False
-                active = [active[k] for k in keep]
-                dense = [dense[k] for k in keep]
-                gptr = gptr[keep]
-        if rows:
-            self._step_rows(rows, groups, uses, owner, gs)
-        if not active:
-            return True
-        if self._exact:
-            exact_dense = [i for i in active if i in self._exact]
-            for i in exact_dense:
-                self._flush_param(i)
+            bk.require("skip_nonfinite", "step(skip_nonfinite=True)")
+        rows = self._check_sparse(grads, sparse_i)
+        everyone = len(dense_i) == n
+        dense = grads if everyone else [grads[i] for i in dense_i]
+        plist = params if everyone else [params[i] for i in dense_i]
+        dense, gptr = bk.check_grads(dense, plist, dense_i)
+        self._refuse_aliases(dense_i, gptr, rows)
+        if skip_nonfinite and not (bk.all_finite(dense, gs)
+                                   and bk.all_finite([v for _, _, v in rows], gs)):
+            return False
         # phase 2: nothing below fails on user input
-        key = (None if everyone else tuple(active), uses, self._version)
-        plan = self._plan if self._plan is not None and self._plan[0] == key else None
-        if plan is None:
-            fresh = self._allocate_state(active, owner, groups, uses)
-            plan = (key, self._build_plan(active, owner, uses, fresh))
-            self._plan = plan if not fresh else None
-        buckets = plan[1]
-        rule = self.rule
-        new_host = []
-        for b in buckets:
-            fusing = gs is not None or (b.const and b.const[-1][0] == "fused")
-            b.ptrs[:, 1] = gptr[b.pos]
-            b.grads = dense if b.all_active else [dense[k] for k in b.pos]
-            for r, (gi, rep, fresh) in enumerate(b.rows):
-                st = self._state[rep]
-                host = {k: st[k] for k in self._host_keys}
-                scal, host2 = rule.scalars(groups[gi], int(self._steps[rep]) + 1, host, fresh)
-                b.hyper[r] = scal
-                if fusing:          # columns read only by drivers with a fused option on
-                    b.hyper[r, fused.BASE:] = fused.scalars(groups[gi], gs)
-                if host2:
-                    new_host.append((b.row_members[r], host2))
-            if self.backend is _NUMPY:
-                b.ref_args = [(groups[owner[i]], int(self._steps[i]) + 1,
-                               self._ref_state(i, b.uses), b.fresh_of.get(i, ()))
-                              for i in b.index]
-            if gs is None:
-                self.backend.run(rule, b)
-            else:
-                self.backend.run(rule, dataclasses.replace(
-                    b, grad_scale=gs, const=fused.with_flags(
-                        b.const, (True,) + fused.split(b.const)[1][1:])))
-        if everyone:
-            self._steps += 1
-        else:
-            self._steps[active] += 1
-        if self._exact:
-            for i in exact_dense:
-                self._exact[i]["row_step"][:] = self._steps[i]
-                self._exact[i]["group"] = groups[owner[i]]
-        for members, host2 in new_host:
-            for i in members:
-                self._state[i].update(host2)
+        moved = [k for k, i in enumerate(dense_i) if specs[owner[i]].by_rows]
+        if moved:
+            rows += [(dense_i[k], None, dense[k]) for k in moved]
+            keep = [k for k, i in enumerate(dense_i) if not specs[owner[i]].by_rows]
+            everyone = False
+            dense_i = [dense_i[k] for k in keep]
+            dense = [dense[k] for k in keep]
+            gptr = gptr[keep]
+        if rows:
+            self._step_rows(rows, specs, owner, gs)
+        if dense_i:
+            self._step_dense(dense_i, dense, gptr, specs, owner, gs, everyone)
+        if len(dense_i) + len(rows) != n:
+            # some step counts advanced and others did not: the cached plan's rows of
+            # shared scalars (one per group and step count) no longer hold
+            self._plan_version += 1
         return True
 
-    def _check_sparse(self, grads, sparse):
+    def _check_sparse(self, grads, sparse_i):
         """Validate the row-sparse gradients; returns [(i, idx, vals)] (empty ones
         dropped: an empty sparse gradient is a no-op)."""
-        if not hasattr(self.backend, "run_rows") or (
-                self.sparse_mode == "exact" and not hasattr(self.backend, "run_catch_up")):
-            raise NotImplementedError(f"backend {self.backend.name!r} does not take sparse "
-                                      f"gradients in {self.sparse_mode} mode yet; "
-                                      "use backend='numba'")
-        if self.sparse_mode == "exact":
-            for g in self._validated_groups()[0]:
-                self._check_exact(g)
         out = []
-        for i in sparse:
+        for i in sparse_i:
             idx, vals = checked_rows(grads[i], self._params[i], f"gradient {i}")
             if idx.shape[0]:
                 out.append((i, idx, vals))
         return out
 
-    def _step_rows(self, rows, groups, uses, owner, gs=None):
-        """Apply the validated row-sparse gradients: touched rows only (lazy); in exact
-        mode the touched rows are first caught up over the steps they missed."""
+    def _alias_table(self):
+        """Sorted byte ranges of every parameter and state array (cached per plan)."""
+        version = (self._plan_version, self._groups.spec_version)
+        if self._alias is None or self._alias[0] != version:
+            spans = []
+            for i, p in enumerate(self._params):
+                arrays = [(p, f"parameter {i}")] + [
+                    (v, f"state {k!r} of parameter {i}") for k, v in self._state[i].items()
+                    if not isinstance(v, float)]
+                for a, what in arrays:
+                    nb = a.size * a.dtype.itemsize
+                    if nb:
+                        lo = self.backend.address(a)
+                        spans.append((lo, lo + nb, what))
+            spans.sort()
+            self._alias = (version,
+                           np.array([s[0] for s in spans], dtype=np.int64),
+                           np.array([s[1] for s in spans], dtype=np.int64),
+                           [s[2] for s in spans])
+        return self._alias[1:]
+
+    def _refuse_aliases(self, dense_i, gptr, rows):
+        """A gradient must not share memory with a parameter or a state array: the
+        update would read what it writes (and, in parallel, race).  The same
+        gradient buffers as last step (a training loop that reuses them) were
+        checked then."""
+        starts, ends, what = self._alias_table()
+        if not len(starts):
+            return
+        key = (self._alias[0], tuple(dense_i), gptr.tobytes(),
+               tuple((i, self.backend.address(v), v.nbytes) for i, _, v in rows))
+        if key == self._alias_ok:
+            return
+        self._check_aliases(dense_i, gptr, rows, starts, ends, what)
+        self._alias_ok = key
+
+    def _check_aliases(self, dense_i, gptr, rows, starts, ends, what):
+        sizes = [self._params[i].nbytes for i in dense_i]
+        lo = list(gptr) + [self.backend.address(v) for _, _, v in rows]
+        hi = [a + s for a, s in zip(gptr, sizes)] + [
+            self.backend.address(v) + v.nbytes for _, _, v in rows]
+        names = dense_i + [i for i, _, _ in rows]
+        lo = np.asarray(lo, dtype=np.int64)
+        hi = np.asarray(hi, dtype=np.int64)
+        nonempty = hi > lo
+        k = np.searchsorted(starts, hi, side="left") - 1
+        ok = k >= 0
+        hit = np.zeros(len(lo), dtype=bool)
+        hit[ok] = ends[k[ok]] > lo[ok]
+        hit &= nonempty
+        if hit.any():
+            j = int(np.flatnonzero(hit)[0])
+            raise ValueError(f"gradient {names[j]} shares memory with {what[k[j]]}; the update "
+                             "would read what it writes. Pass a separate gradient array "
+                             "(e.g. grad.copy())")
+
+    def _row(self, i, spec, fresh, gs):
+        st = self._state[i]
+        host = {k: st[k] for k in self._host_keys}
+        return self.rule.row(spec.group, int(self._steps[i]) + 1, host, fresh, gs)
+
+    def _step_dense(self, active, dense, gptr, specs, owner, gs, everyone):
+        if self._exact:
+            for i in active:
+                self._flush_param(i)
+        key = (None if everyone else tuple(active), self._plan_version, self._groups.spec_version)
+        plan = self._plan if self._plan is not None and self._plan[0] == key else None
+        fresh = {}
+        if plan is None:
+            fresh = self._allocate_state(active, specs, owner)
+            tensors = []
+            for i in active:
+                spec = specs[owner[i]]
+                st = self._state[i]
+                tensors.append((self._params[i], planner.slot_list(self.rule, st, spec.uses),
+                                spec, (owner[i], int(self._steps[i]),
+                                       tuple(st[k] for k in self._host_keys),
+                                       fresh.get(i, ()))))
+            buckets = planner.dense_buckets(self.rule, self.backend, tensors)
+            plan = (key, buckets)
+            if not fresh:
+                self._plan = plan
+        new_host = []
+        ref = getattr(self.backend, "wants_reference_args", False)
+        for b in plan[1]:
+            scal = []
+            for members in b.row_members:
+                i = active[members[0]]
+                row, host2 = self._row(i, specs[owner[i]], fresh.get(i, ()), gs)
+                scal.append(row)
+                if host2:
+                    new_host.append(([active[m] for m in members], host2))
+            work = planner.fill_bucket(b, gptr, dense, scal, gs, all_active=len(b.pos) ==
+                                       len(active))
+            if ref:
+                work.ref = [(specs[owner[i]].group, int(self._steps[i]) + 1,
+                             self._ref_state(i, specs[owner[i]].uses), fresh.get(i, ()))
+                            for i in (active[k] for k in b.pos)]
+            self.backend.run_dense(work)
+        if everyone:
+            self._steps += 1
+        else:
+            self._steps[active] += 1
+        for members, host2 in new_host:
+            for i in members:
+                self._state[i].update(host2)
+        if self._exact:
+            for i in active:
+                self._exact.mark_all(i, int(self._steps[i]), specs[owner[i]])
+
+    def _step_rows(self, rows, specs, owner, gs):
+        """Row steps: sparse gradients (touched rows only; in exact mode each touched
+        row is first caught up over the steps it missed), and dense gradients of
+        parameters updated row by row (row-wise rules, max_norm)."""
         rule = self.rule
         active = [i for i, _, _ in rows]
         if self.sparse_mode == "exact":
-            self._flush_changed(active, groups, owner)
-        fresh = self._allocate_state(active, owner, groups, uses)
+            self._flush_changed(active, specs, owner)
+        fresh = self._allocate_state(active, specs, owner)
+        ref = getattr(self.backend, "wants_reference_args", False)
         for i, idx, vals in rows:
-            gi = owner[i]
-            use, const = uses[gi]
+            spec = specs[owner[i]]
             st = self._state[i]
             step = int(self._steps[i]) + 1
-            host = {k: st[k] for k in self._host_keys}
             fr = fresh.get(i, ())
-            scal, host2 = rule.scalars(groups[gi], step, host, fr)
+            row, host2 = self._row(i, spec, fr, gs)
             p = self._params[i]
-            if idx is None:         # a dense gradient of a row-wise rule: every row once
-                if p.size == 0:     # nothing to update (a row of zero elements has no mean)
-                    self._steps[i] += 1
-                    st.update(host2)
-                    continue
-                idx = order = uniq = np.arange(p.shape[0], dtype=np.int64)
-                seg = np.arange(p.shape[0] + 1, dtype=np.int64)
-                vals = vals.reshape(p.shape[0], -1)
-            else:
-                order, seg, uniq = coalesce_plan(idx, p.shape[0])
-            slots = [st[name] if u else None
-                     for name, u in zip(rule.slots + (None,) * NSLOTS, use)]
-            if self.sparse_mode == "exact":
-                ex = self._exact_info(i, groups[gi], use)
+            exact = None
+            if self.sparse_mode == "exact" and idx is not None:
+                ex = self._exact.info(i, p.shape[0], step - 1, spec)
                 if "momentum_buffer" in fr:
                     ex["buffer_start"] = step
-                self._catch_up(i, uniq, step - 1)
-                ex["row_step"][uniq] = step
-            hyper = np.array([scal], dtype=np.float64)
-            hyper[0, fused.BASE:] = fused.scalars(groups[gi], gs)
-            if gs is not None:
-                const = fused.with_flags(const, (True,) + fused.split(const)[1][1:])
-            work = backends.RowsWork(param=p, slots=slots, vals=vals, idx=idx, order=order,
-                                     seg=seg, uniq=uniq, uses=use, const=const, hyper=hyper,
-                                     ref_args=(groups[gi], step, self._ref_state(i, use), fr),
-                                     grad_scale=gs)
-            self.backend.run_rows(rule, work)
+                exact = self._exact.pending(i, step - 1, self._skipped_scalars)
+            elif self._exact and idx is None:
+                self._flush_param(i)
+            if p.size:
+                work = planner.rows_work(
+                    rule, spec, p, planner.slot_list(rule, st, spec.uses), row, idx, vals, gs,
+                    exact=exact,
+                    ref=(spec.group, step, self._ref_state(i, spec.uses), fr) if ref else None)
+                self.backend.run_rows(work)
+                if exact is not None:
+                    self._exact.mark(i, work.uniq, step)
+            elif self._exact and idx is None:
+                self._exact.mark_all(i, step)
             self._steps[i] += 1
             st.update(host2)
-        self._plan = None if fresh else self._plan
 
     # ------------------------------------------------------------ exact mode
-    def _exact_info(self, i, group, uses):
-        ex = self._exact.get(i)
-        if ex is None:
-            ex = self._exact[i] = {
-                "row_step": np.full(self._params[i].shape[0], self._steps[i], np.int64),
-                "buffer_start": 0, "group": group, "uses": uses}
-        return ex
-
-    def _catch_up(self, i, rows, t_end):
-        """Bring ``rows`` of parameter ``i`` up to step ``t_end`` (zero gradients)."""
-        ex = self._exact[i]
-        last = ex["row_step"][rows]
-        pending = last < t_end
-        if not pending.any():
-            return
-        rows, last = rows[pending], last[pending]
-        st = self._state[i]
-        group, uses = ex["group"], ex["uses"]
-        scal, _ = self.rule.scalars(group, t_end, {k: st[k] for k in self._host_keys}, ())
-        slots = [st[n] if u and n in st else None for n, u in zip(self.rule.slots, uses)]
-        self.backend.run_catch_up(self.rule, backends.CatchUpWork(
-            param=self._params[i], slots=slots, rows=rows, last=last, t_end=int(t_end),
-            buffer_start=ex["buffer_start"], scalars=scal, group=group, uses=uses))
-        ex["row_step"][rows] = t_end
+    def _skipped_scalars(self, group, t_end):
+        return self.rule.row(group, t_end, self.rule.host_init(group), ())[0]
 
     def _flush_param(self, i):
-        ex = self._exact.get(i)
-        if ex is not None:
-            rows = np.flatnonzero(ex["row_step"] < self._steps[i])
-            self._catch_up(i, rows, int(self._steps[i]))
+        t = int(self._steps[i])
+        rows = self._exact.behind(i, t)
+        if rows.shape[0] == 0:
+            return
+        ex = self._exact.rows[i]
+        spec = ex["spec"]
+        p = self._params[i]
+        work = planner.rows_work(
+            self.rule, spec, p, planner.slot_list(self.rule, self._state[i], spec.uses),
+            self._skipped_scalars(spec.group, t), rows=rows,
+            exact=self._exact.pending(i, t, self._skipped_scalars))
+        self.backend.run_rows(work)
+        self._exact.mark(i, rows, t)
 
-    def _flush_changed(self, params, groups, owner):
+    def _flush_changed(self, params, specs, owner):
         """Exact mode: parameters whose hyperparameters changed since their pending
         rows were left behind are brought up to date with the old ones first."""
         for i in params:
-            ex = self._exact.get(i)
-            if ex is not None and ex["group"] != groups[owner[i]]:
+            ex = self._exact.rows.get(i)
+            if ex is not None and ex["spec"].group != specs[owner[i]].group:
                 self._flush_param(i)
-                ex["group"] = groups[owner[i]]
-                ex["uses"] = self._validated_groups()[1][owner[i]][0]
+                ex["spec"] = specs[owner[i]]
 
     def flush(self):
         """Exact sparse mode: bring every row of every parameter up to date, as if the
         skipped steps had been dense steps with zero gradient on those rows.  Call it
         before evaluating or exporting parameters; ``state_dict()`` calls it.  A no-op
         in lazy mode."""
-        for i in list(self._exact):
+        with self._lock:
+            self._flush_all()
+
+    def _flush_all(self):
+        for i in list(self._exact.rows):
             self._flush_param(i)
 
+    # ------------------------------------------------------------------ state
     def _ref_state(self, i, uses):
         st = self._state[i]
         out = {n: st[n] for n, u in zip(self.rule.slots, uses) if u}
         out.update({k: st[k] for k in self._host_keys})
         return out
 
-    def _allocate_state(self, active, owner, groups, uses):
+    def _allocate_state(self, active, specs, owner):
         """Create the state a parameter's group needs; returns {i: fresh slot names}."""
         fresh = {}
         rule = self.rule
         for i in active:
             st = self._state[i]
-            g = groups[owner[i]]
-            for k, v in rule.host_init(g).items():
+            spec = specs[owner[i]]
+            for k, v in rule.host_init(spec.group).items():
                 st.setdefault(k, v)
-            for name, used in zip(rule.slots, uses[owner[i]][0]):
+            for name, used in zip(rule.slots, spec.uses):
                 if used and name not in st:
                     p = self._params[i]
                     st[name] = self.backend.full(rule.slot_shape(p.shape),
-                                                 rule.slot_init(g, name), p.dtype)
+                                                 rule.slot_init(spec.group, name), p.dtype)
                     fresh.setdefault(i, set()).add(name)
         if fresh:
-            self._version += 1
+            self._plan_version += 1
         return {i: tuple(sorted(v)) for i, v in fresh.items()}
 
-    def _build_plan(self, active, owner, uses, fresh):
-        """Buckets (dtype x slot usage) with their pointer, chunk and row tables."""
-        by_key = {}
-        for pos, i in enumerate(active):
-            by_key.setdefault((self._params[i].dtype.str, uses[owner[i]]), []).append((pos, i))
-        buckets = []
-        for (dt, (use, const)), members in by_key.items():
-            idx = [i for _, i in members]
-            ptrs = np.zeros((len(idx), 2 + NSLOTS), dtype=np.int64)
-            slots = []
-            rows, row_of, row_members = [], {}, []
-            hidx = np.empty(len(idx), dtype=np.int64)
-            for t, i in enumerate(idx):
-                st = self._state[i]
-                ptrs[t, 0] = self.backend.address(self._params[i])
-                slots.append([st[name] if used else None
-                              for name, used in zip(self.rule.slots + (None,) * NSLOTS, use)])
-                for s, arr in enumerate(slots[-1]):
-                    if arr is not None:
-                        ptrs[t, 2 + s] = self.backend.address(arr)
-                for s in range(NSLOTS):
-                    if ptrs[t, 2 + s] == 0:
-                        ptrs[t, 2 + s] = ptrs[t, 0]
-                fr = fresh.get(i, ())
-                rkey = (owner[i], int(self._steps[i]),
-                        tuple(st[k] for k in self._host_keys), fr)
-                r = row_of.get(rkey)
-                if r is None:
-                    r = row_of[rkey] = len(rows)
-                    rows.append((owner[i], i, fr))
-                    row_members.append([])
-                row_members[r].append(i)
-                hidx[t] = r
-            sizes = [self._params[i].size for i in idx]
-            b = backends.Bucket(dtype=np.dtype(dt), uses=use, const=const, index=idx,
-                                params=[self._params[i] for i in idx], ptrs=ptrs,
-                                chunks=_numba_cpu.make_chunks(sizes),
-                                hyper=np.zeros((len(rows), NSCALARS)), hidx=hidx,
-                                nelem=int(sum(sizes)))
-            b.slots = slots
-            b.pos = np.array([pos for pos, _ in members], dtype=np.int64)
-            b.all_active = len(members) == len(active)
-            b.rows, b.row_members = rows, row_members
-            b.fresh_of = {i: fresh[i] for i in idx if i in fresh}
-            buckets.append(b)
-        return buckets
-
-    # -------------------------------------------------------------- state_dict
     @property
     def state(self):
         """Per-parameter state, keyed by parameter index (read-only view)."""
@@ -463,99 +442,56 @@ class Optimizer:
         """A plain dict in torch's layout plus a format version and the optimizer name.
 
         ``{"version": 1, "optimizer": "Adam", "state": {index: {"step": int,
-        "exp_avg": ndarray, ...}}, "param_groups": [{..., "params": [indices]}]}``.
-        Arrays are copies.  In exact sparse mode the optimizer is flushed first (every
-        row brought up to date), so the saved state needs no per-row bookkeeping.
+        "exp_avg": ndarray, ...}}, "param_groups": [{..., "params": [indices]}]}``
+        (and ``"param_names"`` when the parameters were given as a dict).  Arrays
+        are copies.  In exact sparse mode the optimizer is flushed first (every row
+        brought up to date), so the saved state needs no per-row bookkeeping.
         """
-        self.flush()
-        groups, start = [], 0
-        for g in self.param_groups:
-            n = len(g["params"])
-            groups.append({**{k: v for k, v in g.items() if k != "params"},
-                           "params": list(range(start, start + n))})
-            start += n
-        state = {}
-        for i, st in enumerate(self._state):
-            if self._steps[i] == 0 and not st:
-                continue
-            state[i] = {"step": int(self._steps[i])}
-            state[i].update({k: (self.backend.to_host(v) if not isinstance(v, float) else v)
-                             for k, v in st.items()})
-        out = {"version": STATE_DICT_VERSION, "optimizer": self.rule.name,
-               "state": state, "param_groups": groups}
-        if self._names is not None:
-            out["param_names"] = list(self._names)
-        return out
+        with self._lock:
+            self._groups.validated()      # a bad edit of param_groups is refused here too
+            self._flush_all()
+            return state_io.state_dict(self)
 
     def load_state_dict(self, state_dict):
         """Load a :meth:`state_dict`.  Everything is checked before anything changes:
-        optimizer name, version, group structure, hyperparameters, state names, shapes
-        and dtypes (state arrays must have the parameter's dtype: no downcast).
+        optimizer name, version, group structure, hyperparameters, parameter names
+        (state is matched by name when both sides have names), state names (every
+        slot the configuration uses and every host scalar must be present), shapes
+        and dtypes (state arrays must have the parameter's dtype: no downcast), step
+        counts and host scalars.
         """
-        sd = state_dict
-        if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
-            raise ValueError("not an optimizer state_dict")
-        if sd.get("optimizer") != self.rule.name:
-            raise ValueError(f"state_dict is for optimizer {sd.get('optimizer')!r}, "
-                             f"not {self.rule.name!r}")
-        if sd.get("version") != STATE_DICT_VERSION:
-            raise ValueError(f"unsupported state_dict version {sd.get('version')!r}")
-        if len(sd["param_groups"]) != len(self.param_groups):
-            raise ValueError("state_dict has a different number of param groups")
-        new_groups = []
-        for gi, (g_new, g_old) in enumerate(zip(sd["param_groups"], self.param_groups)):
-            if len(g_new.get("params", ())) != len(g_old["params"]):
-                raise ValueError(f"param group {gi} has a different number of parameters")
-            hyper = {k: v for k, v in g_new.items() if k != "params"}
-            checked = self.rule.check_group({**self.defaults, **hyper})
-            extras = {k: v for k, v in hyper.items() if k not in checked}
-            new_groups.append({**extras, **checked})
-        new_state = [self._empty_state(i) for i in range(len(self._params))]
-        new_steps = np.zeros(len(self._params), dtype=np.int64)
-        allowed = set(self.rule.slots)
-        for key, st in sd["state"].items():
-            i = int(key)
-            if not 0 <= i < len(self._params):
-                raise ValueError(f"state_dict has state for parameter {key!r}, "
-                                 f"but there are {len(self._params)} parameters")
-            p = self._params[i]
-            step = st.get("step", 0)
-            if isinstance(step, (bool, float)) or not isinstance(step, (int, np.integer)) \
-                    or step < 0:
-                raise ValueError(f"state of parameter {i}: invalid step {step!r}")
-            new_steps[i] = int(step)
-            out = {}
-            for name, v in st.items():
-                if name == "step":
-                    continue
-                if name in allowed:
-                    v = np.asarray(v)
-                    if v.shape != self.rule.slot_shape(p.shape):
-                        raise ValueError(f"state {name!r} of parameter {i} has shape {v.shape}, "
-                                         f"expected {self.rule.slot_shape(p.shape)}")
-                    if v.dtype != p.dtype:
-                        raise ValueError(f"state {name!r} of parameter {i} has dtype {v.dtype}, "
-                                         f"expected {p.dtype} (fastopt never casts state)")
-                    out[name] = self.backend.from_host(v, p)
-                elif name in self.rule.host_init(new_groups[0]):
-                    if not isinstance(v, (float, int, np.floating)) or isinstance(v, bool):
-                        raise ValueError(f"state {name!r} of parameter {i} must be a number")
-                    out[name] = float(v)
-                else:
-                    raise ValueError(f"state_dict has unknown state {name!r} for "
-                                     f"{self.rule.name}")
-            new_state[i] = out
-        # all checked: commit
-        for g, hyper in zip(self.param_groups, new_groups):
-            params = g["params"]
-            g.clear()
-            g.update({**hyper, "params": params})
-        self._state = new_state
-        self._steps = new_steps
-        self._exact = {}
-        self._group_snapshot = None
-        self._plan = None
-        self._version += 1
+        with self._lock:
+            state_io.load_state_dict(self, state_dict)
+            self._exact.clear()
+            self._groups.invalidate()
+            self._plan = None
+            self._plan_version += 1
+
+    def _capture(self):
+        """A private, non-flushing copy of everything a step changes (checkpoint
+        rollback)."""
+        import copy
+        with self._lock:
+            return (copy.deepcopy(self._state), self._steps.copy(),
+                    copy.deepcopy(self._exact.rows),
+                    [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+                    [self.backend.to_host(p) for p in self._params])
+
+    def _restore(self, captured):
+        state, steps, exact, groups, params = captured
+        with self._lock:
+            for p, saved in zip(self._params, params):
+                p[...] = saved
+            self._state = state
+            self._steps = steps
+            self._exact.rows = exact
+            for g, h in zip(self.param_groups, groups):
+                ps = g["params"]
+                g.clear()
+                g.update({**h, "params": ps})
+            self._groups.invalidate()
+            self._plan = None
+            self._plan_version += 1
 
     def __repr__(self):
         lines = [f"{self.rule.name} (backend={self.backend.name})"]
@@ -563,7 +499,6 @@ class Optimizer:
             hyper = ", ".join(f"{k}={v!r}" for k, v in g.items() if k != "params")
             lines.append(f"  group {gi}: {len(g['params'])} params, {hyper}")
         return "\n".join(lines)
-
 
 
 def _first_array(params):
@@ -578,22 +513,3 @@ def _first_array(params):
         return first
     except (TypeError, IndexError, KeyError):
         return None
-
-
-def _refuse_overlaps(params, backend, start):
-    """Raise if two parameters share memory (an update would be applied twice).
-
-    Sorts the parameters' byte ranges and compares neighbours: O(n log n).
-    """
-    spans = []
-    for k, p in enumerate(params):
-        nbytes = p.size * p.dtype.itemsize
-        if nbytes:
-            lo = backend.address(p)
-            spans.append((lo, lo + nbytes, k))
-    spans.sort()
-    for (lo1, hi1, k1), (lo2, hi2, k2) in zip(spans, spans[1:]):
-        if lo2 < hi1:
-            k = max(k1, k2)
-            raise ValueError(f"parameter {k} appears twice or overlaps parameter "
-                             f"{min(k1, k2)}")

@@ -24,7 +24,7 @@ Example::
         opt.step([2 * (w - 1)])          # gradient of |w - 1|^2
 """
 
-from . import registry
+from . import rules as registry
 from .optimizer import Optimizer
 
 
@@ -179,7 +179,7 @@ class RowWiseAdagrad(Optimizer):
 
     with ``clr = lr / (1 + (t - 1) * lr_decay)``.  State ``sum`` has shape
     ``(param.shape[0],)``.  For a 1-D parameter every element is a row, which is
-    plain Adagrad.  Backends: numba and numpy (dense and sparse).
+    plain Adagrad.  Every backend, dense and sparse.
     """
 
     rule = registry.RowWiseAdagrad
@@ -195,6 +195,33 @@ class RowWiseAdagrad(Optimizer):
                          maximize=maximize)
 
 
-#: rule name -> class
-CLASSES = {cls.rule.name: cls for cls in (SGD, Adagrad, RMSprop, Adam, AdamW, Adamax,
-                                          NAdam, Lion, RowWiseAdagrad)}
+def make_class(rule):
+    """An optimizer class for a registry rule that has no hand-written class above:
+    the signature comes from the rule's defaults (so ``help()`` shows them) and the
+    docstring from the rule's module."""
+    import inspect
+    import sys
+
+    def __init__(self, params, sparse_mode="lazy", backend="auto", **hyper):
+        Optimizer.__init__(self, params, backend=backend, sparse_mode=sparse_mode, **hyper)
+
+    P = inspect.Parameter
+    sig = [P("self", P.POSITIONAL_OR_KEYWORD), P("params", P.POSITIONAL_OR_KEYWORD)]
+    sig += [P(k, P.POSITIONAL_OR_KEYWORD, default=v)
+            for k, v in registry.torch_defaults(rule).items()]
+    sig += [P("sparse_mode", P.KEYWORD_ONLY, default="lazy"),
+            P("backend", P.KEYWORD_ONLY, default="auto"),
+            P("fused_options", P.VAR_KEYWORD)]
+    __init__.__signature__ = inspect.Signature(sig)
+    doc = sys.modules[rule.math.__module__].__doc__
+    return type(rule.name, (Optimizer,), {"rule": rule, "__init__": __init__, "__doc__": doc,
+                                          "__module__": __name__})
+
+
+_WRITTEN = (SGD, Adagrad, RMSprop, Adam, AdamW, Adamax, NAdam, Lion, RowWiseAdagrad)
+
+#: rule name -> class, for every rule of the registry (a new rule gets a generated
+#: class until someone writes one with a docstring of its own)
+CLASSES = {cls.rule.name: cls for cls in _WRITTEN}
+CLASSES.update({name: make_class(rule) for name, rule in registry.RULES.items()
+                if name not in CLASSES})

@@ -1,16 +1,25 @@
 # cython: language_level=3
 """Per-element update math for the Cython backend: the one deliberate second copy.
 
-Each function here is a faithful transcription of the function of the same name in
-``fastopt/rules.py`` (the definition of every rule's math): the same operations in
-the same order, the same flags read from the same scalar positions, the same
-NaN-propagating ``_nanmax`` and ``_sign``.  ``tests/test_cython_parity.py`` checks
-them bit for bit against the Python functions, for both dtypes, on awkward inputs.
+Each rule function here is a faithful transcription of the ``element`` function of
+the rule's module (``fastopt/rules/<module>.py``, the function's name here): the
+same operations in the same order, the same NaN-propagating ``_nanmax`` and
+``_sign``, and every scalar read **by name**: ``c[ADAM_STEP_SIZE]`` is the
+``step_size`` field of ``fastopt.rules.adam.Scalars``.  The column constants come
+from ``_cy_scalars.pxi``, generated from the ``Scalars`` declarations by
+``fastopt.rules.cython_pxi()`` (never edited by hand), and included here so that
+every module that cimports this file sees them (``from _cy_rules cimport
+NSCALARS, F_CLIP_VALUE, ...``); no column number is written anywhere else.
 
-Calling convention (``rules.py`` returns a 4-tuple; here the values are updated in
-place through pointers)::
+The fused options (``fastopt/rules/fused.py``) are here too: :func:`pre_pass`
+(``g / grad_scale``, clip), :func:`post_pass` (L1 soft-threshold, clamps), as
+passes over a block of elements, and :func:`renorm_row` (row max-norm), with the
+switches as a runtime bit mask (``OPT_*``, the order of ``fused.SWITCHES``).
 
-    rule(&p, g, &s0, &s1, &s2, c)      # c: NSCALARS (18) scalars in p's dtype
+Calling convention (the Python functions return a 4-tuple; here the values are
+updated in place through pointers)::
+
+    rule(&p, g, &s0, &s1, &s2, c)      # c: NSCALARS scalars in p's dtype
 
 * every value, scalar and intermediate is of the fused type ``floating`` (the
   parameter's dtype): no literals, no promotion, so float32 arithmetic stays float32;
@@ -20,13 +29,27 @@ place through pointers)::
 * the including module compiles with ``-ffp-contract=off`` (no fused multiply-add)
   and without any fast-math flag, so NaN checks and rounding are as written.
 
-A slot that a rule does not use is left untouched (as ``rules.py`` returns it
-unchanged); which slots a configuration uses is the driver's business.
+A slot that a rule does not use is left untouched (as the Python function returns
+it unchanged); which slots a configuration uses is the driver's business.
 """
+
+include "_cy_scalars.pxi"
 
 cimport cython
 from cython cimport floating
-from libc.math cimport fabs, fabsf, sqrt, sqrtf
+from libc.math cimport INFINITY, fabs, fabsf, sqrt, sqrtf
+
+# the fused switches as bits of one mask, in the order of fastopt.rules.fused.SWITCHES
+cdef enum:
+    OPT_GRAD_SCALE = 1
+    OPT_CLIP = 2
+    OPT_L1 = 4
+    OPT_MIN = 8
+    OPT_MAX = 16
+    OPT_MAX_NORM = 32
+    OPT_PRE = 3             # the gradient side (fused.pre)
+    OPT_POST = 28           # the parameter side (fused.post)
+    OPT_ELEMENT = 31        # the element-wise ones (max_norm needs whole rows)
 
 
 cdef inline floating _sqrt(floating x) noexcept nogil:
@@ -44,14 +67,14 @@ cdef inline floating _fabs(floating x) noexcept nogil:
 
 
 cdef inline floating _nanmax(floating a, floating b) noexcept nogil:
-    """max(a, b) that returns NaN when either argument is NaN (like torch.maximum)."""
+    """rules._math.nanmax: NaN when either argument is NaN (like torch.maximum)."""
     if a > b or a != a:
         return a
     return b
 
 
 cdef inline floating _sign(floating x, floating one, floating zero) noexcept nogil:
-    """sign(x) in x's dtype; NaN stays NaN (like torch.sign)."""
+    """rules._math.sign: sign(x) in x's dtype; NaN stays NaN (like torch.sign)."""
     if x > zero:
         return one
     if x < zero:
@@ -61,28 +84,110 @@ cdef inline floating _sign(floating x, floating one, floating zero) noexcept nog
     return x
 
 
+# ------------------------------------------------------------ fused options
+#
+# ``fused.pre`` and ``fused.post`` as passes over a block of elements: the drivers
+# run ``pre`` over a block of gradients into a buffer, the rule's element loop over
+# the block, then ``post`` over the block of parameters (still in cache).  Each
+# element sees the same operations in the same order as Numba's fused element step
+# (``pre``, the rule's math, ``post``), and each pass is a simple loop the compiler
+# vectorizes (one fused loop with five runtime switches did not vectorize, and five
+# compile-time switches would multiply the number of specialized loops by 32).  The
+# selects are written with every comparison evaluated, so that they if-convert
+# (the module is compiled with ``-fno-trapping-math``: no value changes, only the
+# floating-point exception flags are not kept, as in Numba/LLVM's default
+# floating-point environment).
+
+@cython.cdivision(True)
+cdef inline void pre_pass(floating* out, const floating* G, Py_ssize_t n, const floating* c,
+                          int opts) noexcept nogil:
+    """``out[j] = fused.pre(G[j])``: ``g / grad_scale``, then clip to
+    ``[-clip_value, clip_value]`` (NaN stays NaN).  ``out`` may be ``G``; ``opts``
+    has at least one of the two bits."""
+    cdef floating s = c[F_GRAD_SCALE], hi = c[F_CLIP_VALUE]
+    cdef floating lo = -c[F_CLIP_VALUE]
+    cdef floating g
+    cdef Py_ssize_t j
+    if (opts & OPT_GRAD_SCALE) and (opts & OPT_CLIP):
+        for j in range(n):
+            g = G[j] / s
+            out[j] = hi if g > hi else (lo if g < lo else g)
+    elif opts & OPT_GRAD_SCALE:
+        for j in range(n):
+            out[j] = G[j] / s
+    elif opts & OPT_CLIP:
+        for j in range(n):
+            g = G[j]
+            out[j] = hi if g > hi else (lo if g < lo else g)
+
+
+cdef inline void post_pass(floating* P, Py_ssize_t n, const floating* c, floating zero,
+                           int opts) noexcept nogil:
+    """``P[j] = fused.post(P[j])``: soft-threshold by ``l1_threshold``, then clamp to
+    ``[param_min, param_max]``.  NaN stays NaN.  One loop: a clamp that is off
+    clamps to -Inf / +Inf, which changes no value (NaN included)."""
+    cdef floating t = c[F_L1_THRESHOLD], mt = -c[F_L1_THRESHOLD]
+    cdef floating lo = c[F_PARAM_MIN] if opts & OPT_MIN else -INFINITY
+    cdef floating hi = c[F_PARAM_MAX] if opts & OPT_MAX else INFINITY
+    cdef floating p, a, b, r
+    cdef Py_ssize_t j
+    if opts & OPT_L1:
+        for j in range(n):
+            p = P[j]
+            a = p - t
+            b = p + t
+            # p > t: p - t;  p < -t: p + t;  else zero (NaN stays NaN)
+            r = zero if p == p else p
+            r = b if p < mt else r
+            r = a if p > t else r
+            r = lo if r < lo else r
+            P[j] = hi if r > hi else r
+    else:
+        for j in range(n):
+            p = P[j]
+            p = lo if p < lo else p
+            P[j] = hi if p > hi else p
+
+
+@cython.cdivision(True)
+cdef inline void renorm_row(floating* prow, Py_ssize_t n, const floating* c, floating zero,
+                            floating eps) noexcept nogil:
+    """fused.renorm_row: squares summed in element order, in the dtype; a row whose
+    norm exceeds ``max_norm`` is scaled by ``max_norm / (norm + eps)``."""
+    cdef floating ss = zero
+    cdef floating norm, scale
+    cdef Py_ssize_t j
+    for j in range(n):
+        ss += prow[j] * prow[j]
+    norm = _sqrt(ss)
+    if norm > c[F_MAX_NORM]:
+        scale = c[F_MAX_NORM] / (norm + eps)
+        for j in range(n):
+            prow[j] = prow[j] * scale
+
+
+# ----------------------------------------------------------- element rules
+
 @cython.cdivision(True)
 cdef inline void sgd(floating* p_, floating g, floating* buf_, floating* s1_, floating* s2_,
                      const floating* c) noexcept nogil:
-    """rules.sgd: scalars (lr, weight_decay, momentum, 1 - dampening, nesterov,
-    maximize, first, has_momentum)."""
+    """rules.sgd.element."""
     cdef floating p = p_[0]
     cdef floating buf = buf_[0]
-    cdef floating lr = c[0], wd = c[1], mom = c[2], omd = c[3]
-    if c[5]:
+    if c[SGD_MAXIMIZE]:
         g = -g
-    if wd:
-        g = g + wd * p
-    if c[7]:
-        if c[6]:
+    if c[SGD_WEIGHT_DECAY]:
+        g = g + c[SGD_WEIGHT_DECAY] * p
+    if c[SGD_HAS_MOMENTUM]:
+        if c[SGD_FIRST]:
             buf = g
         else:
-            buf = mom * buf + omd * g
-        if c[4]:
-            g = g + mom * buf
+            buf = c[SGD_MOMENTUM] * buf + c[SGD_ONE_MINUS_DAMPENING] * g
+        if c[SGD_NESTEROV]:
+            g = g + c[SGD_MOMENTUM] * buf
         else:
             g = buf
-    p = p - lr * g
+    p = p - c[SGD_LR] * g
     p_[0] = p
     buf_[0] = buf
 
@@ -90,16 +195,15 @@ cdef inline void sgd(floating* p_, floating g, floating* buf_, floating* s1_, fl
 @cython.cdivision(True)
 cdef inline void adagrad(floating* p_, floating g, floating* acc_, floating* s1_, floating* s2_,
                          const floating* c) noexcept nogil:
-    """rules.adagrad: scalars (clr, weight_decay, eps, maximize)."""
+    """rules.adagrad.element."""
     cdef floating p = p_[0]
     cdef floating acc = acc_[0]
-    cdef floating clr = c[0], wd = c[1], eps = c[2]
-    if c[3]:
+    if c[ADAGRAD_MAXIMIZE]:
         g = -g
-    if wd:
-        g = g + wd * p
+    if c[ADAGRAD_WEIGHT_DECAY]:
+        g = g + c[ADAGRAD_WEIGHT_DECAY] * p
     acc = acc + g * g
-    p = p - clr * g / (_sqrt(acc) + eps)
+    p = p - c[ADAGRAD_CLR] * g / (_sqrt(acc) + c[ADAGRAD_EPS])
     p_[0] = p
     acc_[0] = acc
 
@@ -107,27 +211,25 @@ cdef inline void adagrad(floating* p_, floating g, floating* acc_, floating* s1_
 @cython.cdivision(True)
 cdef inline void rmsprop(floating* p_, floating g, floating* sq_, floating* gavg_, floating* buf_,
                          const floating* c) noexcept nogil:
-    """rules.rmsprop: scalars (lr, weight_decay, alpha, 1 - alpha, eps, momentum,
-    centered, has_momentum, maximize)."""
+    """rules.rmsprop.element."""
     cdef floating p = p_[0]
     cdef floating sq = sq_[0], gavg = gavg_[0], buf = buf_[0]
-    cdef floating lr = c[0], wd = c[1], alpha = c[2], oma = c[3], eps = c[4], mom = c[5]
     cdef floating avg
-    if c[8]:
+    if c[RMSPROP_MAXIMIZE]:
         g = -g
-    if wd:
-        g = g + wd * p
-    sq = alpha * sq + oma * g * g
-    if c[6]:
-        gavg = alpha * gavg + oma * g
-        avg = _sqrt(sq - gavg * gavg) + eps
+    if c[RMSPROP_WEIGHT_DECAY]:
+        g = g + c[RMSPROP_WEIGHT_DECAY] * p
+    sq = c[RMSPROP_ALPHA] * sq + c[RMSPROP_ONE_MINUS_ALPHA] * g * g
+    if c[RMSPROP_CENTERED]:
+        gavg = c[RMSPROP_ALPHA] * gavg + c[RMSPROP_ONE_MINUS_ALPHA] * g
+        avg = _sqrt(sq - gavg * gavg) + c[RMSPROP_EPS]
     else:
-        avg = _sqrt(sq) + eps
-    if c[7]:
-        buf = mom * buf + g / avg
-        p = p - lr * buf
+        avg = _sqrt(sq) + c[RMSPROP_EPS]
+    if c[RMSPROP_HAS_MOMENTUM]:
+        buf = c[RMSPROP_MOMENTUM] * buf + g / avg
+        p = p - c[RMSPROP_LR] * buf
     else:
-        p = p - lr * (g / avg)
+        p = p - c[RMSPROP_LR] * (g / avg)
     p_[0] = p
     sq_[0] = sq
     gavg_[0] = gavg
@@ -137,26 +239,23 @@ cdef inline void rmsprop(floating* p_, floating g, floating* sq_, floating* gavg
 @cython.cdivision(True)
 cdef inline void adam(floating* p_, floating g, floating* m_, floating* v_, floating* vmax_,
                       const floating* c) noexcept nogil:
-    """rules.adam (Adam and AdamW): scalars (step_size, beta1, 1 - beta1, beta2,
-    1 - beta2, eps, 1/sqrt(bc2), l2, decay, amsgrad, maximize)."""
+    """rules.adam.element (Adam and AdamW)."""
     cdef floating p = p_[0]
     cdef floating m = m_[0], v = v_[0], vmax = vmax_[0]
-    cdef floating step_size = c[0], b1 = c[1], omb1 = c[2], b2 = c[3], omb2 = c[4]
-    cdef floating eps = c[5], rbc2 = c[6], l2 = c[7], decay = c[8]
     cdef floating denom
-    if c[10]:
+    if c[ADAM_MAXIMIZE]:
         g = -g
-    if l2:
-        g = g + l2 * p
-    p = p * decay
-    m = b1 * m + omb1 * g
-    v = b2 * v + omb2 * g * g
-    if c[9]:
+    if c[ADAM_L2]:
+        g = g + c[ADAM_L2] * p
+    p = p * c[ADAM_DECAY]
+    m = c[ADAM_BETA1] * m + c[ADAM_ONE_MINUS_BETA1] * g
+    v = c[ADAM_BETA2] * v + c[ADAM_ONE_MINUS_BETA2] * g * g
+    if c[ADAM_AMSGRAD]:
         vmax = _nanmax(vmax, v)
-        denom = _sqrt(vmax) * rbc2 + eps
+        denom = _sqrt(vmax) * c[ADAM_RSQRT_BC2] + c[ADAM_EPS]
     else:
-        denom = _sqrt(v) * rbc2 + eps
-    p = p - step_size * (m / denom)
+        denom = _sqrt(v) * c[ADAM_RSQRT_BC2] + c[ADAM_EPS]
+    p = p - c[ADAM_STEP_SIZE] * (m / denom)
     p_[0] = p
     m_[0] = m
     v_[0] = v
@@ -166,17 +265,16 @@ cdef inline void adam(floating* p_, floating g, floating* m_, floating* v_, floa
 @cython.cdivision(True)
 cdef inline void adamax(floating* p_, floating g, floating* m_, floating* u_, floating* s2_,
                         const floating* c) noexcept nogil:
-    """rules.adamax: scalars (clr, beta1, 1 - beta1, beta2, eps, weight_decay, maximize)."""
+    """rules.adamax.element."""
     cdef floating p = p_[0]
     cdef floating m = m_[0], u = u_[0]
-    cdef floating clr = c[0], b1 = c[1], omb1 = c[2], b2 = c[3], eps = c[4], wd = c[5]
-    if c[6]:
+    if c[ADAMAX_MAXIMIZE]:
         g = -g
-    if wd:
-        g = g + wd * p
-    m = b1 * m + omb1 * g
-    u = _nanmax(b2 * u, _fabs(g) + eps)
-    p = p - clr * (m / u)
+    if c[ADAMAX_WEIGHT_DECAY]:
+        g = g + c[ADAMAX_WEIGHT_DECAY] * p
+    m = c[ADAMAX_BETA1] * m + c[ADAMAX_ONE_MINUS_BETA1] * g
+    u = _nanmax(c[ADAMAX_BETA2] * u, _fabs(g) + c[ADAMAX_EPS])
+    p = p - c[ADAMAX_CLR] * (m / u)
     p_[0] = p
     m_[0] = m
     u_[0] = u
@@ -185,22 +283,19 @@ cdef inline void adamax(floating* p_, floating g, floating* m_, floating* u_, fl
 @cython.cdivision(True)
 cdef inline void nadam(floating* p_, floating g, floating* m_, floating* v_, floating* s2_,
                        const floating* c) noexcept nogil:
-    """rules.nadam: scalars (cg, cm, beta1, 1 - beta1, beta2, 1 - beta2, eps,
-    1/sqrt(bc2), l2, decay, maximize)."""
+    """rules.nadam.element."""
     cdef floating p = p_[0]
     cdef floating m = m_[0], v = v_[0]
-    cdef floating cg = c[0], cm = c[1], b1 = c[2], omb1 = c[3], b2 = c[4], omb2 = c[5]
-    cdef floating eps = c[6], rbc2 = c[7], l2 = c[8], decay = c[9]
     cdef floating d
-    if c[10]:
+    if c[NADAM_MAXIMIZE]:
         g = -g
-    if l2:
-        g = g + l2 * p
-    p = p * decay
-    m = b1 * m + omb1 * g
-    v = b2 * v + omb2 * g * g
-    d = _sqrt(v) * rbc2 + eps
-    p = p - cg * (g / d) - cm * (m / d)
+    if c[NADAM_L2]:
+        g = g + c[NADAM_L2] * p
+    p = p * c[NADAM_DECAY]
+    m = c[NADAM_BETA1] * m + c[NADAM_ONE_MINUS_BETA1] * g
+    v = c[NADAM_BETA2] * v + c[NADAM_ONE_MINUS_BETA2] * g * g
+    d = _sqrt(v) * c[NADAM_RSQRT_BC2] + c[NADAM_EPS]
+    p = p - c[NADAM_CG] * (g / d) - c[NADAM_CM] * (m / d)
     p_[0] = p
     m_[0] = m
     v_[0] = v
@@ -209,17 +304,15 @@ cdef inline void nadam(floating* p_, floating g, floating* m_, floating* v_, flo
 @cython.cdivision(True)
 cdef inline void lion(floating* p_, floating g, floating* m_, floating* s1_, floating* s2_,
                       const floating* c) noexcept nogil:
-    """rules.lion: scalars (lr, beta1, 1 - beta1, beta2, 1 - beta2, decay, maximize,
-    one, zero)."""
+    """rules.lion.element."""
     cdef floating p = p_[0]
     cdef floating m = m_[0]
-    cdef floating lr = c[0], b1 = c[1], omb1 = c[2], b2 = c[3], omb2 = c[4], decay = c[5]
     cdef floating u
-    if c[6]:
+    if c[LION_MAXIMIZE]:
         g = -g
-    u = b1 * m + omb1 * g
-    p = p * decay - lr * _sign(u, c[7], c[8])
-    m = b2 * m + omb2 * g
+    u = c[LION_BETA1] * m + c[LION_ONE_MINUS_BETA1] * g
+    p = p * c[LION_DECAY] - c[LION_LR] * _sign(u, c[LION_ONE], c[LION_ZERO])
+    m = c[LION_BETA2] * m + c[LION_ONE_MINUS_BETA2] * g
     p_[0] = p
     m_[0] = m
 
@@ -230,13 +323,14 @@ cdef inline void lion(floating* p_, floating g, floating* m_, floating* s1_, flo
 #
 #     acc = rule(prow, grow, acc, inv_d, n, c)      # prow updated in place
 #
-# (``rules.rowwise_adagrad(prow, grow, acc, inv_d, zero, c)``; ``n`` is the row
-# length, the Python version reads it from the array).
+# (``rules.rowwise_adagrad.element_row(prow, grow, acc, inv_d, zero, c)``; ``n`` is
+# the row length, the Python version reads it from the array).
 
 
 cdef inline floating _row_sumsq(const floating* prow, const floating* grow, Py_ssize_t n,
                                 floating wd, floating maximize) noexcept nogil:
-    """rules._row_sumsq: eight partial sums, the tail into lane 0, the same tree."""
+    """rules.rowwise_adagrad.row_sumsq: eight partial sums, the tail into lane 0,
+    the same tree."""
     cdef Py_ssize_t n8 = n - n % 8
     cdef Py_ssize_t j
     cdef bint mx = maximize != 0
@@ -270,15 +364,15 @@ cdef inline floating _row_sumsq(const floating* prow, const floating* grow, Py_s
 cdef inline floating rowwise_adagrad(floating* prow, const floating* grow, floating acc,
                                      floating inv_d, Py_ssize_t n,
                                      const floating* c) noexcept nogil:
-    """rules.rowwise_adagrad: scalars (clr, weight_decay, eps, maximize) as Adagrad;
-    the squared gradient is summed as ``_row_sumsq`` does, then scaled by ``inv_d``."""
-    cdef floating clr = c[0], wd = c[1], eps = c[2]
+    """rules.rowwise_adagrad.element_row (Adagrad's scalars): the squared gradient is
+    summed as ``row_sumsq`` does, then scaled by ``inv_d``."""
+    cdef floating clr = c[ADAGRAD_CLR], wd = c[ADAGRAD_WEIGHT_DECAY], eps = c[ADAGRAD_EPS]
     cdef floating g, denom
     cdef Py_ssize_t j
-    acc = acc + _row_sumsq(prow, grow, n, wd, c[3]) * inv_d
+    acc = acc + _row_sumsq(prow, grow, n, wd, c[ADAGRAD_MAXIMIZE]) * inv_d
     denom = _sqrt(acc) + eps
     for j in range(n):
-        g = -grow[j] if c[3] else grow[j]
+        g = -grow[j] if c[ADAGRAD_MAXIMIZE] else grow[j]
         if wd:
             g = g + wd * prow[j]
         prow[j] = prow[j] - clr * g / denom

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import registry
+from fastopt import rules
 
 #: every backend that runs on host arrays here (the registry-driven suites loop over it)
 CPU_BACKENDS = [b for b in fastopt.available_backends() if b != "cuda"]
@@ -16,7 +16,7 @@ SHAPES = [(7,), (33, 17), (70_001,), (0,)]
 def rule_cases():
     """(rule name, variant index) for every registry variant."""
     return [pytest.param(name, k, id=f"{name}-v{k}")
-            for name, rule in registry.RULES.items() for k in range(len(rule.variants))]
+            for name, rule in rules.RULES.items() for k in range(len(rule.variants))]
 
 
 def awkward_grads(shapes, dtype, steps, seed=0):
@@ -61,3 +61,27 @@ def reference_run(rule, variant, params, grads_seq):
             for p, g, st in zip(params, grads, states):
                 rule.reference(p, g, st, group, t, fresh=set(rule.slots) if t == 1 else set())
     return params, states
+
+
+def pytest_sessionstart(session):
+    """.ci/run sets FASTOPT_EXPECT_INSTALLED=1: the suite must test the installed
+    package (built from the sdist), not the source tree next to the tests."""
+    import os
+    if os.environ.get("FASTOPT_EXPECT_INSTALLED") == "1":
+        where = os.path.realpath(os.path.dirname(fastopt.__file__))
+        source = os.path.realpath(os.path.join(os.path.dirname(__file__), "..", "fastopt"))
+        if where == source:
+            raise pytest.UsageError(f"FASTOPT_EXPECT_INSTALLED=1 but fastopt was imported "
+                                    f"from the source tree {where}")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _run_outside_the_source_tree(tmp_path_factory):
+    """Subprocesses started by tests (``python -c``, ``python -m fastopt``) put their
+    working directory first on sys.path: run them from an empty directory, so that
+    they import the same fastopt as the tests, never the source tree's."""
+    import os
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(here)

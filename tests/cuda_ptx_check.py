@@ -2,15 +2,27 @@
 
 Run by ``tests/test_cuda_backend.py`` in a process *without* the CUDA simulator: the
 simulator runs kernels as Python and cannot see what the CUDA compiler rejects (for
-example NumPy scalar functions that numba-cuda does not lower, or an index that
-types as a float).  Needs NVVM (``pip install 'numba-cuda[cu13]'`` or a CUDA toolkit
-with ``CUDA_HOME`` set); no GPU or driver.
+example NumPy scalar functions that numba-cuda does not lower, an index that types
+as a float, or a device function returning an array view).  Needs NVVM
+(``pip install 'numba-cuda[cu13]'`` or a CUDA toolkit with ``CUDA_HOME`` set); no GPU
+or driver.
 
-Compiles, for every rule x registry variant x dtype, the kernel the backend uses
-(dense multi-tensor kernel for element-wise rules, plus their row-sparse kernel;
-the row-wise kernel for row-wise rules), and checks that the PTX has no
-approximate square root or division and that the dense kernel loads through the
-pointer table.
+Compiles, with the argument types the backend launches them with:
+
+* for every rule x registry variant x dtype, the configuration the planner makes
+  (:func:`fastopt.planner.group_spec` / :func:`~fastopt.planner.config`): the dense
+  multi-tensor kernel and the rows kernel of element-wise rules, the row-wise
+  kernel of row-wise rules;
+* for every rule and dtype, every fused option on at once, with ``grad_scale``:
+  dense (without ``max_norm``, which runs through the rows kernels), rows and the
+  ``max_norm`` renorm kernel, or the row-wise kernel;
+* for every exact-mode configuration (a closed form, ``exact_reason`` None) and
+  dtype: the rows kernel with the catch-up, stepping and flush-only;
+* the ``skip_nonfinite`` counting kernel for both dtypes, and the benchmark's
+  no-math ceiling kernel;
+
+and checks that the PTX has no approximate square root or division and that the
+dense kernel loads through the pointer table.
 
 Exit status: 0 compiled, 1 a kernel failed to compile, 3 cannot check here (the last
 line says why).
@@ -42,60 +54,86 @@ def main():
         return 3
 
     import numpy as np
-    from fastopt import _cuda_backend as cb
-    from fastopt import benchmark, registry
+    from fastopt import benchmark, planner, rules
+    from fastopt.backends import cuda as cb
+    from fastopt.backends.base import Config
 
     i64 = types.int64
     tab = types.Array(i64, 2, "C")
     idx = types.Array(i64, 1, "C")
-    hyper = types.Array(types.float64, 2, "C")
-    fty = {np.float32: types.float32, np.float64: types.float64}
+    f64_2d = types.Array(types.float64, 2, "C")
+    fty = {np.dtype(np.float32): types.float32, np.dtype(np.float64): types.float64}
 
-    def check(ptx, what):
+    def ptx_of(kernel, sig):
+        ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
         assert "sqrt.approx" not in ptx and "div.approx" not in ptx \
-            and "div.full" not in ptx, what
-
-    def dense(math_fn, dt, uses, const):
-        k = cb.make_dense_kernel(math_fn, dt, uses, const)
-        ptx, _ = cuda.compile_ptx(k.py_func, (tab, tab, hyper), cc=(9, 0))
+            and "div.full" not in ptx, "approximate sqrt or division"
         return ptx
 
-    def rows(math_fn, dt, uses, const):
-        k = cb.make_rows_kernel(math_fn, dt, uses, const)
-        a2 = types.Array(fty[dt], 2, "C")
-        ptx, _ = cuda.compile_ptx(k.py_func, (a2,) * 5 + (idx,) * 3 + (i64, types.boolean,
-                                                                       hyper), cc=(9, 0))
-        return ptx
+    def arrays(cfg):
+        el = fty[np.dtype(cfg.dtype)]
+        return types.Array(el, 1, "C"), types.Array(el, 2, "C")
 
-    def rowwise(math_fn, dt, uses, const):
-        k = cb.make_rowwise_kernel(math_fn, dt, uses, const)
-        a2 = types.Array(fty[dt], 2, "C")
-        ptx, _ = cuda.compile_ptx(k.py_func, (a2,) * 3 + (idx,) * 3 + (i64, types.boolean, a2,
-                                                                       hyper), cc=(9, 0))
-        return ptx
+    def dense(cfg):
+        ptx = ptx_of(cb.make_dense_kernel(cfg), (tab, tab, f64_2d))
+        assert "ld.param" in ptx and ("ld.f" in ptx or "ld.global" in ptx), \
+            "the dense kernel does not load through the pointer table"
 
-    n = 0
-    for name, rule in registry.RULES.items():
-        for variant in rule.variants:
+    def rows(cfg, catch, step):
+        _, a2 = arrays(cfg)
+        ptx_of(cb.make_rows_kernel(cfg, catch, step),
+               (a2,) * 5 + (idx,) * 3 + (f64_2d, f64_2d, i64, types.boolean))
+
+    def renorm(cfg):
+        _, a2 = arrays(cfg)
+        ptx_of(cb.make_renorm_kernel(cfg), (a2, idx, f64_2d, i64, types.boolean))
+
+    def rowwise(cfg):
+        a1, a2 = arrays(cfg)
+        ptx_of(cb.make_rowwise_kernel(cfg),
+               (a2, a1, a2) + (idx,) * 3 + (a2, f64_2d, i64, types.boolean))
+
+    def finite(dt):
+        a1 = types.Array(fty[np.dtype(dt)], 1, "C")
+        ptx_of(cb.make_count_kernel(), (a1, fty[np.dtype(dt)], idx))
+
+    every_option = dict(clip_value=0.5, l1=0.01, param_min=-2.0, param_max=2.0, max_norm=1.0)
+    jobs = []        # (what, function, arguments)
+    for name, rule in rules.RULES.items():
+        exact_ok = rule.catch_up is not None
+        for k, variant in enumerate(rule.variants + ({**rule.variants[0], **every_option},)):
+            fused = k == len(rule.variants)
             group = rule.check_group({**rule.defaults, **variant})
-            uses, const = rule.uses_slots(group), rule.constants(group)
+            spec = planner.group_spec(rule, group)
             for dt in (np.float32, np.float64):
-                what = (name, variant, np.dtype(dt).name)
-                try:
-                    if rule.layout == "rowwise":
-                        check(rowwise(rule.math, dt, uses, const), what)
-                        n += 1
-                    else:
-                        ptx = dense(rule.math, dt, uses, const)
-                        check(ptx, what)
-                        assert "ld.param" in ptx and ("ld.f" in ptx or "ld.global" in ptx), what
-                        check(rows(rule.math, dt, uses, const), what)
-                        n += 2
-                except Exception as exc:   # noqa: BLE001 (report which kernel, then fail)
-                    print(f"FAILED to compile {what}: {type(exc).__name__}: {exc}")
-                    return 1
-    dense(benchmark.touch, np.float32, (True, True, True), ())
-    print(f"compiled {n} rule kernels and the ceiling kernel to PTX")
+                cfg = planner.config(rule, dt, spec, grad_scale=1.0 if fused else None)
+                what = f"{name} {'every fused option' if fused else variant} " \
+                       f"{np.dtype(dt).name}"
+                if rule.layout == "rowwise":
+                    jobs.append((f"rowwise {what}", rowwise, (cfg,)))
+                    continue
+                jobs.append((f"rows {what}", rows, (cfg, False, True)))
+                if fused:
+                    no_max = Config(rule=cfg.rule, dtype=cfg.dtype, uses=cfg.uses,
+                                    fixed=cfg.fixed, switches=cfg.switches[:5] + (False,))
+                    jobs.append((f"dense {what}", dense, (no_max,)))
+                    jobs.append((f"renorm {what}", renorm, (cfg,)))
+                else:
+                    jobs.append((f"dense {what}", dense, (cfg,)))
+                    if exact_ok and rule.exact_reason(group) is None:
+                        jobs.append((f"rows exact {what}", rows, (cfg, True, True)))
+                        jobs.append((f"rows flush {what}", rows, (cfg, True, False)))
+    for dt in (np.float32, np.float64):
+        jobs.append((f"finite {np.dtype(dt).name}", finite, (dt,)))
+    jobs.append(("ceiling", dense, (Config(rule=benchmark.CEILING, dtype=np.dtype(np.float32),
+                                           uses=(True, True, True)),)))
+    for what, fn, args in jobs:
+        try:
+            fn(*args)
+        except Exception as exc:   # noqa: BLE001 (report which kernel, then fail)
+            print(f"FAILED to compile {what}: {type(exc).__name__}: {exc}")
+            return 1
+    print(f"compiled {len(jobs)} kernels to PTX")
     return 0
 
 

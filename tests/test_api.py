@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import registry
+from fastopt import rules
 
 from conftest import CPU_BACKENDS
 
@@ -27,11 +27,11 @@ def assert_unchanged(opt, params, snap):
             np.testing.assert_array_equal(after["state"][i][k], v)
 
 
-@pytest.mark.parametrize("name", list(registry.RULES))
+@pytest.mark.parametrize("name", list(rules.RULES))
 def test_class_signature_matches_registry(name):
     cls = fastopt.CLASSES[name]
     sig = inspect.signature(cls.__init__)
-    rule = registry.RULES[name]
+    rule = rules.RULES[name]
     got = {k: p.default for k, p in sig.parameters.items()
            if k not in ("self", "params", "backend", "sparse_mode", "fused_options")}
     assert got == {k: v for k, v in rule.defaults.items() if k not in fastopt.fused.DEFAULTS}
@@ -135,21 +135,21 @@ def test_zero_size_parameters_are_harmless(backend):
 
 def bad_values(check):
     """Values each kind of hyperparameter check must refuse."""
-    if check is registry.hp.boolean:
+    if check is rules.hyperparams.boolean:
         return [1, "yes", None]
-    if check in (registry.hp.betas_half_open, registry.hp.betas_closed):
+    if check in (rules.hyperparams.betas_half_open, rules.hyperparams.betas_closed):
         return [(0.9,), (0.9, 1.5), (-0.1, 0.9), (math.nan, 0.9), 0.9]
     bad = [-1.0, math.nan, math.inf, -math.inf, "0.1", None]
-    if check is registry.hp.unit_closed:
+    if check is rules.hyperparams.unit_closed:
         bad.append(1.5)
-    if check is registry.hp.unit_half_open:
+    if check is rules.hyperparams.unit_half_open:
         bad.append(1.0)
     return bad
 
 
 def hyper_cases():
     return [pytest.param(name, key, bad, id=f"{name}-{key}-{bad!r}")
-            for name, rule in registry.RULES.items()
+            for name, rule in rules.RULES.items()
             for key, check in rule.checks.items() if key not in fastopt.fused.DEFAULTS
             for bad in bad_values(check)]       # fused options: tests/test_fused.py
 
@@ -160,7 +160,7 @@ def test_bad_hyperparameters_raise_naming_the_value(name, key, bad):
         fastopt.CLASSES[name]([np.ones(3)], **{key: bad})
 
 
-@pytest.mark.parametrize("name", list(registry.RULES))
+@pytest.mark.parametrize("name", list(rules.RULES))
 def test_bad_hyperparameter_set_between_steps_changes_nothing(name):
     params = [np.ones(4)]
     opt = fastopt.CLASSES[name](params)
@@ -200,9 +200,9 @@ def test_mixed_dtypes_in_one_optimizer():
     np.testing.assert_allclose(b, 0.9, rtol=1e-8)
 
 
-@pytest.mark.parametrize("name", list(registry.RULES))
+@pytest.mark.parametrize("name", list(rules.RULES))
 def test_functional_matches_class(name):
-    rule = registry.RULES[name]
+    rule = rules.RULES[name]
     variant = rule.variants[-1]
     group = rule.check_group({**rule.defaults, **variant})
     uses = rule.uses_slots(group)

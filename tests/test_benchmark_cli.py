@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fastopt import __main__ as cli
-from fastopt import benchmark, registry
+from fastopt import benchmark, rules
 
 
 def test_ceiling_kernel_moves_every_used_stream():
@@ -21,9 +21,9 @@ def test_ceiling_kernel_moves_every_used_stream():
     np.testing.assert_array_equal(slots[0][2], before[2])  # unused slot untouched
 
 
-@pytest.mark.parametrize("name", list(registry.RULES))
+@pytest.mark.parametrize("name", list(rules.RULES))
 def test_bytes_per_step_counts_used_slots(name):
-    rule = registry.RULES[name]
+    rule = rules.RULES[name]
     if rule.layout == "rowwise":        # rows of ROW_DIM, one state value per row
         case = benchmark.Case(name, (10 * benchmark.ROW_DIM,), "float32")
         assert case.shape(640) == (10, benchmark.ROW_DIM)

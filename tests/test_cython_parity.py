@@ -1,146 +1,297 @@
-"""The Cython backend (``fastopt._cy_dense``, ``kernels/_cy_rules.pxd``) against the
-rule math of :mod:`fastopt.rules`, the Numba driver and the NumPy reference.
+"""The Cython backend (``fastopt._cy_dense``, ``kernels/_cy_rules.pxd``) against its
+semantic twin, the Numba CPU backend, bit for bit.
 
-(a) element math: every rule x registry variant x dtype, on awkward inputs (zeros
-    of both signs, 1e3, 1e-6, NaN, +-Inf), bit for bit against the Python rule
-    functions called with NumPy scalars of the dtype.  Both sides do the same IEEE
-    operations in the same order and dtype (sqrt and division are correctly rounded,
-    no FMA contraction), so no tolerance is needed;
-(b) the optimizer classes with ``backend="cython"``: against the NumPy reference
-    (the registry-driven suite of ``test_rules_vs_reference.py``, run here until
-    ``conftest.CPU_BACKENDS`` includes "cython" by itself) and bit for bit against
-    ``backend="numba"``;
-(c) the same bits with 1 and 2 OpenMP threads, and serial vs parallel driver;
-(d) errors come from the shared Python layer: the same types as with numba;
-(e) row-sparse (lazy) steps: ``CythonBackend.run_rows`` bit for bit against Numba's
-    ``launch_rows`` (serial and parallel paths, Zipf gradients with many
-    duplicates), the same bits with 1 and 2 OpenMP threads, plan validation.
+Every case is driven by the registry (``fastopt.rules.RULES``, each rule's
+``variants``) and the capability table, not by hand lists:
+
+(a) capabilities and the compiled scalar layout (named columns, NSCALARS);
+(b) element math: every element-wise rule x variant x dtype, with the fused options
+    off and all on, on awkward inputs (signed zeros, huge, tiny, NaN, +-Inf), against
+    the rules' Python functions; row-wise rules row by row;
+(c) dense multi-tensor steps through the optimizer classes: every rule x variant x
+    dtype, with no option, the element-wise options (+ grad_scale) and all options
+    (max_norm: the row driver), awkward gradients, bit-identical to numba; the
+    functional layer likewise; each option alone;
+(d) row-sparse lazy steps with duplicate indices (serial and parallel sizes);
+(e) exact sparse mode (every registry variant that has a closed form), with a flush;
+(f) serial vs parallel, 1 vs 2 OpenMP threads;
+(g) bad tables, plans and arrays given to the entry points raise, writing nothing.
+
+Both backends do the same IEEE operations in the same order and dtype (no FMA
+contraction, no fast-math), so no tolerance is used: values are compared bit for
+bit, except that any NaN equals any NaN (a NaN's payload is not part of the
+contract).
 """
 
 import dataclasses
-import hashlib
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 
-import fastopt
-from fastopt import _cython_backend, _numba_cpu, backends, registry, rules
-from fastopt.sparse import coalesce_plan
+_cy_dense = pytest.importorskip("fastopt._cy_dense",
+                                reason="the Cython extension fastopt._cy_dense is not built")
 
-BACKEND = _cython_backend.register_backend()   # idempotent; fastopt may already do it
-if BACKEND is None:
-    pytest.skip("the Cython extension fastopt._cy_dense is not built", allow_module_level=True)
+import fastopt  # noqa: E402
+from fastopt import functional, planner, rules  # noqa: E402
+from fastopt.backends import FEATURES, capabilities, numba_cpu  # noqa: E402
+from fastopt.backends import cython as cy_backend  # noqa: E402
+from fastopt.rules import fused  # noqa: E402
+from fastopt.rules.base import NSLOTS  # noqa: E402
+from fastopt.sparse import coalesce_plan  # noqa: E402
 
-from fastopt import _cy_dense  # noqa: E402
+# the extension is built: from here on, a backend that does not load is a failure
+BACKEND = cy_backend.register_backend()
+assert BACKEND is not None, fastopt.backends.unavailable().get("cython")
 
-import test_rules_vs_reference as ref_suite  # noqa: E402
-from conftest import (CPU_BACKENDS, DTYPES, SHAPES, awkward_grads, init_params,  # noqa: E402
-                      rule_cases)
+DTYPES = [np.float32, np.float64]
+DT_IDS = ["f32", "f64"]
 
-DTYPE_IDS = lambda d: np.dtype(d).name  # noqa: E731
+#: the element-wise options (the dense driver's Fused loop) and all of them
+ELEMENT_OPTS = dict(clip_value=0.5, l1=0.5, param_min=-1.5, param_max=1.25)
+ALL_OPTS = dict(ELEMENT_OPTS, max_norm=2.0)
+#: each option alone: (hyperparameters, grad_scale)
+ALONE = {"grad_scale": ({}, 8.0), "clip_value": ({"clip_value": 0.5}, None),
+         "l1": ({"l1": 0.5}, None), "param_min": ({"param_min": -0.5}, None),
+         "param_max": ({"param_max": 0.25}, None), "max_norm": ({"max_norm": 1.0}, None)}
+assert tuple(ALONE) == fused.SWITCHES
 
-#: awkward element values: signed zeros, large, tiny, ordinary, non-finite
-AWKWARD = [0.0, -0.0, 1e3, -1e3, 1e-6, -1e-6, 0.5, -2.0, 3.25, np.nan, np.inf, -np.inf]
+AWKWARD = [0.0, -0.0, 1e30, -1e30, 1e-30, -1e-30, 1e3, -1e3, 0.5, -2.0, 3.25,
+           np.nan, np.inf, -np.inf]
 
 
-def _bits_equal(a, b):
-    """Bit-identical, except that any NaN equals any NaN."""
+def rule_cases(pred=lambda rule, variant: True):
+    return [pytest.param(name, k, id=f"{name}-v{k}")
+            for name, rule in rules.RULES.items()
+            for k, variant in enumerate(rule.variants) if pred(rule, variant)]
+
+
+def elementwise(rule, variant):
+    return rule.layout != "rowwise"
+
+
+def exact_possible(rule, variant):
+    group = rule.check_group({**rule.defaults, **variant})
+    return (rule.catch_up is not None and rule.exact_reason(group) is None
+            and fused.exact_reason(group) is None)
+
+
+# ----------------------------------------------------------------- helpers
+
+def same(a, b, what=""):
+    """Bit-identical arrays or scalars (signed zeros distinguished), NaN == NaN."""
     a, b = np.asarray(a), np.asarray(b)
-    if np.isnan(a) or np.isnan(b):
-        return bool(np.isnan(a) and np.isnan(b))
-    return a.tobytes() == b.tobytes()
+    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
+    na, nb = np.isnan(a), np.isnan(b)
+    if not np.array_equal(na, nb):
+        k = np.flatnonzero((na != nb).ravel())[0]
+        raise AssertionError(f"{what}: NaN at flat index {k} on one side only: "
+                             f"{a.ravel()[k]!r} vs {b.ravel()[k]!r}")
+    if a[~na].tobytes() != b[~nb].tobytes():
+        diff = np.flatnonzero((a[~na].view(np.uint8).reshape(-1, a.itemsize)
+                               != b[~nb].view(np.uint8).reshape(-1, a.itemsize)).any(1))
+        k = diff[0]
+        raise AssertionError(f"{what}: {len(diff)} element(s) differ, first "
+                             f"{a[~na][k]!r} vs {b[~nb][k]!r}")
+
+
+def same_optimizers(on, oc):
+    """Parameters and every state value of two optimizers (numba, cython)."""
+    for i, (pn, pc) in enumerate(zip(on._params, oc._params)):
+        same(pn, pc, f"parameter {i}")
+    sn, sc = on.state, oc.state
+    assert sn.keys() == sc.keys()
+    for i in sn:
+        assert sn[i].keys() == sc[i].keys(), i
+        for key, v in sn[i].items():
+            if isinstance(v, np.ndarray):
+                same(v, sc[i][key], f"state {key!r} of parameter {i}")
+            else:
+                assert v == sc[i][key], (i, key)
+
+
+def init_params(shapes, dtype, seed=1):
+    """Random parameters with exact zeros of both signs and tiny entries (L1 hits)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for shape in shapes:
+        p = rng.standard_normal(shape)
+        f = p.reshape(-1)
+        f[::9] *= 1e-4
+        f[3::11] = 0.0
+        f[5::13] = -0.0
+        out.append(p.astype(dtype))
+    return out
+
+
+def awkward_grad(rng, shape, dtype, t):
+    """Step ``t``'s gradient: random with zeros; on some steps huge (1e30), tiny
+    (1e-30), all zero, or with a NaN and +-Inf at fixed places."""
+    g = rng.standard_normal(shape)
+    g[rng.random(shape) < 0.2] = 0.0
+    f = g.reshape(-1)
+    kind = t % 6
+    if kind == 1:
+        f[::7] *= 1e30
+    elif kind == 2:
+        g *= 1e-30
+    elif kind == 3 and f.size >= 3:
+        f[:3] = (np.nan, np.inf, -np.inf)
+    elif kind == 4:
+        g[...] = 0.0
+    return g.astype(dtype)
+
+
+def zipf_rows(rng, nrows, nnz, D, dtype, t):
+    """A row-sparse gradient: Zipf(1.2) indices (hot rows repeated many times) and
+    awkward values."""
+    idx = np.minimum(rng.zipf(1.2, nnz) - 1, nrows - 1).astype(np.int64)
+    vals = awkward_grad(rng, (nnz, D), dtype, t)
+    return idx, vals
+
+
+def both(make):
+    """``make(backend)`` for numba and cython."""
+    return make("numba"), make("cython")
+
+
+# ---------------------------------------------------- (a) capabilities, layout
+
+def test_cython_has_every_feature():
+    table = capabilities()
+    assert table["cython"] == sorted(FEATURES) == table["numba"]
+    assert type(BACKEND).features is fastopt.backends.Backend.features   # no override
+
+
+def test_compiled_layout_matches_the_scalars_declarations():
+    assert cy_backend.layout_mismatches(_cy_dense) == []
+    assert _cy_dense.NSCALARS_BUILT == rules.NSCALARS
+    assert _cy_dense.NSLOTS_BUILT == NSLOTS == rules.NSLOTS
+    # every constant of the generated .pxi is checked, and nothing else
+    names = {line.split("=")[0].strip() for line in rules.cython_pxi().splitlines()
+             if "=" in line}
+    assert set(_cy_dense.COLUMNS) | {"NSCALARS"} == names
+    # a stale build (a column moved, a field renamed, another width) is detected
+    for change in ({"COLUMNS": {**_cy_dense.COLUMNS, "ADAM_EPS": 7}},
+                   {"COLUMNS": {**_cy_dense.COLUMNS, "SGD_GONE": 9}},
+                   {"NSCALARS_BUILT": 18}):
+        fake = types.SimpleNamespace(**{k: getattr(_cy_dense, k) for k in dir(_cy_dense)
+                                        if k.isupper() or k.endswith("_BUILT")})
+        for k, v in change.items():
+            setattr(fake, k, v)
+        assert cy_backend.layout_mismatches(fake), change
+    assert cy_backend.layout_mismatches(types.SimpleNamespace()) != []
+
+
+def test_every_registry_rule_has_a_cython_copy():
+    assert list(BACKEND.rule_ids) == list(rules.RULES)
+    for name, rule in rules.RULES.items():
+        rid = BACKEND.rule_id(rule)
+        if rule.layout == "rowwise":
+            names, prefixes = _cy_dense.ROWWISE_NAMES, _cy_dense.ROWWISE_SCALARS
+        else:
+            names, prefixes = _cy_dense.MATH_NAMES, _cy_dense.MATH_SCALARS
+        assert names[rid] == cy_backend.math_module(rule)
+        assert prefixes[rid] == cy_backend.scalars_prefix(rule.Scalars)
+    assert BACKEND.rule_id(rules.AdamW) == BACKEND.rule_id(rules.Adam)
+
+
+def test_rule_without_cython_math_is_refused_before_writing():
+    def element(p, g, s0, s1, s2, c):
+        return p, s0, s1, s2
+    custom = dataclasses.replace(rules.SGD, name="Custom", math=element)
+    with pytest.raises(NotImplementedError, match="cython"):
+        BACKEND.rule_id(custom)
+    # a copy of a registry rule is not the registry rule
+    with pytest.raises(NotImplementedError):
+        BACKEND.rule_id(dataclasses.replace(rules.Adam))
+
+
+def test_register_backend_is_idempotent():
+    assert cy_backend.register_backend() is BACKEND
+    assert fastopt.available_backends().count("cython") == 1
+    assert fastopt.backends.resolve("cython") is BACKEND
+
+
+# ---------------------------------------------------------- (b) element math
+
+def _scalar_rows(rule, variant, grad_scale=None):
+    """The float64 scalar rows of the variant at step 1 (fresh state) and step 7."""
+    group = rule.check_group({**rule.defaults, **variant})
+    host = rule.host_init(group)
+    out = []
+    for step, fresh in ((1, set(rule.slots)), (7, set())):
+        row, host2 = rule.row(group, step, host, fresh, grad_scale)
+        out.append((f"step{step}", row))
+        host = host2 or host
+    return out
 
 
 def _inputs(rng, dtype, n):
-    """n rows (p, g, s0, s1, s2): all-awkward rows, mixed rows and random rows."""
+    """n rows (p, g, s0, s1, s2): all-awkward, mixed and random rows; non-negative
+    copies for states that only make sense so (v, sum)."""
     aw = np.array(AWKWARD)
     rows = [rng.choice(aw, 5) for _ in range(n // 2)]
     for _ in range(n - len(rows)):
         r = rng.standard_normal(5) * 10.0 ** rng.integers(-6, 4, 5)
         r[rng.random(5) < 0.2] = 0.0
         rows.append(r)
-    # states that only make sense non-negative (v, sum) also as such
     rows += [np.abs(r) for r in rows[: n // 4]]
     return np.array(rows).astype(dtype)
 
 
-def _scalar_sets(rule, variant):
-    """(label, scalars) for the variant's group at steps 1 (fresh state) and 7."""
-    group = rule.check_group({**rule.defaults, **variant})
-    host = rule.host_init(group)
-    out = []
-    for step, fresh in ((1, set(rule.slots)), (7, set())):
-        c, host2 = rule.scalars(group, step, host, fresh)
-        out.append((f"step{step}", c))
-        host = host2 if host2 else host
-    return out
-
-
-# ---------------------------------------------------------------- (a) math
-
-def test_every_registry_rule_has_a_cython_copy():
-    ids = BACKEND.rule_ids
-    assert list(ids) == list(registry.RULES)
-    missing = [name for name, rid in ids.items() if rid is None]
-    assert not missing, f"no Cython math for {missing}"
-    for name, rule in registry.RULES.items():
-        names = _cy_dense.ROWWISE_NAMES if rule.layout == "rowwise" else _cy_dense.MATH_NAMES
-        assert names[ids[name]] == rule.math.__name__
-
-
-def elementwise_cases():
-    return [c for c in rule_cases() if registry.RULES[c.values[0]].layout != "rowwise"]
-
-
-def rowwise_cases():
-    return [c for c in rule_cases() if registry.RULES[c.values[0]].layout == "rowwise"]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("name,k", elementwise_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("name,k", rule_cases(elementwise))
 def test_element_math_bit_identical(name, k, dtype):
-    rule = registry.RULES[name]
+    """``math_elem`` (the dense driver's element loop, options off and the five
+    element-wise options on) against ``element_step`` run as Python on NumPy
+    scalars of the dtype."""
+    from fastopt.backends.element import element_step
+    rule = rules.RULES[name]
     rid = BACKEND.rule_id(rule)
-    py = getattr(rules, rule.math.__name__)      # the plain Python function
     dt = np.dtype(dtype).type
     rng = np.random.default_rng(1000 + 10 * k)
-    rows = _inputs(rng, dtype, 200)
+    rows = _inputs(rng, dtype, 120)
+    variant = {**rule.variants[k], **ELEMENT_OPTS}
     checked = 0
-    for label, c64 in _scalar_sets(rule, rule.variants[k]):
-        c = tuple(dt(x) for x in c64)            # the drivers' cast of the host scalars
-        for row in rows:
-            p, g, s0, s1, s2 = (dt(x) for x in row)
-            with np.errstate(all="ignore"):
-                want = py(p, g, s0, s1, s2, c)
-            got = _cy_dense.math_elem(rid, p, g, s0, s1, s2, c, dtype)
-            for what, w, v in zip(("p", "s0", "s1", "s2"), want, got):
-                assert type(v) is dt
-                assert _bits_equal(dt(w), v), (
-                    f"{name} v{k} {label} {np.dtype(dtype).name} {what}: "
-                    f"inputs {row.tolist()} python {w!r} cython {v!r}")
-            checked += 1
-    assert checked == 2 * len(rows)
+    for switches in (fused.OFF, (True,) * 5 + (False,)):
+        step = element_step(rule.math, switches)
+        opts = cy_backend.option_mask(_cy_dense, switches)
+        for label, row64 in _scalar_rows(rule, variant, 4.0 if switches[0] else None):
+            c = rule.Scalars(*(dt(x) for x in row64))
+            table = list(row64) + [0.0] * (rules.NSCALARS - len(row64))
+            for r in rows:
+                p, g, s0, s1, s2 = (dt(x) for x in r)
+                with np.errstate(all="ignore"):
+                    want = step(p, g, s0, s1, s2, c, dt(0))
+                got = _cy_dense.math_elem(rid, p, g, s0, s1, s2, table, dtype, opts)
+                for what, w, v in zip(("p", "s0", "s1", "s2"), want, got):
+                    assert type(v) is dt
+                    same(dt(w), v, f"{name} v{k} {label} opts {opts:#x} {what}: "
+                                   f"inputs {r.tolist()}")
+                checked += 1
+    assert checked == 2 * 2 * len(rows)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("name,k", rowwise_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("name,k", rule_cases(lambda r, v: not elementwise(r, v)))
 def test_row_math_bit_identical(name, k, dtype):
     """Row-wise rules: whole rows (lengths 1..33, awkward values) through the Cython
-    copy and through the Python function, bit for bit (row and accumulator)."""
-    rule = registry.RULES[name]
+    copy and the Python function, bit for bit (row and accumulator)."""
+    rule = rules.RULES[name]
     rid = BACKEND.rule_id(rule)
-    py = getattr(rules, rule.math.__name__)
     dt = np.dtype(dtype).type
     rng = np.random.default_rng(2000 + 10 * k)
     aw = np.array(AWKWARD)
     checked = 0
-    for label, c64 in _scalar_sets(rule, rule.variants[k]):
-        c = tuple(dt(x) for x in c64)
-        for n in (1, 2, 7, 33):
-            for trial in range(30):
+    for label, row64 in _scalar_rows(rule, rule.variants[k]):
+        c = rule.Scalars(*(dt(x) for x in row64))
+        table = list(row64) + [0.0] * (rules.NSCALARS - len(row64))
+        for n in (1, 7, 8, 33):
+            for trial in range(12):
                 if trial % 3 == 0:
                     prow, grow = rng.choice(aw, n), rng.choice(aw, n)
                 else:
@@ -151,19 +302,18 @@ def test_row_math_bit_identical(name, k, dtype):
                 acc = dt(abs(rng.standard_normal()) if trial % 2 else 0.0)
                 want_p = prow.copy()
                 with np.errstate(all="ignore"):
-                    want_acc = py(want_p, grow, acc, dt(1) / dt(n), dt(0), c)
+                    want_acc = rule.math(want_p, grow, acc, dt(1) / dt(n), dt(0), c)
                 got_p = prow.copy()
-                got_acc = _cy_dense.math_row(rid, got_p, grow, acc, c)
+                got_acc = _cy_dense.math_row(rid, got_p, grow, acc, table)
                 assert type(got_acc) is dt
-                assert _bits_equal(dt(want_acc), got_acc), (name, label, n, trial)
-                for w, v in zip(want_p, got_p):
-                    assert _bits_equal(w, v), (name, label, n, trial, prow, grow)
+                same(dt(want_acc), got_acc, f"{name} {label} n={n} trial {trial}")
+                same(want_p, got_p, f"{name} {label} n={n} trial {trial}")
                 checked += 1
-    assert checked == 2 * 4 * 30
+    assert checked == 2 * 4 * 12
 
 
-def test_math_row_rejects_bad_arguments():
-    c = (0.0,) * registry.NSCALARS
+def test_math_helpers_reject_bad_arguments():
+    c = (0.0,) * rules.NSCALARS
     p = np.zeros(3, np.float32)
     with pytest.raises(ValueError):
         _cy_dense.math_row(len(_cy_dense.ROWWISE_NAMES), p, p.copy(), 0.0, c)
@@ -171,92 +321,285 @@ def test_math_row_rejects_bad_arguments():
         _cy_dense.math_row(0, p, np.zeros(3, np.float64), 0.0, c)
     with pytest.raises(ValueError):
         _cy_dense.math_row(0, p, p.copy(), 0.0, c[:4])
-
-
-def test_math_elem_rejects_bad_arguments():
-    c = (0.0,) * registry.NSCALARS
     with pytest.raises(ValueError):
         _cy_dense.math_elem(len(_cy_dense.MATH_NAMES), 0, 0, 0, 0, 0, c, np.float32)
     with pytest.raises(ValueError):
         _cy_dense.math_elem(0, 0, 0, 0, 0, 0, c[:5], np.float32)
+    with pytest.raises(ValueError):                      # max_norm is not element-wise
+        _cy_dense.math_elem(0, 0, 0, 0, 0, 0, c, np.float32, _cy_dense.OPTION_BITS[5])
     with pytest.raises(TypeError):
         _cy_dense.math_elem(0, 0, 0, 0, 0, 0, c, np.float16)
 
 
-# --------------------------------------------------- (b) through the optimizer
+# ------------------------------------------------ (c) dense, through the classes
 
-@pytest.mark.skipif("cython" in CPU_BACKENDS,
-                    reason="covered by test_rules_vs_reference.py (CPU_BACKENDS has cython)")
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+DENSE_SHAPES = [(7,), (33, 17), (0,), (40_000,)]      # 40,640 elements: parallel driver
+OPTION_SETS = {"none": ({}, None), "element": (ELEMENT_OPTS, 8.0), "all": (ALL_OPTS, 8.0)}
+
+
+def run_classes(backend, name, variant, dtype, shapes, steps, grad_scale=None, seed=0,
+                sparse=None, mode="lazy"):
+    """``steps`` steps of the optimizer class on awkward gradients; ``sparse``: a
+    function (rng, param, t) -> RowSparse or None (dense)."""
+    rng = np.random.default_rng(seed)
+    ps = init_params(shapes, dtype)
+    opt = fastopt.CLASSES[name](ps, backend=backend, sparse_mode=mode, **variant)
+    for t in range(steps):
+        gs = []
+        for p in ps:
+            g = sparse(rng, p, t) if sparse is not None else None
+            gs.append(g if g is not None else awkward_grad(rng, p.shape, dtype, t))
+        assert opt.step(gs, grad_scale=grad_scale) is True
+    return opt
+
+
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("name,k", rule_cases())
-def test_matches_reference(name, k, dtype):
-    ref_suite.test_matches_reference(name, k, "cython", dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("name,k", rule_cases())
-def test_bit_identical_to_numba(name, k, dtype):
-    """Same math, same order, same dtype: the two CPU drivers agree bit for bit."""
-    variant = registry.RULES[name].variants[k]
-    grads = awkward_grads(SHAPES, dtype, 12, seed=k)
-    grads[4][0][:3] = (np.nan, np.inf, -np.inf)
-    out = {}
-    for backend in ("numba", "cython"):
-        params = init_params(SHAPES, dtype)
-        opt = fastopt.CLASSES[name](params, backend=backend, **variant)
-        for gs in grads:
-            opt.step(gs)
-        out[backend] = (params, opt.state_dict()["state"])
-    for a, b in zip(out["numba"][0], out["cython"][0]):
-        np.testing.assert_array_equal(a, b)
-    for i, st in out["numba"][1].items():
-        for key, val in st.items():
-            np.testing.assert_array_equal(out["cython"][1][i][key], val, err_msg=key)
+def test_dense_steps_bit_identical_to_numba(name, k, dtype, options):
+    """Many tensors per step (one bucket, parallel size), 7 steps of awkward
+    gradients; "all" adds max_norm, so the tensors go through the row driver."""
+    hyper, gs = OPTION_SETS[options]
+    variant = {**rules.RULES[name].variants[k], **hyper}
+    on, oc = both(lambda b: run_classes(b, name, variant, dtype, DENSE_SHAPES, 7, gs, seed=k))
+    same_optimizers(on, oc)
+    if hyper:                                   # the options did run: the clamps hold
+        p = np.concatenate([q.ravel() for q in oc._params])
+        p = p[~np.isnan(p)]
+        assert p.min() >= np.float32(hyper["param_min"]) and p.max() <= hyper["param_max"]
 
 
 def test_groups_dtypes_and_skipped_params():
-    """Several groups (several hyper rows), two dtypes (two buckets), a None grad."""
+    """Several groups (several scalar rows, options in one group only), two dtypes
+    (two buckets), a None gradient on odd steps."""
     def run(backend):
         ps = init_params([(50_000,), (3, 5), (40_000,)], np.float32) \
             + init_params([(1000,)], np.float64)
-        opt = fastopt.Adam([{"params": ps[:2], "lr": 0.1},
+        opt = fastopt.Adam([{"params": ps[:2], "lr": 0.1, **ELEMENT_OPTS},
                             {"params": ps[2:], "amsgrad": True, "weight_decay": 0.1}],
                            backend=backend)
-        for t, gs in enumerate(awkward_grads([p.shape for p in ps], np.float64, 6)):
-            gs = [g.astype(p.dtype) for g, p in zip(gs, ps)]
+        rng = np.random.default_rng(3)
+        for t in range(6):
+            gs = [awkward_grad(rng, p.shape, p.dtype, t) for p in ps]
             if t % 2:
                 gs[1] = None
-            opt.step(gs)
-        return ps, opt.state_dict()
-    (pn, sn), (pc, sc) = run("numba"), run("cython")
-    for a, b in zip(pn, pc):
-        np.testing.assert_array_equal(a, b)
-    assert [sc["state"][i]["step"] for i in range(4)] == [6, 3, 6, 6]
+            opt.step(gs, grad_scale=2.0 if t % 3 == 0 else None)
+        return opt
+    on, oc = both(run)
+    same_optimizers(on, oc)
+    assert [oc.state[i]["step"] for i in range(4)] == [6, 3, 6, 6]
 
 
-# ------------------------------------------------- (c) threads, serial/parallel
+@pytest.mark.parametrize("option", list(ALONE))
+@pytest.mark.parametrize("name,k,dtype", [("Adam", 1, np.float32), ("SGD", 1, np.float64),
+                                          ("RowWiseAdagrad", 1, np.float32)],
+                         ids=["Adam-v1-f32", "SGD-v1-f64", "RowWiseAdagrad-v1-f32"])
+def test_each_option_alone(name, k, dtype, option):
+    """One fused option at a time, on a dense parameter (parallel size) and a
+    row-sparse one with duplicate indices and rows longer than the extension's
+    option blocks (the element-wise dense driver, the row driver and the row-wise
+    driver)."""
+    hyper, gs = ALONE[option]
+    variant = {**rules.RULES[name].variants[k], **hyper}
+
+    def sparse(rng, p, t):
+        if p.ndim == 2:
+            idx, vals = zipf_rows(rng, p.shape[0], 300, p.shape[1], p.dtype, t)
+            return fastopt.RowSparse(idx, vals)
+        return None
+    on, oc = both(lambda b: run_classes(b, name, variant, dtype, [(40_000,), (80, 700)],
+                                        6, gs, seed=5, sparse=sparse))
+    same_optimizers(on, oc)
+
+
+def test_grad_scale_with_skip_nonfinite():
+    """skip_nonfinite checks g / grad_scale: an overflow there skips the step on
+    both backends; otherwise the step is applied, bit-identically."""
+    outs = []
+    for backend in ("numba", "cython"):
+        p = init_params([(64,)], np.float32)[0]
+        opt = fastopt.Adam([p], backend=backend, clip_value=1.0)
+        g = np.full(64, 3e38, np.float32)
+        assert opt.step([g], grad_scale=0.5, skip_nonfinite=True) is False   # 6e38: Inf
+        assert opt.step([g], grad_scale=4.0, skip_nonfinite=True) is True
+        outs.append(opt)
+    same_optimizers(*outs)
+    assert outs[1].state[0]["step"] == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("name", list(rules.RULES))
+def test_functional_bit_identical_to_numba(name, dtype):
+    """The functional layer with the richest variant: a 1-D parameter with the
+    element-wise options and grad_scale (dense driver, serial), a 2-D one with all
+    options (row driver), stepped with a row-sparse gradient every other step."""
+    rule = rules.RULES[name]
+    fn = getattr(functional, functional._fname(rule))
+    variant = dict(rule.variants[-1])
+    group = rule.check_group({**rule.defaults, **variant})
+    uses = rule.uses_slots(group)
+
+    def run(backend):
+        rng = np.random.default_rng(7)
+        ps = init_params([(50,), (20, 5)], dtype)
+        out = []
+        for p, hyper in zip(ps, (ELEMENT_OPTS, ALL_OPTS)):
+            slots = [np.full(rule.slot_shape(p.shape), rule.slot_init(group, n), dtype)
+                     if u else None for n, u in zip(rule.slots, uses)]
+            host = rule.host_init(group)
+            for t in range(1, 6):
+                g = awkward_grad(rng, p.shape, dtype, t)
+                if p.ndim == 2 and t % 2:
+                    idx = np.array([3, 0, 3, 19, 3], dtype=np.int64)
+                    g = fastopt.RowSparse(idx, awkward_grad(rng, (5, 5), dtype, t))
+                new = fn(p, g, *slots, step=t, backend=backend, grad_scale=4.0 if t > 1 else None,
+                         **variant, **hyper, **host)
+                if host:
+                    (key,) = host
+                    host = {key: new}
+            out.append((p, slots, host))
+        return out
+    for (pn, sn, hn), (pc, sc, hc) in zip(*both(run)):
+        same(pn, pc, "param")
+        for a, b in zip(sn, sc):
+            assert (a is None) == (b is None)
+            if a is not None:
+                same(a, b, "state")
+        assert hn == hc
+
+
+# --------------------------------------------------------- (d) sparse, lazy
+
+def _zipf_sparse(nnz):
+    def sparse(rng, p, t):
+        idx, vals = zipf_rows(rng, p.shape[0], nnz, int(np.prod(p.shape[1:])), p.dtype, t)
+        return fastopt.RowSparse(idx, vals.reshape((nnz,) + p.shape[1:]))
+    return sparse
+
+
+@pytest.mark.parametrize("dtype,options", [(np.float32, "none"), (np.float64, "none"),
+                                           (np.float32, "all")], ids=["f32", "f64", "f32-all"])
+@pytest.mark.parametrize("name,k", rule_cases())
+def test_sparse_lazy_bit_identical_to_numba(name, k, dtype, options):
+    """Zipf gradients with many duplicates: a small parameter (serial row driver)
+    and a 3-D one with enough touched elements for the parallel driver; without
+    options, and with all of them (float64 with options: dense "all" above, which
+    runs the same row driver)."""
+    hyper, gs = OPTION_SETS[options]
+    variant = {**rules.RULES[name].variants[k], **hyper}
+    shapes = [(300, 7), (3000, 4, 16)]
+    rng = np.random.default_rng(k)
+    for shape, nnz, parallel in zip(shapes, (2000, 6000), (False, True)):
+        idx = np.minimum(rng.zipf(1.2, nnz) - 1, shape[0] - 1)
+        order, seg, uniq = coalesce_plan(idx.astype(np.int64), shape[0])
+        D = int(np.prod(shape[1:]))
+        assert (uniq.shape[0] * D >= numba_cpu.PARALLEL_MIN) == parallel
+        assert nnz >= 2 * uniq.shape[0] and np.diff(seg).max() >= 100   # many duplicates
+    for shape, nnz in zip(shapes, (2000, 6000)):
+        on, oc = both(lambda b: run_classes(b, name, variant, dtype, [shape], 4, gs, seed=k,
+                                            sparse=_zipf_sparse(nnz)))
+        same_optimizers(on, oc)
+        p0 = init_params([shape], dtype)[0]
+        untouched = (oc._params[0] == p0).reshape(shape[0], -1).all(axis=1)
+        assert 0 < untouched.sum() < shape[0]
+
+
+# --------------------------------------------------------- (e) sparse, exact
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled-clipped"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("name,k", rule_cases(exact_possible))
+def test_sparse_exact_bit_identical_to_numba(name, k, dtype, scaled):
+    """Exact mode: sparse steps touching different rows (each row caught up over
+    the steps it missed, in the serial row driver), a dense step in between (the
+    parameter is flushed first), and a final flush (parallel size).  Rows with
+    -0.0 and with a state that overflows to Inf are included."""
+    variant = {**rules.RULES[name].variants[k]}
+    if scaled:
+        variant["clip_value"] = 0.75
+    shape = (4000, 12)
+
+    def sparse(rng, p, t):
+        if t == 3:
+            return None                                   # a dense step
+        rows = rng.choice(p.shape[0], 300, replace=False)
+        rows = np.concatenate([rows, rows[:40]])          # duplicates
+        if t == 1:
+            rows[:5] = (0, 1, 2, 3, 4)
+        vals = awkward_grad(rng, (rows.shape[0], p.shape[1]), p.dtype, t)
+        if t == 1:
+            vals[:5] = 1e30                               # rows 0-4: state -> Inf
+        return fastopt.RowSparse(rows, vals)
+
+    def run(backend):
+        opt = run_classes(backend, name, variant, dtype, [shape], 7, 4.0 if scaled else None,
+                          seed=k, sparse=sparse, mode="exact")
+        opt._params[0][::97] = -0.0          # signed zeros on rows to be caught up
+        return opt
+
+    on, oc = both(run)
+    same_optimizers(on, oc)            # before the flush: caught-up touched rows only
+    for opt in (on, oc):
+        assert opt._exact.behind(0, 7).shape[0] > 3000     # most rows are behind
+        more = _zipf_sparse(500)(np.random.default_rng(9), opt._params[0], 1)
+        opt.step([more])
+        opt.flush()
+    same_optimizers(on, oc)
+    assert oc._exact.behind(0, 8).shape[0] == 0
+    assert oc.state[0]["step"] == 8
+
+
+# ------------------------------------------ (f) serial/parallel, OpenMP threads
+
+@pytest.mark.parametrize("name", list(rules.RULES))
+def test_serial_and_parallel_drivers_agree(name, monkeypatch):
+    """The same steps with every driver serial, and every driver parallel."""
+    variant = {**rules.RULES[name].variants[-1], **ELEMENT_OPTS}
+
+    def run(parallel_min):
+        monkeypatch.setattr(numba_cpu, "PARALLEL_MIN", parallel_min)
+        dense = run_classes("cython", name, variant, np.float32, [(70_001,), (9, 3)], 4, 2.0)
+        sparse = run_classes("cython", name, {**variant, "max_norm": 1.0}, np.float64,
+                             [(500, 8)], 3, sparse=_zipf_sparse(900))
+        return dense, sparse
+    serial, parallel = run(1 << 40), run(0)
+    for a, b in zip(serial, parallel):
+        same_optimizers(a, b)
+
 
 _THREAD_SCRIPT = r"""
-import hashlib, sys
+import hashlib
 import numpy as np
 import fastopt
-from fastopt import _cython_backend, _cy_dense, registry
-_cython_backend.register_backend()
+from fastopt import _cy_dense, rules
 print("threads", _cy_dense.openmp_max_threads())
-rng = np.random.default_rng(0)
-n = 3 * 32768 + 777
-for name in registry.RULES:
+opts = dict(clip_value=0.5, l1=0.1, param_min=-1.0, param_max=1.0)
+for name in rules.RULES:
     for dt in (np.float32, np.float64):
-        p = rng.standard_normal(n).astype(dt)
-        opt = fastopt.CLASSES[name]([p], backend="cython")
-        for _ in range(3):
-            opt.step([rng.standard_normal(n).astype(dt)])
-        print(name, np.dtype(dt).name, hashlib.sha256(p.tobytes()).hexdigest())
+        rng = np.random.default_rng(0)
+        dense = rng.standard_normal(3 * 32768 + 777).astype(dt)
+        table = rng.standard_normal((20_000, 8)).astype(dt)
+        kw = dict(rules.RULES[name].variants[-1], **opts)
+        a = fastopt.CLASSES[name]([dense], backend="cython", **kw)
+        b = fastopt.CLASSES[name]([table], backend="cython", max_norm=1.5, **kw)
+        for _ in range(2):
+            a.step([rng.standard_normal(dense.shape).astype(dt)], grad_scale=2.0)
+            idx = np.minimum(rng.zipf(1.2, 30_000) - 1, table.shape[0] - 1)
+            b.step([fastopt.RowSparse(idx, rng.standard_normal((30_000, 8)).astype(dt))])
+        h = hashlib.sha256(dense.tobytes() + table.tobytes())
+        print(name, np.dtype(dt).name, h.hexdigest())
+table = np.random.default_rng(1).standard_normal((50_000, 4)).astype(np.float32)
+c = fastopt.SGD([table], backend="cython", sparse_mode="exact", lr=0.1, momentum=0.9,
+                weight_decay=0.01)
+rng = np.random.default_rng(2)
+for _ in range(3):
+    c.step([fastopt.RowSparse(rng.integers(0, 50_000, 9000), np.ones((9000, 4), np.float32))])
+c.flush()
+print("exact", hashlib.sha256(table.tobytes()).hexdigest())
 """
 
 
 def test_same_bits_with_one_and_two_openmp_threads():
-    assert 3 * 32768 + 777 >= 2 * _numba_cpu.PARALLEL_MIN
     outs = {}
     here = os.path.dirname(os.path.abspath(__file__))
     for nthreads in (1, 2):
@@ -267,25 +610,47 @@ def test_same_bits_with_one_and_two_openmp_threads():
         lines = res.stdout.splitlines()
         assert lines[0] == f"threads {nthreads}"
         outs[nthreads] = lines[1:]
-    assert len(outs[1]) == 2 * len(registry.RULES)
+    assert len(outs[1]) == 2 * len(rules.RULES) + 1
     assert outs[1] == outs[2]
 
 
-@pytest.mark.parametrize("name", list(registry.RULES))
-def test_serial_and_parallel_driver_agree(name, monkeypatch):
-    def run(parallel_min):
-        monkeypatch.setattr(_numba_cpu, "PARALLEL_MIN", parallel_min)
-        ps = init_params([(70_001,), (9,)], np.float32)
-        opt = fastopt.CLASSES[name](ps, backend="cython")
-        for gs in awkward_grads([p.shape for p in ps], np.float32, 4):
-            opt.step(gs)
-        return ps
-    serial, parallel = run(1 << 40), run(0)
-    for a, b in zip(serial, parallel):
-        np.testing.assert_array_equal(a, b)
+def _fork_child_step(conn):
+    p, g = _fork_arrays()
+    opt = fastopt.Adam([p], backend="cython", clip_value=0.5)
+    opt.step([g], grad_scale=2.0)
+    conn.send(p.tobytes())
+    conn.close()
 
 
-# --------------------------------------------------------------- (d) errors
+def _fork_arrays():
+    rng = np.random.default_rng(4)
+    return (rng.standard_normal(2 * numba_cpu.PARALLEL_MIN).astype(np.float32),
+            rng.standard_normal(2 * numba_cpu.PARALLEL_MIN).astype(np.float32))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_forked_child_steps_serially():
+    """GNU OpenMP cannot start a parallel region in a process forked after it ran
+    one: a forked child must step (with the serial loops) instead of hanging."""
+    import multiprocessing as mp
+    p, g = _fork_arrays()
+    opt = fastopt.Adam([p], backend="cython", clip_value=0.5)
+    opt.step([g], grad_scale=2.0)                    # the parent's OpenMP pool is up
+    ctx = mp.get_context("fork")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_fork_child_step, args=(there,))
+    child.start()
+    ok = here.poll(60)
+    got = here.recv() if ok else None
+    child.join(5)
+    if child.is_alive():
+        child.kill()
+    assert ok, "the forked child hung"
+    assert child.exitcode == 0
+    assert got == p.tobytes()
+
+
+# -------------------------------------------------- (g) errors, validation
 
 def _error_type(fn):
     try:
@@ -295,192 +660,86 @@ def _error_type(fn):
     return None
 
 
-def test_read_only_param_same_error_as_numba():
-    def make(backend):
-        p = np.zeros(10, dtype=np.float32)
-        p.flags.writeable = False
-        return lambda: fastopt.Adam([p], backend=backend)
-    err = _error_type(make("numba"))
-    assert err is not None
-    assert _error_type(make("cython")) is err
-
-
 def test_wrong_grad_shape_same_error_as_numba_and_nothing_changes():
     errors = {}
     for backend in ("numba", "cython"):
         p = np.ones((4, 5), dtype=np.float64)
-        opt = fastopt.Adam([p], backend=backend)
+        opt = fastopt.Adam([p], backend=backend, clip_value=1.0)
         errors[backend] = _error_type(lambda: opt.step([np.ones((5, 4))]))
         np.testing.assert_array_equal(p, 1.0)
-        assert opt.state_dict()["state"] == {}
+        assert opt.state == {}
     assert errors["numba"] is not None
     assert errors["cython"] is errors["numba"]
+
+
+def _dense_tables(p, g):
+    ptrs = np.array([[p.ctypes.data, g.ctypes.data] + [p.ctypes.data] * NSLOTS],
+                    dtype=np.int64)
+    return (ptrs, np.array([[0, 0, p.size]], dtype=np.int64), np.zeros((1, rules.NSCALARS)),
+            np.zeros(1, dtype=np.int64))
 
 
 def test_run_dense_validates_tables():
     p = np.zeros(4, dtype=np.float32)
     g = np.ones(4, dtype=np.float32)
-    ptrs = np.array([[p.ctypes.data, g.ctypes.data] + [p.ctypes.data] * 3], dtype=np.int64)
-    chunks = np.array([[0, 0, 4]], dtype=np.int64)
-    hyper = np.zeros((1, registry.NSCALARS))
-    hidx = np.zeros(1, dtype=np.int64)
+    ptrs, chunks, hyper, hidx = _dense_tables(p, g)
     rid = BACKEND.rule_ids["SGD"]
-    with pytest.raises(ValueError):
-        _cy_dense.run_dense(99, 0, False, False, False, ptrs, chunks, hyper, hidx, 4, 0)
-    with pytest.raises(ValueError):
-        _cy_dense.run_dense(rid, 2, False, False, False, ptrs, chunks, hyper, hidx, 4, 0)
-    with pytest.raises(IndexError):
-        _cy_dense.run_dense(rid, 0, False, False, False, ptrs, chunks, hyper,
-                            np.ones(1, dtype=np.int64), 4, 0)
-    with pytest.raises(IndexError):
-        _cy_dense.run_dense(rid, 0, False, False, False, ptrs,
-                            np.array([[1, 0, 4]], dtype=np.int64), hyper, hidx, 4, 0)
-    hyper[0, 0] = 0.5     # lr: p = 0 - 0.5 * 1
-    _cy_dense.run_dense(rid, 0, False, False, False, ptrs, chunks, hyper, hidx, 4, 0)
+    lr = rules.SGD.Scalars._fields.index("lr")
+    bits = dict(zip(fused.SWITCHES, _cy_dense.OPTION_BITS))
+
+    def call(rule=rid, code=0, opts=0, ptrs=ptrs, chunks=chunks, hyper=hyper, hidx=hidx):
+        _cy_dense.run_dense(rule, code, False, False, False, opts, ptrs, chunks, hyper, hidx,
+                            4, 0)
+
+    for kw, exc in [(dict(rule=99), ValueError), (dict(code=2), ValueError),
+                    (dict(opts=bits["max_norm"]), ValueError),      # needs whole rows
+                    (dict(opts=1 << 10), ValueError),               # unknown option bit
+                    (dict(hyper=np.zeros((1, 18))), ValueError),    # the old width
+                    (dict(ptrs=ptrs[:, :4].copy()), ValueError),
+                    (dict(hidx=np.zeros(2, dtype=np.int64)), ValueError),
+                    (dict(hidx=np.ones(1, dtype=np.int64)), IndexError),
+                    (dict(chunks=np.array([[1, 0, 4]], dtype=np.int64)), IndexError),
+                    (dict(chunks=np.array([[0, 3, 2]], dtype=np.int64)), IndexError)]:
+        with pytest.raises(exc):
+            call(**kw)
+        np.testing.assert_array_equal(p, 0.0)
+    hyper[0, lr] = 0.5                                     # p = 0 - 0.5 * 1
+    call()
     np.testing.assert_array_equal(p, -0.5)
-
-
-def test_rule_without_cython_math_is_refused():
-    def other(p, g, s0, s1, s2, c):
-        return p, s0, s1, s2
-    custom = dataclasses.replace(registry.SGD, name="Custom", math=other)
-    with pytest.raises(NotImplementedError, match="cython"):
-        BACKEND.rule_id(custom)
-    # a registry rule keeps its id
-    assert BACKEND.rule_id(registry.AdamW) == BACKEND.rule_id(registry.Adam)
-
-
-def test_register_backend_is_idempotent():
-    assert _cython_backend.register_backend() is BACKEND
-    assert _cython_backend.register_backend() is BACKEND
-    assert fastopt.available_backends().count("cython") == 1
-    assert fastopt.backends.resolve("cython") is BACKEND
-
-
-# ------------------------------------------------------ (e) row-sparse (lazy)
-
-def _numba_rows(rule, w):
-    """The Numba rows driver, called as ``NumbaBackend.run_rows`` does."""
-    n = w.param.shape[0]
-    _numba_cpu.launch_rows(rule.math, w.param.dtype, w.uses, w.const, w.param.reshape(n, -1),
-                           [s.reshape(n, -1) if s is not None else None for s in w.slots],
-                           w.vals, w.order, w.seg, w.uniq, w.hyper,
-                           rowwise=rule.layout == "rowwise")
-
-
-def _zipf_grad(rng, nrows, D, nnz, dtype, scale):
-    """Zipf(1.2) row indices (hot rows repeated many times) and awkward values."""
-    idx = np.minimum(rng.zipf(1.2, nnz) - 1, nrows - 1).astype(np.int64)
-    vals = rng.standard_normal((nnz, D)) * scale
-    vals[rng.random(nnz) < 0.1] = 0.0
-    vals[rng.integers(nnz), :3] = (np.nan, np.inf, -np.inf)[: min(3, D)]
-    return idx, vals.astype(dtype)
-
-
-def _lazy_run(run_rows, rule, variant, shape, dtype, nnz, steps=3):
-    """``steps`` lazy steps of one parameter through ``run_rows``, built as the
-    optimizer builds its RowsWork items; returns (param, slots, start, plans)."""
-    group = rule.check_group({**rule.defaults, **variant})
-    uses = tuple(rule.uses_slots(group))
-    const = rule.constants(group)
-    rng = np.random.default_rng(11)
-    p = rng.standard_normal(shape).astype(dtype)
-    start = p.copy()
-    names = rule.slots + (None,) * registry.NSLOTS
-    slots = [np.full(rule.slot_shape(shape), rule.slot_init(group, n), dtype) if u else None
-             for n, u in zip(names, uses)]
-    host = rule.host_init(group)
-    nrows, D = shape[0], int(np.prod(shape[1:]))
-    plans = []
-    for t in range(1, steps + 1):
-        idx, vals = _zipf_grad(rng, nrows, D, nnz, dtype, (1.0, 1e3, 1e-6)[t % 3])
-        order, seg, uniq = coalesce_plan(idx, nrows)
-        plans.append((nnz, uniq.shape[0], int(np.diff(seg).max())))
-        scal, host2 = rule.scalars(group, t, host, set(rule.slots) if t == 1 else set())
-        host = {**host, **host2}
-        run_rows(rule, backends.RowsWork(param=p, slots=slots, vals=vals, idx=idx,
-                                         order=order, seg=seg, uniq=uniq, uses=uses,
-                                         const=const,
-                                         hyper=np.array([scal], dtype=np.float64)))
-    return p, slots, start, plans
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("name,k", rule_cases())
-def test_rows_driver_bit_identical_to_numba(name, k, dtype):
-    """Zipf gradients with many duplicates; a small 2-D parameter (serial path) and
-    a 3-D one with enough touched elements for the parallel path."""
-    rule = registry.RULES[name]
-    variant = rule.variants[k]
-    for shape, nnz, parallel in (((300, 7), 2000, False), ((20_000, 4, 8), 20_000, True)):
-        pn, sn, start, plans = _lazy_run(_numba_rows, rule, variant, shape, dtype, nnz)
-        pc, sc, _, _ = _lazy_run(BACKEND.run_rows, rule, variant, shape, dtype, nnz)
-        D = int(np.prod(shape[1:]))
-        for nnz_, nuniq, longest in plans:
-            assert (nuniq * D >= _numba_cpu.PARALLEL_MIN) == parallel
-            assert nnz_ >= 2 * nuniq and longest >= 100      # many duplicates
-        np.testing.assert_array_equal(pc, pn)
-        for a, b in zip(sc, sn):
-            assert (a is None) == (b is None)
-            if a is not None:
-                np.testing.assert_array_equal(a, b)
-        # untouched rows are never written (nor their state, checked by numba parity)
-        assert (pc == start).all(axis=tuple(range(1, len(shape)))).sum() > 0
-
-
-_ROWS_THREAD_SCRIPT = r"""
-import hashlib
-import numpy as np
-import fastopt
-from fastopt import _cython_backend, _cy_dense, _numba_cpu, registry
-from fastopt.sparse import coalesce_plan
-_cython_backend.register_backend()
-print("threads", _cy_dense.openmp_max_threads())
-nrows, D, nnz = 50_000, 32, 30_000
-for name in registry.RULES:
-    for dt in (np.float32, np.float64):
-        rng = np.random.default_rng(0)
-        p = rng.standard_normal((nrows, D)).astype(dt)
-        opt = fastopt.CLASSES[name]([p], backend="cython", **registry.RULES[name].variants[-1])
-        for _ in range(2):
-            idx = np.minimum(rng.zipf(1.2, nnz) - 1, nrows - 1)
-            assert coalesce_plan(idx, nrows)[2].shape[0] * D >= 2 * _numba_cpu.PARALLEL_MIN
-            opt.step([fastopt.RowSparse(idx, rng.standard_normal((nnz, D)).astype(dt))])
-        print(name, np.dtype(dt).name, hashlib.sha256(p.tobytes()).hexdigest())
-"""
-
-
-def test_rows_same_bits_with_one_and_two_openmp_threads():
-    outs = {}
-    here = os.path.dirname(os.path.abspath(__file__))
-    for nthreads in (1, 2):
-        env = dict(os.environ, OMP_NUM_THREADS=str(nthreads))
-        res = subprocess.run([sys.executable, "-c", _ROWS_THREAD_SCRIPT], env=env, cwd=here,
-                             capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr
-        lines = res.stdout.splitlines()
-        assert lines[0] == f"threads {nthreads}"
-        outs[nthreads] = lines[1:]
-    assert len(outs[1]) == 2 * len(registry.RULES)
-    assert outs[1] == outs[2]
+    hyper[0, fused.FIELDS.index("grad_scale")] = 4.0       # p = -0.5 - 0.5 * (1 / 4)
+    hyper[0, fused.FIELDS.index("param_min")] = -0.6       # then clamped
+    call(opts=bits["grad_scale"] | bits["param_min"])
+    np.testing.assert_array_equal(p, np.float32(-0.6))
 
 
 def test_run_rows_validates_plan_and_writes_nothing():
     rid = BACKEND.rule_ids["SGD"]
     p = np.zeros((4, 2), dtype=np.float32)
     vals = np.ones((3, 2), dtype=np.float32)
-    addrs = np.array([p.ctypes.data, vals.ctypes.data] + [p.ctypes.data] * 3, dtype=np.int64)
-    hyper = np.zeros((1, registry.NSCALARS))
-    hyper[0, 0] = 0.5                                   # lr
+    addrs = np.array([p.ctypes.data, vals.ctypes.data] + [p.ctypes.data] * NSLOTS,
+                     dtype=np.int64)
+    hyper = np.zeros((1, rules.NSCALARS))
+    hyper[0, rules.SGD.Scalars._fields.index("lr")] = 0.5
     i64 = lambda *v: np.array(v, dtype=np.int64)        # noqa: E731
     good = (i64(0, 2, 1), i64(0, 2, 3), i64(1, 3))      # rows 1 (twice) and 3
+    ident = np.array([[1.0, 0, 0, 1]] * 2)
 
-    def call(order=good[0], seg=good[1], uniq=good[2], nnz=3, dtype_code=0, rule=rid):
-        _cy_dense.run_rows(rule, dtype_code, False, False, False, addrs, 4, 2, nnz,
-                           order, seg, uniq, hyper, 0)
+    def call(order=good[0], seg=good[1], uniq=good[2], nnz=3, dtype_code=0, rule=rid,
+             coef=None, step=True, opts=0, hyper=hyper, addrs=addrs):
+        _cy_dense.run_rows(rule, dtype_code, False, False, False, opts, addrs, 4, 2, nnz,
+                           order, seg, uniq, hyper, coef, step, fused.RENORM_EPS, 0)
 
     for kw, exc in [(dict(rule=99), ValueError), (dict(dtype_code=2), ValueError),
+                    (dict(opts=1 << 10), ValueError),
+                    (dict(hyper=np.zeros((1, 18))), ValueError),
+                    (dict(hyper=np.zeros((0, rules.NSCALARS))), ValueError),
+                    (dict(addrs=addrs[:3].copy()), ValueError),
                     (dict(nnz=2), ValueError), (dict(seg=i64(0, 3)), ValueError),
+                    (dict(order=None), ValueError),
+                    (dict(coef=np.ones((3, 4))), ValueError),               # not nuniq rows
+                    (dict(coef=np.ones((2, 3))), ValueError),
+                    (dict(step=False), ValueError),                         # flush, no maps
+                    (dict(step=False, coef=ident, uniq=i64(3, 1)), IndexError),
                     (dict(order=i64(0, 3, 1)), IndexError),
                     (dict(uniq=i64(1, 4)), IndexError),            # row out of range
                     (dict(uniq=i64(3, 1)), IndexError),            # not increasing
@@ -492,21 +751,23 @@ def test_run_rows_validates_plan_and_writes_nothing():
         np.testing.assert_array_equal(p, 0.0)
     call()
     np.testing.assert_array_equal(p, [[0, 0], [-1, -1], [0, 0], [-0.5, -0.5]])
+    # catch-up only: rows 1 and 3 through (a, b, c, e) = (2, 0, 0, 1): p <- 2 p
+    call(coef=np.array([[2.0, 0, 0, 1]] * 2), step=False, order=None, seg=None, nnz=0)
+    np.testing.assert_array_equal(p, [[0, 0], [-2, -2], [0, 0], [-1, -1]])
 
 
 def test_run_rows_refuses_mismatched_arrays():
+    rule = rules.Adam
+    group = rule.check_group(dict(rule.defaults))
+    spec = planner.group_spec(rule, group)
+    row, _ = rule.row(group, 1, {}, set(rule.slots))
     p = np.zeros((6, 4), dtype=np.float32)
-    idx = np.array([1, 1, 4])
-    order, seg, uniq = coalesce_plan(idx, 6)
-    group = registry.Adam.check_group(dict(registry.Adam.defaults))
-    scal, _ = registry.Adam.scalars(group, 1, {}, set(registry.Adam.slots))
-
-    def work(slots, vals):
-        return backends.RowsWork(param=p, slots=slots, vals=vals, idx=idx, order=order,
-                                 seg=seg, uniq=uniq, uses=(True, True, False), const=(),
-                                 hyper=np.array([scal]))
+    idx = np.array([1, 1, 4], dtype=np.int64)
     good_vals = np.ones((3, 4), np.float32)
     ok = np.zeros((6, 4), np.float32)
+
+    def work(slots, vals):
+        return planner.rows_work(rule, spec, p, slots, row, idx, vals)
     for slots, vals in [([ok, np.zeros((4, 6), np.float32), None], good_vals),
                         ([ok, np.zeros((6, 4), np.float64), None], good_vals),
                         ([ok, np.zeros((4, 6), np.float32).T, None], good_vals),
@@ -514,7 +775,12 @@ def test_run_rows_refuses_mismatched_arrays():
                         ([ok, ok.copy(), None], np.ones((3, 4), np.float64)),
                         ([ok, ok.copy(), None], np.ones((3, 5), np.float32))]:
         with pytest.raises(ValueError):
-            BACKEND.run_rows(registry.Adam, work(slots, vals))
+            BACKEND.run_rows(work(slots, vals))
         np.testing.assert_array_equal(p, 0.0)
-    BACKEND.run_rows(registry.Adam, work([ok, ok.copy(), None], good_vals))
+    w = work([ok, ok.copy(), None], good_vals)
+    w.catch = types.SimpleNamespace(coef=None)          # exact mode without its maps
+    with pytest.raises(ValueError):
+        BACKEND.run_rows(w)
+    np.testing.assert_array_equal(p, 0.0)
+    BACKEND.run_rows(work([ok, ok.copy(), None], good_vals))
     assert (p[[1, 4]] != 0).all() and (p[[0, 2, 3, 5]] == 0).all()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import RowSparse, registry
+from fastopt import RowSparse, rules
 
 from conftest import awkward_grads, init_params
 
@@ -18,7 +18,7 @@ RTOL = {np.float32: 2e-5, np.float64: 1e-11}
 
 
 def _weight_decay_ok(name, opts):
-    return "weight_decay" in registry.RULES[name].defaults or "weight_decay" not in opts
+    return "weight_decay" in rules.RULES[name].defaults or "weight_decay" not in opts
 
 
 def _run(name, variant, backend, dtype, opts, steps=30, scale=None, shapes=SHAPES):
@@ -35,14 +35,14 @@ def last_variants():
     """The last registry variant of each rule (the one with most options on): the
     fused options wrap the rule math, every variant of which the main suite checks;
     every extra specialization here costs a compile."""
-    return [pytest.param(name, len(r.variants) - 1, id=name) for name, r in registry.RULES.items()]
+    return [pytest.param(name, len(r.variants) - 1, id=name) for name, r in rules.RULES.items()]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("k_opt", range(len(OPTIONS)))
 @pytest.mark.parametrize("name,k", last_variants())
 def test_numba_matches_reference(name, k, k_opt, dtype):
-    variant = registry.RULES[name].variants[k]
+    variant = rules.RULES[name].variants[k]
     opts = dict(OPTIONS[k_opt])
     if not _weight_decay_ok(name, opts):
         opts.pop("weight_decay")
@@ -56,7 +56,7 @@ def test_numba_matches_reference(name, k, k_opt, dtype):
 
 
 @pytest.mark.parametrize("backend", ["numba", "numpy"])
-@pytest.mark.parametrize("name", list(registry.RULES))
+@pytest.mark.parametrize("name", list(rules.RULES))
 def test_max_norm_rows(name, backend):
     shapes = [(50, 8), (3, 4, 5)]
     got, _ = _run(name, {}, backend, np.float64, dict(max_norm=0.9, lr=0.5), steps=10,
@@ -206,18 +206,6 @@ def test_option_edited_in_param_groups_is_checked_and_used():
     with pytest.raises(ValueError, match="clip_value"):
         opt.step([np.ones(4)])
     np.testing.assert_array_equal(p, 0.5)
-
-
-def test_cython_refuses_fused_options_before_writing():
-    if "cython" not in fastopt.available_backends():
-        pytest.skip("the Cython extension is not built")
-    with pytest.raises(NotImplementedError, match="cython"):
-        fastopt.Adam([np.ones(3)], l1=0.1, backend="cython").step([np.ones(3)])
-    p = np.ones(3)
-    opt = fastopt.Adam([p], backend="cython")
-    with pytest.raises(NotImplementedError, match="cython"):
-        opt.step([np.ones(3)], grad_scale=2.0)
-    np.testing.assert_array_equal(p, 1.0)
 
 
 def test_exact_mode_refuses_l1_accepts_clipping():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import registry
+from fastopt import rules
 
 from conftest import (CPU_BACKENDS, DTYPES, SHAPES, awkward_grads, init_params,
                       reference_run, rule_cases)
@@ -26,7 +26,7 @@ def run_optimizer(name, variant, backend, params, grads_seq):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name,k", rule_cases())
 def test_matches_reference(name, k, backend, dtype):
-    rule = registry.RULES[name]
+    rule = rules.RULES[name]
     variant = rule.variants[k]
     params = init_params(SHAPES, dtype)
     grads_seq = awkward_grads(SHAPES, dtype, STEPS)
@@ -54,7 +54,7 @@ def test_matches_reference(name, k, backend, dtype):
 @pytest.mark.parametrize("name,k", rule_cases())
 def test_float32_tracks_float64_oracle(name, k, backend):
     """The float32 kernels stay close to the float64 reference (no precision bugs)."""
-    rule = registry.RULES[name]
+    rule = rules.RULES[name]
     variant = rule.variants[k]
     shapes = [(5000,)]
     p64 = init_params(shapes, np.float64)
@@ -70,10 +70,10 @@ def test_float32_tracks_float64_oracle(name, k, backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("name", list(registry.RULES))
+@pytest.mark.parametrize("name", list(rules.RULES))
 def test_nonfinite_gradients_propagate(name, backend):
     """NaN and Inf gradients propagate as IEEE arithmetic says, as in the reference."""
-    rule = registry.RULES[name]
+    rule = rules.RULES[name]
     p = init_params([(64,)], np.float64)[0]
     g = np.ones(64)
     g[3], g[10], g[20] = np.nan, np.inf, -np.inf

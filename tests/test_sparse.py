@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 import fastopt
-from fastopt import registry
+from fastopt import rules
 from fastopt.sparse import coalesce
 
 from conftest import DTYPES, rule_cases
@@ -60,7 +60,7 @@ def lazy_oracle(rule, variant, param, grads):
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 @pytest.mark.parametrize("name,k", rule_cases())
 def test_lazy_matches_oracle(name, k, backend, dtype):
-    rule = registry.RULES[name]
+    rule = rules.RULES[name]
     variant = rule.variants[k]
     rng = np.random.default_rng(7)
     shapes = [(40, 3), (25,)]
@@ -86,9 +86,9 @@ def test_lazy_matches_oracle(name, k, backend, dtype):
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
-@pytest.mark.parametrize("name", list(registry.RULES))
+@pytest.mark.parametrize("name", list(rules.RULES))
 def test_all_rows_touched_equals_dense(name, backend):
-    rule = registry.RULES[name]
+    rule = rules.RULES[name]
     rng = np.random.default_rng(1)
     a = rng.standard_normal((6, 4))
     b = a.copy()

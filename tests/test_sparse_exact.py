@@ -5,17 +5,17 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import registry
+from fastopt import rules
 
 from test_sparse import SPARSE_BACKENDS, random_rowsparse
 
 EXACT_BACKENDS = [b for b in SPARSE_BACKENDS
-                  if hasattr(fastopt.backends.resolve(b), "run_catch_up")]
+                  if fastopt.backends.resolve(b).supports("sparse_exact")]
 
 
 def exact_cases():
     out = []
-    for name, rule in registry.RULES.items():
+    for name, rule in rules.RULES.items():
         for k, v in enumerate(rule.variants):
             group = rule.check_group({**rule.defaults, **v})
             if rule.catch_up is not None and rule.exact_reason(group) is None:
@@ -37,7 +37,7 @@ def test_every_exact_capable_rule_is_covered():
 @pytest.mark.parametrize("backend", EXACT_BACKENDS)
 @pytest.mark.parametrize("name,k", exact_cases())
 def test_exact_equals_dense_with_zero_rows(name, k, backend):
-    variant = registry.RULES[name].variants[k]
+    variant = rules.RULES[name].variants[k]
     rng = np.random.default_rng(11)
     shape = (30, 3)
     a = rng.standard_normal(shape)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import registry
+from fastopt import rules
 
 from conftest import CPU_BACKENDS, awkward_grads, init_params, rule_cases
 
@@ -18,7 +18,7 @@ SHAPES = [(40,), (6, 7)]
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name,k", rule_cases())
 def test_resume_is_bit_identical_to_never_stopping(name, k, backend):
-    variant = registry.RULES[name].variants[k]
+    variant = rules.RULES[name].variants[k]
     cls = fastopt.CLASSES[name]
     grads = awkward_grads(SHAPES, np.float32, 20, seed=5)
     straight = init_params(SHAPES, np.float32)
@@ -87,7 +87,7 @@ def test_load_refuses_foreign_or_mismatched_state():
     assert target.state_dict()["state"] == {}   # nothing was loaded by the failures
 
 
-@pytest.mark.parametrize("name", list(registry.RULES))
+@pytest.mark.parametrize("name", list(rules.RULES))
 def test_thread_count_does_not_change_results(name):
     """The parallel driver gives bit-identical results with 1 and 2 threads."""
     code = f"""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import registry
+from fastopt import rules
 
 from conftest import CPU_BACKENDS, awkward_grads, init_params, rule_cases
 
@@ -29,7 +29,7 @@ def float64_default():
 
 def torch_optimizer(name, tparams, variant):
     cls = getattr(torch.optim, name)
-    kwargs = {k: v for k, v in registry.RULES[name].defaults.items()
+    kwargs = {k: v for k, v in rules.RULES[name].defaults.items()
               if k not in fastopt.fused.DEFAULTS}
     kwargs.update(variant)
     return cls(tparams, **kwargs)
@@ -38,7 +38,7 @@ def torch_optimizer(name, tparams, variant):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name,k", [c for c in rule_cases() if hasattr(torch.optim, c.values[0])])
 def test_matches_torch_optim(name, k, backend):
-    variant = registry.RULES[name].variants[k]
+    variant = rules.RULES[name].variants[k]
     params = init_params(SHAPES, np.float64)
     tparams = [torch.tensor(p.copy(), requires_grad=True) for p in params]
     opt = fastopt.CLASSES[name](params, backend=backend, **variant)
@@ -54,10 +54,10 @@ def test_matches_torch_optim(name, k, backend):
 
 def test_torch_state_keys_match():
     """State names are torch's (fastopt's SGD also counts steps)."""
-    for name in registry.RULES:
+    for name in rules.RULES:
         if not hasattr(torch.optim, name):      # Lion, RowWiseAdagrad
             continue
-        variant = registry.RULES[name].variants[-1]
+        variant = rules.RULES[name].variants[-1]
         p = np.ones(4)
         opt = fastopt.CLASSES[name]([p], **variant)
         opt.step([np.ones(4)])

@@ -22,8 +22,8 @@ For a 1-D parameter a "row" is one element (as for sparse gradients).
 Kernels: the element operations are the jitable functions :func:`pre` and
 :func:`post`, wrapped around the rule's math inside the Numba drivers, whose
 on/off switches (:func:`flags`) are compile-time constants, so an option that is
-off costs nothing.  Their scalars travel in the per-step scalar row, columns
-``BASE`` to ``BASE + 5`` (:func:`scalars`).  ``max_norm`` needs whole rows: a
+off costs nothing.  Their scalars are the first fields of every rule's named
+scalars (:data:`FIELDS`; :func:`scalars` computes them).  ``max_norm`` needs whole rows: a
 parameter with it goes through the row driver (every row once for a dense
 gradient), which renormalizes each row right after updating it, while it is in
 cache: one pass over memory.  Sparse steps apply the options to the touched rows
@@ -31,9 +31,10 @@ only (lazy); ``sparse_mode="exact"`` refuses ``l1``, the clamps and ``max_norm``
 (no closed form for the skipped steps) and accepts scaling and clipping (a zero
 gradient stays zero).
 
-Backends: ``numba`` fuses them; ``numpy`` (the reference) applies the same
-equations with whole-array NumPy; ``cython`` and ``cuda`` refuse them with a clear
-error before anything is written.
+Backends: ``numba`` and ``cuda`` wrap the same jitable :func:`pre` and
+:func:`post` around the rule math (one element step, ``fastopt.backends.element``);
+``cython`` has its second copy in ``kernels/``; ``numpy`` (the reference) applies
+the same equations with whole-array NumPy (:func:`np_pre`, :func:`np_post`).
 """
 
 import math
@@ -43,10 +44,12 @@ from numba.extending import register_jitable
 
 from . import hyperparams as hp
 
-#: first column of the per-step scalar row used by the fused options
-BASE = 12
-#: number of fused scalars: grad_scale, clip_value, lr * l1, param_min, param_max, max_norm
-COUNT = 6
+#: the fused options' per-step scalars, the first fields of every rule's Scalars
+#: (``l1_threshold`` is ``lr * l1``)
+FIELDS = ("grad_scale", "clip_value", "l1_threshold", "param_min", "param_max", "max_norm")
+COUNT = len(FIELDS)
+#: names of the on/off switches, in the order of :func:`flags`
+SWITCHES = ("grad_scale", "clip_value", "l1", "param_min", "param_max", "max_norm")
 #: the flag tuple meaning "no fused option"
 OFF = (False,) * COUNT
 #: torch's embedding renorm adds this to the norm
@@ -87,6 +90,16 @@ def check_grad_scale(grad_scale):
     return value
 
 
+def check_grad_scale_dtypes(grad_scale, dtypes):
+    """The update pass divides in the parameter's dtype: refuse a ``grad_scale`` that
+    is zero or infinite there (``1e-50`` in float32), naming both."""
+    for dt in dtypes:
+        v = np.dtype(dt).type(grad_scale)
+        if not np.isfinite(v) or v == 0:
+            raise ValueError(f"Invalid grad_scale: {grad_scale!r} is {v} in {np.dtype(dt)}, "
+                             f"the dtype the gradients are divided in")
+
+
 def flags(group, grad_scale=None):
     """Which fused operations are on: (scale, clip, l1, min, max, max_norm)."""
     return (grad_scale is not None, group.get("clip_value") is not None,
@@ -95,7 +108,7 @@ def flags(group, grad_scale=None):
 
 
 def scalars(group, grad_scale=None):
-    """The six fused scalars (unused ones are placeholders)."""
+    """The six fused scalars (unused ones are placeholders), in :data:`FIELDS` order."""
     def v(x, default):
         return float(default if x is None else x)
     return (v(grad_scale, 1.0), v(group.get("clip_value"), math.inf),
@@ -113,37 +126,18 @@ def exact_reason(group):
     return None
 
 
-def split(const):
-    """``const`` of a bucket -> (the rule's ((index, value), ...), fused flags)."""
-    fused = OFF
-    rest = []
-    for k, v in const:
-        if k == "fused":
-            fused = v
-        else:
-            rest.append((k, v))
-    return tuple(rest), fused
-
-
-def with_flags(const, fl):
-    """``const`` with the fused flags ``fl`` (dropped when all off); the entry is
-    always last, so ``const[-1][0] == "fused"`` tells whether any is on."""
-    rest, _ = split(const)
-    return rest + ((("fused", tuple(fl)),) if any(fl) else ())
-
-
 # ------------------------------------------------------------------ jitable
 
 @register_jitable
 def pre(g, c, SCALE, CLIP):
     """Gradient side: ``g / grad_scale``, then clip to ``[-clip, clip]``."""
     if SCALE:
-        g = g / c[BASE]
+        g = g / c.grad_scale
     if CLIP:
-        if g > c[BASE + 1]:
-            g = c[BASE + 1]
-        elif g < -c[BASE + 1]:
-            g = -c[BASE + 1]
+        if g > c.clip_value:
+            g = c.clip_value
+        elif g < -c.clip_value:
+            g = -c.clip_value
     return g
 
 
@@ -151,7 +145,7 @@ def pre(g, c, SCALE, CLIP):
 def post(p, c, zero, L1, LO, HI):
     """Parameter side: soft-threshold by ``lr * l1``, then clamp.  NaN stays NaN."""
     if L1:
-        t = c[BASE + 2]
+        t = c.l1_threshold
         if p > t:
             p = p - t
         elif p < -t:
@@ -159,11 +153,11 @@ def post(p, c, zero, L1, LO, HI):
         elif p == p:
             p = zero
     if LO:
-        if p < c[BASE + 3]:
-            p = c[BASE + 3]
+        if p < c.param_min:
+            p = c.param_min
     if HI:
-        if p > c[BASE + 4]:
-            p = c[BASE + 4]
+        if p > c.param_max:
+            p = c.param_max
     return p
 
 
@@ -175,8 +169,8 @@ def renorm_row(prow, c, zero, eps):
     for j in range(prow.shape[0]):
         ss += prow[j] * prow[j]
     norm = np.sqrt(ss)
-    if norm > c[BASE + 5]:
-        scale = c[BASE + 5] / (norm + eps)
+    if norm > c.max_norm:
+        scale = c.max_norm / (norm + eps)
         for j in range(prow.shape[0]):
             prow[j] = prow[j] * scale
 

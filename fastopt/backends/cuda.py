@@ -1,5 +1,9 @@
 """The ``"cuda"`` backend: optimizer steps on NVIDIA GPUs with Numba ``cuda.jit`` kernels.
 
+Every feature of :data:`fastopt.backends.base.FEATURES`: dense multi-tensor steps,
+row-sparse steps (lazy and exact), row-wise rules, the fused options (clipping,
+L1, clamps, max-norm), ``grad_scale`` and ``skip_nonfinite``, float32 and float64.
+
 Arrays
 ------
 Parameters are *device* arrays updated in place: anything with
@@ -9,9 +13,10 @@ writeable.  State is allocated on the same device.  Gradients may be device arra
 (used in place; another float dtype or a non-contiguous one is converted on the
 device into a new array) or host arrays (NumPy, CPU torch tensors), checked like the
 CPU backends check them and copied to the device on every step: correct, but the
-copy costs more than the update, so keep gradients on the device.  ``state_dict()``
-returns host NumPy copies and ``load_state_dict`` copies host arrays to the device,
-so checkpoints move freely between the CPU and CUDA backends.
+copy costs more than the update, so keep gradients on the device.  The values of
+a row-sparse gradient are host arrays (copied with the step's plan).
+``state_dict()`` returns host NumPy copies and ``load_state_dict`` copies host
+arrays to the device, so checkpoints move freely between the CPU and CUDA backends.
 
 Kernels run on numba's default stream.  A gradient whose
 ``__cuda_array_interface__`` names another stream has that stream synchronized once
@@ -19,47 +24,58 @@ per step before the launch (work on the legacy default stream is ordered anyway)
 
 Kernels
 -------
-The per-element math is the rule's function in :mod:`fastopt.rules` (a
-``register_jitable`` function, compiled as a device function), the same function
-the Numba CPU driver calls.  Each kernel is a closure over the math, the dtype, the
-used state slots and the fixed scalars (option flags, zero weight decay) of a bucket:
-those are compile-time constants, so unused slots are never loaded and flags cost no
-branch.  Compiled kernels are kept in :data:`_KERNELS`.
+Every element-wise kernel updates an element with THE element step of the Numba
+drivers, :func:`fastopt.backends.element.element_step` (fused pre-processing, the
+rule's math, fused post-processing), fed by the rule's named scalars loaded with
+:func:`fastopt.backends.element.scalar_loader`: the same jitable functions the CPU
+drivers call, compiled as device functions, so the CUDA backend has every fused
+option by construction.  A kernel is a closure over a
+:class:`~fastopt.backends.base.Config` (rule, dtype, used slots, fixed scalars,
+fused switches): unused slots are never loaded and an option that is off costs
+nothing.  Compiled kernels are kept in :data:`_KERNELS` (:func:`kernel_for`).
 
-* Dense, element-wise rules (:func:`make_dense_kernel`), the multi-tensor launch:
-  one launch per bucket (all tensors of one dtype and slot usage), whatever the
-  number of tensors.  Like the CPU driver it reads a pointer table ``tab`` int64
-  (T, 6) = (param, grad, slot 0, slot 1, slot 2 addresses, scalar row) and a chunk
-  table ``chunks`` int64 (C, 3) = (tensor, start, stop) of at most :data:`CHUNK`
-  elements.  Blocks grid-stride over chunks (``chunk = blockIdx.x, += gridDim.x``),
-  the threads of a block stride over the chunk's elements (``i = start +
-  threadIdx.x, += blockDim.x``, coalesced).  1,000 tensors of 100K cost one launch,
-  balanced over the GPU like one tensor of 100M.  Per step the host writes the
-  gradient addresses and the per-step scalars (float64, one row per distinct
-  (group, step)) into one pinned-size host buffer and copies it to the device in
-  one transfer; the chunk table stays on the device while the optimizer's plan is
-  unchanged.
-* Row-sparse steps of element-wise rules (:func:`make_rows_kernel`): one launch per
-  sparse parameter, a grid-stride loop over the ``nuniq * D`` touched elements
-  (thread ``e``: unique row ``e // D``, column ``e % D``).  The host validates the
-  indices (IndexError before any write) and computes the deterministic coalescing
-  plan (:func:`fastopt.sparse.coalesce_plan`); each thread sums a row's duplicate
-  values in their order of appearance, exactly as the CPU driver does, then applies
-  the rule.  No atomics; the result does not depend on the launch shape.
-* Row-wise rules (``rule.layout == "rowwise"``, RowWiseAdagrad), dense or sparse
-  (:func:`make_rowwise_kernel`): one thread per touched row, grid-stride over rows;
-  the thread sums duplicates into a scratch row (same order as the CPU) and calls
-  the rule's row function, which reduces the row in its own fixed order.  Threads
-  read their rows sequentially (uncoalesced; L1 absorbs part of it): correct and
-  deterministic first, not yet bandwidth-optimal.
+* ``dense`` (:func:`make_dense_kernel`), the multi-tensor launch of a
+  :class:`~fastopt.backends.base.DenseWork`: one launch per bucket, whatever the
+  number of tensors.  It reads a pointer table ``tab`` int64 (T, 6) = (param, grad,
+  slot 0, slot 1, slot 2 addresses, scalar row) and a chunk table ``chunks`` int64
+  (C, 3) = (tensor, start, stop) of at most :data:`CHUNK` elements.  Blocks
+  grid-stride over chunks, the threads of a block stride over the chunk's elements
+  (coalesced).  Per step the host writes the gradient addresses and the float64
+  scalar rows into one host buffer and copies it to the device in one transfer;
+  the chunk table stays on the device while the bucket's pointer table lives.
+* ``rows`` (:func:`make_rows_kernel`), a :class:`~fastopt.backends.base.RowsWork`
+  of an element-wise rule: a grid-stride loop over the ``nuniq * D`` touched
+  elements (thread ``e``: unique row ``e // D``, column ``e % D``).  Each thread
+  sums its column of the row's duplicate gradient rows in their order of
+  appearance (the order of the CPU driver; no atomics, the result does not depend
+  on the launch shape), then, in exact sparse mode, applies the row's catch-up map
+  (:func:`~fastopt.backends.element.apply_catch_up`, skipped for an identity map)
+  and then the element step.  ``vals=None`` (exact mode's flush): the catch-up
+  only.  Dense steps of a ``max_norm`` group arrive here with the identity plan
+  (every row once), which is not copied to the device.
+* ``renorm`` (:func:`make_renorm_kernel`), ``max_norm``: after the rows kernel,
+  one thread per touched row renormalizes it with
+  :func:`fastopt.rules.fused.renorm_row` (squares summed in element order in the
+  dtype), the CPU driver's function.
+* ``rowwise`` (:func:`make_rowwise_kernel`), row-wise rules (RowWiseAdagrad), dense
+  or sparse: one thread per touched row; duplicates summed into a scratch row
+  (the CPU order), the gradient-side options applied into the scratch row, the
+  rule's row function (which reduces the row in its own fixed order), the
+  parameter-side options per element and ``max_norm``.  Threads read their rows
+  sequentially (uncoalesced): correct and deterministic first.
+* ``finite`` (:func:`make_count_kernel`), ``skip_nonfinite``: counts the elements
+  of a device array whose ``g / grad_scale`` (in the array's dtype) is Inf or NaN
+  (``x - x != 0``); each thread counts its grid-stride share and adds a non-zero
+  count to one int64 device counter (an integer sum: deterministic).  Host arrays
+  (sparse values) are checked on the CPU.
 
 ``error_model`` and fastmath are numba-cuda's defaults (no fast-math flags: IEEE
 ``sqrt.rn`` and ``div.rn``, NaN/Inf propagate).  The CUDA compiler contracts
 ``a * b + c`` into FMA, so results agree with the CPU backends to rounding, not
-bit for bit.  Launch settings (module attributes, read at every launch):
-:data:`BLOCK_SIZE`, :data:`CHUNK`, :data:`MAX_BLOCKS` (``None``: 32 blocks per
-multiprocessor).  Tests set a small block size and grid so that several blocks run
-and the grid-stride loops wrap.
+bit for bit (in the simulator they are usually identical).  Launch settings
+(module attributes, read at every launch): :data:`BLOCK_SIZE`, :data:`CHUNK`,
+:data:`MAX_BLOCKS` (``None``: 32 blocks per multiprocessor).  Tests set a small
+block size and grid so that several blocks run and the grid-stride loops wrap.
 
 Known numba-cuda gap: its CUDA target has no lowering for the NumPy scalar ufuncs
 ``np.sqrt`` and ``np.abs`` that :mod:`fastopt.rules` uses (numba-cuda 0.30: a
@@ -67,21 +83,22 @@ Known numba-cuda gap: its CUDA target has no lowering for the NumPy scalar ufunc
 float64 loops, implemented by the target's own ``math.sqrt`` / ``math.fabs`` (IEEE
 ``sqrt.rn`` and ``abs``), when they are missing.
 
-Exact sparse mode (``sparse_mode="exact"``) is not implemented on this backend: the
-optimizer refuses it with NotImplementedError naming ``backend='numba'``.
-
 Importing this module is cheap (numba.cuda is imported on first use);
 :func:`register_lazily` is what ``import fastopt`` calls.
 """
 
 import importlib.util
 import math
+import weakref
 
 import numpy as np
 
-from . import _numba_cpu, backends
-from .arrays import FLOAT_DTYPES, as_grad
-from .registry import NSLOTS
+from ..arrays import FLOAT_DTYPES, as_grad
+from ..rules import NSLOTS
+from ..rules.fused import RENORM_EPS, post, pre, renorm_row
+from .base import Backend
+from .element import apply_catch_up, element_step, scalar_loader
+from .numba_cpu import make_chunks
 
 #: threads per block
 BLOCK_SIZE = 256
@@ -92,8 +109,9 @@ MAX_BLOCKS = None
 
 cuda = None          # numba.cuda, set by _load()
 _SIM = False         # running under NUMBA_ENABLE_CUDASIM=1
-_KERNELS = {}        # (kind, math, dtype, uses, const) -> cuda.jit kernel
+_KERNELS = {}        # (kind, config, extra, simulator) -> cuda.jit kernel
 _VIEWS = {}          # dtype -> device function: address -> pointer / array
+_PLANS = {}          # id(DenseWork.ptrs) -> (weak reference to ptrs, _DensePlan)
 _DEFAULT_MAX_BLOCKS = None
 _UFUNCS_PATCHED = False
 TAB_COLS = 2 + NSLOTS + 1   # param, grad, slots, scalar row
@@ -241,7 +259,6 @@ def _view_fn(dtype):
     if fn is not None:
         return fn
     if _SIM:
-        import ctypes
         ctype = np.ctypeslib.as_ctypes_type(dtype)
 
         def fn(addr, n):
@@ -263,7 +280,12 @@ def _view_fn(dtype):
     return fn
 
 
-def make_dense_kernel(math_fn, dtype, uses, const):
+def _prepare():
+    _load()
+    _ensure_scalar_ufuncs()
+
+
+def make_dense_kernel(config):
     """The multi-tensor kernel of an element-wise rule configuration.
 
     ``kernel[blocks, BLOCK_SIZE](tab, chunks, hyper)`` with ``tab`` int64 (T, 6):
@@ -271,17 +293,17 @@ def make_dense_kernel(math_fn, dtype, uses, const):
     the tensor's scalar row; ``chunks`` int64 (C, 3): (tensor, start, stop);
     ``hyper`` float64 (R, NSCALARS).  For every element ``i`` of every chunk::
 
-        p[i], s0[i], s1[i], s2[i] = math(p[i], g[i], s0[i], s1[i], s2[i], c)
+        p[i], s0[i], s1[i], s2[i] = step(p[i], g[i], s0[i], s1[i], s2[i], c, 0)
 
-    with ``c`` the tensor's scalar row cast to ``dtype`` (fixed entries compiled in).
+    with ``step`` the element step of ``config`` and ``c`` the tensor's scalars.
     """
-    _load()
-    _ensure_scalar_ufuncs()
-    MATH = math_fn
-    LOAD = _numba_cpu.scalar_loader(dtype, const)
-    VIEW = _view_fn(dtype)
-    DT = np.dtype(dtype).type
-    U0, U1, U2 = (bool(u) for u in uses)
+    _prepare()
+    assert not config.switches[5], "max_norm runs through the rows kernels"
+    STEP = element_step(config.rule.math, config.switches)
+    LOAD = scalar_loader(config.rule.Scalars, config.dtype, config.fixed)
+    VIEW = _view_fn(config.dtype)
+    DT = np.dtype(config.dtype).type
+    U0, U1, U2 = (bool(u) for u in config.uses)
 
     def dense_kernel(tab, chunks, hyper):
         zero = DT(0)
@@ -300,7 +322,7 @@ def make_dense_kernel(math_fn, dtype, uses, const):
                 s0 = A0[i] if U0 else zero
                 s1 = A1[i] if U1 else zero
                 s2 = A2[i] if U2 else zero
-                q, s0, s1, s2 = MATH(P[i], G[i], s0, s1, s2, c)
+                q, s0, s1, s2 = STEP(P[i], G[i], s0, s1, s2, c, zero)
                 P[i] = q
                 if U0:
                     A0[i] = s0
@@ -314,24 +336,28 @@ def make_dense_kernel(math_fn, dtype, uses, const):
     return cuda.jit(dense_kernel)
 
 
-def make_rows_kernel(math_fn, dtype, uses, const):
-    """The row-sparse kernel of an element-wise rule configuration.
+def make_rows_kernel(config, catch, step):
+    """The row kernel of an element-wise rule configuration.
 
-    ``kernel[blocks, BLOCK_SIZE](P, S0, S1, S2, vals, order, seg, uniq, nuniq, ident,
-    hyper)``: ``P`` and the slots (nrows, D) (unused slots: ``P``, never touched),
-    ``vals`` (nnz, D) gradient rows; row ``uniq[u]`` takes the sum of
-    ``vals[order[seg[u]:seg[u + 1]]]`` added in that order (``ident``: row ``u``
-    takes ``vals[u]``, and order/seg/uniq are not read).  Grid-stride over the
-    ``nuniq * D`` touched elements.
+    ``kernel[blocks, BLOCK_SIZE](P, S0, S1, S2, vals, order, seg, uniq, coef, hyper,
+    nuniq, ident)``: ``P`` and the slots (nrows, D) (unused slots: ``P``, never
+    touched), ``vals`` (nnz, D) gradient rows, ``coef`` float64 (nuniq, 4) catch-up
+    maps.  Grid-stride over the ``nuniq * D`` touched elements; element ``j`` of row
+    ``r = uniq[u]`` (``u`` when ``ident``: every row once, order/seg/uniq not read):
+
+    * ``catch``: ``(p, s0) <- apply_catch_up(p, s0, *coef[u])`` unless the map is the
+      identity;
+    * ``step``: the element step with the sum of ``vals[order[seg[u]:seg[u + 1]], j]``
+      added in that order (``vals[u, j]`` when ``ident``).
     """
-    _load()
-    _ensure_scalar_ufuncs()
-    MATH = math_fn
-    LOAD = _numba_cpu.scalar_loader(dtype, const)
-    DT = np.dtype(dtype).type
-    U0, U1, U2 = (bool(u) for u in uses)
+    _prepare()
+    STEP = element_step(config.rule.math, config.switches)
+    LOAD = scalar_loader(config.rule.Scalars, config.dtype, config.fixed)
+    DT = np.dtype(config.dtype).type
+    U0, U1, U2 = (bool(u) for u in config.uses)
+    CATCH, STEPPING = bool(catch), bool(step)
 
-    def rows_kernel(P, S0, S1, S2, vals, order, seg, uniq, nuniq, ident, hyper):
+    def rows_kernel(P, S0, S1, S2, vals, order, seg, uniq, coef, hyper, nuniq, ident):
         zero = DT(0)
         c = LOAD(hyper, 0)
         D = P.shape[1]
@@ -340,47 +366,83 @@ def make_rows_kernel(math_fn, dtype, uses, const):
         while e < nuniq * D:
             u = e // D
             j = e - u * D
-            if ident:
-                r = u
-                g = vals[u, j]
-            else:
-                r = uniq[u]
-                a = seg[u]
-                g = vals[order[a], j]
-                for k in range(a + 1, seg[u + 1]):
-                    g += vals[order[k], j]
-            s0 = S0[r, j] if U0 else zero
-            s1 = S1[r, j] if U1 else zero
-            s2 = S2[r, j] if U2 else zero
-            q, s0, s1, s2 = MATH(P[r, j], g, s0, s1, s2, c)
-            P[r, j] = q
-            if U0:
-                S0[r, j] = s0
-            if U1:
-                S1[r, j] = s1
-            if U2:
-                S2[r, j] = s2
+            r = u if ident else uniq[u]
+            if CATCH:
+                ca, cb, cc, ce = coef[u, 0], coef[u, 1], coef[u, 2], coef[u, 3]
+                if not (ca == 1.0 and cb == 0.0 and cc == 0.0 and ce == 1.0):
+                    s = S0[r, j] if U0 else zero
+                    p, s = apply_catch_up(P[r, j], s, ca, cb, cc, ce, DT)
+                    P[r, j] = p
+                    if U0:
+                        S0[r, j] = s
+            if STEPPING:
+                if ident:
+                    g = vals[u, j]
+                else:
+                    a = seg[u]
+                    g = vals[order[a], j]
+                    for k in range(a + 1, seg[u + 1]):
+                        g += vals[order[k], j]
+                s0 = S0[r, j] if U0 else zero
+                s1 = S1[r, j] if U1 else zero
+                s2 = S2[r, j] if U2 else zero
+                q, s0, s1, s2 = STEP(P[r, j], g, s0, s1, s2, c, zero)
+                P[r, j] = q
+                if U0:
+                    S0[r, j] = s0
+                if U1:
+                    S1[r, j] = s1
+                if U2:
+                    S2[r, j] = s2
             e += stride
 
     return cuda.jit(rows_kernel)
 
 
-def make_rowwise_kernel(math_fn, dtype, uses, const):
+def make_renorm_kernel(config):
+    """``max_norm`` after the rows kernel: ``kernel[blocks, BLOCK_SIZE](P, uniq, hyper,
+    nuniq, ident)``, one thread per touched row (grid-stride), the CPU driver's
+    :func:`fastopt.rules.fused.renorm_row`."""
+    _prepare()
+    LOAD = scalar_loader(config.rule.Scalars, config.dtype, config.fixed)
+    DT = np.dtype(config.dtype).type
+    EPS = DT(RENORM_EPS)
+
+    def renorm_kernel(P, uniq, hyper, nuniq, ident):
+        zero = DT(0)
+        c = LOAD(hyper, 0)
+        u = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        stride = cuda.gridDim.x * cuda.blockDim.x
+        while u < nuniq:
+            r = u if ident else uniq[u]
+            renorm_row(P[r], c, zero, EPS)
+            u += stride
+
+    return cuda.jit(renorm_kernel)
+
+
+def make_rowwise_kernel(config):
     """The kernel of a row-wise rule (one state value per row), dense or sparse.
 
-    ``kernel[blocks, BLOCK_SIZE](P, S0, vals, order, seg, uniq, nuniq, ident, scratch,
-    hyper)``: one thread per touched row ``r`` (grid-stride), with ``G`` the row's
-    summed gradient (duplicates added in order into ``scratch[u]``)::
+    ``kernel[blocks, BLOCK_SIZE](P, S0, vals, order, seg, uniq, scratch, hyper, nuniq,
+    ident)``: ``P`` (nrows, D), ``S0`` (nrows,); one thread per touched row ``r``
+    (grid-stride), with ``G`` the row's summed gradient (duplicates added in order
+    into ``scratch[u]``), as the CPU row-wise driver::
 
-        S0[r, 0] = math(P[r], G, S0[r, 0], 1 / D, 0, c)      # updates P[r] in place
+        G = pre(G)                                    # into scratch[u] (grad_scale, clip)
+        S0[r] = math(P[r], G, S0[r], 1 / D, 0, c)     # updates P[r] in place
+        P[r] = post(P[r]); renorm(P[r])               # l1, clamps; max_norm
     """
-    _load()
-    _ensure_scalar_ufuncs()
-    MATH = math_fn
-    LOAD = _numba_cpu.scalar_loader(dtype, const)
-    DT = np.dtype(dtype).type
+    _prepare()
+    MATH = config.rule.math
+    LOAD = scalar_loader(config.rule.Scalars, config.dtype, config.fixed)
+    DT = np.dtype(config.dtype).type
+    SC, CL, L1, LO, HI, MX = (bool(s) for s in config.switches)
+    PRE = SC or CL
+    POST = L1 or LO or HI
+    EPS = DT(RENORM_EPS)
 
-    def rowwise_kernel(P, S0, vals, order, seg, uniq, nuniq, ident, scratch, hyper):
+    def rowwise_kernel(P, S0, vals, order, seg, uniq, scratch, hyper, nuniq, ident):
         zero = DT(0)
         c = LOAD(hyper, 0)
         D = P.shape[1]
@@ -401,29 +463,62 @@ def make_rowwise_kernel(math_fn, dtype, uses, const):
                     for j in range(D):
                         G[j] = first[j]
                     for k in range(a + 1, b):
-                        row = vals[order[k]]
+                        more = vals[order[k]]
                         for j in range(D):
-                            G[j] += row[j]
+                            G[j] += more[j]
                 else:
                     G = vals[order[a]]
-            S0[r, 0] = MATH(P[r], G, S0[r, 0], inv_d, zero, c)
+            if PRE:
+                buf = scratch[u]
+                for j in range(D):
+                    buf[j] = pre(G[j], c, SC, CL)
+                G = buf
+            prow = P[r]
+            S0[r] = MATH(prow, G, S0[r], inv_d, zero, c)
+            if POST:
+                for j in range(D):
+                    prow[j] = post(prow[j], c, zero, L1, LO, HI)
+            if MX:
+                renorm_row(prow, c, zero, EPS)
             u += stride
 
     return cuda.jit(rowwise_kernel)
 
 
+def make_count_kernel(config=None):
+    """``kernel[blocks, BLOCK_SIZE](a, scale, out)``: adds to ``out[0]`` (int64) the
+    number of elements of the 1-D array ``a`` whose ``a[i] / scale`` (``scale`` in
+    ``a``'s dtype) is Inf or NaN."""
+    _prepare()
+
+    def count_nonfinite(a, scale, out):
+        e = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        stride = cuda.gridDim.x * cuda.blockDim.x
+        k = 0
+        while e < a.shape[0]:
+            x = a[e] / scale
+            if x - x != 0:          # Inf - Inf and NaN - NaN are NaN; finite x - x is 0
+                k += 1
+            e += stride
+        if k:
+            cuda.atomic.add(out, 0, k)
+
+    return cuda.jit(count_nonfinite)
+
+
 _FACTORIES = {"dense": make_dense_kernel, "rows": make_rows_kernel,
-              "rowwise": make_rowwise_kernel}
+              "renorm": make_renorm_kernel, "rowwise": make_rowwise_kernel,
+              "finite": make_count_kernel}
 
 
-def kernel_for(kind, math_fn, dtype, uses, const):
-    """The compiled kernel of ``kind`` ("dense", "rows", "rowwise") for a rule
-    configuration (cached)."""
-    key = (kind, math_fn, np.dtype(dtype).str, tuple(bool(u) for u in uses), tuple(const),
-           _SIM)
+def kernel_for(kind, config, *extra):
+    """The compiled kernel of ``kind`` ("dense", "rows", "renorm", "rowwise",
+    "finite") for a :class:`~fastopt.backends.base.Config` (cached); ``extra``: the
+    rows kernel's (catch, step) flags."""
+    key = (kind, config, extra, _SIM)
     k = _KERNELS.get(key)
     if k is None:
-        k = _KERNELS[key] = _FACTORIES[kind](math_fn, dtype, uses, const)
+        k = _KERNELS[key] = _FACTORIES[kind](config, *extra)
     return k
 
 
@@ -431,45 +526,85 @@ class _DensePlan:
     """Device tables of one bucket: chunk table (fixed), and a buffer holding the
     pointer table and the per-step scalars, refreshed by one copy per step."""
 
-    def __init__(self, bucket):
-        T, (R, NS) = bucket.ptrs.shape[0], bucket.hyper.shape
-        self.key = (id(bucket.ptrs), T, R, CHUNK)
-        sizes = [int(np.prod(p.shape, dtype=np.int64)) for p in bucket.params]
-        chunks = _numba_cpu.make_chunks(sizes, CHUNK)
+    def __init__(self, work):
+        T, (R, NS) = work.ptrs.shape[0], work.hyper.shape
+        sizes = [int(np.prod(_describe(p)[0], dtype=np.int64)) for p in work.params]
+        self.key = (T, R, NS, CHUNK, tuple(sizes))
+        chunks = make_chunks(sizes, CHUNK)
         self.nchunks = chunks.shape[0]
         self.chunks = cuda.to_device(chunks) if self.nchunks else None
         self.host = np.zeros(T * TAB_COLS + R * NS, dtype=np.int64)
         self.tab = self.host[:T * TAB_COLS].reshape(T, TAB_COLS)
-        self.tab[:, TAB_COLS - 1] = bucket.hidx
+        self.tab[:, TAB_COLS - 1] = work.hidx
         self.hyper = self.host[T * TAB_COLS:].view(np.float64).reshape(R, NS)
         self.dev = cuda.device_array(self.host.shape, dtype=np.int64)
         self.dtab = self.dev[:T * TAB_COLS].reshape(T, TAB_COLS)
         self.dhyper = self.dev[T * TAB_COLS:].view(np.float64).reshape(R, NS)
 
 
-def _dummy_index():
-    return cuda.to_device(np.zeros(1, dtype=np.int64))
+def _dense_plan(work):
+    """The device plan of a bucket, kept while its pointer table lives (the copies
+    :func:`fastopt.planner.fill_bucket` makes for ``grad_scale`` share it)."""
+    ptrs = work.ptrs
+    key = id(ptrs)
+    T, (R, NS) = ptrs.shape[0], work.hyper.shape
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0]() is ptrs and hit[1].key[:4] == (T, R, NS, CHUNK):
+        return hit[1]
+    plan = _DensePlan(work)
+    _PLANS[key] = (weakref.ref(ptrs), plan)
+    weakref.finalize(ptrs, _forget_plan, key, plan)
+    return plan
 
 
-def _refuse_fused(const, grad_scale):
-    """The per-group fused options (gradient scaling, clipping, L1, clamping) are not
-    compiled into the CUDA kernels: refuse them before a launch."""
-    fused = [k for k in const if not isinstance(k[0], (int, np.integer))]
-    on = any(any(v) if isinstance(v, tuple) else bool(v) for _, v in fused)
-    if on or grad_scale is not None:
-        raise NotImplementedError("backend 'cuda' does not support the fused per-group "
-                                  "options (gradient scaling, clipping, L1, clamping) yet; "
-                                  "use backend='numba'")
+def _forget_plan(key, plan):
+    hit = _PLANS.get(key)
+    if hit is not None and hit[1] is plan:
+        del _PLANS[key]
+
+
+def _rows_plan(work, nuniq, ident, catch):
+    """One host-to-device copy of a row step's float64 scalars, catch-up maps and
+    int64 plan.  Returns device (order, seg, uniq, coef, hyper); order/seg/uniq are
+    stand-ins where not read (``ident``, or a catch-up only), coef where ``catch`` is
+    off."""
+    hyper = np.ascontiguousarray(work.hyper, dtype=np.float64)
+    R, NS = hyper.shape
+    parts = [hyper.reshape(-1).view(np.int64)]
+    if catch:
+        coef = np.ascontiguousarray(work.catch.coef, dtype=np.float64)
+        parts.append(coef.reshape(-1).view(np.int64))
+    ints = []
+    if not ident:
+        if work.vals is not None:
+            ints = [np.asarray(work.order, np.int64), np.asarray(work.seg, np.int64)]
+        ints.append(np.asarray(work.uniq, np.int64))
+    dev = cuda.to_device(np.concatenate(parts + ints))
+    at = R * NS
+    dhyper = dev[:at].view(np.float64).reshape(R, NS)
+    dcoef = dhyper
+    if catch:
+        dcoef = dev[at:at + 4 * nuniq].view(np.float64).reshape(nuniq, 4)
+        at += 4 * nuniq
+    order = seg = uniq = dev[:1]
+    if not ident:
+        if work.vals is not None:
+            n_o, n_s = work.order.shape[0], work.seg.shape[0]
+            order, seg = dev[at:at + n_o], dev[at + n_o:at + n_o + n_s]
+            at += n_o + n_s
+        uniq = dev[at:at + nuniq]
+    return order, seg, uniq, dcoef, dhyper
 
 
 # ---------------------------------------------------------------------- backend
 
-class CudaBackend:
+class CudaBackend(Backend):
     """Runs optimizer steps on device arrays with ``cuda.jit`` kernels; provides the
-    array methods of :class:`fastopt.backends.HostArrays` for device arrays."""
+    array methods of :class:`fastopt.backends.base.Backend` for device arrays.  Every
+    feature of :data:`fastopt.backends.base.FEATURES`."""
 
     name = "cuda"
-    device = "cuda"
+    memory = "device"
 
     def __init__(self):
         _load()
@@ -539,6 +674,33 @@ class CudaBackend:
             cuda.external_stream(s).synchronize()
         return out, addr
 
+    def all_finite(self, arrays, grad_scale=None):
+        """True when no array (divided by ``grad_scale``, in its dtype) holds an Inf or
+        NaN: device arrays by the ``finite`` kernel (one int64 counter, read back once),
+        host arrays (sparse values) by the base class, on the CPU."""
+        on_host = [a for a in arrays if not is_device(a)]
+        if on_host and not super().all_finite(on_host, grad_scale):
+            return False
+        count = None
+        for a in arrays:
+            if not is_device(a):
+                continue
+            d = _import_device(a)
+            shape, dt, contig, _, _, _ = _describe(d)
+            n = int(np.prod(shape, dtype=np.int64))
+            if not n:
+                continue
+            if not contig:
+                flat = cuda.device_array(shape, dtype=dt)
+                flat[:] = d
+                d = flat
+            if count is None:
+                count = cuda.to_device(np.zeros(1, dtype=np.int64))
+            scale = dt.type(1.0 if grad_scale is None else grad_scale)
+            kernel_for("finite", None)[_blocks(n, BLOCK_SIZE), BLOCK_SIZE](
+                d.reshape(n), scale, count)
+        return count is None or int(count.copy_to_host()[0]) == 0
+
     def full(self, shape, value, dtype):
         out = cuda.device_array(shape, dtype=dtype)
         n = int(np.prod(shape, dtype=np.int64))
@@ -547,6 +709,10 @@ class CudaBackend:
         return out
 
     def address(self, a):
+        """The data address of a device array (of a host array: its host address;
+        with unified virtual addressing the two never overlap)."""
+        if isinstance(a, np.ndarray):
+            return int(a.ctypes.data)
         return _address(a)
 
     def to_host(self, a):
@@ -555,59 +721,63 @@ class CudaBackend:
     def from_host(self, a, like):
         return cuda.to_device(np.ascontiguousarray(a, dtype=like.dtype))
 
+    def _device_rows(self, a, D, dtype):
+        """Gradient rows as a device (n, D) array: host arrays are copied over."""
+        if is_device(a):
+            d = _import_device(a)
+            return d.reshape(int(np.prod(_describe(d)[0], dtype=np.int64)) // D, D)
+        h = np.ascontiguousarray(a, dtype=dtype)
+        return cuda.to_device(h.reshape(h.size // D, D))
+
     # --------------------------------------------------------------- steps
-    def run(self, rule, bucket):
+    def run_dense(self, work):
         """A dense step of an element-wise rule over a bucket: one launch."""
-        if not bucket.nelem:
+        if not work.nelem:
             return
-        _refuse_fused(bucket.const, getattr(bucket, "grad_scale", None))
-        plan = getattr(bucket, "_cuda_plan", None)
-        if plan is None or plan.key != (id(bucket.ptrs), bucket.ptrs.shape[0],
-                                        bucket.hyper.shape[0], CHUNK):
-            plan = bucket._cuda_plan = _DensePlan(bucket)
-        plan.tab[:, :TAB_COLS - 1] = bucket.ptrs
-        plan.hyper[:] = bucket.hyper
+        plan = _dense_plan(work)
+        plan.tab[:, :TAB_COLS - 1] = work.ptrs
+        plan.hyper[:] = work.hyper
         plan.dev.copy_to_device(plan.host)
-        kernel = kernel_for("dense", rule.math, bucket.dtype, bucket.uses, bucket.const)
+        kernel = kernel_for("dense", work.config)
         kernel[_blocks(plan.nchunks), BLOCK_SIZE](plan.dtab, plan.chunks, plan.dhyper)
 
-    def run_rows(self, rule, w):
-        """A row-sparse step (or a dense step of a row-wise rule) of one parameter:
-        one launch; indices were validated and the coalescing plan computed on the
-        host by the optimizer."""
-        _refuse_fused(w.const, getattr(w, "grad_scale", None))
-        p = w.param
-        nrows = p.shape[0]
-        P = p.reshape(nrows, -1)
-        D = P.shape[1]
-        vals = w.vals if is_device(w.vals) else cuda.to_device(
-            np.ascontiguousarray(w.vals, dtype=p.dtype))
-        vals = _import_device(vals).reshape(vals.shape[0], D)
-        nuniq = int(w.uniq.shape[0])
+    def run_rows(self, work):
+        """The row step of one parameter (a row-sparse gradient, a dense step of a
+        row-wise rule or of a max_norm group, or exact mode's catch-up): one launch
+        (two with max_norm).  Indices were validated and the coalescing plan computed
+        on the host by the planner."""
+        cfg = work.config
+        if work.catch is not None and work.catch.coef is None:
+            raise ValueError("exact-mode work without its catch-up maps")
+        p = work.param
+        shape = _describe(p)[0]
+        nrows = shape[0]
+        D = int(np.prod(shape[1:], dtype=np.int64))
+        nuniq = int(work.uniq.shape[0])
         if nuniq == 0 or D == 0:
             return
-        ident = (w.order is w.uniq and nuniq == nrows == vals.shape[0])
-        if ident:
-            order = seg = uniq = _dummy_index()
-        else:
-            # one transfer for the whole plan
-            packed = cuda.to_device(np.concatenate([
-                np.asarray(w.order, np.int64), np.asarray(w.seg, np.int64),
-                np.asarray(w.uniq, np.int64)]))
-            n_o, n_s = w.order.shape[0], w.seg.shape[0]
-            order, seg, uniq = packed[:n_o], packed[n_o:n_o + n_s], packed[n_o + n_s:]
-        hyper = cuda.to_device(np.ascontiguousarray(w.hyper, dtype=np.float64))
-        slots = [s.reshape(nrows, -1) if s is not None else P for s in w.slots]
-        if rule.layout == "rowwise":
-            dups = (not ident) and w.order.shape[0] > nuniq
-            scratch = cuda.device_array((nuniq if dups else 1, D), dtype=p.dtype)
-            kernel = kernel_for("rowwise", rule.math, p.dtype, w.uses, w.const)
-            kernel[_blocks(nuniq, BLOCK_SIZE), BLOCK_SIZE](
-                P, slots[0], vals, order, seg, uniq, nuniq, ident, scratch, hyper)
-        else:
-            kernel = kernel_for("rows", rule.math, p.dtype, w.uses, w.const)
-            kernel[_blocks(nuniq * D, BLOCK_SIZE), BLOCK_SIZE](
-                P, slots[0], slots[1], slots[2], vals, order, seg, uniq, nuniq, ident, hyper)
+        P = _import_device(p).reshape(nrows, D)
+        stepping = work.vals is not None
+        catch = work.catch is not None
+        ident = stepping and work.order is work.uniq and nuniq == nrows
+        order, seg, uniq, coef, hyper = _rows_plan(work, nuniq, ident, catch)
+        vals = self._device_rows(work.vals, D, P.dtype) if stepping else P
+        if cfg.rule.layout == "rowwise":
+            if not stepping:
+                return                       # no closed form: never a catch-up here
+            dups = not ident and work.order.shape[0] > nuniq
+            pre_on = cfg.switches[0] or cfg.switches[1]
+            scratch = cuda.device_array((nuniq if (dups or pre_on) else 1, D), dtype=P.dtype)
+            S0 = _import_device(work.slots[0]).reshape(nrows)
+            kernel_for("rowwise", cfg)[_blocks(nuniq, BLOCK_SIZE), BLOCK_SIZE](
+                P, S0, vals, order, seg, uniq, scratch, hyper, nuniq, ident)
+            return
+        S = [_import_device(s).reshape(nrows, D) if s is not None else P for s in work.slots]
+        kernel_for("rows", cfg, catch, stepping)[_blocks(nuniq * D, BLOCK_SIZE), BLOCK_SIZE](
+            P, S[0], S[1], S[2], vals, order, seg, uniq, coef, hyper, nuniq, ident)
+        if stepping and cfg.switches[5]:
+            kernel_for("renorm", cfg)[_blocks(nuniq, BLOCK_SIZE), BLOCK_SIZE](
+                P, uniq, hyper, nuniq, ident)
 
 
 _BACKEND = None
@@ -626,12 +796,12 @@ def register_backend():
         try:
             cu = _load()
         except ImportError as exc:
-            backends.register("cuda", reason=(
+            _backends().register("cuda", reason=(
                 f"numba-cuda is not installed ({exc}); install it with "
                 "pip install 'fastopt[cuda]' (or pip install numba-cuda)"))
             return None
         except Exception as exc:     # noqa: BLE001 (a broken install: say so, do not crash)
-            backends.register("cuda", reason=f"numba-cuda failed to load: "
+            _backends().register("cuda", reason=f"numba-cuda failed to load: "
                                              f"{type(exc).__name__}: {exc}")
             return None
         if not cu.is_available():
@@ -641,13 +811,13 @@ def register_backend():
                 why = f" ({' '.join(str(err).split())})" if err else ""
             except Exception:        # noqa: BLE001 (only decorates the message)
                 pass
-            backends.register("cuda", reason=(
+            _backends().register("cuda", reason=(
                 "numba-cuda found no usable CUDA GPU or driver on this machine"
                 f"{why}; set NUMBA_ENABLE_CUDASIM=1 before importing numba.cuda to run "
                 "the CUDA kernels in numba's simulator (slow, for testing)"))
             return None
         _BACKEND = CudaBackend()
-    backends.register("cuda", _BACKEND)
+    _backends().register("cuda", _BACKEND)
     return _BACKEND
 
 
@@ -691,9 +861,14 @@ def register_lazily():
     """What ``import fastopt`` calls: without numba-cuda, record the reason at once
     (cheap); with it, register on first request (see :class:`_LazyBackends`)."""
     if importlib.util.find_spec("numba_cuda") is None:
-        backends.register("cuda", reason=(
+        _backends().register("cuda", reason=(
             "numba-cuda is not installed; install it with pip install 'fastopt[cuda]' "
             "(or pip install numba-cuda)"))
         return
-    if not isinstance(backends._BACKENDS, _LazyBackends):
-        backends._BACKENDS = _LazyBackends(backends._BACKENDS)
+    if not isinstance(_backends()._BACKENDS, _LazyBackends):
+        _backends()._BACKENDS = _LazyBackends(_backends()._BACKENDS)
+
+
+def _backends():
+    from .. import backends
+    return backends

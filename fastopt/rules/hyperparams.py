@@ -13,7 +13,10 @@ import numpy as np
 def _number(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"Invalid {name}: {value!r} (expected a real number)")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"Invalid {name}: {value!r} (too large for a float)") from None
     if not math.isfinite(value):
         raise ValueError(f"Invalid {name}: {value!r} (must be finite)")
     return value

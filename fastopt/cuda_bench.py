@@ -25,8 +25,10 @@ import sys
 
 import numpy as np
 
-from . import _cuda_backend as cb
-from . import backends, benchmark, registry
+from . import backends, benchmark
+from . import rules as registry
+from .backends import cuda as cb
+from .backends.base import Config, DenseWork
 from .benchmark import Case
 from .optimizers import CLASSES
 
@@ -63,16 +65,16 @@ def _fastopt(case):
     return run
 
 
-class _Touch:
-    math = staticmethod(benchmark.touch)
-
-
 def _ceiling(case):
     """The dense multi-tensor kernel with the math replaced by
-    :func:`fastopt.benchmark.touch`: same pointer table, chunks and launch, the same
-    bytes moved, no arithmetic.  Its time is the device's copy ceiling for the case."""
+    :func:`fastopt.benchmark.touch` (the rule :data:`fastopt.benchmark.CEILING`):
+    same pointer table, chunks and launch, the same bytes moved, no arithmetic.  Its
+    time is the device's copy ceiling for the case."""
     cuda = cb._load()
-    uses = registry.RULES[case.rule].uses_slots(case.group())
+    rule = registry.RULES[case.rule]
+    uses = tuple(bool(u) for u in rule.uses_slots(case.group()))
+    if rule.layout == "rowwise":       # one value per row: left out, as on the CPU
+        uses = (False,) * registry.NSLOTS
     params, grads = _data(case)
     dparams = [cuda.to_device(p) for p in params]
     dgrads = [cuda.to_device(g) for g in grads]
@@ -81,16 +83,15 @@ def _ceiling(case):
     for t, (p, g, ss) in enumerate(zip(dparams, dgrads, slots)):
         ptrs[t, :2] = cb._address(p), cb._address(g)
         ptrs[t, 2:] = [cb._address(s) if s is not None else ptrs[t, 0] for s in ss]
-    bucket = backends.Bucket(dtype=np.dtype(case.dtype), uses=tuple(uses),
-                             index=list(range(len(params))), params=dparams, grads=dgrads,
-                             slots=slots, ptrs=ptrs,
-                             hyper=np.zeros((1, registry.NSCALARS)),
-                             hidx=np.zeros(len(params), dtype=np.int64),
-                             nelem=case.elements)
-    backend = cb.CudaBackend()
+    work = DenseWork(config=Config(rule=benchmark.CEILING, dtype=np.dtype(case.dtype),
+                                   uses=uses),
+                     index=list(range(len(params))), params=dparams, grads=dgrads,
+                     slots=slots, ptrs=ptrs, hyper=np.zeros((1, registry.NSCALARS)),
+                     hidx=np.zeros(len(params), dtype=np.int64), nelem=case.elements)
+    backend = cb.register_backend() or cb.CudaBackend()
 
     def run():
-        backend.run(_Touch, bucket)
+        backend.run_dense(work)
         cuda.synchronize()
     return run
 
@@ -113,8 +114,8 @@ def _torch(case, mode):
         t = torch.from_numpy(p).cuda()
         t.grad = torch.from_numpy(g).cuda()
         tparams.append(t)
-    kwargs = {**registry.torch_defaults(registry.RULES[case.rule]), **registry.RULES[case.rule].variants[
-        case.variant], mode: True}
+    rule = registry.RULES[case.rule]
+    kwargs = {**registry.torch_defaults(rule), **rule.variants[case.variant], mode: True}
     try:
         opt = getattr(torch.optim, case.rule)(tparams, **kwargs)
         opt.step()
@@ -134,6 +135,14 @@ _CUPY_SRC = {
              "p = p * decay - ss * (m / (sqrt(v) * rbc2 + eps));"),
     "SGD": ("T g, T lr, T mom, T omd", "T p, T buf",
             "buf = mom * buf + omd * g; p = p - lr * buf;"),
+}
+
+
+#: the rule's named scalars each CuPy kernel takes, in its argument order
+_CUPY_SCALARS = {
+    "Adam": ("step_size", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps",
+             "rsqrt_bc2", "decay"),
+    "SGD": ("lr", "momentum", "one_minus_dampening"),
 }
 
 
@@ -163,13 +172,13 @@ def _cupy(case):
     step = [0]
     host = rule.host_init(group)
 
+    names = _CUPY_SCALARS[kind]
+
     def run():
         step[0] += 1
-        c, _ = rule.scalars(group, step[0], host, ())
-        if kind == "Adam":
-            args = [dt(c[k]) for k in (0, 1, 2, 3, 4, 5, 6, 8)]
-        else:
-            args = [dt(c[0]), dt(c[2]), dt(c[3])]
+        row, _ = rule.row(group, step[0], host, ())
+        c = dict(zip(rule.Scalars._fields, row))
+        args = [dt(c[n]) for n in names]
         for p, g, st in zip(cparams, cgrads, state):
             kernel(g, *args, p, *st)
         cp.cuda.Device().synchronize()

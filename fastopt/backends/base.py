@@ -1,0 +1,198 @@
+"""The backend interface: work items, the capability table and host-array plumbing.
+
+A backend runs two kinds of work, both built by the step planner
+(:mod:`fastopt.planner`) for the optimizer classes and the functional layer alike:
+
+* :class:`DenseWork`: a *bucket* of tensors sharing one :class:`Config` (rule,
+  dtype, used state slots, compiled-in scalars, fused switches), with its pointer
+  table, chunk table and float64 scalar rows;
+* :class:`RowsWork`: the touched rows of one parameter (a row-sparse gradient, a
+  dense step of a row-wise rule or of a ``max_norm`` group, or an exact-mode
+  catch-up), with its deterministic coalescing plan.
+
+:data:`FEATURES` names what a backend can do; a backend class declares the
+features it has in ``features`` and nothing else in the package asks a backend
+what it can do (``fastopt.backends.capabilities()`` prints the table, the
+optimizer refuses a missing feature before anything is written, the tests
+iterate over it).
+"""
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import List
+
+import numpy as np
+
+from .._cy_util import data_address, gather_grads
+from ..arrays import as_grad, as_param
+
+_FORKED = False
+
+
+def _after_fork_in_child():
+    global _FORKED
+    _FORKED = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def may_use_threads():
+    """False in a process forked from this one.  Neither GNU OpenMP (Numba's ``omp``
+    threading layer, the Cython extension) nor Numba's other layers can start a
+    parallel region in a forked child (the child is killed or hangs), so a child
+    steps with the serial drivers: correct, one thread.  Workers that should step
+    in parallel are started with the ``spawn`` (or ``forkserver``) method."""
+    return not _FORKED
+
+
+#: feature -> what it means
+FEATURES = {
+    "dense": "dense gradients, many tensors per launch",
+    "sparse_lazy": "row-sparse gradients, lazy mode (touched rows only)",
+    "sparse_exact": "row-sparse gradients, exact mode (closed-form catch-up)",
+    "rowwise": "row-wise rules (one state value per row)",
+    "fused_options": "clip_value, l1, param_min, param_max, max_norm in the update pass",
+    "grad_scale": "step(grad_scale=...) divides gradients inside the update pass",
+    "skip_nonfinite": "step(skip_nonfinite=True) skips a step with an Inf/NaN gradient",
+    "float32": "float32 parameters and state",
+    "float64": "float64 parameters and state",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """What a compiled kernel is specialized on."""
+    rule: object                      # fastopt.rules.Rule
+    dtype: np.dtype
+    uses: tuple                       # which of the NSLOTS state slots are used
+    fixed: tuple = ()                 # ((Scalars field, value), ...) compiled in
+    switches: tuple = (False,) * 6    # fused switches (fastopt.rules.fused.SWITCHES)
+
+    def with_grad_scale(self, on):
+        if bool(on) == self.switches[0]:
+            return self
+        return replace(self, switches=(bool(on),) + tuple(self.switches[1:]))
+
+    @property
+    def fusing(self):
+        return any(self.switches)
+
+
+@dataclass
+class DenseWork:
+    config: Config
+    index: List[int]                  # caller's tensor indices
+    params: List[np.ndarray]
+    grads: List[np.ndarray] = field(default_factory=list)
+    slots: List[list] = field(default_factory=list)   # per tensor: NSLOTS arrays or None
+    ptrs: np.ndarray = None           # int64 (T, 2 + NSLOTS): param, grad, slot addresses
+    chunks: np.ndarray = None         # int64 (C, 3): (tensor, start, stop)
+    hyper: np.ndarray = None          # float64 (R, NSCALARS): per-step scalar rows
+    hidx: np.ndarray = None           # int64 (T,): scalar row of each tensor
+    nelem: int = 0
+    # the reference backend: per tensor (group dict, step, state dict, fresh names)
+    ref: list = None
+    grad_scale: float = None
+
+
+@dataclass
+class CatchUp:
+    """Exact sparse mode: the rows of a :class:`RowsWork` are first brought from
+    step ``last[u]`` to ``t_end`` as if they had received zero gradients."""
+    last: np.ndarray                  # int64 (nuniq,): step each row is up to date with
+    t_end: int
+    buffer_start: int                 # step at which SGD's momentum buffer was created
+    group: dict                       # hyperparameters of the skipped steps
+    scalars: tuple                    # their float64 scalar row (for the closed form)
+    coef: np.ndarray = None           # float64 (nuniq, 4): the closed form per row
+
+
+@dataclass
+class RowsWork:
+    config: Config
+    param: np.ndarray                 # the parameter (any shape; rows = first axis)
+    slots: list                       # NSLOTS state arrays or None
+    vals: np.ndarray                  # (nnz, D) gradient rows, or None: catch-up only
+    idx: np.ndarray                   # (nnz,) int64 row indices (validated)
+    order: np.ndarray                 # coalescing plan (fastopt.sparse.coalesce_plan)
+    seg: np.ndarray
+    uniq: np.ndarray
+    hyper: np.ndarray                 # float64 (1, NSCALARS)
+    catch: CatchUp = None
+    ref: tuple = None                 # (group, step, state dict, fresh) for the reference
+    grad_scale: float = None
+
+
+class Backend:
+    """Base of every backend: its name, memory, capability table and array methods.
+
+    ``features``: the subset of :data:`FEATURES` the backend implements.
+    ``memory``: ``"host"`` (NumPy arrays) or ``"device"`` (CUDA arrays).
+    """
+
+    name = None
+    memory = "host"
+    features = frozenset(FEATURES)
+
+    def supports(self, feature):
+        return feature in self.features
+
+    def require(self, feature, what=None):
+        """Raise NotImplementedError naming the feature when it is missing."""
+        if feature not in self.features:
+            from . import capable
+            others = [n for n in capable(feature) if n != self.name]
+            raise NotImplementedError(
+                f"backend {self.name!r} does not support {what or feature} "
+                f"({FEATURES[feature]}); backends that do: {others}")
+
+    # arrays ----------------------------------------------------------------
+    def as_param(self, obj, where):
+        return as_param(obj, where)
+
+    def check_grads(self, dense, plist, active):
+        """Check (and where needed convert) gradients; returns (grads, addresses).
+
+        A C loop checks type, shape, dtype and layout and records addresses; the
+        slow path converts other float dtypes and non-contiguous gradients, or
+        raises.  Nothing is written to any parameter or state here.
+        """
+        gptr = np.empty((len(dense), 1), dtype=np.int64)
+        start, copied = 0, False
+        while start < len(dense):
+            bad = gather_grads(dense[start:], plist[start:], gptr[start:], 0)
+            if bad < 0:
+                break
+            k = start + bad
+            if not copied:
+                dense, copied = list(dense), True
+            dense[k] = as_grad(dense[k], plist[k], f"gradient {active[k]}")
+            gptr[k, 0] = data_address(dense[k])
+            start = k + 1
+        return dense, gptr[:, 0]
+
+    def all_finite(self, arrays, grad_scale=None):
+        """True when no array (divided by ``grad_scale``, in its dtype) holds an
+        Inf or NaN."""
+        from . import numba_cpu
+        return all(numba_cpu.all_finite(a.reshape(-1), grad_scale) for a in arrays if a.size)
+
+    def full(self, shape, value, dtype):
+        return np.full(shape, value, dtype=dtype)
+
+    def address(self, a):
+        return data_address(a)
+
+    def to_host(self, a):
+        return a.copy()
+
+    def from_host(self, a, like):
+        return np.array(a, dtype=like.dtype, order="C", copy=True)
+
+    # work ------------------------------------------------------------------
+    def run_dense(self, work):
+        raise NotImplementedError
+
+    def run_rows(self, work):
+        raise NotImplementedError

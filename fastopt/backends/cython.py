@@ -1,0 +1,286 @@
+"""The ``"cython"`` backend: the compiled extension ``fastopt._cy_dense`` (OpenMP).
+
+:class:`CythonBackend` is the second copy of the Numba CPU backend
+(:mod:`fastopt.backends.numba_cpu`): the same work items, the same tables, the
+same loops and the same operations in the same order and dtype, so its results
+are bit-identical to ``backend="numba"`` for every rule, option and mode.  It has
+every feature of :data:`fastopt.backends.base.FEATURES`.
+
+* :meth:`CythonBackend.run_dense` runs a :class:`~fastopt.backends.base.DenseWork`
+  bucket through ``_cy_dense.run_dense`` (``make_dense_driver``'s twin): one OpenMP
+  parallel region over the bucket's chunks, or a serial loop below
+  ``numba_cpu.PARALLEL_MIN`` elements;
+* :meth:`CythonBackend.run_rows` runs a :class:`~fastopt.backends.base.RowsWork`
+  (sparse gradient, dense step of a ``max_norm`` group, exact-mode catch-up or
+  flush) through ``_cy_dense.run_rows`` (``make_rows_driver``'s twin), or, for a
+  row-wise rule, ``_cy_dense.run_rowwise`` (``make_rowwise_driver``'s twin).
+
+The per-element math is the Cython copy of each rule module's ``element`` in
+``kernels/_cy_rules.pxd``, reading the scalars by name through the column
+constants generated from the rules' ``Scalars`` declarations
+(``kernels/_cy_scalars.pxi``).  The fused switches of the work's configuration
+(``Config.switches``) become one option bit mask; ``Config.fixed`` is not needed
+(the fixed values are also in the scalar table).
+
+Rule ids: the extension names its math by rule module (``_cy_dense.MATH_NAMES``,
+``ROWWISE_NAMES``); :func:`_rule_ids` maps every registry rule to the id of its
+module's math (Adam and AdamW share one).  When the extension loads, the backend
+checks that it was compiled for the registry's table widths and scalar columns
+(``NSCALARS``, ``NSLOTS``, every column constant against the ``Scalars``
+declarations, each math's ``Scalars``); a stale build is reported as unavailable
+with the reason ("rebuild the extension"), never run.  A rule without a Cython
+copy is refused with ``NotImplementedError`` before anything is written.
+
+:func:`register_backend` makes the backend available as ``backend="cython"`` (or
+records why the extension could not be loaded); calling it again is harmless.
+"""
+
+import sys
+
+import numpy as np
+
+from .. import rules as registry
+from ..rules import fused
+from . import numba_cpu
+from .base import Backend, may_use_threads
+
+
+def scalars_prefix(Scalars):
+    """The prefix of a ``Scalars`` type's column constants (``AdamScalars`` ->
+    ``ADAM``), as ``fastopt.rules.cython_pxi`` writes them."""
+    return Scalars.__name__[:-len("Scalars")].upper()
+
+
+def math_module(rule):
+    """The name of the rule module that defines ``rule.math`` (``"adam"``)."""
+    return getattr(rule.math, "__module__", "").rsplit(".", 1)[-1]
+
+
+def _rule_ids(ext):
+    """Registry rule name -> Cython rule id, in registry order (None: no Cython copy).
+
+    Element-wise rules are numbered by ``ext.MATH_NAMES``, row-wise rules by
+    ``ext.ROWWISE_NAMES``; a rule maps to the copy of its math's module when that
+    copy reads the columns of the rule's ``Scalars``."""
+    ids = {}
+    for name, rule in registry.RULES.items():
+        if rule.layout == "rowwise":
+            names, prefixes = ext.ROWWISE_NAMES, ext.ROWWISE_SCALARS
+        else:
+            names, prefixes = ext.MATH_NAMES, ext.MATH_SCALARS
+        mod = math_module(rule)
+        rid = names.index(mod) if mod in names else None
+        if rid is not None and prefixes[rid] != scalars_prefix(rule.Scalars):
+            rid = None
+        ids[name] = rid
+    return ids
+
+
+def layout_mismatches(ext):
+    """What in the extension's compiled scalar layout disagrees with the registry
+    (an empty list when the build is current)."""
+    if not hasattr(ext, "COLUMNS"):
+        return ["it predates the named scalar columns"]
+    bad = []
+    if ext.NSCALARS_BUILT != registry.NSCALARS:
+        bad.append(f"NSCALARS {ext.NSCALARS_BUILT} != {registry.NSCALARS}")
+    if ext.NSLOTS_BUILT != registry.NSLOTS:
+        bad.append(f"NSLOTS {ext.NSLOTS_BUILT} != {registry.NSLOTS}")
+    if len(ext.OPTION_BITS) != len(fused.SWITCHES):
+        bad.append(f"{len(ext.OPTION_BITS)} option bits for {len(fused.SWITCHES)} switches")
+    fields = {f"F_{f.upper()}": k for k, f in enumerate(fused.FIELDS)}
+    for rule in registry.RULES.values():
+        prefix = scalars_prefix(rule.Scalars)
+        for k, f in enumerate(rule.Scalars._fields):
+            if f not in fused.FIELDS:
+                fields[f"{prefix}_{f.upper()}"] = k
+    for const, col in ext.COLUMNS.items():
+        want = fields.get(const)
+        if want != col:
+            bad.append(f"{const} = {col}, the Scalars declarations say "
+                       f"{'no such field' if want is None else want}")
+    return bad
+
+
+def option_mask(ext, switches):
+    """The extension's option bit mask of a configuration's fused switches."""
+    mask = 0
+    for bit, on in zip(ext.OPTION_BITS, switches):
+        if on:
+            mask |= bit
+    return mask
+
+
+class CythonBackend(Backend):
+    """Runs dense buckets and row work through ``fastopt._cy_dense`` (host arrays,
+    as numba); every feature of :data:`fastopt.backends.base.FEATURES`."""
+
+    name = "cython"
+
+    def __init__(self):
+        from .. import _cy_dense
+        bad = layout_mismatches(_cy_dense)
+        if bad:
+            raise ImportError("fastopt._cy_dense was compiled for another scalar layout than "
+                              "the rules declare (" + "; ".join(bad) + "): rebuild the "
+                              "extension (python setup.py build_ext --inplace)")
+        self._ext = _cy_dense
+        self._dtype_codes = {np.dtype(k): v for k, v in _cy_dense.DTYPE_CODES.items()}
+        self.rule_ids = _rule_ids(_cy_dense)
+        self._masks = {}
+
+    # ------------------------------------------------------------- helpers
+    def rule_id(self, rule):
+        """The extension's id for ``rule``'s math, or NotImplementedError."""
+        rid = self.rule_ids.get(rule.name)
+        if rid is None or registry.RULES.get(rule.name) is not rule:
+            raise NotImplementedError(f"backend 'cython' has no kernel for rule {rule.name!r}; "
+                                      "use backend='numba'")
+        return rid
+
+    def _code(self, dtype):
+        code = self._dtype_codes.get(np.dtype(dtype))
+        if code is None:
+            raise TypeError(f"backend 'cython': dtype {np.dtype(dtype)} is not supported")
+        return code
+
+    def _opts(self, switches):
+        m = self._masks.get(switches)
+        if m is None:
+            m = self._masks[switches] = option_mask(self._ext, switches)
+        return m
+
+    @staticmethod
+    def _check_vals(vals, dt, D):
+        if (not isinstance(vals, np.ndarray) or vals.dtype != dt or vals.ndim != 2
+                or vals.shape[1] != D or not vals.flags.c_contiguous):
+            raise ValueError(f"backend 'cython': gradient rows must be a C-contiguous "
+                             f"{dt} array of shape (nnz, {D}), got "
+                             f"{getattr(vals, 'dtype', type(vals))} "
+                             f"{getattr(vals, 'shape', '')}")
+        return vals
+
+    # ---------------------------------------------------------------- work
+    def run_dense(self, work):
+        if not work.nelem:
+            return
+        cfg = work.config
+        u0, u1, u2 = (bool(u) for u in cfg.uses)
+        self._ext.run_dense(self.rule_id(cfg.rule), self._code(cfg.dtype), u0, u1, u2,
+                            self._opts(tuple(cfg.switches)), work.ptrs, work.chunks,
+                            work.hyper, work.hidx, work.nelem, _parallel_min())
+
+    def run_rows(self, work):
+        """One parameter's row step (see :class:`~fastopt.backends.base.RowsWork`).
+
+        Checks (before anything is written) that the parameter, the used state slots
+        and the gradient rows are C-contiguous arrays of one supported dtype with
+        matching row sizes; the extension checks the plan and the catch-up table.
+        """
+        cfg = work.config
+        rule = cfg.rule
+        p = work.param
+        code = self._code(p.dtype)
+        rid = self.rule_id(rule)
+        if p.ndim == 0:
+            raise ValueError("backend 'cython': a 0-d parameter has no rows")
+        catch = work.catch
+        if catch is not None and catch.coef is None:
+            raise ValueError("exact-mode work without its catch-up maps")
+        nrows = p.shape[0]
+        D = int(np.prod(p.shape[1:], dtype=np.int64))
+        if work.uniq.shape[0] == 0 or D == 0:
+            return
+        P = _as_rows(p, p, nrows, D, "parameter")
+        opts = self._opts(tuple(cfg.switches))
+        if rule.layout == "rowwise":
+            return self._run_rowwise(work, rid, code, opts, P, nrows, D)
+        addrs = np.empty(2 + registry.NSLOTS, dtype=np.int64)
+        addrs[0] = self.address(P)
+        for k, (s, used) in enumerate(zip(work.slots, cfg.uses)):
+            if not used:
+                addrs[2 + k] = addrs[0]          # never read or written
+            elif s is None:
+                raise ValueError(f"backend 'cython': state slot {k} is used but missing")
+            else:
+                addrs[2 + k] = self.address(_as_rows(s, p, nrows, D, f"state slot {k}"))
+        step = work.vals is not None
+        if step:
+            vals = self._check_vals(work.vals, p.dtype, D)
+            addrs[1] = self.address(vals)
+            nnz, order, seg = vals.shape[0], _i64(work.order), _i64(work.seg)
+        else:
+            addrs[1] = addrs[0]                  # a flush reads no gradient
+            nnz, order, seg = 0, None, None
+        coef = None if catch is None else np.ascontiguousarray(catch.coef, dtype=np.float64)
+        u0, u1, u2 = (bool(u) for u in cfg.uses)
+        self._ext.run_rows(rid, code, u0, u1, u2, opts, addrs, nrows, D, nnz, order, seg,
+                           _i64(work.uniq), _f64(work.hyper), coef, step, fused.RENORM_EPS,
+                           _parallel_min())
+
+    def _run_rowwise(self, work, rid, code, opts, P, nrows, D):
+        """Row-wise rule (one accumulator per row): ``_cy_dense.run_rowwise``."""
+        rule = work.config.rule
+        if work.catch is not None or work.vals is None:
+            raise ValueError(f"backend 'cython': {rule.name} has no exact sparse mode")
+        acc = work.slots[0]
+        if (not isinstance(acc, np.ndarray) or acc.dtype != P.dtype
+                or acc.shape not in ((nrows,), (nrows, 1)) or not acc.flags.c_contiguous):
+            raise ValueError(f"backend 'cython': the row state of {rule.name} must be a "
+                             f"C-contiguous {P.dtype} array of shape ({nrows},)")
+        vals = self._check_vals(work.vals, P.dtype, D)
+        addrs = np.array([self.address(P), self.address(vals), self.address(acc)],
+                         dtype=np.int64)
+        self._ext.run_rowwise(rid, code, opts, addrs, nrows, D, vals.shape[0],
+                              _i64(work.order), _i64(work.seg), _i64(work.uniq),
+                              _f64(work.hyper), fused.RENORM_EPS, _parallel_min())
+
+
+def _parallel_min():
+    """``numba_cpu.PARALLEL_MIN``, or never parallel in a forked child (GNU OpenMP
+    cannot start a parallel region there; see ``base.may_use_threads``)."""
+    return numba_cpu.PARALLEL_MIN if may_use_threads() else sys.maxsize
+
+
+def _i64(a):
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _f64(a):
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _as_rows(a, like, nrows, D, what):
+    """``a`` (shaped like the parameter ``like``) as a C-contiguous (nrows, D) view."""
+    if (not isinstance(a, np.ndarray) or a.dtype != like.dtype or a.shape != like.shape
+            or not a.flags.c_contiguous):
+        raise ValueError(f"backend 'cython': the {what} must be a C-contiguous "
+                         f"{like.dtype} array of shape {like.shape}")
+    return a.reshape(nrows, D)
+
+
+_BACKEND = None
+
+
+def register_backend():
+    """Register ``"cython"`` with :mod:`fastopt.backends` (idempotent).
+
+    If the extension cannot be loaded (not built, or built for another scalar
+    layout), the backend is recorded as unavailable with the reason, so that
+    ``backend="cython"`` raises a clear error.  Returns the backend or None.
+    """
+    global _BACKEND
+    if _BACKEND is None:
+        try:
+            _BACKEND = CythonBackend()
+        except ImportError as exc:
+            _backends().register("cython", reason=f"the compiled extension fastopt._cy_dense "
+                                               f"could not be loaded ({exc})")
+            return None
+    _backends().register("cython", _BACKEND)
+    return _BACKEND
+
+
+def _backends():
+    from .. import backends
+    return backends

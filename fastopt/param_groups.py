@@ -1,0 +1,178 @@
+"""Param groups: the user-editable list of groups and its validation.
+
+``optimizer.param_groups`` is a list of dicts, as in torch: users edit
+hyperparameters between steps (schedulers do), may replace a parameter array, and
+add groups with ``add_param_group``.  :class:`ParamGroups` keeps the flat list of
+parameters and re-validates a group whenever anything in it changed since the last
+validated snapshot.  The snapshot compares values *with their types* and copies
+mutable containers, so an edit that compares equal (``lr = True`` where it was
+1.0) or an in-place edit of a list (``betas[0] = 5.0``) is seen and checked like
+any other; a replaced parameter array must match the shape and dtype of the one it
+replaces (its state belongs to it).
+"""
+
+import numpy as np
+
+from . import planner
+
+
+def _frozen(v):
+    """A comparable, type-aware copy of a hyperparameter value."""
+    if isinstance(v, (list, tuple)):
+        return (type(v),) + tuple(_frozen(x) for x in v)
+    if isinstance(v, np.ndarray):
+        return (np.ndarray, v.dtype.str, v.shape, v.tobytes())
+    try:
+        hash(v)
+    except TypeError:
+        return (type(v), id(v))
+    return (type(v), v)
+
+
+class ParamGroups:
+    """The groups, the flat parameter list and the validated view of both."""
+
+    def __init__(self, rule, backend, defaults, check_extra=lambda group: None):
+        self.rule = rule
+        self.backend = backend
+        self.defaults = defaults
+        self.check_extra = check_extra     # e.g. exact-mode compatibility
+        self.groups = []                   # the user-visible list (optimizer.param_groups)
+        self.params = []                   # flat list of parameter arrays
+        self._snapshot = None
+        self._cache = None
+        self.version = 0                   # bumped when the parameters change
+        self.spec_version = 0              # bumped when the groups are re-validated
+
+    def add(self, group):
+        """Validate and append a group dict ``{"params": [...], **hyperparameters}``.
+        Returns the flat indices of its parameters."""
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError("a param group must be a dict with a 'params' entry")
+        arrays = group["params"]
+        if isinstance(arrays, dict):
+            raise TypeError("a param group's 'params' must be a list of arrays")
+        if not isinstance(arrays, (list, tuple)):
+            arrays = [arrays]
+        start = len(self.params)
+        checked = [self.backend.as_param(a, f"parameter {start + k}")
+                   for k, a in enumerate(arrays)]
+        refuse_overlaps(self.params + checked, self.backend)
+        if self.rule.layout == "rowwise" and any(a.ndim == 0 for a in checked):
+            raise ValueError(f"{self.rule.name} keeps one accumulator per row: parameters "
+                             "need at least one dimension")
+        hyper = self.rule.check_group({**self.defaults, **group})
+        self.check_extra(hyper)
+        extras = {k: v for k, v in group.items() if k not in hyper and k != "params"}
+        self.groups.append({**extras, **hyper, "params": list(checked)})
+        self.params.extend(checked)
+        self.version += 1
+        self._snapshot = None
+        return list(range(start, len(self.params)))
+
+    def _snap(self):
+        """Per group: the values themselves (compared by identity), copies of the
+        mutable ones (compared by content, with types) and the parameter ids."""
+        keys = tuple(self.rule.checks)
+        out = []
+        for g in self.groups:
+            vals = tuple(g.get(k) for k in keys)
+            mutable = tuple((i, _frozen(v)) for i, v in enumerate(vals)
+                            if isinstance(v, (list, dict, np.ndarray)))
+            out.append((vals, mutable, tuple(map(id, g["params"]))))
+        return out
+
+    def _unchanged(self):
+        snap = self._snapshot
+        if snap is None or len(snap) != len(self.groups):
+            return False
+        keys = self.rule.checks
+        for g, (vals, mutable, ids) in zip(self.groups, snap):
+            k = 0
+            for key in keys:
+                if g.get(key) is not vals[k]:
+                    return False
+                k += 1
+            for i, frozen in mutable:
+                if _frozen(vals[i]) != frozen:
+                    return False
+            ps = g["params"]
+            if len(ps) != len(ids) or any(id(a) != b for a, b in zip(ps, ids)):
+                return False
+        return True
+
+    def validated(self):
+        """``(specs, owner)``: a :class:`fastopt.planner.GroupSpec` per group and the
+        group of every parameter.  Re-checks whatever changed; raises (changing
+        nothing) on a bad edit."""
+        if self._unchanged():
+            return self._cache
+        checked = [self.rule.check_group(g) for g in self.groups]
+        for h in checked:
+            self.check_extra(h)
+        new_params = self._checked_params()
+        specs = [planner.group_spec(self.rule, h) for h in checked]
+        owner = []
+        for gi, g in enumerate(self.groups):
+            owner.extend([gi] * len(g["params"]))
+        if new_params is not None:
+            self.params[:] = new_params
+            self.version += 1
+        # write the normalized values back (a list of betas becomes the checked tuple)
+        for g, h in zip(self.groups, checked):
+            for k, v in h.items():
+                if _frozen(g.get(k)) != _frozen(v):
+                    g[k] = v
+        self._cache = (specs, owner)
+        self.spec_version += 1
+        self._snapshot = self._snap()
+        return self._cache
+
+    def _checked_params(self):
+        """The flat list after user edits of ``params`` lists, or None if unchanged."""
+        flat = [p for g in self.groups for p in g["params"]]
+        if len(flat) != len(self.params):
+            raise RuntimeError("param_groups' 'params' lists must not change length; "
+                               "use add_param_group")
+        if all(a is b for a, b in zip(flat, self.params)):
+            return None
+        out = []
+        for i, (new, old) in enumerate(zip(flat, self.params)):
+            if new is old:
+                out.append(old)
+                continue
+            p = self.backend.as_param(new, f"parameter {i}")
+            if p.shape != old.shape or p.dtype != old.dtype:
+                raise ValueError(f"parameter {i} was replaced by an array of shape {p.shape} "
+                                 f"and dtype {p.dtype}; its state is for shape {old.shape} "
+                                 f"and dtype {old.dtype}")
+            out.append(p)
+        refuse_overlaps(out, self.backend)
+        # the groups hold the checked views
+        k = 0
+        for g in self.groups:
+            n = len(g["params"])
+            g["params"][:] = out[k:k + n]
+            k += n
+        return out
+
+    def invalidate(self):
+        self._snapshot = None
+
+
+def refuse_overlaps(arrays, backend, what="parameter"):
+    """Raise if two arrays share memory (an update would be applied twice).
+
+    Sorts the byte ranges and compares neighbours: O(n log n).
+    """
+    spans = []
+    for k, p in enumerate(arrays):
+        nbytes = p.size * p.dtype.itemsize
+        if nbytes:
+            lo = backend.address(p)
+            spans.append((lo, lo + nbytes, k))
+    spans.sort()
+    for (lo1, hi1, k1), (lo2, hi2, k2) in zip(spans, spans[1:]):
+        if lo2 < hi1:
+            k = max(k1, k2)
+            raise ValueError(f"{what} {k} appears twice or overlaps {what} {min(k1, k2)}")

@@ -1,0 +1,164 @@
+"""The step planner: from parameters, gradients, state and hyperparameters to work.
+
+One planner serves the optimizer classes and the functional layer, so an option is
+honoured by both or by neither (there is no second place that builds work):
+
+* :func:`group_spec` turns a validated param group into what kernels specialize on
+  (used slots, compiled-in scalars, fused switches) and says whether its
+  parameters go through the row drivers (row-wise rules, ``max_norm``);
+* :func:`dense_buckets` groups dense tensors by configuration into
+  :class:`~fastopt.backends.base.DenseWork` buckets with their pointer, chunk and
+  scalar-row tables (built once and reused while nothing changes);
+* :func:`fill_bucket` writes one step's gradient addresses and scalar rows;
+* :func:`rows_work` builds the :class:`~fastopt.backends.base.RowsWork` of one
+  parameter's row step, with the deterministic coalescing plan and, in exact
+  sparse mode, the catch-up maps from the rule's closed form.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .backends.base import CatchUp, Config, DenseWork, RowsWork
+from .backends.element import catch_up_table
+from .backends.numba_cpu import make_chunks
+from .rules import NSCALARS, NSLOTS, fused
+from .sparse import coalesce_plan
+
+
+class GroupSpec(NamedTuple):
+    group: dict            # the validated hyperparameters
+    uses: tuple            # which state slots the configuration uses
+    fixed: tuple           # ((Scalars field, value), ...) compiled in
+    switches: tuple        # fused switches, grad_scale off (it is per step)
+    by_rows: bool          # updated by the row drivers (row-wise rule or max_norm)
+
+
+def group_spec(rule, group):
+    sw = fused.flags(group)
+    return GroupSpec(group=group, uses=tuple(bool(u) for u in rule.uses_slots(group)),
+                     fixed=rule.fixed(group), switches=sw,
+                     by_rows=rule.layout == "rowwise" or sw[5])
+
+
+def config(rule, dtype, spec, grad_scale=None):
+    return Config(rule=rule, dtype=np.dtype(dtype), uses=spec.uses, fixed=spec.fixed,
+                  switches=(grad_scale is not None,) + tuple(spec.switches[1:]))
+
+
+def slot_list(rule, state, uses):
+    """The NSLOTS state arrays of a parameter (None where unused)."""
+    names = rule.slots + (None,) * (NSLOTS - len(rule.slots))
+    return [state[n] if u else None for n, u in zip(names, uses)]
+
+
+def dense_buckets(rule, backend, tensors):
+    """Buckets of dense tensors.  ``tensors``: list of ``(param, slots, spec,
+    row_key)``; tensors with equal ``row_key`` (and configuration) share a scalar
+    row.  Each bucket gets ``pos`` (positions in ``tensors``), ``row_keys`` and
+    ``row_members`` (positions sharing each row); the gradient column of ``ptrs``
+    and ``hyper`` are filled per step by :func:`fill_bucket`."""
+    by_cfg = {}
+    for pos, (p, slots, spec, row_key) in enumerate(tensors):
+        by_cfg.setdefault(config(rule, p.dtype, spec), []).append(pos)
+    buckets = []
+    for cfg, members in by_cfg.items():
+        ptrs = np.zeros((len(members), 2 + NSLOTS), dtype=np.int64)
+        row_of, row_keys, row_members = {}, [], []
+        hidx = np.empty(len(members), dtype=np.int64)
+        params, slot_arrays = [], []
+        for t, pos in enumerate(members):
+            p, slots, spec, row_key = tensors[pos]
+            params.append(p)
+            slot_arrays.append(slots)
+            ptrs[t, 0] = backend.address(p)
+            for s in range(NSLOTS):
+                ptrs[t, 2 + s] = backend.address(slots[s]) if slots[s] is not None \
+                    else ptrs[t, 0]
+            r = row_of.get(row_key)
+            if r is None:
+                r = row_of[row_key] = len(row_keys)
+                row_keys.append(row_key)
+                row_members.append([])
+            row_members[r].append(pos)
+            hidx[t] = r
+        sizes = [p.size for p in params]
+        b = DenseWork(config=cfg, index=members, params=params, slots=slot_arrays, ptrs=ptrs,
+                      chunks=make_chunks(sizes), hyper=np.zeros((len(row_keys), NSCALARS)),
+                      hidx=hidx, nelem=int(sum(sizes)))
+        b.pos = np.array(members, dtype=np.int64)
+        b.row_keys, b.row_members = row_keys, row_members
+        buckets.append(b)
+    return buckets
+
+
+def fill_bucket(b, gptr, grads, rows, grad_scale=None, all_active=False):
+    """Write one step into bucket ``b``: gradient addresses ``gptr`` and arrays
+    ``grads`` (indexed by position), and ``rows`` (one float64 scalar tuple per
+    ``b.row_keys`` entry).  Returns the work to run (the bucket itself, or a copy
+    whose configuration has the grad_scale switch on)."""
+    b.ptrs[:, 1] = gptr if all_active else gptr[b.pos]
+    b.grads = grads if all_active else [grads[k] for k in b.pos]
+    for r, row in enumerate(rows):
+        b.hyper[r, :len(row)] = row
+    b.grad_scale = grad_scale
+    if grad_scale is not None and not b.config.switches[0]:
+        w = DenseWork(**{k: getattr(b, k) for k in DenseWork.__dataclass_fields__})
+        w.config = b.config.with_grad_scale(True)
+        return w
+    return b
+
+
+_IDENTITY_CACHE = {}
+
+
+def _identity_plan(n):
+    """The plan of a dense row step: every row once, in order."""
+    plan = _IDENTITY_CACHE.get(n)
+    if plan is None:
+        rows = np.arange(n, dtype=np.int64)
+        plan = (rows, rows, np.arange(n + 1, dtype=np.int64), rows)
+        if n <= 1 << 16:
+            _IDENTITY_CACHE[n] = plan
+    return plan
+
+
+def rows_work(rule, spec, param, slots, row, idx=None, vals=None, grad_scale=None,
+              exact=None, rows=None, ref=None):
+    """The row step of one parameter.
+
+    ``idx``/``vals``: validated row indices (int64) and gradient rows (nnz, D) of a
+    sparse gradient; ``idx=None`` with ``vals`` a dense gradient: every row once;
+    ``vals=None``: catch-up only, of ``rows`` (exact mode's flush).  ``row``: the
+    step's float64 scalar tuple.  ``exact``: exact sparse mode, a callable
+    ``uniq -> CatchUp or None`` giving the touched rows' pending steps; their
+    catch-up maps are computed here from the rule's closed form.
+    """
+    if param.ndim == 0:          # a 0-d parameter is one row of one element (max_norm)
+        param = param.reshape(1)
+        slots = [s.reshape(1) if s is not None else None for s in slots]
+        vals = vals.reshape(1) if vals is not None else None
+    nrows = param.shape[0]
+    if vals is None:
+        uniq, order, seg = rows, None, None
+    elif idx is None:
+        idx, order, seg, uniq = _identity_plan(nrows)
+        vals = vals.reshape(nrows, -1)
+    else:
+        order, seg, uniq = coalesce_plan(idx, nrows)
+    hyper = np.zeros((1, NSCALARS))
+    hyper[0, :len(row)] = row
+    catch = exact(uniq) if exact is not None else None
+    if catch is not None:
+        ks = catch.t_end - catch.last
+        firsts = catch.last == catch.buffer_start - 1
+        h = np.zeros((1, NSCALARS))
+        h[0, :len(catch.scalars)] = catch.scalars
+        catch.coef = catch_up_table(rule)(ks, firsts, h)
+    return RowsWork(config=config(rule, param.dtype, spec, grad_scale), param=param,
+                    slots=slots, vals=vals, idx=idx, order=order, seg=seg, uniq=uniq,
+                    hyper=hyper, catch=catch, ref=ref, grad_scale=grad_scale)
+
+
+__all__ = ["GroupSpec", "group_spec", "config", "slot_list", "dense_buckets", "fill_bucket",
+           "rows_work", "CatchUp"]

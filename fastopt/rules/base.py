@@ -1,0 +1,134 @@
+"""What a rule is: the :class:`Rule` record and its named per-step scalars.
+
+A rule module (``fastopt/rules/adam.py``, ...) holds one rule's whole definition:
+
+* ``Scalars``: the per-step scalars its element math reads, **by name**, declared
+  once with :func:`scalars_type`.  Every ``Scalars`` type starts with the fused
+  options' fields (:data:`fastopt.rules.fused.FIELDS`: ``grad_scale``,
+  ``clip_value``, ``l1_threshold``, ``param_min``, ``param_max``, ``max_norm``) so
+  that the option code reads the same names for every rule; the rule's own fields
+  follow.  The column of a field in the float64 scalar table the drivers receive is
+  its position in the tuple; nothing else in the package knows a column number
+  (the Cython copy includes the generated ``kernels/_cy_scalars.pxi``, checked
+  against this declaration by a test).
+* ``host_scalars(group, step, host, fresh)``: the rule's fields for one step,
+  computed on the host in float64 (bias corrections, effective learning rates,
+  option flags as 0/1), returned as a dict by field name, plus new host state
+  (NAdam's ``mu_product``);
+* ``math``: the per-element update (a Numba ``register_jitable`` function of
+  scalars), ``reference``: the NumPy whole-array oracle, and where it exists
+  ``catch_up``: the closed form of skipped steps for ``sparse_mode="exact"``.
+
+Drivers (:mod:`fastopt.backends`) load a row of the scalar table into the rule's
+``Scalars`` tuple in the parameter's dtype, with the fields that are fixed for a
+configuration (``Rule.flags`` and zero ``Rule.zero_switches``) compiled in as
+constants, so an option flag costs no branch in the element loop.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, NamedTuple, Tuple
+
+from . import fused
+
+#: state slots every element math receives (unused ones are passed as zero)
+NSLOTS = 3
+
+
+def scalars_type(name, fields):
+    """A NamedTuple class named ``name`` with the fused fields, then ``fields``.
+
+    Bind it to the name ``Scalars`` in the rule's module: the class then pickles by
+    reference (``module.Scalars``), which keeps Numba's on-disk cache keys stable
+    from one process to the next."""
+    import sys
+    cls = NamedTuple(name, [(f, float) for f in fused.FIELDS + tuple(fields)])
+    cls.__module__ = sys._getframe(1).f_globals["__name__"]
+    cls.__qualname__ = "Scalars"
+    return cls
+
+
+@dataclass(frozen=True, eq=False)   # compared and hashed by identity
+class Rule:
+    name: str                      # the optimizer class name, e.g. "Adam"
+    defaults: Dict[str, object]    # hyperparameter -> default (torch's)
+    checks: Dict[str, Callable]    # hyperparameter -> check(name, value) -> value
+    slots: Tuple[str, ...]         # state names in slot order (torch's keys)
+    uses_slots: Callable           # group -> tuple of NSLOTS bools
+    Scalars: type                  # the NamedTuple of per-step scalars (scalars_type)
+    host_scalars: Callable         # (group, step, host, fresh) -> (dict by field, new host)
+    math: Callable                 # per-element function
+    reference: Callable            # whole-array NumPy reference
+    host_init: Callable = lambda group: {}      # per-parameter host scalars (NAdam)
+    slot_init: Callable = lambda group, name: 0.0  # initial value of a state slot
+    cross_check: Callable = lambda group: None  # checks spanning hyperparameters
+    #: Scalars fields that are option flags (0/1): drivers specialize on their values
+    flags: Tuple[str, ...] = ()
+    #: Scalars fields (weight decay) whose zero value drivers specialize on
+    zero_switches: Tuple[str, ...] = ()
+    #: sparse_mode="exact": closed form (k, first, scalars) -> (a, b, c, e), or None
+    catch_up: Callable = None
+    #: group -> None when exact mode is possible for it, else the reason
+    exact_reason: Callable = lambda group: "no closed form for skipped steps"
+    #: "elementwise" (state has the parameter's shape) or "rowwise" (one state value
+    #: per row of the first axis; such rules run through the row-wise drivers)
+    layout: str = "elementwise"
+    #: configurations that together exercise every option (tests and benchmarks use them)
+    variants: Tuple[dict, ...] = ({},)
+
+    def __post_init__(self):
+        # every rule also takes the fused options (fastopt.rules.fused), off by default
+        object.__setattr__(self, "defaults", {**self.defaults, **fused.DEFAULTS})
+        object.__setattr__(self, "checks", {**self.checks, **fused.CHECKS})
+        own = set(self.Scalars._fields) - set(fused.FIELDS)
+        for f in self.flags + self.zero_switches:
+            if f not in own:
+                raise ValueError(f"{self.name}: {f!r} is not one of its scalar fields")
+
+    @property
+    def nscalars(self):
+        return len(self.Scalars._fields)
+
+    def check_group(self, group):
+        """Validate and normalize the hyperparameters of one param group (a dict).
+
+        Returns a new dict; raises ValueError naming the bad value.
+        """
+        out = {}
+        for key, check in self.checks.items():
+            out[key] = check(key, group.get(key, self.defaults[key]))
+        self.cross_check(out)
+        fused.cross_check(out)
+        return out
+
+    def slot_shape(self, param_shape):
+        """Shape of a state slot for a parameter of ``param_shape``."""
+        if self.layout == "rowwise":
+            return tuple(param_shape[:1])
+        return tuple(param_shape)
+
+    def row(self, group, step, host, fresh, grad_scale=None):
+        """The scalar row of one step (a tuple in ``Scalars`` order: the fused
+        fields, then the rule's, by name; bools stand for 0/1) and the new host
+        state."""
+        own, new_host = self.host_scalars(group, step, host, fresh)
+        return fused.scalars(group, grad_scale) + self._own_values(own), new_host
+
+    @property
+    def _own_values(self):
+        getter = self.__dict__.get("_getter")
+        if getter is None:
+            import operator
+            names = self.Scalars._fields[len(fused.FIELDS):]
+            one = operator.itemgetter(*names)
+            getter = (lambda d: (one(d),)) if len(names) == 1 else one
+            object.__setattr__(self, "_getter", getter)
+        return getter
+
+    def fixed(self, group):
+        """Fields whose value is fixed for a group, as ``((field, value), ...)``:
+        option flags keep their value, a zero weight decay is fixed at zero.
+        Drivers compile these in."""
+        own, _ = self.host_scalars(group, 1, self.host_init(group), ())
+        fixed = [(k, float(own[k])) for k in self.flags]
+        fixed += [(k, 0.0) for k in self.zero_switches if own[k] == 0.0]
+        return tuple(sorted(fixed))

@@ -1,0 +1,162 @@
+"""``state_dict()`` and ``load_state_dict()`` of the optimizer classes.
+
+Format (version 1, torch's layout plus a format version and the optimizer name)::
+
+    {"version": 1, "optimizer": "Adam",
+     "state": {index: {"step": int, "exp_avg": ndarray, ..., "mu_product": float}},
+     "param_groups": [{**hyperparameters, "params": [indices]}],
+     "param_names": [...]}                 # when the parameters were given as a dict
+
+Loading is strict and atomic: everything is checked before anything changes.  When
+both the saved dict and the optimizer have parameter names, state is matched by
+name (a dict of parameters in another order gets each parameter's own state);
+otherwise by position.  A parameter's saved state must hold ``step`` and, when
+``step > 0``, every state array its group's configuration uses and every host
+scalar of the rule; arrays must have the slot's shape and the parameter's dtype
+(fastopt never casts state); ``step`` is an integer in [0, 2**53]; NAdam's
+``mu_product`` is a finite number in (0, 1].
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+from . import planner
+
+STATE_DICT_VERSION = 1
+MAX_STEP = 2 ** 53
+
+
+def state_dict(opt):
+    groups, start = [], 0
+    for g in opt.param_groups:
+        n = len(g["params"])
+        groups.append({**{k: v for k, v in g.items() if k != "params"},
+                       "params": list(range(start, start + n))})
+        start += n
+    state = {}
+    for i, st in enumerate(opt._state):
+        if opt._steps[i] == 0 and not st:
+            continue
+        state[i] = {"step": int(opt._steps[i])}
+        state[i].update({k: (opt.backend.to_host(v) if not isinstance(v, float) else v)
+                         for k, v in st.items()})
+    out = {"version": STATE_DICT_VERSION, "optimizer": opt.rule.name,
+           "state": state, "param_groups": groups}
+    if opt._names is not None:
+        out["param_names"] = list(opt._names)
+    return out
+
+
+def _index_map(opt, sd):
+    """saved parameter index -> this optimizer's index."""
+    n = len(opt._params)
+    names = sd.get("param_names")
+    if names is not None and opt._names is not None:
+        if not isinstance(names, (list, tuple)) or len(names) != n \
+                or sorted(map(str, names)) != sorted(map(str, opt._names)):
+            raise ValueError(f"state_dict has parameter names {names!r}, the optimizer has "
+                             f"{opt._names!r}")
+        mine = {str(k): i for i, k in enumerate(opt._names)}
+        return {j: mine[str(k)] for j, k in enumerate(names)}
+    return {j: j for j in range(n)}
+
+
+def _step_value(i, st):
+    if "step" not in st:
+        raise ValueError(f"state of parameter {i} has no 'step'")
+    step = st["step"]
+    if isinstance(step, (bool, float)) or not isinstance(step, (int, np.integer)) \
+            or not 0 <= step <= MAX_STEP:
+        raise ValueError(f"state of parameter {i}: invalid step {step!r} (an integer in "
+                         f"[0, 2**53])")
+    return int(step)
+
+
+def load_state_dict(opt, sd):
+    rule = opt.rule
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        raise ValueError("not an optimizer state_dict")
+    if sd.get("optimizer") != rule.name:
+        raise ValueError(f"state_dict is for optimizer {sd.get('optimizer')!r}, "
+                         f"not {rule.name!r}")
+    if sd.get("version") != STATE_DICT_VERSION:
+        raise ValueError(f"unsupported state_dict version {sd.get('version')!r}")
+    if not isinstance(sd["state"], dict) or not isinstance(sd["param_groups"], (list, tuple)):
+        raise ValueError("state_dict 'state' must be a dict and 'param_groups' a list")
+    if len(sd["param_groups"]) != len(opt.param_groups):
+        raise ValueError("state_dict has a different number of param groups")
+    new_groups = []
+    for gi, (g_new, g_old) in enumerate(zip(sd["param_groups"], opt.param_groups)):
+        if not isinstance(g_new, dict):
+            raise ValueError(f"param group {gi} of the state_dict is not a dict")
+        if len(g_new.get("params", ())) != len(g_old["params"]):
+            raise ValueError(f"param group {gi} has a different number of parameters")
+        hyper = {k: v for k, v in g_new.items() if k != "params"}
+        checked = rule.check_group({**opt.defaults, **hyper})
+        opt._check_group(checked)
+        extras = {k: v for k, v in hyper.items() if k not in checked}
+        new_groups.append({**extras, **checked})
+    owner = []
+    for gi, g in enumerate(opt.param_groups):
+        owner.extend([gi] * len(g["params"]))
+    specs = [planner.group_spec(rule, g) for g in new_groups]
+    where = _index_map(opt, sd)
+    new_state = [{} for _ in opt._params]
+    new_steps = np.zeros(len(opt._params), dtype=np.int64)
+    allowed = set(rule.slots)
+    host_keys = set(rule.host_init(new_groups[0])) if new_groups else set()
+    for key, st in sd["state"].items():
+        try:
+            j = int(key) if not isinstance(key, (bool, float)) else None
+        except (TypeError, ValueError):
+            j = None
+        if j is None or j not in where:
+            raise ValueError(f"state_dict has state for parameter {key!r}; keys must be "
+                             f"parameter indices 0..{len(opt._params) - 1}")
+        if not isinstance(st, dict):
+            raise ValueError(f"state of parameter {key!r} is not a dict")
+        i = where[j]
+        p = opt._params[i]
+        step = _step_value(i, st)
+        new_steps[i] = step
+        out = {}
+        for name, v in st.items():
+            if name == "step":
+                continue
+            if name in allowed:
+                v = np.asarray(v)
+                if v.shape != rule.slot_shape(p.shape):
+                    raise ValueError(f"state {name!r} of parameter {i} has shape {v.shape}, "
+                                     f"expected {rule.slot_shape(p.shape)}")
+                if v.dtype != p.dtype:
+                    raise ValueError(f"state {name!r} of parameter {i} has dtype {v.dtype}, "
+                                     f"expected {p.dtype} (fastopt never casts state)")
+                out[name] = v
+            elif name in host_keys:
+                if isinstance(v, bool) or not isinstance(v, numbers.Real) \
+                        or not math.isfinite(float(v)) or not 0.0 < float(v) <= 1.0:
+                    raise ValueError(f"state {name!r} of parameter {i} must be a finite "
+                                     f"number in (0, 1], got {v!r}")
+                out[name] = float(v)
+            else:
+                raise ValueError(f"state_dict has unknown state {name!r} for {rule.name}")
+        if step > 0:
+            spec = specs[owner[i]]
+            need = [n for n, u in zip(rule.slots, spec.uses) if u] + sorted(host_keys)
+            missing = [n for n in need if n not in out]
+            if missing:
+                raise ValueError(f"state of parameter {i} (step {step}) is missing {missing}")
+        new_state[i] = out
+    # all checked: commit (arrays copied onto the backend's memory)
+    for i, st in enumerate(new_state):
+        for name, v in list(st.items()):
+            if not isinstance(v, float):
+                st[name] = opt.backend.from_host(v, opt._params[i])
+    for g, hyper in zip(opt.param_groups, new_groups):
+        params = g["params"]
+        g.clear()
+        g.update({**hyper, "params": params})
+    opt._state = new_state
+    opt._steps = new_steps
