@@ -7,8 +7,9 @@ import platform
 import sys
 
 
-def info(out=sys.stdout):
+def info(out=None):
     """Versions, threads, backends with their capabilities, CUDA devices."""
+    out = sys.stdout if out is None else out
     import numba
     import numpy as np
 

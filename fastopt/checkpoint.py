@@ -312,7 +312,11 @@ def load(path, optimizer, scheduler=None):
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     rule = getattr(optimizer, "rule", None)
-    expected = rule.name if rule is not None else type(optimizer).__name__
+    native = rule is not None and hasattr(optimizer, "_capture")
+    if native:      # no state_dict() here: in exact mode it would flush pending rows
+        expected = rule.name
+    else:
+        expected = optimizer.state_dict().get("optimizer", type(optimizer).__name__)
     try:
         header, arrays = _read(path)
         sd = _check(header, arrays, expected)
@@ -333,12 +337,17 @@ def load(path, optimizer, scheduler=None):
                          f"{expected} optimizer: {e}") from e
     # a non-flushing copy to roll back to (taking a state_dict() here would bring
     # pending exact-mode rows up to date: a refused load must change nothing)
-    current = optimizer._capture() if scheduler is not None else None
+    current = None
+    if scheduler is not None:
+        current = optimizer._capture() if native else optimizer.state_dict()
     optimizer.load_state_dict(sd)          # atomic: checks everything, then commits
     if scheduler is not None:
         try:
             scheduler.load_state_dict(sched_sd)
         except BaseException:
-            optimizer._restore(current)
+            if native:
+                optimizer._restore(current)
+            else:
+                optimizer.load_state_dict(current)
             raise
     return extra

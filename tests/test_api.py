@@ -12,15 +12,21 @@ from fastopt import rules
 from conftest import CPU_BACKENDS
 
 
+def _state(opt):
+    # opt.state, not state_dict(): state_dict() refuses a bad param_groups edit too
+    return {"state": {i: {k: (v.copy() if isinstance(v, np.ndarray) else v)
+                          for k, v in st.items()} for i, st in opt.state.items()}}
+
+
 def snapshot(opt, params):
-    return [p.copy() for p in params], opt.state_dict()
+    return [p.copy() for p in params], _state(opt)
 
 
 def assert_unchanged(opt, params, snap):
     before_params, before_sd = snap
     for p, b in zip(params, before_params):
         np.testing.assert_array_equal(p, b)
-    after = opt.state_dict()
+    after = _state(opt)
     assert after["state"].keys() == before_sd["state"].keys()
     for i, st in before_sd["state"].items():
         for k, v in st.items():
