@@ -30,7 +30,7 @@ import inspect
 
 import numpy as np
 
-from . import backends, planner, rules
+from . import backends, planner, rules, state_io
 from .param_groups import refuse_overlaps
 from .rules import fused
 from .sparse import checked_rows, is_sparse
@@ -39,7 +39,7 @@ from .sparse import checked_rows, is_sparse
 def _apply(rule, param, grad, slot_arrays, step, host, backend, hyper, grad_scale):
     group = rule.check_group({**rule.defaults, **hyper})
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) \
-            or not 1 <= step <= 2 ** 53:
+            or not 1 <= step <= state_io.MAX_STEP:
         raise ValueError(f"Invalid step: {step!r} (the number of this step, >= 1)")
     for k, v in host.items():
         if not np.isfinite(v) or not 0.0 < v <= 1.0:

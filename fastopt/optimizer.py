@@ -29,8 +29,6 @@ from .rules import fused
 from .sparse import checked_rows, is_sparse
 
 STATE_DICT_VERSION = state_io.STATE_DICT_VERSION
-#: largest step count accepted (float64 represents every integer up to 2**53)
-MAX_STEP = 2 ** 53
 
 
 class Optimizer:
