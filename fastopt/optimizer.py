@@ -275,7 +275,8 @@ class Optimizer:
     def _row(self, i, spec, fresh, gs):
         st = self._state[i]
         host = {k: st[k] for k in self._host_keys}
-        return self.rule.row(spec.group, int(self._steps[i]) + 1, host, fresh, gs)
+        return self.rule.row(spec.group, int(self._steps[i]) + 1, host, fresh, gs,
+                             spec.fused_row)
 
     def _step_dense(self, active, dense, gptr, specs, owner, gs, everyone):
         if self._exact:

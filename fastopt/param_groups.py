@@ -11,6 +11,8 @@ any other; a replaced parameter array must match the shape and dtype of the one 
 replaces (its state belongs to it).
 """
 
+from operator import is_
+
 import numpy as np
 
 from . import planner
@@ -34,6 +36,7 @@ class ParamGroups:
 
     def __init__(self, rule, backend, defaults, check_extra=lambda group: None):
         self.rule = rule
+        self._keys = tuple(rule.checks)
         self.backend = backend
         self.defaults = defaults
         self.check_extra = check_extra     # e.g. exact-mode compatibility
@@ -86,18 +89,16 @@ class ParamGroups:
         snap = self._snapshot
         if snap is None or len(snap) != len(self.groups):
             return False
-        keys = self.rule.checks
+        keys = self._keys
         for g, (vals, mutable, ids) in zip(self.groups, snap):
-            k = 0
-            for key in keys:
-                if g.get(key) is not vals[k]:
-                    return False
-                k += 1
+            # identity of every value (C-level loops: this runs every step)
+            if not all(map(is_, map(g.get, keys), vals)):
+                return False
             for i, frozen in mutable:
                 if _frozen(vals[i]) != frozen:
                     return False
             ps = g["params"]
-            if len(ps) != len(ids) or any(id(a) != b for a, b in zip(ps, ids)):
+            if tuple(map(id, ps)) != ids:
                 return False
         return True
 

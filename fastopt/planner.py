@@ -32,13 +32,15 @@ class GroupSpec(NamedTuple):
     fixed: tuple           # ((Scalars field, value), ...) compiled in
     switches: tuple        # fused switches, grad_scale off (it is per step)
     by_rows: bool          # updated by the row drivers (row-wise rule or max_norm)
+    fused_row: tuple       # the fused scalars without grad_scale (fixed for the group)
 
 
 def group_spec(rule, group):
     sw = fused.flags(group)
     return GroupSpec(group=group, uses=tuple(bool(u) for u in rule.uses_slots(group)),
                      fixed=rule.fixed(group), switches=sw,
-                     by_rows=rule.layout == "rowwise" or sw[5])
+                     by_rows=rule.layout == "rowwise" or sw[5],
+                     fused_row=fused.scalars(group))
 
 
 def config(rule, dtype, spec, grad_scale=None):

@@ -165,10 +165,13 @@ class CythonBackend(Backend):
         if not work.nelem:
             return
         cfg = work.config
-        u0, u1, u2 = (bool(u) for u in cfg.uses)
-        self._ext.run_dense(self.rule_id(cfg.rule), self._code(cfg.dtype), u0, u1, u2,
-                            self._opts(tuple(cfg.switches)), work.ptrs, work.chunks,
-                            work.hyper, work.hidx, work.nelem, _parallel_min())
+        cached = work.__dict__.get("_cython_args")
+        if cached is None or cached[0] is not cfg:
+            u0, u1, u2 = (bool(u) for u in cfg.uses)
+            cached = work._cython_args = (cfg, (self.rule_id(cfg.rule), self._code(cfg.dtype),
+                                                u0, u1, u2, self._opts(tuple(cfg.switches))))
+        self._ext.run_dense(*cached[1], work.ptrs, work.chunks, work.hyper, work.hidx,
+                            work.nelem, _parallel_min())
 
     def run_rows(self, work):
         """One parameter's row step (see :class:`~fastopt.backends.base.RowsWork`).

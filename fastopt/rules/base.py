@@ -106,12 +106,15 @@ class Rule:
             return tuple(param_shape[:1])
         return tuple(param_shape)
 
-    def row(self, group, step, host, fresh, grad_scale=None):
+    def row(self, group, step, host, fresh, grad_scale=None, fused_row=None):
         """The scalar row of one step (a tuple in ``Scalars`` order: the fused
         fields, then the rule's, by name; bools stand for 0/1) and the new host
-        state."""
+        state.  ``fused_row``: ``fused.scalars(group)``, when the caller has it
+        (a :class:`~fastopt.planner.GroupSpec` keeps it)."""
         own, new_host = self.host_scalars(group, step, host, fresh)
-        return fused.scalars(group, grad_scale) + self._own_values(own), new_host
+        if grad_scale is not None or fused_row is None:
+            fused_row = fused.scalars(group, grad_scale)
+        return fused_row + self._own_values(own), new_host
 
     @property
     def _own_values(self):
