@@ -8,7 +8,8 @@ Run them with::
 Every case is measured for every implementation (fastopt backends, the NumPy
 reference, torch.optim for-loop/foreach/fused, and the no-math ceiling) and grouped
 per case, so pytest-benchmark's relative column is the ratio to the fastest in the
-same run.  ``extra_info`` carries elements/s and GB/s of the best round.
+same run.  ``extra_info`` carries the bytes a step moves, elements/s and GB/s
+of the best round.
 """
 
 import numpy as np

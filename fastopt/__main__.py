@@ -60,6 +60,17 @@ def main(argv=None):
                             "backends)")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                        help="cpu (default) or cuda")
+    bench.add_argument("--json", metavar="FILE", default=None,
+                       help="write the record (machine, versions, bandwidth, every row "
+                            "with best, median and spread) to FILE")
+    bench.add_argument("--plot", metavar="FILE.png", default=None,
+                       help="write a chart: fraction of the bandwidth bound and speed-up "
+                            "over torch per case (needs matplotlib: fastopt[plot])")
+    bench.add_argument("--compare", metavar="OLD.json", default=None,
+                       help="also print new/old time ratios against a saved --json "
+                            "record; exit status 3 when a row regressed")
+    bench.add_argument("--markdown", action="store_true",
+                       help="print the table as Markdown (the README table)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
@@ -86,6 +97,14 @@ def main(argv=None):
                 registry.get(r)
         cuda_bench.benchmark_table(quick=args.quick, rules=rules)
         return 0
+    old = benchmark.report.load_json(args.compare) if args.compare else None
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("fastopt bench --plot needs matplotlib: pip install 'fastopt[plot]'",
+                  file=sys.stderr)
+            return 2
     cases = benchmark.default_cases(quick=args.quick)
     if args.rules:
         wanted = [r.strip() for r in args.rules.split(",")]
@@ -96,8 +115,21 @@ def main(argv=None):
     if host:
         for name in host:
             backends.resolve(name)
-    benchmark.run(cases, host_backends=host, min_time=0.1 if args.quick else 0.3,
-                  skip_numpy_above=None)
+    result = benchmark.run(cases, host=host, quick=args.quick,
+                           fmt="markdown" if args.markdown else "text")
+    if args.json:
+        benchmark.report.to_json(result, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        benchmark.report.plot(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    if old is not None:
+        lines, regressions = benchmark.report.compare(old, result)
+        print("\n" + "\n".join(lines))
+        if regressions:
+            print(f"{len(regressions)} row(s) regressed against {args.compare}",
+                  file=sys.stderr)
+            return 3
     return 0
 
 

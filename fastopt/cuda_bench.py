@@ -47,8 +47,7 @@ def default_cases(quick=False):
 
 
 def _data(case, seed=0):
-    params, grads = benchmark._data(case, seed)
-    return params, grads
+    return case.data(seed)
 
 
 def _fastopt(case):
@@ -199,23 +198,27 @@ def implementation(case, name):
     raise ValueError(f"unknown implementation {name!r}; known: {IMPLEMENTATIONS}")
 
 
-def measure(case, min_time=0.3, names=IMPLEMENTATIONS):
-    """Time each implementation (built and freed one at a time, to bound device
-    memory); returns result dicts like :func:`fastopt.benchmark.measure`."""
-    times = {}
+def measure(case, profile="full", names=IMPLEMENTATIONS):
+    """Time the implementations in interleaved rounds (as on the CPU: see
+    :mod:`fastopt.benchmark.timing`); returns result rows like
+    :func:`fastopt.benchmark.measure` (the bound column uses no host bandwidth:
+    ``of ceiling`` against ``ceiling-cuda`` is the device's figure)."""
+    fns = {}
     for name in names:
         fn = implementation(case, name)
-        if fn is None:
-            continue
-        times[name] = benchmark.time_step(fn, min_time)
-        del fn
-        gc.collect()
-    nbytes = case.bytes_per_step()
-    ceiling = times.get("ceiling-cuda")
-    return [dict(case=case.label, impl=name, seconds=t, elems_per_s=case.elements / t,
-                 gb_per_s=nbytes / t / 1e9,
-                 of_ceiling=(ceiling / t) if ceiling else float("nan"))
-            for name, t in times.items()]
+        if fn is not None:
+            fns[name] = fn
+    settings = benchmark.PROFILES[profile] if isinstance(profile, str) else profile
+    stats = benchmark.time_interleaved(fns, **settings)
+    if "ceiling-cuda" in stats:
+        stats["ceiling"] = stats.pop("ceiling-cuda")
+    del fns
+    gc.collect()
+    rows = benchmark.report.build_rows(case, stats, None, 0)
+    for r in rows:
+        if r["impl"] == "ceiling":
+            r["impl"] = "ceiling-cuda"
+    return rows
 
 
 def device_description():
@@ -231,11 +234,12 @@ def device_description():
             f"chunks of {cb.CHUNK} elements, one launch per bucket")
 
 
-def benchmark_table(quick=False, rules=None, cases=None, min_time=None, out=None,
-                    progress=True):
+def benchmark_table(quick=False, rules=None, cases=None, out=None, progress=True,
+                    profile=None):
     """Measure the CUDA cases and print ``Machine: ...`` and the Markdown table to
     ``out`` (default stdout), progress to stderr.  ``rules``: keep only these rule
-    names.  Returns the result rows.  Needs the CUDA backend (a GPU)."""
+    names.  ``profile``: timing settings (default: the CPU bench's).  Returns the
+    result rows.  Needs the CUDA backend (a GPU)."""
     if cb.register_backend() is None:
         raise RuntimeError("the CUDA backend is not available: "
                            + backends._UNAVAILABLE.get("cuda", "unknown reason"))
@@ -244,12 +248,12 @@ def benchmark_table(quick=False, rules=None, cases=None, min_time=None, out=None
     cases = default_cases(quick) if cases is None else list(cases)
     if rules:
         cases = [c for c in cases if c.rule in rules]
-    min_time = (0.1 if quick else 0.3) if min_time is None else min_time
     rows = []
     for k, case in enumerate(cases, 1):
         if progress:
             print(f"[{k}/{len(cases)}] {case.label} (cuda) ...", file=progress, flush=True)
-        rows.extend(measure(case, min_time))
-    print(f"Machine: {device_description()}\n", file=out)
-    print(benchmark.format_table(rows), file=out)
+        rows.extend(measure(case, profile or ("quick" if quick else "full")))
+    result = dict(machine=device_description(), bandwidth=None, llc=0, rows=rows,
+                  method="interleaved rounds on the device (see fastopt.benchmark.timing)")
+    print(benchmark.report.markdown(result), file=out)
     return rows

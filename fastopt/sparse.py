@@ -112,40 +112,50 @@ def coalesce_plan(idx, nrows):
     """Stable radix argsort of row indices and the segments of equal rows.
 
     Returns ``(order, seg, uniq)``: ``idx[order]`` is sorted (ties in their original
-    order), rows ``uniq[u]`` own positions ``order[seg[u]:seg[u + 1]]``.  O(nnz) per
-    11-bit digit; no atomics, so the result is deterministic.
+    order), rows ``uniq[u]`` own positions ``order[seg[u]:seg[u + 1]]``.  An LSD
+    radix sort of (index, position) pairs: as few passes of at most 12 bits as
+    ``nrows`` needs (two for up to 16M rows), each a sequential count and scatter
+    with no gather through ``order``; O(nnz) per pass, no atomics, deterministic.
     """
     n = idx.shape[0]
-    order = np.arange(n)
-    tmp = np.empty(n, dtype=np.int64)
     bits = 1
     while (1 << bits) < nrows:
         bits += 1
+    passes = (bits + 11) // 12
+    width = (bits + passes - 1) // passes
+    mask = (1 << width) - 1
+    key = idx.copy()
+    order = np.arange(n)
+    key2 = np.empty(n, dtype=np.int64)
+    order2 = np.empty(n, dtype=np.int64)
+    count = np.empty(mask + 2, dtype=np.int64)
     shift = 0
-    count = np.empty(2049, dtype=np.int64)
-    while shift < bits:
+    for _ in range(passes):
         count[:] = 0
         for i in range(n):
-            count[((idx[order[i]] >> shift) & 2047) + 1] += 1
-        for d in range(2048):
+            count[((key[i] >> shift) & mask) + 1] += 1
+        for d in range(mask + 1):
             count[d + 1] += count[d]
         for i in range(n):
-            d = (idx[order[i]] >> shift) & 2047
-            tmp[count[d]] = order[i]
-            count[d] += 1
-        order, tmp = tmp, order
-        shift += 11
+            d = (key[i] >> shift) & mask
+            j = count[d]
+            key2[j] = key[i]
+            order2[j] = order[i]
+            count[d] = j + 1
+        key, key2 = key2, key
+        order, order2 = order2, order
+        shift += width
     nuniq = 0
     for i in range(n):
-        if i == 0 or idx[order[i]] != idx[order[i - 1]]:
+        if i == 0 or key[i] != key[i - 1]:
             nuniq += 1
     seg = np.empty(nuniq + 1, dtype=np.int64)
     uniq = np.empty(nuniq, dtype=np.int64)
     u = 0
     for i in range(n):
-        if i == 0 or idx[order[i]] != idx[order[i - 1]]:
+        if i == 0 or key[i] != key[i - 1]:
             seg[u] = i
-            uniq[u] = idx[order[i]]
+            uniq[u] = key[i]
             u += 1
     seg[nuniq] = n
     return order, seg, uniq

@@ -846,8 +846,9 @@ def test_benchmark_table_runs():
     from fastopt import cuda_bench
     from fastopt.benchmark import Case
     out = io.StringIO()
-    rows = cuda_bench.benchmark_table(cases=[Case("SGD", (40,) * 3, variant=1)], min_time=0,
-                                      out=out, progress=None)
+    rows = cuda_bench.benchmark_table(cases=[Case("SGD", (40,) * 3, variant=1)], out=out,
+                                      progress=None,
+                                      profile=dict(rounds=2, per_round=1, sample_time=0))
     impls = {r["impl"] for r in rows}
     assert {"fastopt-cuda", "ceiling-cuda"} <= impls
     text = out.getvalue()

@@ -31,6 +31,7 @@ Python layer before a launch: the kernels do no bounds checks.
 import hashlib
 import inspect
 
+import numba
 import numpy as np
 from numba import carray, njit, prange, types
 from numba.core import cgutils
@@ -39,6 +40,7 @@ from numba.extending import intrinsic, register_jitable
 from ..rules.fused import RENORM_EPS, renorm_row
 from .base import Backend, may_use_threads
 from .element import apply_catch_up, element_step, scalar_loader
+from .prefetch import PREFETCH_AHEAD, prefetch_row
 
 #: Elements per chunk: big enough to amortize the per-chunk setup, small enough to
 #: balance 1,000 mid-size tensors over the threads.
@@ -136,7 +138,9 @@ def make_rows_driver(config, parallel, catch, step):
     (``catch``), then the element step with the row's summed gradient (``step``),
     then ``max_norm``.  ``P`` and the slots are (nrows, D) views (unused slots get
     ``P`` and are never touched); ``vals`` (nnz, D) gradient rows; ``coef`` (nuniq,
-    4) float64 catch-up maps."""
+    4) float64 catch-up maps; ``scratch`` (nuniq, D) and ``inverse`` (nnz,) when
+    rows repeat (duplicates are summed first, into ``scratch``), else empty;
+    ``parts`` the number of tasks that sum them.  The rows ``PREFETCH_AHEAD`` unique rows ahead are prefetched."""
     STEP = element_step(config.rule.math, config.switches)
     LOAD = scalar_loader(config.rule.Scalars, config.dtype, config.fixed)
     DT = np.dtype(config.dtype).type
@@ -146,16 +150,59 @@ def make_rows_driver(config, parallel, catch, step):
     CATCH, STEPPING = bool(catch), bool(step)
     STAMP = _stamp(config.rule.math)
     PARALLEL = bool(parallel)
+    AHEAD = PREFETCH_AHEAD
 
-    def rows_driver(P, S0, S1, S2, vals, order, seg, uniq, hyper, scratch, coef):
+    def rows_driver(P, S0, S1, S2, vals, order, seg, uniq, hyper, scratch, inverse, coef,
+                    parts):
         stamp = STAMP  # noqa: F841
         par = PARALLEL  # noqa: F841
         zero = DT(0)
         D = P.shape[1]
-        for u in prange(uniq.shape[0]):
+        n = uniq.shape[0]
+        dups = STEPPING and scratch.shape[0] > 0
+        if dups:
+            # Duplicates first: scratch[u] = the sum of the gradient rows of each
+            # unique row u that repeats, in order of appearance (the first copied,
+            # the others added one by one, as summed_row).  The gradient rows are
+            # read in their own order (a stream the hardware prefetches) instead of
+            # gathered group by group: inverse[i] is the unique row of gradient row
+            # i, and each of ``parts`` tasks owns a contiguous range of unique rows,
+            # so every sum is formed by one task in the same order for any thread
+            # count.
+            for u in prange(n):
+                for k in range(seg[u], seg[u + 1]):
+                    inverse[order[k]] = u
+            for t in prange(parts):
+                lo = n * t // parts
+                hi = n * (t + 1) // parts
+                for i in range(inverse.shape[0]):
+                    w = inverse[i]
+                    if w < lo or w >= hi or seg[w + 1] - seg[w] == 1:
+                        continue
+                    row = scratch[w]
+                    g = vals[i]
+                    if i == order[seg[w]]:
+                        for j in range(D):
+                            row[j] = g[j]
+                    else:
+                        for j in range(D):
+                            row[j] += g[j]
+        for u in prange(n):
             # loaded inside the parallel loop: a NamedTuple that crosses into a parfor
             # cannot be typed by Numba's gufunc builder (and LLVM hoists the loads)
             c = LOAD(hyper, 0)
+            if u + AHEAD < n:
+                q = uniq[u + AHEAD]
+                prefetch_row(P, q)
+                if U0:
+                    prefetch_row(S0, q)
+                if U1:
+                    prefetch_row(S1, q)
+                if U2:
+                    prefetch_row(S2, q)
+                if STEPPING:
+                    if seg[u + AHEAD + 1] - seg[u + AHEAD] == 1:
+                        prefetch_row(vals, order[seg[u + AHEAD]])
             r = uniq[u]
             if CATCH:
                 ca, cb, cc, ce = coef[u, 0], coef[u, 1], coef[u, 2], coef[u, 3]
@@ -167,7 +214,8 @@ def make_rows_driver(config, parallel, catch, step):
                     if U0:
                         S0[r, j] = s
             if STEPPING:
-                G = summed_row(vals, order, seg[u], seg[u + 1], scratch, u)
+                a = seg[u]
+                G = scratch[u] if dups and seg[u + 1] - a > 1 else vals[order[a]]
                 for j in range(D):
                     s0 = S0[r, j] if U0 else zero
                     s1 = S1[r, j] if U1 else zero
@@ -271,14 +319,17 @@ def run_rows(work):
         return
     S = [s.reshape(nrows, -1) if s is not None else P for s in work.slots]
     scratch = np.empty((uniq.shape[0] if dups else 0, D), dtype=p.dtype)
+    inverse = np.empty(work.order.shape[0] if dups else 0, dtype=np.int64)
     catch = work.catch is not None
     step = work.vals is not None
     vals = work.vals if step else P
     order = work.order if step else uniq
     seg = work.seg if step else uniq
     coef = work.catch.coef if catch else _EMPTY_COEF
+    parts = numba.get_num_threads() if parallel else 1
     _driver(make_rows_driver, cfg, parallel, catch, step)(
-        P, S[0], S[1], S[2], vals, order, seg, uniq, work.hyper, scratch, coef)
+        P, S[0], S[1], S[2], vals, order, seg, uniq, work.hyper, scratch, inverse, coef,
+        parts)
 
 
 def _count_nonfinite_impl(a, scale):

@@ -1,0 +1,61 @@
+"""Software prefetch for the row drivers (LLVM's ``llvm.prefetch`` from Numba).
+
+A sparse step touches rows scattered over tables much larger than the caches: the
+parameter row and each used state row of every unique index, and the gradient rows
+in the order the coalescing plan visits them.  Each is a cache miss the hardware
+prefetcher cannot predict, and a loop that waits for them one row at a time runs
+at memory latency, not bandwidth.  Issuing the loads of the row ``PREFETCH_AHEAD``
+iterations ahead overlaps them with the current row's arithmetic (measured on the
+2-core EPYC: the lazy Adam step on a 1M x 64 table with a fresh Zipf batch went from
+3.3 to 2.7 ms single-threaded; see README "Sparse at memory speed").
+
+A prefetch is only a hint: it never faults and never changes a value, so results
+are unchanged (and bounds-checked builds see no access).
+"""
+
+from llvmlite import binding, ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, register_jitable
+
+#: rows ahead of the current one whose loads are issued (2 measured best of 2, 4, 8)
+PREFETCH_AHEAD = 2
+#: bytes per cache line
+LINE = 64
+#: the intrinsic's name: pointer-typed before LLVM 15's opaque pointers
+_NAME = "llvm.prefetch.p0" if binding.llvm_version_info >= (15,) else "llvm.prefetch.p0i8"
+
+
+@intrinsic
+def _prefetch(typingctx, arr, i, j):
+    """Prefetch (for writing, into all cache levels) the line holding ``arr[i, j]``."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 2):
+        return None
+    sig = types.void(arr, i, j)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        idx = [context.cast(builder, a, t, types.intp)
+               for a, t in zip(args[1:], signature.args[1:])]
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx, wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, _NAME)
+        # rw = 1 (write), locality = 3 (keep in all levels), cache type = 1 (data)
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(1), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@register_jitable
+def prefetch_row(A, r):
+    """Prefetch every cache line of row ``r`` of the 2-D C-contiguous array ``A``."""
+    D = A.shape[1]
+    step = max(1, LINE // A.itemsize)
+    for j in range(0, D, step):
+        _prefetch(A, r, j)
+    if D:
+        _prefetch(A, r, D - 1)   # a row that does not start on a line boundary
