@@ -515,6 +515,56 @@ cdef inline void _one_row(floating zero, int rule, int ucode, int opts, bint ste
         renorm_row(P + off, D, c, zero, eps)
 
 
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define FASTOPT_PREFETCH(p) __builtin_prefetch((const void*)(p), 1, 3)
+    #else
+    #define FASTOPT_PREFETCH(p) ((void)0)
+    #endif
+    """
+    void FASTOPT_PREFETCH(const void* p) noexcept nogil
+
+
+#: unique rows ahead whose lines are prefetched (as fastopt.backends.prefetch)
+cdef enum:
+    PREFETCH_AHEAD = 2
+
+
+cdef inline void _prefetch_row(const char* row, Py_ssize_t nbytes) noexcept nogil:
+    cdef Py_ssize_t off = 0
+    while off < nbytes:
+        FASTOPT_PREFETCH(row + off)
+        off += 64
+    if nbytes:
+        FASTOPT_PREFETCH(row + nbytes - 1)
+
+
+cdef inline void _prefetch_ahead(floating zero, int ucode, bint stepping, floating* P,
+                                 const floating* V, floating* S0, floating* S1,
+                                 floating* S2, Py_ssize_t D, const int64_t* order,
+                                 const int64_t* seg, const int64_t* uniq, Py_ssize_t u,
+                                 Py_ssize_t nuniq) noexcept nogil:
+    """The twin of the Numba row driver's prefetch: the parameter and used state rows
+    of unique row ``u + PREFETCH_AHEAD``, and its gradient row when it is alone (a
+    hint only: it never faults and changes no value)."""
+    cdef Py_ssize_t v = u + PREFETCH_AHEAD
+    cdef int64_t off
+    cdef Py_ssize_t nbytes = D * sizeof(floating)
+    if v >= nuniq:
+        return
+    off = uniq[v] * D
+    _prefetch_row(<const char*>(P + off), nbytes)
+    if ucode & 1:
+        _prefetch_row(<const char*>(S0 + off), nbytes)
+    if ucode & 2:
+        _prefetch_row(<const char*>(S1 + off), nbytes)
+    if ucode & 4:
+        _prefetch_row(<const char*>(S2 + off), nbytes)
+    if stepping and seg[v + 1] - seg[v] == 1:
+        _prefetch_row(<const char*>(V + order[seg[v]] * D), nbytes)
+
+
 cdef void _rows(floating zero, int rule, int ucode, int opts, bint stepping,
                 const int64_t* addrs, Py_ssize_t D, const int64_t* order, const int64_t* seg,
                 const int64_t* uniq, Py_ssize_t nuniq, const double* h, const double* coef,
@@ -534,10 +584,14 @@ cdef void _rows(floating zero, int rule, int ucode, int opts, bint stepping,
     if parallel:
         # dynamic: the rows with many duplicates (hot ids) are adjacent in ``uniq``
         for u in prange(nuniq, schedule="dynamic", chunksize=16):
+            _prefetch_ahead(zero, ucode, stepping, P, V, S0, S1, S2, D, order, seg, uniq, u,
+                            nuniq)
             _one_row(zero, rule, ucode, opts, stepping, P, V, S0, S1, S2, D, order, seg, u,
                      uniq[u], coef, <floating*>(scratch + threadid() * stride), c, eps)
     else:
         for u in range(nuniq):
+            _prefetch_ahead(zero, ucode, stepping, P, V, S0, S1, S2, D, order, seg, uniq, u,
+                            nuniq)
             _one_row(zero, rule, ucode, opts, stepping, P, V, S0, S1, S2, D, order, seg, u,
                      uniq[u], coef, <floating*>scratch, c, eps)
 
