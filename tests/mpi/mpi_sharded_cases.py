@@ -1,0 +1,970 @@
+"""fastopt.distributed.ShardedOptimizer, run on every rank of an MPI job.
+
+The file name does not match ``test_*.py``, so the normal ``pytest`` run does not
+collect it; ``tests/test_distributed.py`` runs it (pytest runs a file it is given
+whatever its name)::
+
+    python -m pytest tests/mpi/mpi_sharded_cases.py                  # a world of one
+    mpiexec -n 2 python -m pytest tests/mpi/mpi_sharded_cases.py
+    mpiexec -n 3 python -m pytest tests/mpi/mpi_sharded_cases.py
+
+Every test is collective: every rank runs the same tests in the same order and
+makes the same calls; assertions come after the collective calls, so that a failed
+check on one rank does not leave the others waiting.  Each rank computes the
+reference itself: the plain optimizer class stepping on the averaged gradients,
+which every rank can form because the local gradients are generated from seeds.
+
+``FASTOPT_MPI_DIR`` (set by the driver) is a directory shared by the runs of
+different world sizes: each run saves a checkpoint there and resumes the ones the
+runs of other world sizes saved.
+"""
+
+import glob
+import math
+import os
+import re
+import tempfile
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mpi4py")
+from mpi4py import MPI  # noqa: E402
+
+import fastopt  # noqa: E402
+from fastopt import rules  # noqa: E402
+from fastopt.distributed import DistributedError, ShardedOptimizer  # noqa: E402
+from fastopt.sparse import RowSparse, checked_rows, coalesce  # noqa: E402
+
+COMM = MPI.COMM_WORLD
+N = COMM.size
+ME = COMM.rank
+LAST = N - 1
+SHARED_DIR = os.environ.get("FASTOPT_MPI_DIR")
+
+needs_two = pytest.mark.skipif(N < 2, reason="needs at least two ranks")
+
+
+# ------------------------------------------------------------------ gradients
+
+def _rng(*key):
+    return np.random.default_rng([abs(int(k)) for k in key])
+
+
+def dense_grad(shape, dtype, step, rank, seed=0):
+    """An uneven gradient: exact zeros, and 1e3- or 1e-6-scaled steps."""
+    rng = _rng(seed, step, rank, 1)
+    g = np.asarray(rng.standard_normal(shape))
+    g = np.where(rng.random(shape) < 0.2, 0.0, g)
+    if step % 7 == 3:
+        g = g * 1e3
+    elif step % 7 == 5:
+        g = g * 1e-6
+    return np.asarray(g, dtype=dtype)
+
+
+def sparse_grad(shape, dtype, step, rank, seed=0, rows=None, scipy=False):
+    """A row-sparse gradient with duplicates; ``rows``: the rows to draw from."""
+    import scipy.sparse as sps
+    rng = _rng(seed, step, rank, 2)
+    pool = np.arange(shape[0]) if rows is None else np.asarray(rows)
+    nnz = int(rng.integers(0, 9)) if pool.size else 0
+    idx = rng.choice(pool, size=nnz) if nnz else np.zeros(0, np.int64)
+    vals = rng.standard_normal((nnz,) + tuple(shape[1:])).astype(dtype)
+    if scipy and len(shape) == 2:
+        m = sps.coo_matrix((vals.reshape(-1), (np.repeat(idx, shape[1]),
+                                               np.tile(np.arange(shape[1]), nnz))),
+                           shape=shape).tocsr()
+        return m
+    return RowSparse(idx.astype(np.int32 if step % 2 else np.int64), vals)
+
+
+def averaged(per_rank, params):
+    """The reference's gradients: per parameter, the average over ranks formed as the
+    documented scheme does: local values in the parameter's dtype, added in rank
+    order in float64, divided once; sparse rows coalesced in (rank, position) order."""
+    n = len(per_rank)
+    out = []
+    for k, p in enumerate(params):
+        entries = [g[k] for g in per_rank]
+        if entries[0] is None:
+            out.append(None)
+        elif isinstance(entries[0], np.ndarray):
+            acc = np.asarray(entries[0], dtype=p.dtype).astype(np.float64)
+            for e in entries[1:]:
+                acc += np.asarray(e, dtype=p.dtype)
+            out.append((acc / n).astype(p.dtype))
+        else:
+            rows = [checked_rows(e, p, "reference") for e in entries]
+            idx = np.concatenate([i for i, _ in rows])
+            width = rows[0][1].shape[1]
+            vals = np.concatenate([v for _, v in rows]).astype(np.float64).reshape(-1, width)
+            if idx.size == 0:
+                out.append(RowSparse(idx, np.zeros((0,) + p.shape[1:], p.dtype)))
+                continue
+            uniq, summed = coalesce(idx, vals, p.shape[0])
+            out.append(RowSparse(uniq, (summed / n).astype(p.dtype)
+                                 .reshape((uniq.shape[0],) + p.shape[1:])))
+    return out
+
+
+def init(shapes, dtype, seed=1):
+    rng = _rng(seed, 99)
+    dts = dtype if isinstance(dtype, (list, tuple)) else [dtype] * len(shapes)
+    return [np.asarray(rng.standard_normal(s)).astype(d) for s, d in zip(shapes, dts)]
+
+
+def same(a, b):
+    return (a.shape == b.shape and a.dtype == b.dtype
+            and np.array_equal(a, b, equal_nan=True))
+
+
+def identical_on_every_rank(arrays):
+    import hashlib
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return len(set(COMM.allgather(h.hexdigest()))) == 1
+
+
+def run_pair(cls, params, hyper, local, steps, sharded_kw=None, check_each=None, step_kw=None):
+    """Step a ShardedOptimizer (this rank's gradients ``local(t, rank)``) and the
+    plain class (the averaged gradients) from the same parameters.  Returns
+    (sharded params, reference params, sharded optimizer, reference optimizer,
+    list of (sharded result, reference result))."""
+    n, me = N, ME
+    mine = [p.copy() for p in params]
+    ref_params = [p.copy() for p in params]
+    opt = ShardedOptimizer(cls, mine, **(sharded_kw or {}), **hyper)
+    ref = cls(ref_params, **hyper)
+    results = []
+    for t in range(steps):
+        per_rank = [local(t, r) for r in range(n)]
+        kw = (step_kw or {}).get(t, {})
+        got = opt.step(per_rank[me], **kw)
+        want = ref.step(averaged(per_rank, ref_params), **kw)
+        results.append((got, want))
+        if check_each is not None:
+            check_each(t, opt, ref)
+    return mine, ref_params, opt, ref, results
+
+
+def assert_same_params(mine, ref):
+    bad = [k for k, (a, b) in enumerate(zip(mine, ref)) if not same(a, b)]
+    everywhere = identical_on_every_rank(mine)
+    diffs = [float(np.nanmax(np.abs(mine[k] - ref[k]))) if mine[k].size else 0.0 for k in bad]
+    assert not bad, (f"parameters {bad} differ from the single-process result; max abs "
+                     f"differences {diffs}")
+    assert everywhere, "the ranks' parameters differ"
+
+
+def assert_same_state_dict(a, b):
+    assert set(a) == set(b), (sorted(a), sorted(b))
+    assert a["version"] == b["version"] and a["optimizer"] == b["optimizer"]
+    assert a["param_groups"] == b["param_groups"]
+    assert a.get("param_names") == b.get("param_names")
+    assert set(a["state"]) == set(b["state"]), (sorted(a["state"]), sorted(b["state"]))
+    for i, st in b["state"].items():
+        assert set(a["state"][i]) == set(st), (i, sorted(a["state"][i]), sorted(st))
+        for k, v in st.items():
+            w = a["state"][i][k]
+            if isinstance(v, np.ndarray):
+                assert isinstance(w, np.ndarray) and same(w, v), (i, k)
+            else:
+                assert type(w) is type(v) and w == v, (i, k, w, v)
+
+
+def shared_dir():
+    """A directory every rank sees (FASTOPT_MPI_DIR, or a fresh one from rank 0)."""
+    d = SHARED_DIR
+    if d is None:
+        d = COMM.bcast(tempfile.mkdtemp(prefix="fastopt-mpi-") if ME == 0 else None, root=0)
+    return d
+
+
+# ------------------------------------------------------- dense, every rule
+
+SHAPES = [(7,), (33, 17), (0,), (), (40, 3), (5, 2, 3)]
+ROW_SHAPES = [(7,), (33, 17), (0, 4), (40, 3), (5, 2, 3)]
+
+
+def variant_cases():
+    return [pytest.param(name, k, id=f"{name}-v{k}")
+            for name, rule in rules.RULES.items() for k in range(len(rule.variants))]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name,variant", variant_cases())
+def test_dense_equals_single_process(name, variant, dtype):
+    cls = fastopt.CLASSES[name]
+    rule = rules.RULES[name]
+    shapes = ROW_SHAPES if rule.layout == "rowwise" else SHAPES
+    hyper = dict(rule.variants[variant])
+    params = init(shapes, dtype)
+
+    def local(t, r):
+        return [dense_grad(s, dtype, t, r, seed=variant) for s in shapes]
+
+    # a small bucket: many buckets per step, cut inside parameters
+    mine, ref, opt, refopt, _ = run_pair(cls, params, hyper, local, 7,
+                                         sharded_kw={"bucket_bytes": 200})
+    sd = opt.consolidated_state_dict(to=LAST)
+    assert_same_params(mine, ref)
+    if ME == LAST:
+        assert_same_state_dict(sd, refopt.state_dict())
+    else:
+        assert sd is None
+
+
+def test_mixed_dtypes_and_default_buckets():
+    shapes = [(50, 3), (9,), (4, 4), (), (31,)]
+    dts = [np.float32, np.float64, np.float32, np.float64, np.float32]
+    params = init(shapes, dts)
+
+    def local(t, r):
+        return [dense_grad(s, d, t, r) for s, d in zip(shapes, dts)]
+
+    mine, ref, opt, _, _ = run_pair(fastopt.Adam, params, {"amsgrad": True}, local, 5)
+    assert_same_params(mine, ref)
+    assert [p.dtype for p in mine] == [np.dtype(d) for d in dts]
+
+
+def test_large_pieces_take_the_threaded_average():
+    shapes = [(300, 700), (5,)]           # >= 65536 elements per rank and bucket
+    params = init(shapes, np.float32)
+
+    def local(t, r):
+        return [dense_grad(s, np.float32, t, r) for s in shapes]
+
+    mine, ref, _, _, _ = run_pair(fastopt.Adam, params, {}, local, 3)
+    assert_same_params(mine, ref)
+
+
+def test_other_float_dtypes_and_noncontiguous_gradients():
+    shapes = [(12, 5), (20,)]
+    params = init(shapes, np.float32)
+
+    def local(t, r):
+        g0 = dense_grad((5, 12), np.float64, t, r).T            # not contiguous
+        g1 = dense_grad((20,), np.float16, t, r)                # another float dtype
+        return [g0, g1]
+
+    mine, ref, _, _, _ = run_pair(fastopt.RMSprop, params, {"momentum": 0.5}, local, 4)
+    assert_same_params(mine, ref)
+
+
+def test_none_gradients_skip_parameters():
+    shapes = [(10, 3), (6,), (4,)]
+    params = init(shapes, np.float64)
+
+    def local(t, r):
+        g = [dense_grad(s, np.float64, t, r) for s in shapes]
+        if t % 2:
+            g[1] = None
+        if t == 2:
+            g[0] = None
+        return g
+
+    mine, ref, opt, refopt, _ = run_pair(fastopt.Adam, params, {}, local, 5)
+    sd = opt.consolidated_state_dict(to=0)
+    assert_same_params(mine, ref)
+    if ME == 0:
+        assert_same_state_dict(sd, refopt.state_dict())
+        assert [sd["state"][i]["step"] for i in range(3)] == [4, 3, 5]
+
+
+# ------------------------------------------------------ sparse, every rule
+
+def sparse_cases():
+    out = []
+    for name, rule in rules.RULES.items():
+        for dt, tag in ((np.float32, "f32"), (np.float64, "f64")):
+            out.append(pytest.param(name, 0, "lazy", dt, id=f"{name}-lazy-{tag}"))
+        for k, v in enumerate(rule.variants):
+            group = rule.check_group({**rule.defaults, **v})
+            if rule.catch_up is not None and rule.exact_reason(group) is None:
+                out.append(pytest.param(name, k, "exact", np.float64,
+                                        id=f"{name}-v{k}-exact-f64"))
+    return out
+
+
+@pytest.mark.parametrize("name,variant,mode,dtype", sparse_cases())
+def test_sparse_equals_single_process(name, variant, mode, dtype):
+    cls = fastopt.CLASSES[name]
+    rule = rules.RULES[name]
+    hyper = dict(rule.variants[variant], sparse_mode=mode)
+    shapes = [(50, 4), (30,), (6, 3), (20, 2)]
+    params = init(shapes, dtype)
+    owners = {}
+
+    def local(t, r):
+        if t == 0:
+            rows = None
+        elif t % 4 == 1:          # rows of one rank only: the others advance untouched
+            lo, hi = owners[0][t % N]
+            rows = np.arange(lo, hi)
+        else:
+            rows = None
+        g = [sparse_grad(shapes[0], dtype, t, r, rows=rows, scipy=(t % 3 == 2)),
+             sparse_grad(shapes[1], dtype, t, r),
+             dense_grad(shapes[2], dtype, t, r),
+             sparse_grad(shapes[3], dtype, t, r)]
+        if t == 3:                # globally empty: a no-op, the step count stays
+            g[1] = RowSparse(np.zeros(0, np.int64), np.zeros(0, dtype))
+        if t % 5 == 4 and r != 0:  # only rank 0 has rows
+            g[3] = RowSparse(np.zeros(0, np.int64), np.zeros((0, 2), dtype))
+        return g
+
+    mine = [p.copy() for p in params]
+    ref_params = [p.copy() for p in params]
+    opt = ShardedOptimizer(cls, mine, bucket_bytes=96, **hyper)
+    ref = cls(ref_params, **hyper)
+    owners[0] = COMM.allgather(opt.shard_rows(0))
+    for t in range(9):
+        per_rank = [local(t, r) for r in range(N)]
+        opt.step(per_rank[ME])
+        ref.step(averaged(per_rank, ref_params))
+    before_flush = [k for k, (a, b) in enumerate(zip(mine, ref_params)) if not same(a, b)]
+    sd = opt.consolidated_state_dict(to=0)       # exact mode: brings every row up to date
+    ref_sd = ref.state_dict()                    # ... as the plain state_dict() does
+    assert_same_params(mine, ref_params)
+    assert not before_flush
+    if ME == 0:
+        assert_same_state_dict(sd, ref_sd)
+
+
+def test_exact_mode_flush_matches():
+    hyper = {"lr": 0.05, "momentum": 0.9, "sparse_mode": "exact"}
+    shapes = [(40, 3)]
+    params = init(shapes, np.float64)
+
+    def local(t, r):
+        return [sparse_grad(shapes[0], np.float64, t, r)]
+
+    mine, ref, opt, refopt, _ = run_pair(fastopt.SGD, params, hyper, local, 6)
+    opt.flush()
+    refopt.flush()
+    assert_same_params(mine, ref)
+
+
+# --------------------------------------------------------------- fused options
+
+FUSED = [
+    ("Adam", {"clip_value": 0.5}),
+    ("SGD", {"lr": 0.01, "momentum": 0.9, "l1": 1e-3, "param_min": -1.0, "param_max": 1.0}),
+    ("Adam", {"max_norm": 0.8}),
+    ("RowWiseAdagrad", {"max_norm": 0.5, "weight_decay": 1e-2}),
+    ("Lion", {"param_min": -0.5, "param_max": 0.5, "l1": 1e-4}),
+    ("AdamW", {"max_norm": 1.0, "clip_value": 1.0}),
+    ("NAdam", {"clip_value": 0.3, "max_norm": 2.0}),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name,hyper", [pytest.param(n, h, id=f"{n}-{'-'.join(h)}")
+                                        for n, h in FUSED])
+def test_fused_options(name, hyper, dtype):
+    cls = fastopt.CLASSES[name]
+    shapes = [(30, 4), (11,), (9, 5)]
+
+    def local(t, r):
+        return [sparse_grad(shapes[0], dtype, t, r) if t % 2 else
+                dense_grad(shapes[0], dtype, t, r),
+                dense_grad(shapes[1], dtype, t, r),
+                dense_grad(shapes[2], dtype, t, r)]
+
+    mine, ref, _, _, _ = run_pair(cls, init(shapes, dtype), hyper, local, 6,
+                                  sharded_kw={"bucket_bytes": 160})
+    assert_same_params(mine, ref)
+
+
+@pytest.mark.parametrize("backend", [b for b in fastopt.available_backends() if b != "cuda"])
+@pytest.mark.parametrize("name,hyper", [("Adam", {"amsgrad": True}),
+                                        ("RowWiseAdagrad", {"max_norm": 1.0}),
+                                        ("SGD", {"lr": 0.01, "momentum": 0.9,
+                                                 "sparse_mode": "exact"})])
+def test_every_cpu_backend(backend, name, hyper):
+    cls = fastopt.CLASSES[name]
+    shapes = [(25, 3), (13,)]
+
+    def local(t, r):
+        return [sparse_grad(shapes[0], np.float64, t, r) if t % 2 else
+                dense_grad(shapes[0], np.float64, t, r),
+                dense_grad(shapes[1], np.float64, t, r)]
+
+    mine, ref, opt, _, _ = run_pair(cls, init(shapes, np.float64),
+                                    dict(hyper, backend=backend), local, 5)
+    assert opt.backend.name == backend
+    assert_same_params(mine, ref)
+
+
+# ----------------------------------------------- groups, names, schedulers
+
+def test_named_params_groups_and_a_scheduler():
+    shapes = {"emb": (40, 4), "w": (8, 6), "b": (6,)}
+    arrays = dict(zip(shapes, init(list(shapes.values()), np.float32)))
+
+    def make(ps):
+        return [{"params": [ps["emb"]], "lr": 0.05}, {"params": [ps["w"], ps["b"]], "lr": 0.01,
+                                                      "weight_decay": 1e-2}]
+
+    mine = {k: v.copy() for k, v in arrays.items()}
+    ref_p = {k: v.copy() for k, v in arrays.items()}
+    opt = ShardedOptimizer(fastopt.Adam, make(mine))
+    ref = fastopt.Adam(make(ref_p))
+    sch = fastopt.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    ref_sch = fastopt.lr_scheduler.StepLR(ref, step_size=2, gamma=0.5)
+    plist = [ref_p["emb"], ref_p["w"], ref_p["b"]]
+    for t in range(6):
+        per_rank = [[sparse_grad((40, 4), np.float32, t, r), dense_grad((8, 6), np.float32, t, r),
+                     dense_grad((6,), np.float32, t, r)] for r in range(N)]
+        opt.step(per_rank[ME])
+        ref.step(averaged(per_rank, plist))
+        sch.step()
+        ref_sch.step()
+    sd = opt.consolidated_state_dict(to=0)
+    assert_same_params([mine[k] for k in shapes], [ref_p[k] for k in shapes])
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref.param_groups]
+    assert opt.param_groups[0]["params"][0] is mine["emb"]
+    if ME == 0:
+        assert_same_state_dict(sd, ref.state_dict())
+
+
+def test_dict_params_and_dict_gradients():
+    names = ["a", "b", "c"]
+    shapes = [(9, 2), (5,), (3, 3)]
+    arrays = init(shapes, np.float64)
+    mine = {n: a.copy() for n, a in zip(names, arrays)}
+    ref_p = {n: a.copy() for n, a in zip(names, arrays)}
+    opt = ShardedOptimizer(fastopt.Adagrad, mine, lr=0.1)
+    ref = fastopt.Adagrad(ref_p, lr=0.1)
+    for t in range(4):
+        per_rank = [[dense_grad(s, np.float64, t, r) for s in shapes] for r in range(N)]
+        opt.step(dict(zip(reversed(names), reversed(per_rank[ME]))))
+        ref.step(dict(zip(names, averaged(per_rank, arrays))))
+    sd = opt.consolidated_state_dict(to=0)
+    assert_same_params([mine[n] for n in names], [ref_p[n] for n in names])
+    if ME == 0:
+        assert sd["param_names"] == names
+        assert_same_state_dict(sd, ref.state_dict())
+
+
+# --------------------------------------------- grad_scale, skipping, clipping
+
+def test_grad_scale():
+    shapes = [(20, 3), (7,)]
+
+    def local(t, r):
+        return [sparse_grad(shapes[0], np.float32, t, r) if t % 2 else
+                dense_grad(shapes[0], np.float32, t, r) * 64,
+                dense_grad(shapes[1], np.float32, t, r) * 64]
+
+    mine, ref, _, _, _ = run_pair(fastopt.Adam, init(shapes, np.float32), {}, local, 4,
+                                  step_kw={t: {"grad_scale": 64.0} for t in range(4)})
+    assert_same_params(mine, ref)
+
+
+@pytest.mark.parametrize("where", ["dense-inf", "sparse-nan"])
+def test_skip_nonfinite_on_every_rank(where):
+    shapes = [(30, 2), (10,)]
+    bad_rank, bad_step = LAST, 2
+
+    def local(t, r):
+        g = [sparse_grad(shapes[0], np.float64, t, r, rows=[0, 1, 2, 29]),
+             dense_grad(shapes[1], np.float64, t, r)]
+        if (t, r) == (bad_step, bad_rank):
+            if where == "dense-inf":
+                g[1][3] = np.inf
+            else:
+                g[0] = RowSparse(np.array([29, 0]), np.array([[np.nan, 1.0], [2.0, 3.0]]))
+        return g
+
+    snapshots = {}
+
+    def check(t, opt, ref):
+        if t == bad_step - 1:
+            snapshots["before"] = opt.consolidated_state_dict(to=0)
+        if t == bad_step:
+            snapshots["after"] = opt.consolidated_state_dict(to=0)
+
+    mine, ref, opt, refopt, results = run_pair(
+        fastopt.Adam, init(shapes, np.float64), {}, local, 5, check_each=check,
+        step_kw={t: {"skip_nonfinite": True} for t in range(5)})
+    assert_same_params(mine, ref)
+    assert results[bad_step] == (False, False)
+    assert all(r == (True, True) for t, r in enumerate(results) if t != bad_step)
+    if ME == 0:
+        assert_same_state_dict(snapshots["after"], snapshots["before"])
+
+
+@pytest.mark.parametrize("norm_type", [2.0, "inf"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_clip_grad_norm_of_the_averaged_gradient(norm_type, dtype):
+    shapes = [(30, 3), (12,), (4, 5)]
+    max_norm = 0.75
+    params = init(shapes, dtype)
+    mine = [p.copy() for p in params]
+    ref_p = [p.copy() for p in params]
+    opt = ShardedOptimizer(fastopt.SGD, mine, lr=0.1, momentum=0.9, max_grad_norm=max_norm,
+                           norm_type=norm_type, bucket_bytes=128)
+    ref = fastopt.SGD(ref_p, lr=0.1, momentum=0.9)
+    norms = []
+    for t in range(5):
+        per_rank = [[sparse_grad(shapes[0], dtype, t, r), dense_grad(shapes[1], dtype, t, r),
+                     dense_grad(shapes[2], dtype, t, r)] for r in range(N)]
+        opt.step(per_rank[ME])
+        g = averaged(per_rank, ref_p)
+        total = fastopt.clip_grad_norm_([g[0].values, g[1], g[2]], max_norm, norm_type)
+        ref.step(g)
+        norms.append((opt.last_grad_norm, total))
+    rtol = 1e-5 if dtype == np.float32 else 1e-11
+    for a, b in zip(mine, ref_p):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol)
+    assert identical_on_every_rank(mine)
+    for a, b in norms:
+        assert math.isclose(a, b, rel_tol=1e-12), (a, b)
+    assert any(b > max_norm for _, b in norms)        # clipping happened
+
+
+# --------------------------------------------------------------- state dicts
+
+def _checkpoint_case(dtype=np.float32):
+    """The configuration whose checkpoints move between world sizes."""
+    names = ["emb", "w", "b", "s"]
+    shapes = [(37, 4), (9, 7), (7,), ()]
+    hyper = {"amsgrad": True, "lr": 0.01}
+
+    def groups(ps):
+        return [{"params": [ps["emb"], ps["s"]], "lr": 0.02},
+                {"params": [ps["w"], ps["b"]], "weight_decay": 1e-2}]
+
+    def local(t, r, order):
+        sh = dict(zip(names, shapes))
+        g = {"emb": sparse_grad(sh["emb"], dtype, t, r, seed=5),
+             "w": dense_grad(sh["w"], dtype, t, r, seed=5),
+             "b": dense_grad(sh["b"], dtype, t, r, seed=5),
+             "s": dense_grad(sh["s"], dtype, t, r, seed=5)}
+        return [g[k] for k in order]
+
+    return names, shapes, hyper, groups, local
+
+
+def _flat(groups):
+    return [p for g in groups for p in g["params"]]
+
+
+def _run_and_compare_from(sd, params0, world, steps=4, t0=100):
+    """Load ``sd`` into a ShardedOptimizer over ``world`` and into the plain class;
+    check the consolidated state equals ``sd``; step both; compare."""
+    names, shapes, hyper, groups, local = _checkpoint_case()
+    mine = dict(zip(names, [p.copy() for p in params0]))
+    ref_p = dict(zip(names, [p.copy() for p in params0]))
+    opt = ShardedOptimizer(fastopt.Adam, groups(mine), comm=world, **hyper)
+    ref = fastopt.Adam(groups(ref_p), **hyper)
+    opt.load_state_dict(sd)
+    ref.load_state_dict(sd)
+    back = opt.consolidated_state_dict(to=0)
+    order = ["emb", "s", "w", "b"]
+    for t in range(t0, t0 + steps):
+        per_rank = [local(t, r, order) for r in range(world.size)]
+        opt.step(per_rank[world.rank])
+        ref.step(averaged(per_rank, _flat(groups(ref_p))))
+    final = opt.consolidated_state_dict(to=0)
+    ok = all(same(mine[k], ref_p[k]) for k in names)
+    opt.close()
+    return back, final, ref.state_dict(), ok
+
+
+def test_reshard_to_every_smaller_world():
+    names, shapes, hyper, groups, local = _checkpoint_case()
+    params0 = init(shapes, np.float32)
+    mine = dict(zip(names, [p.copy() for p in params0]))
+    opt = ShardedOptimizer(fastopt.Adam, groups(mine), **hyper)
+    order = ["emb", "s", "w", "b"]
+    for t in range(5):
+        opt.step(local(t, ME, order))
+    sd = COMM.bcast(opt.consolidated_state_dict(to=0), root=0)
+    now = [mine[k].copy() for k in names]
+    checks = []
+    for m in range(1, N + 1):
+        sub = COMM.Split(0 if ME < m else MPI.UNDEFINED, ME)
+        if sub != MPI.COMM_NULL:
+            back, final, ref_sd, ok = _run_and_compare_from(sd, now, sub)
+            if sub.rank == 0:
+                assert_same_state_dict(back, sd)
+                assert_same_state_dict(final, ref_sd)
+            checks.append(ok)
+            sub.Free()
+        COMM.Barrier()
+    assert all(checks)
+
+
+def test_reshard_exact_mode_to_one_rank():
+    hyper = {"lr": 0.05, "momentum": 0.9, "sparse_mode": "exact"}
+    shapes = [(41, 3), (9,)]
+    params0 = init(shapes, np.float64)
+
+    def local(t, r):
+        return [sparse_grad(shapes[0], np.float64, t, r, seed=7),
+                dense_grad(shapes[1], np.float64, t, r, seed=7) if t % 3 else None]
+
+    mine = [p.copy() for p in params0]
+    opt = ShardedOptimizer(fastopt.SGD, mine, **hyper)
+    for t in range(5):
+        opt.step(local(t, ME))
+    sd = COMM.bcast(opt.consolidated_state_dict(to=0), root=0)   # flushed everywhere
+    now = [p.copy() for p in mine]
+    ok, same_sd = True, True
+    sub = COMM.Split(0 if ME == LAST else MPI.UNDEFINED, ME)
+    if sub != MPI.COMM_NULL:                  # the last rank alone resumes the run
+        ps = [p.copy() for p in now]
+        ref_p = [p.copy() for p in now]
+        o1 = ShardedOptimizer(fastopt.SGD, ps, comm=sub, **hyper)
+        ref = fastopt.SGD(ref_p, **hyper)
+        o1.load_state_dict(sd)
+        ref.load_state_dict(sd)
+        for t in range(5, 9):
+            per_rank = [local(t, 0)]
+            o1.step(per_rank[0])
+            ref.step(averaged(per_rank, ref_p))
+        o1.flush()
+        ref.flush()
+        ok = all(same(a, b) for a, b in zip(ps, ref_p))
+        back = o1.state_dict()
+        ref_sd = ref.state_dict()
+        try:
+            assert_same_state_dict(back, ref_sd)
+        except AssertionError:
+            same_sd = False
+        o1.close()
+        sub.Free()
+    COMM.Barrier()
+    assert identical_on_every_rank(now)
+    assert ok and same_sd
+
+
+def test_consolidate_to_any_rank_and_state_dict_rules():
+    shapes = [(21, 3), (5,)]
+    params = init(shapes, np.float64)
+    opt = ShardedOptimizer(fastopt.NAdam, params)
+    for t in range(3):
+        opt.step([dense_grad(s, np.float64, t, ME) for s in shapes])
+    got = [opt.consolidated_state_dict(to=r) for r in range(N)]
+    for r in range(N):
+        assert (got[r] is None) == (r != ME)
+    mine = got[ME]
+    assert_same_state_dict(opt.state_dict(), mine)        # after consolidating to ME
+    assert isinstance(mine["state"][0]["mu_product"], float)
+    opt.step([dense_grad(s, np.float64, 9, ME) for s in shapes])
+    if N > 1:
+        with pytest.raises(RuntimeError, match="consolidated_state_dict"):
+            opt.state_dict()                              # stale: a step came since
+    else:
+        assert opt.state_dict()["state"][0]["step"] == 4  # one rank: consolidates itself
+    with pytest.raises(ValueError, match="Invalid to"):
+        opt.consolidated_state_dict(to=N)
+    opt.step([dense_grad(s, np.float64, 10, ME) for s in shapes])   # still in step
+
+
+def test_load_refuses_bad_state_dicts_on_every_rank():
+    shapes = [(10, 2), (4,)]
+    params = init(shapes, np.float64)
+    opt = ShardedOptimizer(fastopt.Adam, params)
+    ref = fastopt.Adam([p.copy() for p in params])
+    g = [dense_grad(s, np.float64, 0, 0) for s in shapes]
+    ref.step(g)
+    good = ref.state_dict()
+    bad = ref.state_dict()
+    bad["state"][0]["exp_avg"] = np.zeros((11, 2))
+    with pytest.raises(ValueError, match="shape"):
+        opt.load_state_dict(bad)
+    # one rank's dict is bad: it raises its own error, the others DistributedError
+    one_bad = bad if ME == LAST else good
+    err = ValueError if ME == LAST else DistributedError
+    with pytest.raises(err):
+        opt.load_state_dict(one_bad)
+    sd = opt.consolidated_state_dict(to=0)
+    if ME == 0:
+        assert sd["state"] == {}                # nothing was loaded anywhere
+    with pytest.raises(ValueError, match="optimizer"):
+        opt.load_state_dict({**good, "optimizer": "SGD"})
+    opt.load_state_dict(good)
+    sd = opt.consolidated_state_dict(to=0)
+    if ME == 0:
+        assert_same_state_dict(sd, good)
+
+
+def test_fastopt_save_and_load_with_a_scheduler():
+    names, shapes, hyper, groups, local = _checkpoint_case(np.float64)
+    params0 = init(shapes, np.float64)
+    mine = dict(zip(names, [p.copy() for p in params0]))
+    opt = ShardedOptimizer(fastopt.Adam, groups(mine), **hyper)
+    sch = fastopt.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    order = ["emb", "s", "w", "b"]
+    for t in range(3):
+        opt.step(local(t, ME, order))
+        sch.step()
+    path = os.path.join(shared_dir(), f"save_load_{N}.npz")
+    opt.consolidated_state_dict(to=0)
+    if ME == 0:
+        fastopt.save(path, opt, scheduler=sch, extra={"epoch": 3})
+    COMM.Barrier()
+    other = dict(zip(names, [mine[k].copy() for k in names]))
+    opt2 = ShardedOptimizer(fastopt.Adam, groups(other), **hyper)
+    sch2 = fastopt.lr_scheduler.StepLR(opt2, step_size=2, gamma=0.5)
+    extra = fastopt.load(path, opt2, scheduler=sch2)
+    # a scheduler of another class: refused, nothing changed
+    opt3 = ShardedOptimizer(fastopt.Adam, groups({k: v.copy() for k, v in mine.items()}),
+                            **hyper)
+    with pytest.raises(ValueError, match="scheduler"):
+        fastopt.load(path, opt3, scheduler=fastopt.lr_scheduler.ExponentialLR(opt3, 0.9))
+    for t in range(3, 6):
+        opt.step(local(t, ME, order))
+        opt2.step(local(t, ME, order))
+        sch.step()
+        sch2.step()
+    a = opt.consolidated_state_dict(to=0)
+    b = opt2.consolidated_state_dict(to=0)
+    c = opt3.consolidated_state_dict(to=0)
+    assert extra == {"epoch": 3}
+    assert_same_params([other[k] for k in names], [mine[k] for k in names])
+    if ME == 0:
+        assert_same_state_dict(b, a)
+        assert c["state"] == {}
+
+
+def test_write_checkpoint_for_other_world_sizes():
+    if SHARED_DIR is None:
+        pytest.skip("FASTOPT_MPI_DIR is not set (the driver tests/test_distributed.py sets it)")
+    names, shapes, hyper, groups, local = _checkpoint_case()
+    params0 = init(shapes, np.float32)
+    mine = dict(zip(names, [p.copy() for p in params0]))
+    opt = ShardedOptimizer(fastopt.Adam, groups(mine), **hyper)
+    order = ["emb", "s", "w", "b"]
+    for t in range(6):
+        opt.step(local(t, ME, order))
+    opt.consolidated_state_dict(to=0)
+    if ME == 0:
+        np.savez(os.path.join(SHARED_DIR, f"params_w{N}.npz"), *[mine[k] for k in names])
+        fastopt.save(os.path.join(SHARED_DIR, f"ckpt_w{N}.npz"), opt, extra={"world": N})
+    COMM.Barrier()
+    assert os.path.exists(os.path.join(SHARED_DIR, f"ckpt_w{N}.npz"))
+
+
+def test_resume_checkpoints_of_other_world_sizes():
+    if SHARED_DIR is None:
+        pytest.skip("FASTOPT_MPI_DIR is not set (the driver tests/test_distributed.py sets it)")
+    names, shapes, hyper, groups, local = _checkpoint_case()
+    files = sorted(glob.glob(os.path.join(SHARED_DIR, "ckpt_w*.npz")))
+    worlds = [int(re.search(r"ckpt_w(\d+)\.npz$", f).group(1)) for f in files]
+    for f, w in zip(files, worlds):
+        if w == N:
+            continue
+        with np.load(os.path.join(SHARED_DIR, f"params_w{w}.npz")) as z:
+            params0 = [z[f"arr_{k}"] for k in range(len(names))]
+        mine = dict(zip(names, [p.copy() for p in params0]))
+        ref_p = dict(zip(names, [p.copy() for p in params0]))
+        opt = ShardedOptimizer(fastopt.Adam, groups(mine), **hyper)
+        ref = fastopt.Adam(groups(ref_p), **hyper)
+        extra = fastopt.load(f, opt)
+        fastopt.load(f, ref)
+        back = opt.consolidated_state_dict(to=0)
+        ref_sd = ref.state_dict()
+        order = ["emb", "s", "w", "b"]
+        for t in range(6, 10):
+            per_rank = [local(t, r, order) for r in range(N)]
+            opt.step(per_rank[ME])
+            ref.step(averaged(per_rank, _flat(groups(ref_p))))
+        assert extra == {"world": w}
+        assert_same_params([mine[k] for k in names], [ref_p[k] for k in names])
+        if ME == 0:
+            assert_same_state_dict(back, ref_sd)
+            assert back["state"][1]["step"] == 6      # "s": dense, stepped 6 times
+            open(os.path.join(SHARED_DIR, f"resumed_w{w}_in_w{N}"), "w").close()
+        COMM.Barrier()
+
+
+# --------------------------------------------------------- memory, volume
+
+def test_state_is_sharded_by_rows():
+    shapes = [(64, 8), (100,), (3, 3)]
+    params = init(shapes, np.float32)
+    opt = ShardedOptimizer(fastopt.Adam, params)
+    ref = fastopt.Adam([p.copy() for p in params])
+    g = [dense_grad(s, np.float32, 0, ME) for s in shapes]
+    opt.step(g)
+    ref.step(g)
+    rows = [COMM.allgather(opt.shard_rows(i)) for i in range(3)]
+    total = sum(v.nbytes for st in ref.state.values() for v in st.values()
+                if isinstance(v, np.ndarray))
+    mine = opt.state_bytes()
+    all_bytes = COMM.allgather(mine)
+    for i, rr in enumerate(rows):           # contiguous, in rank order, covering every row
+        assert rr[0][0] == 0 and rr[-1][1] == shapes[i][0]
+        assert all(a[1] == b[0] for a, b in zip(rr, rr[1:]))
+    assert sum(all_bytes) == total
+    widest = max(2 * 4 * int(np.prod(s[1:], dtype=np.int64)) for s in shapes)
+    assert mine <= total / N + widest * 2
+    st = opt.state
+    assert set(st) == {0, 1, 2} and all(v["step"] == 1 for v in st.values())
+    lo, hi = opt.shard_rows(0)
+    assert st[0]["exp_avg"].shape == (hi - lo, 8)
+
+
+def test_communication_volume_is_twice_the_parameter_bytes():
+    shapes = [(1000, 6), (333,), (7, 7, 7)]
+    params = init(shapes, np.float32)
+    opt = ShardedOptimizer(fastopt.SGD, params, lr=0.01, bucket_bytes=4096)
+    g = [dense_grad(s, np.float32, 0, ME) for s in shapes]
+    opt.step(g)
+    buffers = opt.buffer_bytes()
+    opt.reset_stats()
+    for t in range(3):
+        opt.step(g)
+    st = opt.stats
+    item = 4
+    nbytes = sum(int(np.prod(s)) for s in shapes) * item
+    mine = sum((opt.shard_rows(i)[1] - opt.shard_rows(i)[0]) * int(np.prod(s[1:], dtype=np.int64))
+               for i, s in enumerate(shapes)) * item
+    per_step = st["bytes_received"] // 3
+    assert per_step == (N - 1) * mine + (nbytes - mine)
+    assert sum(COMM.allgather(per_step)) == 2 * (N - 1) * nbytes
+    assert st["steps"] == 3 and st["step_s"] > 0
+    assert opt.buffer_bytes() == buffers                  # reused, not regrown
+    assert buffers <= 2 * 4096 + mine + 64
+
+
+# ------------------------------------------------------------------ bad use
+
+@needs_two
+def test_different_shapes_fail_on_every_rank():
+    shapes = [(4, 3), (5, 3) if ME == LAST else (5, 4)]
+    with pytest.raises(DistributedError, match=rf"parameter 1 has shape .* on rank {LAST}"):
+        ShardedOptimizer(fastopt.Adam, init(shapes, np.float32))
+    with pytest.raises(DistributedError, match="dtype"):
+        ShardedOptimizer(fastopt.Adam, init([(4,)], np.float32 if ME else np.float64))
+    with pytest.raises(DistributedError, match="hyperparameters"):
+        ShardedOptimizer(fastopt.Adam, init([(4,)], np.float32), lr=0.1 if ME else 0.2)
+
+
+def test_invalid_input_on_one_rank_fails_on_every_rank():
+    err = ValueError if ME == LAST else DistributedError
+    with pytest.raises(err, match="lr" if ME == LAST else f"failed on rank {LAST}"):
+        ShardedOptimizer(fastopt.Adam, init([(4,)], np.float32), lr=-1.0 if ME == LAST else 0.1)
+    shapes = [(8, 3), (5,)]
+    params = init(shapes, np.float64)
+    mine = [p.copy() for p in params]
+    opt = ShardedOptimizer(fastopt.Adam, mine)
+    g = [dense_grad(s, np.float64, 0, ME) for s in shapes]
+    opt.step(g)
+    before = [p.copy() for p in mine]
+    bad = list(g)
+    if ME == LAST:
+        bad[1] = np.zeros(6)
+    with pytest.raises(err, match="shape" if ME == LAST else "failed on rank"):
+        opt.step(bad)
+    if ME == LAST:
+        bad[1] = RowSparse(np.array([5]), np.ones(1))        # row 5 of 5: out of range
+    with pytest.raises(IndexError if ME == LAST else DistributedError):
+        opt.step(bad)
+    unchanged = all(same(a, b) for a, b in zip(mine, before))
+    opt.step(g)                                               # still in step
+    assert unchanged
+    assert identical_on_every_rank(mine)
+
+
+@needs_two
+def test_gradient_kinds_must_agree():
+    shapes = [(8, 3), (5,)]
+    opt = ShardedOptimizer(fastopt.Adam, init(shapes, np.float64))
+    g = [dense_grad(s, np.float64, 0, ME) for s in shapes]
+    kinds = list(g)
+    if ME == LAST:
+        kinds[0] = RowSparse(np.array([1]), np.ones((1, 3)))
+    with pytest.raises(DistributedError, match=f"gradient 0 is sparse on rank {LAST}"):
+        opt.step(kinds)
+    nones = list(g)
+    if ME == 0:
+        nones[1] = None
+    with pytest.raises(DistributedError, match="gradient 1 is dense on rank 1 but None"):
+        opt.step(nones)
+    with pytest.raises(DistributedError, match="grad_scale"):
+        opt.step(g, grad_scale=2.0 if ME else 1.0)
+    assert opt.step(g)
+
+
+@needs_two
+def test_a_rank_calling_something_else_fails_everywhere():
+    shapes = [(8, 3)]
+    opt = ShardedOptimizer(fastopt.SGD, init(shapes, np.float64), lr=0.1)
+    g = [dense_grad(shapes[0], np.float64, 0, ME)]
+    with pytest.raises(DistributedError, match="called"):
+        if ME == 0:
+            opt.step(g)                      # the others missed this step ...
+        else:
+            opt.consolidated_state_dict()    # ... and went on to checkpoint
+    assert opt.step(g)
+
+
+@needs_two
+def test_a_rank_that_stops_calling_is_reported_after_the_timeout():
+    opt = ShardedOptimizer(fastopt.SGD, init([(6,)], np.float64), lr=0.1)
+    g = [dense_grad((6,), np.float64, 0, ME)]
+    opt.step(g)
+    COMM.Barrier()
+    opt.timeout = 1.0
+    with pytest.raises(ValueError, match="timeout"):
+        opt.timeout = -1.0
+    if ME == 0:
+        with pytest.raises(DistributedError, match="timed out"):
+            opt.step(g)                      # nobody else comes
+        with pytest.raises(DistributedError, match="unusable"):
+            opt.step(g)
+    COMM.Barrier()
+
+
+@needs_two
+def test_param_groups_edited_on_one_rank():
+    shapes = [(8, 3), (5,)]
+    mine = init(shapes, np.float64)
+    opt = ShardedOptimizer(fastopt.Adam, mine)
+    g = [dense_grad(s, np.float64, 0, ME) for s in shapes]
+    opt.step(g)
+    if ME == LAST:
+        opt.param_groups[0]["lr"] = 0.5
+    with pytest.raises(DistributedError, match=rf"hyperparameters .*lr=0.5 on rank {LAST}"):
+        opt.step(g)
+    opt.param_groups[0]["lr"] = 0.5                           # now everywhere
+    assert opt.step(g)
+    assert identical_on_every_rank(mine)
+
+
+def test_bad_edits_and_replaced_parameters():
+    shapes = [(8, 3), (5,)]
+    mine = init(shapes, np.float64)
+    opt = ShardedOptimizer(fastopt.Adam, mine)
+    g = [dense_grad(s, np.float64, 0, ME) for s in shapes]
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr"):
+        opt.step(g)
+    opt.param_groups[0]["lr"] = 1e-3
+    assert opt.step(g)
+    opt2 = ShardedOptimizer(fastopt.Adam, init(shapes, np.float64))
+    opt2.param_groups[0]["params"][1] = np.zeros(5)
+    with pytest.raises(ValueError, match="replaced"):
+        opt2.step(g)
+    with pytest.raises(TypeError, match="optimizer class"):
+        ShardedOptimizer(dict, mine)
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        ShardedOptimizer(fastopt.Adam, mine, bucket_bytes=0)
+    with pytest.raises(TypeError, match="communicator"):
+        ShardedOptimizer(fastopt.Adam, mine, comm="world")
+    assert ShardedOptimizer("Lion", mine).rule.name == "Lion"
+
+
+def test_close_frees_the_communicator():
+    opt = ShardedOptimizer(fastopt.SGD, init([(6,)], np.float64), lr=0.1)
+    opt.close()
+    with pytest.raises(DistributedError, match="closed"):
+        opt.step([np.zeros(6)])
+    assert "rank" in repr(ShardedOptimizer(fastopt.SGD, init([(6,)], np.float64), lr=0.1))
