@@ -166,15 +166,18 @@ def make_rows_driver(config, parallel, catch, step):
             # the others added one by one, as summed_row).  The gradient rows are
             # read in their own order (a stream the hardware prefetches) instead of
             # gathered group by group: inverse[i] is the unique row of gradient row
-            # i, and each of ``parts`` tasks owns a contiguous range of unique rows,
-            # so every sum is formed by one task in the same order for any thread
-            # count.
+            # i, and each of ``parts`` tasks owns a contiguous range of unique rows
+            # (split so that each holds about the same number of gradient rows: hot
+            # rows repeat hundreds of times), so every sum is formed by one task in
+            # the same order for any thread count.
             for u in prange(n):
                 for k in range(seg[u], seg[u + 1]):
                     inverse[order[k]] = u
+            nnz = order.shape[0]
             for t in prange(parts):
-                lo = n * t // parts
-                hi = n * (t + 1) // parts
+                # each task owns the unique rows of an equal share of gradient rows
+                lo = np.searchsorted(seg, nnz * t // parts)
+                hi = np.searchsorted(seg, nnz * (t + 1) // parts) if t + 1 < parts else n
                 for i in range(inverse.shape[0]):
                     w = inverse[i]
                     if w < lo or w >= hi or seg[w + 1] - seg[w] == 1:
