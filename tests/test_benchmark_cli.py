@@ -167,7 +167,8 @@ def test_plot_writes_a_png(tmp_path):
 
 def test_bandwidth_is_measured():
     bw = bandwidth.measure(nbytes=1 << 22, repeats=2)
-    assert bw["copy"] > 0 and bw["triad"] > 0 and bw["array_bytes"] == 1 << 22
+    assert bw["copy"] > 0 and bw["triad"] > 0 and bw["update"] > 0 and bw["array_bytes"] == 1 << 22
+    assert bw["bound"] == max(bw["copy"], bw["triad"], bw["update"])
 
 
 def test_cli_rejects_unknown_rule_and_backend():

@@ -16,6 +16,7 @@ bound, or whose spread is wide, is flagged rather than reported as a result.
 """
 
 import datetime
+import gc
 import os
 import platform
 import sys
@@ -80,9 +81,11 @@ def measure(case, host=None, profile="full", bw=None, llc=None, progress=None):
     """Time every contender of ``case`` in interleaved rounds; returns result rows
     (see :func:`fastopt.benchmark.report.build_rows`)."""
     settings = PROFILES[profile] if isinstance(profile, str) else profile
+    gc.collect()              # the previous case's contenders, before sizing this one's
     fns, omitted = implementations(case, host)
     stats = time_interleaved(fns, progress=progress, **settings)
     del fns
+    gc.collect()
     return report.build_rows(case, stats, bw, bandwidth.last_level_cache() if llc is None
                              else llc, omitted)
 
@@ -103,7 +106,7 @@ def run(cases, host=None, quick=False, profile=None, out=None, progress=True,
         if progress is not None:
             print("memory bandwidth ...", file=progress, flush=True)
         bw = bandwidth.measure()
-        bw.update(threads=numba.get_num_threads(), repeats=10)
+        bw.update(threads=numba.get_num_threads(), repeats=20)
     llc = bandwidth.last_level_cache()
     rows = []
     for k, case in enumerate(cases, 1):

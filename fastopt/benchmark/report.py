@@ -4,7 +4,7 @@ Markdown, JSON, a chart), plus the comparison against a saved run.
 A row is one contender of one case: ``best`` and ``median`` seconds per step and
 the ``spread`` of its interleaved samples; GB/s (the case's bytes over the median);
 ``of_bound``, the fraction of the memory-bandwidth bound (the bytes at the run's
-STREAM triad bandwidth over the median); ``of_ceiling`` (dense cases), the ceiling
+fastest STREAM-like bandwidth over the median); ``of_ceiling`` (dense cases), the ceiling
 kernel's median over this one's; ``vs_torch``, the best torch contender's median
 over this one's.
 
@@ -32,7 +32,8 @@ REGRESSION = 0.10
 def build_rows(case, stats, bandwidth, llc, omitted=None):
     """Result rows of one case from ``{name: Stats}``."""
     nbytes = float(case.bytes_per_step())
-    bound = nbytes / (bandwidth["triad"] * 1e9) if bandwidth else float("nan")
+    bound = nbytes / (bandwidth.get("bound", bandwidth["triad"]) * 1e9) if bandwidth \
+        else float("nan")
     ceiling = stats.get("ceiling")
     torch = [s.median for n, s in stats.items() if n.startswith("torch")]
     torch_best = min(torch) if torch else None
@@ -103,7 +104,8 @@ def header(result):
     if bw:
         lines.append(f"Memory bandwidth (STREAM-like, {bw['threads']} threads, best of "
                      f"{bw['repeats']}): copy {bw['copy']:.1f} GB/s, triad "
-                     f"{bw['triad']:.1f} GB/s; last-level cache "
+                     f"{bw['triad']:.1f} GB/s, in-place update {bw['update']:.1f} GB/s "
+                     f"(the bound uses the fastest); last-level cache "
                      f"{result.get('llc', 0) / 2 ** 20:.0f} MiB")
     lines.append(f"Method: {result['method']}")
     return lines
