@@ -5,9 +5,10 @@ parameter row and each used state row of every unique index, and the gradient ro
 in the order the coalescing plan visits them.  Each is a cache miss the hardware
 prefetcher cannot predict, and a loop that waits for them one row at a time runs
 at memory latency, not bandwidth.  Issuing the loads of the row ``PREFETCH_AHEAD``
-iterations ahead overlaps them with the current row's arithmetic (measured on the
-2-core EPYC: the lazy Adam step on a 1M x 64 table with a fresh Zipf batch went from
-3.3 to 2.7 ms single-threaded; see README "Sparse at memory speed").
+iterations ahead overlaps them with the current row's arithmetic (measured with a
+standalone row kernel on the 2-core EPYC, one thread, CPU time: a lazy Adam step on
+a 1M x 64 table with a fresh Zipf batch, 3.3 ms without and 2.7 ms with; see the
+README's "Sparse at memory speed").
 
 A prefetch is only a hint: it never faults and never changes a value, so results
 are unchanged (and bounds-checked builds see no access).
