@@ -1251,12 +1251,7 @@ class ShardedOptimizer:
         t = self._template
         if not t.state:
             return
-        groups, start = [], 0
-        for g in t.param_groups:
-            n = len(g["params"])
-            groups.append({**{k: v for k, v in g.items() if k != "params"},
-                           "params": list(range(start, start + n))})
-            start += n
+        groups = state_io.indexed_groups(t.param_groups)
         t.load_state_dict({"version": state_io.STATE_DICT_VERSION, "optimizer": self.rule.name,
                            "state": {}, "param_groups": groups})
 

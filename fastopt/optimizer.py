@@ -92,12 +92,7 @@ class Optimizer:
 
     def _check_backend(self, group):
         """Refuse, at construction or when a group changes, what the backend lacks."""
-        bk = self.backend
-        if self.rule.layout == "rowwise":
-            bk.require("rowwise", f"the row-wise rule {self.rule.name}")
-        if any(fused.flags(group)[1:]):
-            bk.require("fused_options")
-        bk.require("sparse_exact" if self.sparse_mode == "exact" else "sparse_lazy")
+        require_features(self.backend, self.rule, group, self.sparse_mode)
 
     def _check_group(self, group):
         self._check_backend(group)
@@ -498,6 +493,16 @@ class Optimizer:
             hyper = ", ".join(f"{k}={v!r}" for k, v in g.items() if k != "params")
             lines.append(f"  group {gi}: {len(g['params'])} params, {hyper}")
         return "\n".join(lines)
+
+
+def require_features(bk, rule, group, sparse_mode):
+    """Refuse what backend ``bk`` lacks for ``rule`` with ``group``'s options in
+    ``sparse_mode`` (the capability table, before anything is written)."""
+    if rule.layout == "rowwise":
+        bk.require("rowwise", f"the row-wise rule {rule.name}")
+    if any(fused.flags(group)[1:]):
+        bk.require("fused_options")
+    bk.require("sparse_exact" if sparse_mode == "exact" else "sparse_lazy")
 
 
 def _first_array(params):

@@ -28,13 +28,20 @@ STATE_DICT_VERSION = 1
 MAX_STEP = 2 ** 53
 
 
-def state_dict(opt):
+def indexed_groups(param_groups):
+    """The param groups as a state dict stores them: hyperparameters, and the
+    parameters as their flat indices."""
     groups, start = [], 0
-    for g in opt.param_groups:
+    for g in param_groups:
         n = len(g["params"])
         groups.append({**{k: v for k, v in g.items() if k != "params"},
                        "params": list(range(start, start + n))})
         start += n
+    return groups
+
+
+def state_dict(opt):
+    groups = indexed_groups(opt.param_groups)
     state = {}
     for i, st in enumerate(opt._state):
         if opt._steps[i] == 0 and not st:

@@ -96,6 +96,7 @@ from . import backends, planner
 from . import rules as registry
 from .exact_mode import ExactTracker
 from .param_groups import refuse_overlaps
+from .optimizer import require_features
 from .rules import fused
 from .sparse import RowSparse, checked_rows
 
@@ -366,12 +367,7 @@ class _Optimizer(torch.optim.Optimizer):
         return checked
 
     def _fo_check_backend(self, checked):
-        bk = self._fo_backend
-        if self.rule.layout == "rowwise":
-            bk.require("rowwise", f"the row-wise rule {self.rule.name}")
-        if any(fused.flags(checked)[1:]):
-            bk.require("fused_options")
-        bk.require("sparse_exact" if self.sparse_mode == "exact" else "sparse_lazy")
+        require_features(self._fo_backend, self.rule, checked, self.sparse_mode)
 
     def _fo_array(self, t, where):
         """The NumPy (or device) array viewing parameter tensor ``t`` (cached)."""
