@@ -49,6 +49,11 @@ import tempfile
 
 import numpy as np
 
+from .storage import BF16, is_bf16, need_ml_dtypes
+
+#: the manifest's dtype of a bfloat16 array (stored as its uint16 bits)
+BF16_NAME = "bfloat16"
+
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "fastopt-checkpoint"
@@ -134,12 +139,15 @@ def _build(optimizer, scheduler, extra):
                 raise TypeError(f"state name {key!r} of parameter {i} must be a non-empty "
                                 "string without '/'")
             if isinstance(v, np.ndarray):
+                dtype_name = v.dtype.str
+                if is_bf16(v.dtype):      # kept as its uint16 bits, named in the manifest
+                    v, dtype_name = v.view(np.uint16), BF16_NAME
                 if v.dtype.hasobject or v.dtype.kind not in "biufc":
                     raise TypeError(f"state {key!r} of parameter {i} has unsupported dtype "
                                     f"{v.dtype}")
                 k = f"state/{i}/{key}"
                 arrays[k] = v
-                manifest.append({"key": k, "index": i, "name": key, "dtype": v.dtype.str,
+                manifest.append({"key": k, "index": i, "name": key, "dtype": dtype_name,
                                  "shape": list(v.shape), "sha256": _digest(v)})
             else:
                 scalars.append({"index": i, "name": key,
@@ -269,7 +277,9 @@ def _check(header, arrays, expected_name):
                        f"unexpected {unexpected}")
     for k, m in listed.items():
         a = arrays[k]
-        if np.dtype(m["dtype"]) != a.dtype or list(a.shape) != list(m["shape"]):
+        bf16 = m["dtype"] == BF16_NAME
+        if (a.dtype != np.uint16 if bf16 else np.dtype(m["dtype"]) != a.dtype) \
+                or list(a.shape) != list(m["shape"]):
             raise _Invalid(f"array {k!r} is {a.dtype}{list(a.shape)}, the manifest says "
                            f"{m['dtype']}{m['shape']}")
         if _digest(a) != m["sha256"]:
@@ -292,7 +302,11 @@ def _check(header, arrays, expected_name):
     for k, m in listed.items():
         if m["index"] not in state:
             raise _Invalid(f"array {k!r} belongs to unknown parameter {m['index']!r}")
-        state[m["index"]][m["name"]] = arrays[k]
+        a = arrays[k]
+        if m["dtype"] == BF16_NAME:
+            need_ml_dtypes()
+            a = a.view(BF16)
+        state[m["index"]][m["name"]] = a
     sd["state"] = state
     return sd
 

@@ -416,6 +416,12 @@ class ShardedOptimizer:
                                                                         max_grad_norm)
         self._norm_type = _norm_type(norm_type)
         self._cls = optimizer_class
+        low = sorted(k for k in ("state_bits", "bf16_update", "seed") if k in hyper)
+        if low:
+            raise NotImplementedError(
+                f"ShardedOptimizer does not take {low} yet: sharded low-precision state "
+                f"(8-bit blocks and bfloat16 parameters over ranks) is not implemented; "
+                f"use float32/float64 parameters and state")
         self._hyper = dict(hyper)
         # the full optimizer on every rank: it validates everything as the single
         # process would, holds the user-visible param_groups, never steps and never

@@ -52,6 +52,10 @@ def _apply(rule, param, grad, slot_arrays, step, host, backend, hyper, grad_scal
         bk.require("fused_options")
     gs = fused.check_grad_scale(grad_scale)
     p = bk.as_param(param, "param")
+    if p.dtype.kind != "f":
+        raise TypeError("param: the functional layer takes float32 and float64 parameters; "
+                        "bfloat16 parameters and low-precision state are kept by the "
+                        "optimizer classes (state_bits=..., bf16_update=...)")
     if gs is not None:
         bk.require("grad_scale")
         fused.check_grad_scale_dtypes(gs, [p.dtype])

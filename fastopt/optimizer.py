@@ -22,7 +22,7 @@ import threading
 
 import numpy as np
 
-from . import backends, planner, state_io
+from . import backends, planner, state_io, storage
 from .exact_mode import ExactTracker
 from .param_groups import ParamGroups
 from .rules import fused
@@ -36,17 +36,25 @@ class Optimizer:
 
     rule = None  # set by subclasses
 
-    def __init__(self, params, backend="auto", sparse_mode="lazy", **hyper):
+    def __init__(self, params, backend="auto", sparse_mode="lazy", state_bits=None,
+                 bf16_update=None, seed=0, **hyper):
         rule = self.rule
         if sparse_mode not in ("lazy", "exact"):
             raise ValueError(f"Invalid sparse_mode: {sparse_mode!r} (use 'lazy' or 'exact')")
         self.sparse_mode = sparse_mode
+        self.state_bits, self.bf16_update, self.seed = storage.check_options(
+            state_bits, bf16_update, seed)
+        self._storage = []
         unknown = set(hyper) - set(rule.defaults)
         if unknown:
             raise TypeError(f"{rule.name}: unexpected hyperparameter(s) {sorted(unknown)}")
         self.defaults = rule.check_group({**rule.defaults, **hyper})
         self.backend = backends.resolve(backend, sample=_first_array(params))
         self._check_backend(self.defaults)
+        if self.state_bits == 16:
+            self.backend.require("state16", "state_bits=16")
+        elif self.state_bits == 8:
+            self.backend.require("state8", "state_bits=8")
         self._groups = ParamGroups(rule, self.backend, self.defaults, self._check_group)
         self._names = None
         if isinstance(params, dict):
@@ -61,6 +69,9 @@ class Optimizer:
         self._steps = np.zeros(0, dtype=np.int64)
         for g in groups:
             self.add_param_group(g)
+        if bf16_update is not None and not any(s.param == "bfloat16" for s in self._storage):
+            raise ValueError(f"bf16_update={bf16_update!r} applies to bfloat16 parameters, "
+                             "and none was given")
         self._host_keys = tuple(rule.host_init(self.defaults))
         self._exact = ExactTracker()
         self._plan = None
@@ -85,14 +96,21 @@ class Optimizer:
         Hyperparameters not given take the optimizer's defaults.  Other keys (such as
         a scheduler's ``initial_lr``) are kept as they are and saved in state_dict.
         """
-        added = self._groups.add(group)
+        added = self._groups.add(group, self._check_params)
         self._state.extend({} for _ in added)
+        self._storage.extend(storage.storage_for(self.rule, self._params[i], self.state_bits,
+                                                 self.bf16_update) for i in added)
         self._steps = np.concatenate([self._steps, np.zeros(len(added), np.int64)])
         self._plan_version = getattr(self, "_plan_version", 0) + 1
 
     def _check_backend(self, group):
         """Refuse, at construction or when a group changes, what the backend lacks."""
         require_features(self.backend, self.rule, group, self.sparse_mode)
+
+    def _check_params(self, arrays):
+        """Storage checks of new parameters (before the group is added)."""
+        if any(storage.is_bf16(a.dtype) for a in arrays):
+            self.backend.require("bfloat16", "bfloat16 parameters")
 
     def _check_group(self, group):
         self._check_backend(group)
@@ -170,10 +188,14 @@ class Optimizer:
         gs = fused.check_grad_scale(grad_scale)
         if gs is not None:
             bk.require("grad_scale", "step(grad_scale=...)")
-            fused.check_grad_scale_dtypes(gs, {params[i].dtype for i in dense_i + sparse_i})
+            fused.check_grad_scale_dtypes(gs, {storage.compute_dtype(params[i].dtype)
+                                               for i in dense_i + sparse_i})
         if skip_nonfinite:
             bk.require("skip_nonfinite", "step(skip_nonfinite=True)")
         rows = self._check_sparse(grads, sparse_i)
+        for i in dense_i:
+            if specs[owner[i]].by_rows:
+                self._check_row_layout(i, "max_norm")
         everyone = len(dense_i) == n
         dense = grads if everyone else [grads[i] for i in dense_i]
         plist = params if everyone else [params[i] for i in dense_i]
@@ -207,9 +229,20 @@ class Optimizer:
         out = []
         for i in sparse_i:
             idx, vals = checked_rows(grads[i], self._params[i], f"gradient {i}")
+            self._check_row_layout(i, "a row-sparse gradient")
             if idx.shape[0]:
                 out.append((i, idx, vals))
         return out
+
+    def _check_row_layout(self, i, what):
+        """8-bit state of a 1-D parameter is quantized in blocks of consecutive
+        elements: a step by rows of one element would requantize elements it does not
+        touch."""
+        if self._storage[i].state == "q8" and self._params[i].ndim <= 1:
+            raise ValueError(
+                f"parameter {i}: {what} updates a 1-D parameter element by element, but its "
+                f"8-bit state is quantized in blocks of {storage.Q8_BLOCK} elements; use "
+                f"state_bits=16 (or 32) for it (an optimizer of its own)")
 
     def _alias_table(self):
         """Sorted byte ranges of every parameter and state array (cached per plan)."""
@@ -289,7 +322,8 @@ class Optimizer:
                 tensors.append((self._params[i], planner.slot_list(self.rule, st, spec.uses),
                                 spec, (owner[i], int(self._steps[i]),
                                        tuple(st[k] for k in self._host_keys),
-                                       fresh.get(i, ()))))
+                                       fresh.get(i, ())),
+                                self._storage[i], self._extras(i, spec.uses)))
             buckets = planner.dense_buckets(self.rule, self.backend, tensors)
             plan = (key, buckets)
             if not fresh:
@@ -304,8 +338,11 @@ class Optimizer:
                 scal.append(row)
                 if host2:
                     new_host.append(([active[m] for m in members], host2))
+            keys = None
+            if b.fmt is not None and b.config.storage.stochastic:
+                keys = [self._key(active[k]) for k in b.pos]
             work = planner.fill_bucket(b, gptr, dense, scal, gs, all_active=len(b.pos) ==
-                                       len(active))
+                                       len(active), keys=keys)
             if ref:
                 work.ref = [(specs[owner[i]].group, int(self._steps[i]) + 1,
                              self._ref_state(i, specs[owner[i]].uses), fresh.get(i, ()))
@@ -351,7 +388,9 @@ class Optimizer:
                 work = planner.rows_work(
                     rule, spec, p, planner.slot_list(rule, st, spec.uses), row, idx, vals, gs,
                     exact=exact,
-                    ref=(spec.group, step, self._ref_state(i, spec.uses), fr) if ref else None)
+                    ref=(spec.group, step, self._ref_state(i, spec.uses), fr) if ref else None,
+                    storage=self._storage[i], extras=self._extras(i, spec.uses),
+                    key=self._key(i, step))
                 self.backend.run_rows(work)
                 if exact is not None:
                     self._exact.mark(i, work.uniq, step)
@@ -375,7 +414,10 @@ class Optimizer:
         work = planner.rows_work(
             self.rule, spec, p, planner.slot_list(self.rule, self._state[i], spec.uses),
             self._skipped_scalars(spec.group, t), rows=rows,
-            exact=self._exact.pending(i, t, self._skipped_scalars))
+            exact=self._exact.pending(i, t, self._skipped_scalars),
+            ref=(spec.group, t, self._ref_state(i, spec.uses), ()) if getattr(
+                self.backend, "wants_reference_args", False) else None,
+            storage=self._storage[i], extras=self._extras(i, spec.uses), key=self._key(i, t))
         self.backend.run_rows(work)
         self._exact.mark(i, rows, t)
 
@@ -401,6 +443,27 @@ class Optimizer:
             self._flush_param(i)
 
     # ------------------------------------------------------------------ state
+    def _extras(self, i, uses):
+        """[aux, scale0, scale1, scale2] of a stored format (None where absent), or
+        None for float32/float64 storage."""
+        stg = self._storage[i]
+        if stg.native:
+            return None
+        st = self._state[i]
+        names = self.rule.slots + (None,) * (len(uses) - len(self.rule.slots))
+        return [st.get(stg.aux) if stg.aux else None] + [
+            st.get(n + storage.SCALE_SUFFIX) if (u and n) else None
+            for n, u in zip(names, uses)]
+
+    def _key(self, i, step=None):
+        """The stochastic-rounding stream key of parameter ``i`` at ``step`` (default:
+        the coming step)."""
+        if not self._storage[i].stochastic:
+            return 0
+        if step is None:
+            step = int(self._steps[i]) + 1
+        return storage.stream_key(self.seed, i, step)
+
     def _ref_state(self, i, uses):
         st = self._state[i]
         out = {n: st[n] for n, u in zip(self.rule.slots, uses) if u}
@@ -416,12 +479,20 @@ class Optimizer:
             spec = specs[owner[i]]
             for k, v in rule.host_init(spec.group).items():
                 st.setdefault(k, v)
+            stg = self._storage[i]
+            p = self._params[i]
             for name, used in zip(rule.slots, spec.uses):
                 if used and name not in st:
-                    p = self._params[i]
-                    st[name] = self.backend.full(rule.slot_shape(p.shape),
-                                                 rule.slot_init(spec.group, name), p.dtype)
+                    if stg.native:
+                        st[name] = self.backend.full(rule.slot_shape(p.shape),
+                                                     rule.slot_init(spec.group, name), p.dtype)
+                    else:
+                        st.update(storage.initial_arrays(rule, stg, spec.group, p.shape,
+                                                         p.dtype, [name], self.backend.full))
                     fresh.setdefault(i, set()).add(name)
+            if stg.aux is not None and stg.aux not in st:
+                st.update(storage.initial_arrays(rule, stg, spec.group, p.shape, p.dtype, [],
+                                                 self.backend.full))
         if fresh:
             self._plan_version += 1
         return {i: tuple(sorted(v)) for i, v in fresh.items()}

@@ -47,7 +47,7 @@ class ParamGroups:
         self.version = 0                   # bumped when the parameters change
         self.spec_version = 0              # bumped when the groups are re-validated
 
-    def add(self, group):
+    def add(self, group, check_params=lambda arrays: None):
         """Validate and append a group dict ``{"params": [...], **hyperparameters}``.
         Returns the flat indices of its parameters."""
         if not isinstance(group, dict) or "params" not in group:
@@ -61,6 +61,7 @@ class ParamGroups:
         checked = [self.backend.as_param(a, f"parameter {start + k}")
                    for k, a in enumerate(arrays)]
         refuse_overlaps(self.params + checked, self.backend)
+        check_params(checked)
         if self.rule.layout == "rowwise" and any(a.ndim == 0 for a in checked):
             raise ValueError(f"{self.rule.name} keeps one accumulator per row: parameters "
                              "need at least one dimension")

@@ -19,11 +19,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backends.base import CatchUp, Config, DenseWork, RowsWork
+from .backends.base import (FMT_AUX, FMT_COLS, FMT_KEY, FMT_N, FMT_NB, FMT_NSCALE, FMT_ROW,
+                            FMT_SCALE, CatchUp, Config, DenseWork, RowsWork)
 from .backends.element import catch_up_table
-from .backends.numba_cpu import make_chunks
+from .backends.numba_cpu import CHUNK, make_chunks, stored_chunks
 from .rules import NSCALARS, NSLOTS, fused
 from .sparse import coalesce_plan
+from .storage import NATIVE, Q8_BLOCK, q8_blocks
 
 
 class GroupSpec(NamedTuple):
@@ -43,9 +45,18 @@ def group_spec(rule, group):
                      fused_row=fused.scalars(group))
 
 
-def config(rule, dtype, spec, grad_scale=None):
+def config(rule, dtype, spec, grad_scale=None, storage=NATIVE):
     return Config(rule=rule, dtype=np.dtype(dtype), uses=spec.uses, fixed=spec.fixed,
-                  switches=(grad_scale is not None,) + tuple(spec.switches[1:]))
+                  switches=(grad_scale is not None,) + tuple(spec.switches[1:]),
+                  storage=storage,
+                  grad="native" if storage.param == "native" else "float32")
+
+
+def grad_kind(storage, grad):
+    """How the kernels read a gradient of a parameter stored as ``storage``."""
+    if storage.param == "native":
+        return "native"
+    return "bfloat16" if grad.dtype.itemsize == 2 else "float32"
 
 
 def slot_list(rule, state, uses):
@@ -56,22 +67,30 @@ def slot_list(rule, state, uses):
 
 def dense_buckets(rule, backend, tensors):
     """Buckets of dense tensors.  ``tensors``: list of ``(param, slots, spec,
-    row_key)``; tensors with equal ``row_key`` (and configuration) share a scalar
-    row.  Each bucket gets ``pos`` (positions in ``tensors``), ``row_keys`` and
+    row_key[, storage, extras])`` (``extras``: the aux and 8-bit scale arrays of a
+    stored format, else None; both default to float32/float64 storage); tensors with equal ``row_key`` (and configuration)
+    share a scalar row.  Each bucket gets ``pos`` (positions in ``tensors``), ``row_keys`` and
     ``row_members`` (positions sharing each row); the gradient column of ``ptrs``
     and ``hyper`` are filled per step by :func:`fill_bucket`."""
     by_cfg = {}
-    for pos, (p, slots, spec, row_key) in enumerate(tensors):
-        by_cfg.setdefault(config(rule, p.dtype, spec), []).append(pos)
+    tensors = [t if len(t) == 6 else tuple(t) + (NATIVE, None) for t in tensors]
+    for pos, (p, slots, spec, row_key, storage, extras) in enumerate(tensors):
+        by_cfg.setdefault(config(rule, p.dtype, spec, storage=storage), []).append(pos)
     buckets = []
     for cfg, members in by_cfg.items():
         ptrs = np.zeros((len(members), 2 + NSLOTS), dtype=np.int64)
         row_of, row_keys, row_members = {}, [], []
         hidx = np.empty(len(members), dtype=np.int64)
-        params, slot_arrays = [], []
+        params, slot_arrays, extra_arrays = [], [], []
+        stored = not cfg.storage.native
+        fmt = np.zeros((len(members), FMT_COLS), dtype=np.int64) if stored else None
+        blocks = []
         for t, pos in enumerate(members):
-            p, slots, spec, row_key = tensors[pos]
+            p, slots, spec, row_key, storage, extras = tensors[pos]
             params.append(p)
+            extra_arrays.append(extras)
+            if stored:
+                blocks.append(_fill_fmt(fmt[t], p, extras, storage, backend))
             slot_arrays.append(slots)
             ptrs[t, 0] = backend.address(p)
             for s in range(NSLOTS):
@@ -85,16 +104,34 @@ def dense_buckets(rule, backend, tensors):
             row_members[r].append(pos)
             hidx[t] = r
         sizes = [p.size for p in params]
+        chunks = make_chunks(sizes) if not stored else stored_chunks(
+            blocks, Q8_BLOCK if cfg.storage.state == "q8" else CHUNK)
         b = DenseWork(config=cfg, index=members, params=params, slots=slot_arrays, ptrs=ptrs,
-                      chunks=make_chunks(sizes), hyper=np.zeros((len(row_keys), NSCALARS)),
-                      hidx=hidx, nelem=int(sum(sizes)))
+                      chunks=chunks, hyper=np.zeros((len(row_keys), NSCALARS)),
+                      hidx=hidx, nelem=int(sum(sizes)), fmt=fmt, extras=extra_arrays)
         b.pos = np.array(members, dtype=np.int64)
         b.row_keys, b.row_members = row_keys, row_members
         buckets.append(b)
     return buckets
 
 
-def fill_bucket(b, gptr, grads, rows, grad_scale=None, all_active=False):
+def _fill_fmt(row, p, extras, storage, backend):
+    """One tensor's row of a stored bucket's ``fmt`` table; returns (rows, blocks per
+    row) of its block layout."""
+    row[FMT_AUX] = backend.address(extras[0]) if extras[0] is not None else backend.address(p)
+    for s in range(NSLOTS):
+        sc = extras[1 + s]
+        row[FMT_SCALE + s] = backend.address(sc) if sc is not None else backend.address(p)
+    row[FMT_N] = p.size
+    if storage.state == "q8":
+        r, nb, d = q8_blocks(p.shape)
+    else:
+        r, nb, d = 1, -(-p.size // CHUNK), p.size
+    row[FMT_ROW], row[FMT_NB], row[FMT_NSCALE] = d, nb, r * nb
+    return r, nb
+
+
+def fill_bucket(b, gptr, grads, rows, grad_scale=None, all_active=False, keys=None):
     """Write one step into bucket ``b``: gradient addresses ``gptr`` and arrays
     ``grads`` (indexed by position), and ``rows`` (one float64 scalar tuple per
     ``b.row_keys`` entry).  Returns the work to run (the bucket itself, or a copy
@@ -104,9 +141,20 @@ def fill_bucket(b, gptr, grads, rows, grad_scale=None, all_active=False):
     for r, row in enumerate(rows):
         b.hyper[r, :len(row)] = row
     b.grad_scale = grad_scale
-    if grad_scale is not None and not b.config.switches[0]:
+    cfg = b.config.with_grad_scale(grad_scale is not None)
+    if b.fmt is not None:
+        kinds = {grad_kind(cfg.storage, g) for g in b.grads}
+        if len(kinds) > 1:            # bfloat16 and float32 gradients in one bucket
+            b.grads = [g.astype(np.float32) if g.dtype.itemsize == 2 else g for g in b.grads]
+            for t, g in enumerate(b.grads):
+                b.ptrs[t, 1] = g.__array_interface__["data"][0]
+            kinds = {"float32"}
+        cfg = cfg.with_grad(kinds.pop())
+        if keys is not None:
+            b.fmt[:, FMT_KEY] = keys          # aligned with the bucket's tensors
+    if cfg != b.config:
         w = DenseWork(**{k: getattr(b, k) for k in DenseWork.__dataclass_fields__})
-        w.config = b.config.with_grad_scale(True)
+        w.config = cfg
         return w
     return b
 
@@ -126,7 +174,7 @@ def _identity_plan(n):
 
 
 def rows_work(rule, spec, param, slots, row, idx=None, vals=None, grad_scale=None,
-              exact=None, rows=None, ref=None):
+              exact=None, rows=None, ref=None, storage=NATIVE, extras=None, key=0):
     """The row step of one parameter.
 
     ``idx``/``vals``: validated row indices (int64) and gradient rows (nnz, D) of a
@@ -140,6 +188,8 @@ def rows_work(rule, spec, param, slots, row, idx=None, vals=None, grad_scale=Non
         param = param.reshape(1)
         slots = [s.reshape(1) if s is not None else None for s in slots]
         vals = vals.reshape(1) if vals is not None else None
+        if extras is not None:
+            extras = [e.reshape(1) if e is not None and e.ndim == 0 else e for e in extras]
     nrows = param.shape[0]
     if vals is None:
         uniq, order, seg = rows, None, None
@@ -157,9 +207,10 @@ def rows_work(rule, spec, param, slots, row, idx=None, vals=None, grad_scale=Non
         h = np.zeros((1, NSCALARS))
         h[0, :len(catch.scalars)] = catch.scalars
         catch.coef = catch_up_table(rule)(ks, firsts, h)
-    return RowsWork(config=config(rule, param.dtype, spec, grad_scale), param=param,
+    return RowsWork(config=config(rule, param.dtype, spec, grad_scale, storage), param=param,
                     slots=slots, vals=vals, idx=idx, order=order, seg=seg, uniq=uniq,
-                    hyper=hyper, catch=catch, ref=ref, grad_scale=grad_scale)
+                    hyper=hyper, catch=catch, ref=ref, grad_scale=grad_scale, extras=extras,
+                    key=key)
 
 
 __all__ = ["GroupSpec", "group_spec", "config", "slot_list", "dense_buckets", "fill_bucket",

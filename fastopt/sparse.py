@@ -20,6 +20,8 @@ converted to the parameter's).  An empty sparse gradient is a no-op.
 """
 
 import numpy as np
+
+from .storage import is_bf16
 from numba import njit
 
 __all__ = ["RowSparse", "is_sparse", "checked_rows"]
@@ -92,7 +94,7 @@ def checked_rows(grad, param, where):
         raise ValueError(f"{where}: RowSparse values shape {vals.shape} does not match "
                          f"(nnz, *param.shape[1:]) = ({idx.shape[0]}, "
                          f"{', '.join(map(str, row_shape))})")
-    if vals.dtype.kind != "f":
+    if vals.dtype.kind != "f" and not is_bf16(vals.dtype):
         raise TypeError(f"{where}: RowSparse values dtype {vals.dtype} is not a float dtype")
     nrows = param.shape[0]
     if idx.size:
@@ -103,7 +105,9 @@ def checked_rows(grad, param, where):
                              f"with {nrows} rows")
     idx = idx.astype(np.int64, copy=False)
     row_size = int(np.prod(row_shape, dtype=np.int64))
-    vals = np.ascontiguousarray(vals, dtype=param.dtype).reshape(idx.shape[0], row_size)
+    # bfloat16 parameters: values widened to float32 (the compute dtype) once here
+    vdt = np.float32 if is_bf16(param.dtype) else param.dtype
+    vals = np.ascontiguousarray(vals, dtype=vdt).reshape(idx.shape[0], row_size)
     return idx, vals
 
 

@@ -22,7 +22,7 @@ import numbers
 
 import numpy as np
 
-from . import planner
+from . import planner, storage
 
 STATE_DICT_VERSION = 1
 MAX_STEP = 2 ** 53
@@ -50,10 +50,15 @@ def state_dict(opt):
         state[i].update({k: (opt.backend.to_host(v) if not isinstance(v, float) else v)
                          for k, v in st.items()})
     out = {"version": STATE_DICT_VERSION, "optimizer": opt.rule.name,
-           "state": state, "param_groups": groups}
+           "state": state, "param_groups": groups, "storage": storage_options(opt)}
     if opt._names is not None:
         out["param_names"] = list(opt._names)
     return out
+
+
+def storage_options(opt):
+    """The optimizer's storage options, as a state dict records them."""
+    return {"state_bits": opt.state_bits, "bf16_update": opt.bf16_update, "seed": opt.seed}
 
 
 def _index_map(opt, sd):
@@ -92,6 +97,11 @@ def load_state_dict(opt, sd):
         raise ValueError(f"unsupported state_dict version {sd.get('version')!r}")
     if not isinstance(sd["state"], dict) or not isinstance(sd["param_groups"], (list, tuple)):
         raise ValueError("state_dict 'state' must be a dict and 'param_groups' a list")
+    saved = sd.get("storage", {"state_bits": None, "bf16_update": "split", "seed": 0})
+    if saved != storage_options(opt):
+        raise ValueError(f"state_dict was saved with storage options {saved}, this optimizer "
+                         f"has {storage_options(opt)}; construct it with the same state_bits, "
+                         f"bf16_update and seed")
     if len(sd["param_groups"]) != len(opt.param_groups):
         raise ValueError("state_dict has a different number of param groups")
     new_groups = []
@@ -129,10 +139,24 @@ def load_state_dict(opt, sd):
         step = _step_value(i, st)
         new_steps[i] = step
         out = {}
+        stg = opt._storage[i]
+        expect = {}
+        if not stg.native:
+            used = [n for n, u in zip(rule.slots, specs[owner[i]].uses) if u]
+            expect = {k: (shp, dt) for k, shp, dt, _ in
+                      storage.layout(rule, stg, p.shape, p.dtype, used)}
         for name, v in st.items():
             if name == "step":
                 continue
-            if name in allowed:
+            if name in expect:
+                v = np.asarray(v)
+                shp, dt = expect[name]
+                if v.shape != tuple(shp) or v.dtype != dt:
+                    raise ValueError(f"state {name!r} of parameter {i} has shape {v.shape} and "
+                                     f"dtype {v.dtype}, expected {tuple(shp)} and {dt} (the "
+                                     f"optimizer's storage format; fastopt never casts state)")
+                out[name] = v
+            elif name in allowed and stg.native:
                 v = np.asarray(v)
                 if v.shape != rule.slot_shape(p.shape):
                     raise ValueError(f"state {name!r} of parameter {i} has shape {v.shape}, "
@@ -152,6 +176,7 @@ def load_state_dict(opt, sd):
         if step > 0:
             spec = specs[owner[i]]
             need = [n for n, u in zip(rule.slots, spec.uses) if u] + sorted(host_keys)
+            need += [k for k in expect if k not in need]
             missing = [n for n in need if n not in out]
             if missing:
                 raise ValueError(f"state of parameter {i} (step {step}) is missing {missing}")
@@ -160,7 +185,8 @@ def load_state_dict(opt, sd):
     for i, st in enumerate(new_state):
         for name, v in list(st.items()):
             if not isinstance(v, float):
-                st[name] = opt.backend.from_host(v, opt._params[i])
+                like = opt._params[i] if opt._storage[i].native else v
+                st[name] = opt.backend.from_host(v, like)
     for g, hyper in zip(opt.param_groups, new_groups):
         params = g["params"]
         g.clear()

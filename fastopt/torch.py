@@ -42,8 +42,8 @@ Semantics
 * Parameters must be contiguous float32 or float64 tensors; they are updated in
   place (CPU tensors through NumPy views of their memory, CUDA tensors through
   ``numba.cuda.as_cuda_array``), with their autograd version counters bumped as an
-  in-place torch op would.  bfloat16/float16 parameters are refused (low-precision
-  formats come with a later release).
+  in-place torch op would.  bfloat16/float16 parameters are refused (the
+  low-precision formats of fastopt.storage are not wired into this adapter yet).
 * State lives in ``self.state[p]`` as torch tensors under torch's names
   (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``,
   ``sum``, ``square_avg``, ``grad_avg``, ``exp_inf``, ``mu_product``), so
@@ -389,9 +389,10 @@ class _Optimizer(torch.optim.Optimizer):
                             "tensors")
         if t.dtype not in _NP_DTYPES:
             if t.dtype == torch.bfloat16:
-                raise TypeError(f"{where}: bfloat16 {kind}s are not supported yet (fastopt's "
-                                "low-precision formats come with a later release); use "
-                                "float32 or float64")
+                raise TypeError(f"{where}: bfloat16 {kind}s are not supported yet by "
+                                "fastopt.torch; use float32 or float64 (fastopt's optimizer "
+                                "classes take bfloat16 NumPy arrays, state_bits=16/8 and "
+                                "bf16_update: see docs/low-precision.md)")
             raise TypeError(f"{where}: dtype {t.dtype} is not supported (float32 or float64)")
         if not t.is_contiguous():
             raise ValueError(f"{where}: the tensor is not contiguous (strides {t.stride()}); "

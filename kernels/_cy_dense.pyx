@@ -892,3 +892,8 @@ cdef double _row64(double[::1] p, const double[::1] g, double acc, c) except? -1
 def openmp_max_threads():
     """``omp_get_max_threads()`` as this extension's OpenMP runtime sees it."""
     return openmp.omp_get_max_threads()
+
+
+# ------------------------------------------------------------ stored formats
+
+include "_cy_storage.pxi"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import fastopt
+from fastopt import storage
 from fastopt import backends, functional, rules
 from fastopt.backends.base import FEATURES
 
@@ -154,6 +155,8 @@ def test_missing_feature_is_refused_before_writing(backend, feature):
     p = np.linspace(-1, 1, 12).reshape(4, 3)
     if feature == "float32":
         p = p.astype(np.float32)
+    if feature == "bfloat16":
+        p = p.astype(storage.BF16)
     before = p.copy()
     calls = {
         "dense": lambda: fastopt.SGD([p], lr=0.1, backend=backend).step([np.ones_like(p)]),
@@ -172,6 +175,12 @@ def test_missing_feature_is_refused_before_writing(backend, feature):
             [np.ones_like(p)], grad_scale=2.0),
         "skip_nonfinite": lambda: fastopt.SGD([p], lr=0.1, backend=backend).step(
             [np.ones_like(p)], skip_nonfinite=True),
+        "bfloat16": lambda: fastopt.SGD([p], lr=0.1, backend=backend).step(
+            [np.ones_like(p)]),
+        "state16": lambda: fastopt.SGD([p], lr=0.1, momentum=0.9, state_bits=16,
+                                       backend=backend).step([np.ones_like(p)]),
+        "state8": lambda: fastopt.SGD([p], lr=0.1, momentum=0.9, state_bits=8,
+                                      backend=backend).step([np.ones_like(p)]),
     }
     if bk.supports(feature):
         assert calls[feature]() is True

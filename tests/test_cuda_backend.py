@@ -237,9 +237,10 @@ def assert_functional_close(got, want):
 # ------------------------------------------------------------- capabilities
 
 def test_every_feature_is_declared():
-    """The capability table lists every feature for cuda, and the optimizer accepts
-    each of them (nothing is refused)."""
-    assert set(backends.capabilities()["cuda"]) == set(FEATURES)
+    """The capability table lists every feature for cuda but bfloat16 parameters
+    (numba device arrays cannot hold them; see fastopt/backends/cuda.py), and the
+    optimizer accepts each of them (nothing is refused)."""
+    assert set(backends.capabilities()["cuda"]) == set(FEATURES) - {"bfloat16"}
     assert backends.capable("sparse_exact").count("cuda") == 1
     d = dev(np.zeros((4, 3), np.float32))
     opt = fastopt.SGD([d], backend="cuda", sparse_mode="exact", lr=0.1, momentum=0.9)

@@ -97,3 +97,14 @@ def test_embedding_zipf(capsys):
     other_table = _loss_table(capsys.readouterr().out)
     assert other_table[2] != table[2]                        # the initial loss differs
     assert other["SGD"]["loss"] != results["SGD"]["loss"][:25]
+
+
+def test_low_precision(capsys):
+    pytest.importorskip("ml_dtypes")
+    results = load_example("low_precision.py")["main"](["--steps", "120"])
+    f32 = results["float32"]
+    for name, r in results.items():
+        assert r["final"] < 0.1 * r["losses"][0], name
+        assert abs(r["final"] - f32["final"]) < 0.05 * f32["final"], name
+    assert results["bf16 + 8-bit state, stochastic"]["state_bytes"] / f32["nparams"] < 2.2
+    assert "state B/param" in capsys.readouterr().out

@@ -25,6 +25,7 @@ import numpy as np
 
 from .._cy_util import data_address, gather_grads
 from ..arrays import as_grad, as_param
+from ..storage import NATIVE, compute_dtype
 
 _FORKED = False
 
@@ -57,6 +58,9 @@ FEATURES = {
     "skip_nonfinite": "step(skip_nonfinite=True) skips a step with an Inf/NaN gradient",
     "float32": "float32 parameters and state",
     "float64": "float64 parameters and state",
+    "bfloat16": "bfloat16 parameters (bf16_update: split, kahan, stochastic, nearest)",
+    "state16": "state_bits=16: bfloat16 optimizer state",
+    "state8": "state_bits=8: block-wise 8-bit optimizer state",
 }
 
 
@@ -68,6 +72,15 @@ class Config:
     uses: tuple                       # which of the NSLOTS state slots are used
     fixed: tuple = ()                 # ((Scalars field, value), ...) compiled in
     switches: tuple = (False,) * 6    # fused switches (fastopt.rules.fused.SWITCHES)
+    storage: object = NATIVE          # fastopt.storage.Storage of param and state
+    grad: str = "native"              # gradient dtype: "native", "float32", "bfloat16"
+
+    def with_grad(self, kind):
+        return self if kind == self.grad else replace(self, grad=kind)
+
+    @property
+    def compute_dtype(self):
+        return self.dtype if self.storage.native else compute_dtype(self.dtype)
 
     def with_grad_scale(self, on):
         if bool(on) == self.switches[0]:
@@ -94,6 +107,16 @@ class DenseWork:
     # the reference backend: per tensor (group dict, step, state dict, fresh names)
     ref: list = None
     grad_scale: float = None
+    #: stored formats only (config.storage not native): int64 (T, FMT_COLS), per
+    #: tensor the addresses of the aux array and the three 8-bit scale arrays, the
+    #: element count, row length, blocks per row, scale count and stream key
+    #: (columns FMT_*); ``chunks`` then count blocks, not elements
+    fmt: np.ndarray = None
+    extras: List[list] = None         # per tensor: [aux, scale0, scale1, scale2] or None
+
+
+FMT_AUX, FMT_SCALE, FMT_N, FMT_ROW, FMT_NB, FMT_NSCALE, FMT_KEY = 0, 1, 4, 5, 6, 7, 8
+FMT_COLS = 9
 
 
 @dataclass
@@ -122,6 +145,10 @@ class RowsWork:
     catch: CatchUp = None
     ref: tuple = None                 # (group, step, state dict, fresh) for the reference
     grad_scale: float = None
+    #: stored formats: [aux, scale0, scale1, scale2] arrays (or None) and the
+    #: stochastic-rounding stream key
+    extras: list = None
+    key: int = 0
 
 
 class Backend:
@@ -176,7 +203,9 @@ class Backend:
         """True when no array (divided by ``grad_scale``, in its dtype) holds an
         Inf or NaN."""
         from . import numba_cpu
-        return all(numba_cpu.all_finite(a.reshape(-1), grad_scale) for a in arrays if a.size)
+        return all(numba_cpu.all_finite(
+            (a if a.dtype.kind == "f" else a.astype(np.float32)).reshape(-1), grad_scale)
+            for a in arrays if a.size)
 
     def full(self, shape, value, dtype):
         return np.full(shape, value, dtype=dtype)

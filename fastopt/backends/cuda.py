@@ -1,8 +1,11 @@
 """The ``"cuda"`` backend: optimizer steps on NVIDIA GPUs with Numba ``cuda.jit`` kernels.
 
-Every feature of :data:`fastopt.backends.base.FEATURES`: dense multi-tensor steps,
-row-sparse steps (lazy and exact), row-wise rules, the fused options (clipping,
-L1, clamps, max-norm), ``grad_scale`` and ``skip_nonfinite``, float32 and float64.
+Every feature of :data:`fastopt.backends.base.FEATURES` but bfloat16 parameters:
+dense multi-tensor steps, row-sparse steps (lazy and exact), row-wise rules, the
+fused options (clipping, L1, clamps, max-norm), ``grad_scale`` and
+``skip_nonfinite``, float32 and float64, and the stored state formats of
+:mod:`fastopt.storage` (``state_bits=16`` and ``8``; float32 state of float64
+parameters), see "Stored formats" below.
 
 Arrays
 ------
@@ -78,10 +81,57 @@ bit for bit (in the simulator they are usually identical).  Launch settings
 block size and grid so that several blocks run and the grid-stride loops wrap.
 
 Known numba-cuda gap: its CUDA target has no lowering for the NumPy scalar ufuncs
-``np.sqrt`` and ``np.abs`` that :mod:`fastopt.rules` uses (numba-cuda 0.30: a
-``KeyError`` while compiling).  :func:`_ensure_scalar_ufuncs` adds the float32 /
-float64 loops, implemented by the target's own ``math.sqrt`` / ``math.fabs`` (IEEE
-``sqrt.rn`` and ``abs``), when they are missing.
+``np.sqrt`` and ``np.abs`` that :mod:`fastopt.rules` uses, nor ``np.floor`` that the
+8-bit codecs use (numba-cuda 0.30: a ``KeyError`` while compiling).
+:func:`_ensure_scalar_ufuncs` adds the float32 / float64 loops, implemented by the
+target's own ``math.sqrt`` / ``math.fabs`` / ``math.floor`` (IEEE ``sqrt.rn``, ``abs``,
+``floor``), when they are missing.
+
+Stored formats
+--------------
+Parameters on the device are float32 or float64 only; the state may be stored in
+another format (:mod:`fastopt.storage`): bfloat16 (``state_bits=16``), block-wise
+8-bit (``state_bits=8``: uint8 codes and float32 ``<slot>_absmax`` block scales), or
+float32 for float64 parameters (``state_bits=32``).  Features ``state16`` and
+``state8``; not ``bfloat16``.  Decision on bfloat16 *parameters*: numba device arrays
+cannot hold ``ml_dtypes.bfloat16``, torch refuses ``__cuda_array_interface__`` for
+bf16 tensors, and accepting uint16 device arrays as bfloat16 parameters would be
+ambiguous (a uint16 array is also valid data of its own), so bfloat16 parameters
+stay on the CPU backends (``as_param`` refuses non-float dtypes, the optimizer
+refuses the missing feature).  bfloat16 *state* lives on the device as uint16
+arrays of the bits, allocated by :meth:`CudaBackend.full` (asked for
+``ml_dtypes.bfloat16`` by :func:`fastopt.storage.initial_arrays`) and marked as
+bfloat16 (:func:`is_bf16_state`), so ``to_host`` (``state_dict``) returns
+``ml_dtypes.bfloat16`` arrays, as the CPU backends store, and ``from_host`` with a
+bfloat16 ``like`` uploads the bits.
+
+The kernels are the Numba CPU stored drivers
+(:func:`fastopt.backends.numba_cpu.make_stored_dense_driver` and friends) with their
+loops split over threads: the same jitable load/store functions of
+:mod:`fastopt.storage.io` and codecs of :mod:`fastopt.storage.codecs` around the
+same element step, in the same order, so the results equal the CPU backend's (bit
+for bit in the simulator, ``tests/test_cuda_storage.py``; on a GPU to FMA
+contraction, as above: an 8-bit code may then differ by one step at a rounding tie).
+
+* ``stored_dense`` (:func:`make_stored_dense_kernel`): the planner's format table
+  ``fmt`` travels with the pointer table and scalars in one copy per step.  Without
+  8-bit state one thread per element (chunks of :data:`CHUNK` elements); with 8-bit
+  state one thread per 8-bit block of :data:`fastopt.storage.Q8_BLOCK` elements
+  (chunks of :data:`BLOCK_SIZE` blocks): it steps the block's elements, keeps the
+  new state values in a local buffer and their largest finite magnitude, writes
+  that as the block's scale and encodes the buffer.  No atomics, no reduction across
+  threads.
+* ``stored_rows`` (:func:`make_stored_rows_kernel`): row steps of element-wise rules
+  (lazy and exact, catch-up-only flushes); units are elements, 8-bit blocks of a
+  touched row, or with ``max_norm`` whole rows (stepped into a compute-dtype row
+  buffer, renormalized, then stored).
+* ``stored_rowwise`` (:func:`make_stored_rowwise_kernel`): row-wise rules with
+  float32 per-row state of float64 parameters, one thread per touched row.
+
+A thread per 8-bit block (and per row with ``max_norm``) is the simple, correct
+first version: its memory accesses are not coalesced.  A faster layout would give
+each 8-bit block a thread block (a thread per element, a shared-memory max
+reduction, which is exact in any order).
 
 Importing this module is cheap (numba.cuda is imported on first use);
 :func:`register_lazily` is what ``import fastopt`` calls.
@@ -92,11 +142,14 @@ import math
 import weakref
 
 import numpy as np
+from numba.extending import register_jitable
 
 from ..arrays import FLOAT_DTYPES, as_grad
 from ..rules import NSLOTS
 from ..rules.fused import RENORM_EPS, post, pre, renorm_row
-from .base import Backend
+from ..storage import BF16, Q8_BLOCK, is_bf16
+from ..storage.codecs import scale_inverse
+from .base import FEATURES, Backend
 from .element import apply_catch_up, element_step, scalar_loader
 from .numba_cpu import make_chunks
 
@@ -230,8 +283,9 @@ def _blocks(n_units, per_block=1):
 # ---------------------------------------------------------------------- kernels
 
 def _ensure_scalar_ufuncs():
-    """Give numba-cuda's CUDA target float32/float64 loops for ``np.sqrt`` and
-    ``np.abs`` on scalars when it lacks them (see the module docstring)."""
+    """Give numba-cuda's CUDA target float32/float64 loops for ``np.sqrt``,
+    ``np.abs`` and ``np.floor`` (the 8-bit codecs) on scalars when it lacks them (see
+    the module docstring)."""
     global _UFUNCS_PATCHED
     if _SIM or _UFUNCS_PATCHED:
         return
@@ -242,7 +296,7 @@ def _ensure_scalar_ufuncs():
         def impl(context, builder, sig, args):
             return context.get_function(fn, sig)(builder, args)
         return impl
-    for uf, fn in ((np.sqrt, math.sqrt), (np.absolute, math.fabs)):
+    for uf, fn in ((np.sqrt, math.sqrt), (np.absolute, math.fabs), (np.floor, math.floor)):
         loops = db.setdefault(uf, {})
         for key in ("f->f", "d->d"):
             loops.setdefault(key, via(fn))
@@ -266,7 +320,8 @@ def _view_fn(dtype):
     else:
         from numba.cuda import types as nbt
         from numba.cuda.extending import intrinsic
-        elem = {"<f4": nbt.float32, "<f8": nbt.float64}[dtype.str]
+        elem = {"<f4": nbt.float32, "<f8": nbt.float64, "|u1": nbt.uint8,
+                "<u2": nbt.uint16}[dtype.str]
 
         @intrinsic
         def fn(typingctx, addr, n):
@@ -506,15 +561,361 @@ def make_count_kernel(config=None):
     return cuda.jit(count_nonfinite)
 
 
+# ------------------------------------------------------------- stored formats
+#
+# Kernels for state not kept in the parameter's dtype (fastopt.storage): bfloat16
+# state (uint16 bits on the device), 8-bit block-quantized state (uint8 codes and
+# float32 block scales), float32 state of float64 parameters.  They are the Numba
+# CPU stored drivers (fastopt.backends.numba_cpu.make_stored_*_driver) with the
+# loops split over threads: the same jitable load/store functions
+# (fastopt.storage.io) around the same element step, the same order of
+# operations, so results equal the CPU backend's (bit for bit in the simulator).
+
+def _q8_encoder(encode):
+    """``finish(S, b, scales, kb, lo, m, a)``: write block ``kb``'s scale ``a`` and
+    encode its new values ``b[:m]`` into ``S[lo:lo + m]``."""
+    @register_jitable
+    def finish(S, b, scales, kb, lo, m, a):
+        scales[kb] = a
+        inv = scale_inverse(a)
+        for i in range(m):
+            S[lo + i] = encode(b[i], inv)
+    return finish
+
+
+def _stored_pieces(config):
+    """The format's jitable pieces (:mod:`fastopt.storage.io`): compute dtype, param
+    load/store on flat arrays, gradient loader, per-slot state (load, store, encode),
+    element dtypes of the arrays, 8-bit flag."""
+    from ..storage import io
+    st = config.storage
+    CT = np.dtype(config.compute_dtype).type
+    LP, SP = io.param_io(st, CT)
+    LG = io.grad_loader(config.grad, CT)
+    S = [io.state_io(st, k, CT) for k in range(NSLOTS)]
+    PDT, GDT, SDT, ADT = io.dtypes(st, config.grad, CT)
+    return dict(CT=CT, LP=LP, SP=SP, LG=LG, S=S, PDT=PDT, GDT=GDT, SDT=SDT, ADT=ADT,
+                Q8=st.state == "q8")
+
+
+def make_stored_dense_kernel(config):
+    """The multi-tensor kernel of a stored format.
+
+    ``kernel[blocks, BLOCK_SIZE](tab, fmt, chunks, hyper)``: ``tab`` as the dense
+    kernel's, ``fmt`` int64 (T, FMT_COLS) the planner's format table
+    (:data:`fastopt.backends.base.FMT_AUX` ...), ``chunks`` int64 (C, 3) rows
+    ``(tensor, lo, hi)``.  Without 8-bit state ``lo:hi`` are elements, one thread per
+    element (the format has no block structure).  With 8-bit state they are 8-bit
+    blocks (block ``kb``: row ``kb // nb``, elements ``(kb % nb) * Q8_BLOCK`` on of
+    that row), one thread per block: it steps the block's elements, keeps the new
+    state values in a local buffer and their largest finite magnitude, writes that
+    as the block's scale and encodes the buffer (the CPU driver's order)."""
+    _prepare()
+    from ..storage.codecs import magnitude
+    from .base import FMT_AUX, FMT_KEY, FMT_N, FMT_NB, FMT_NSCALE, FMT_ROW, FMT_SCALE
+    assert not config.switches[5], "max_norm runs through the rows kernels"
+    k = _stored_pieces(config)
+    CT, LP, SP, LG, Q8 = k["CT"], k["LP"], k["SP"], k["LG"], k["Q8"]
+    (L0, W0, E0), (L1, W1, E1), (L2, W2, E2) = k["S"]
+    F0, F1, F2 = (_q8_encoder(e) if e is not None else None for e in (E0, E1, E2))
+    VP, VG, VS, VA = (_view_fn(k[n]) for n in ("PDT", "GDT", "SDT", "ADT"))
+    VF = _view_fn(np.float32)
+    STEP = element_step(config.rule.math, config.switches)
+    LOAD = scalar_loader(config.rule.Scalars, CT, config.fixed)
+    U0, U1, U2 = (bool(u) for u in config.uses)
+    F32 = np.float32
+    QB = Q8_BLOCK
+    NBUF = QB if Q8 else 1
+    FA, FS, FN, FR, FB, FC, FK = FMT_AUX, FMT_SCALE, FMT_N, FMT_ROW, FMT_NB, FMT_NSCALE, FMT_KEY
+
+    def stored_dense_kernel(tab, fmt, chunks, hyper):
+        zero = CT(0)
+        b0 = cuda.local.array(NBUF, CT)
+        b1 = cuda.local.array(NBUF, CT)
+        b2 = cuda.local.array(NBUF, CT)
+        ci = cuda.blockIdx.x
+        while ci < chunks.shape[0]:
+            t = chunks[ci, 0]
+            hi = chunks[ci, 2]
+            n = fmt[t, FN]
+            key = np.uint32(fmt[t, FK])
+            c = LOAD(hyper, tab[t, 5])
+            P = VP(tab[t, 0], n)
+            G = VG(tab[t, 1], n)
+            S0 = VS(tab[t, 2], n)
+            S1 = VS(tab[t, 3], n)
+            S2 = VS(tab[t, 4], n)
+            A = VA(fmt[t, FA], n)
+            if Q8:
+                D = fmt[t, FR]
+                nb = fmt[t, FB]
+                nsc = fmt[t, FC]
+                C0 = VF(fmt[t, FS], nsc)
+                C1 = VF(fmt[t, FS + 1], nsc)
+                C2 = VF(fmt[t, FS + 2], nsc)
+                kb = chunks[ci, 1] + cuda.threadIdx.x
+                while kb < hi:
+                    r = kb // nb
+                    j0 = (kb - r * nb) * QB
+                    lo = r * D + j0
+                    m = min(QB, D - j0)
+                    c0 = C0[kb] if U0 else F32(0)
+                    c1 = C1[kb] if U1 else F32(0)
+                    c2 = C2[kb] if U2 else F32(0)
+                    a0 = F32(0)
+                    a1 = F32(0)
+                    a2 = F32(0)
+                    for i in range(m):
+                        e = lo + i
+                        old = LP(P, A, e)
+                        s0 = L0(S0, e, c0) if U0 else zero
+                        s1 = L1(S1, e, c1) if U1 else zero
+                        s2 = L2(S2, e, c2) if U2 else zero
+                        p, s0, s1, s2 = STEP(old, LG(G, e), s0, s1, s2, c, zero)
+                        SP(P, A, e, p, old, key)
+                        if U0:
+                            b0[i] = s0
+                            a0 = max(a0, magnitude(s0))
+                        if U1:
+                            b1[i] = s1
+                            a1 = max(a1, magnitude(s1))
+                        if U2:
+                            b2[i] = s2
+                            a2 = max(a2, magnitude(s2))
+                    if U0:
+                        F0(S0, b0, C0, kb, lo, m, a0)
+                    if U1:
+                        F1(S1, b1, C1, kb, lo, m, a1)
+                    if U2:
+                        F2(S2, b2, C2, kb, lo, m, a2)
+                    kb += cuda.blockDim.x
+            else:
+                e = chunks[ci, 1] + cuda.threadIdx.x
+                while e < hi:
+                    old = LP(P, A, e)
+                    s0 = L0(S0, e, F32(0)) if U0 else zero
+                    s1 = L1(S1, e, F32(0)) if U1 else zero
+                    s2 = L2(S2, e, F32(0)) if U2 else zero
+                    p, s0, s1, s2 = STEP(old, LG(G, e), s0, s1, s2, c, zero)
+                    SP(P, A, e, p, old, key)
+                    if U0:
+                        W0(S0, e, s0)
+                    if U1:
+                        W1(S1, e, s1)
+                    if U2:
+                        W2(S2, e, s2)
+                    e += cuda.blockDim.x
+            ci += cuda.gridDim.x
+
+    return cuda.jit(stored_dense_kernel)
+
+
+def make_stored_rows_kernel(config, catch, step):
+    """The row kernel of a stored format (element-wise rules).
+
+    ``kernel[blocks, BLOCK_SIZE](P, A, S0, S1, S2, C0, C1, C2, vals, order, seg, uniq,
+    coef, hyper, prows, nuniq, D, key, ident)``: parameter, aux, state and scale
+    arrays flat; ``vals`` (nnz, D) gradient rows in the compute dtype; ``prows``
+    (nuniq, D) compute-dtype row buffers (``max_norm`` only).  Work units, grid-stride:
+
+    * ``max_norm``: a touched row (every block of it, then the renorm on its row
+      buffer, then the parameter stores: the CPU driver's order);
+    * 8-bit state: one block of ``Q8_BLOCK`` elements of a touched row;
+    * otherwise: one element.
+
+    Each element is caught up (``catch``) and stepped (``step``) with its column of the
+    row's duplicate gradient rows summed in order of appearance, as the CPU driver
+    does.  Catch-up alone (exact mode's flush) touches the parameter and slot 0."""
+    _prepare()
+    from ..storage.codecs import magnitude
+    k = _stored_pieces(config)
+    CT, LP, SP, Q8 = k["CT"], k["LP"], k["SP"], k["Q8"]
+    (L0, W0, E0), (L1, W1, E1), (L2, W2, E2) = k["S"]
+    F0, F1, F2 = (_q8_encoder(e) if e is not None else None for e in (E0, E1, E2))
+    STEP = element_step(config.rule.math, config.switches)
+    LOAD = scalar_loader(config.rule.Scalars, CT, config.fixed)
+    U0, U1, U2 = (bool(u) for u in config.uses)
+    MX = bool(config.switches[5])
+    EPS = CT(RENORM_EPS)
+    CATCH, STEPPING = bool(catch), bool(step)
+    V1, V2 = U1 and STEPPING, U2 and STEPPING
+    F32 = np.float32
+    QB = Q8_BLOCK
+    NBUF = QB if Q8 else 1
+
+    def stored_rows_kernel(P, A, S0, S1, S2, C0, C1, C2, vals, order, seg, uniq, coef,
+                           hyper, prows, nuniq, D, key, ident):
+        zero = CT(0)
+        c = LOAD(hyper, 0)
+        ukey = np.uint32(key)
+        b0 = cuda.local.array(NBUF, CT)
+        b1 = cuda.local.array(NBUF, CT)
+        b2 = cuda.local.array(NBUF, CT)
+        if Q8:
+            BLK = QB
+        elif MX:
+            BLK = D
+        else:
+            BLK = 1
+        nb = (D + BLK - 1) // BLK
+        NU = 1 if MX else nb
+        w = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        stride = cuda.gridDim.x * cuda.blockDim.x
+        while w < nuniq * NU:
+            u = w // NU
+            r = u if ident else uniq[u]
+            if MX:
+                jb_lo = 0
+                jb_hi = nb
+            else:
+                jb_lo = w - u * NU
+                jb_hi = jb_lo + 1
+            ca = cb = cc = ce = 0.0
+            if CATCH:
+                ca, cb, cc, ce = coef[u, 0], coef[u, 1], coef[u, 2], coef[u, 3]
+            a = 0
+            b = 0
+            if STEPPING and not ident:
+                a = seg[u]
+                b = seg[u + 1]
+            for jb in range(jb_lo, jb_hi):
+                j0 = jb * BLK
+                m = min(BLK, D - j0)
+                kb = r * nb + jb
+                c0 = C0[kb] if Q8 and U0 else F32(0)
+                c1 = C1[kb] if Q8 and V1 else F32(0)
+                c2 = C2[kb] if Q8 and V2 else F32(0)
+                a0 = F32(0)
+                a1 = F32(0)
+                a2 = F32(0)
+                for i in range(m):
+                    j = j0 + i
+                    e = r * D + j
+                    old = LP(P, A, e)
+                    p = old
+                    s0 = L0(S0, e, c0) if U0 else zero
+                    s1 = L1(S1, e, c1) if V1 else zero
+                    s2 = L2(S2, e, c2) if V2 else zero
+                    if CATCH:
+                        p, s0 = apply_catch_up(p, s0, ca, cb, cc, ce, CT)
+                    if STEPPING:
+                        if ident:
+                            g = vals[u, j]
+                        else:
+                            g = vals[order[a], j]
+                            for q in range(a + 1, b):
+                                g += vals[order[q], j]
+                        p, s0, s1, s2 = STEP(p, g, s0, s1, s2, c, zero)
+                    if MX:
+                        prows[u, j] = p
+                    else:
+                        SP(P, A, e, p, old, ukey)
+                    if Q8:
+                        if U0:
+                            b0[i] = s0
+                            a0 = max(a0, magnitude(s0))
+                        if V1:
+                            b1[i] = s1
+                            a1 = max(a1, magnitude(s1))
+                        if V2:
+                            b2[i] = s2
+                            a2 = max(a2, magnitude(s2))
+                    else:
+                        if U0:
+                            W0(S0, e, s0)
+                        if V1:
+                            W1(S1, e, s1)
+                        if V2:
+                            W2(S2, e, s2)
+                if Q8:
+                    lo = r * D + j0
+                    if U0:
+                        F0(S0, b0, C0, kb, lo, m, a0)
+                    if V1:
+                        F1(S1, b1, C1, kb, lo, m, a1)
+                    if V2:
+                        F2(S2, b2, C2, kb, lo, m, a2)
+            if MX:
+                prow = prows[u]
+                renorm_row(prow, c, zero, EPS)
+                for j in range(D):
+                    e = r * D + j
+                    SP(P, A, e, prow[j], LP(P, A, e), ukey)
+            w += stride
+
+    return cuda.jit(stored_rows_kernel)
+
+
+def make_stored_rowwise_kernel(config):
+    """Row-wise rules whose parameter or per-row state is stored in another format
+    (float64 parameters with float32 state): ``kernel[blocks, BLOCK_SIZE](P, A, S0,
+    vals, order, seg, uniq, hyper, prows, grows, nuniq, D, key, ident)``, one thread
+    per touched row: the row loaded into ``prows[u]``, its summed and pre-processed
+    gradient into ``grows[u]``, the rule's row math, the parameter-side options,
+    ``max_norm``, the stores (the CPU stored row-wise driver)."""
+    _prepare()
+    k = _stored_pieces(config)
+    CT, LP, SP = k["CT"], k["LP"], k["SP"]
+    MATH = config.rule.math
+    LOAD = scalar_loader(config.rule.Scalars, CT, config.fixed)
+    SC, CL, L1, LO, HI, MX = (bool(s) for s in config.switches)
+    POST = L1 or LO or HI
+    EPS = CT(RENORM_EPS)
+
+    def stored_rowwise_kernel(P, A, S0, vals, order, seg, uniq, hyper, prows, grows, nuniq,
+                              D, key, ident):
+        zero = CT(0)
+        c = LOAD(hyper, 0)
+        inv_d = CT(1) / CT(D)
+        ukey = np.uint32(key)
+        u = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        stride = cuda.gridDim.x * cuda.blockDim.x
+        while u < nuniq:
+            prow = prows[u]
+            grow = grows[u]
+            if ident:
+                r = u
+                a = 0
+                b = 0
+            else:
+                r = uniq[u]
+                a = seg[u]
+                b = seg[u + 1]
+            for j in range(D):
+                prow[j] = LP(P, A, r * D + j)
+                if ident:
+                    g = vals[u, j]
+                else:
+                    g = vals[order[a], j]
+                    for q in range(a + 1, b):
+                        g += vals[order[q], j]
+                grow[j] = pre(g, c, SC, CL)
+            S0[r] = MATH(prow, grow, S0[r], inv_d, zero, c)
+            if POST:
+                for j in range(D):
+                    prow[j] = post(prow[j], c, zero, L1, LO, HI)
+            if MX:
+                renorm_row(prow, c, zero, EPS)
+            for j in range(D):
+                e = r * D + j
+                SP(P, A, e, prow[j], LP(P, A, e), ukey)
+            u += stride
+
+    return cuda.jit(stored_rowwise_kernel)
+
+
 _FACTORIES = {"dense": make_dense_kernel, "rows": make_rows_kernel,
               "renorm": make_renorm_kernel, "rowwise": make_rowwise_kernel,
-              "finite": make_count_kernel}
+              "finite": make_count_kernel, "stored_dense": make_stored_dense_kernel,
+              "stored_rows": make_stored_rows_kernel,
+              "stored_rowwise": make_stored_rowwise_kernel}
 
 
 def kernel_for(kind, config, *extra):
     """The compiled kernel of ``kind`` ("dense", "rows", "renorm", "rowwise",
-    "finite") for a :class:`~fastopt.backends.base.Config` (cached); ``extra``: the
-    rows kernel's (catch, step) flags."""
+    "finite", "stored_dense", "stored_rows", "stored_rowwise") for a
+    :class:`~fastopt.backends.base.Config` (cached); ``extra``: the rows kernels'
+    (catch, step) flags."""
     key = (kind, config, extra, _SIM)
     k = _KERNELS.get(key)
     if k is None:
@@ -563,6 +964,54 @@ def _forget_plan(key, plan):
         del _PLANS[key]
 
 
+class _StoredPlan:
+    """Device tables of a stored-format bucket: the chunk table (fixed), and one
+    buffer holding the pointer table, the format table and the per-step scalars
+    (one copy per step).  Chunks are elements (:data:`CHUNK` a chunk) or, with 8-bit
+    state, 8-bit blocks (:data:`BLOCK_SIZE` a chunk: a thread per block)."""
+
+    def __init__(self, work):
+        from .base import FMT_COLS, FMT_NSCALE
+        T, (R, NS) = work.ptrs.shape[0], work.hyper.shape
+        q8 = work.config.storage.state == "q8"
+        if q8:
+            units = [int(n) for n in work.fmt[:, FMT_NSCALE]]
+            per = BLOCK_SIZE
+        else:
+            units = [int(np.prod(_describe(p)[0], dtype=np.int64)) for p in work.params]
+            per = CHUNK
+        self.key = (T, R, NS, q8, per, tuple(units))
+        chunks = make_chunks(units, per)
+        self.nchunks = chunks.shape[0]
+        self.chunks = cuda.to_device(chunks) if self.nchunks else None
+        nt, nf = T * TAB_COLS, T * FMT_COLS
+        self.host = np.zeros(nt + nf + R * NS, dtype=np.int64)
+        self.tab = self.host[:nt].reshape(T, TAB_COLS)
+        self.tab[:, TAB_COLS - 1] = work.hidx
+        self.fmt = self.host[nt:nt + nf].reshape(T, FMT_COLS)
+        self.hyper = self.host[nt + nf:].view(np.float64).reshape(R, NS)
+        self.dev = cuda.device_array(self.host.shape, dtype=np.int64)
+        self.dtab = self.dev[:nt].reshape(T, TAB_COLS)
+        self.dfmt = self.dev[nt:nt + nf].reshape(T, FMT_COLS)
+        self.dhyper = self.dev[nt + nf:].view(np.float64).reshape(R, NS)
+
+
+def _stored_plan(work):
+    """The device plan of a stored-format bucket (see :func:`_dense_plan`)."""
+    ptrs = work.ptrs
+    key = ("stored", id(ptrs))
+    T, (R, NS) = ptrs.shape[0], work.hyper.shape
+    q8 = work.config.storage.state == "q8"
+    per = BLOCK_SIZE if q8 else CHUNK
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0]() is ptrs and hit[1].key[:5] == (T, R, NS, q8, per):
+        return hit[1]
+    plan = _StoredPlan(work)
+    _PLANS[key] = (weakref.ref(ptrs), plan)
+    weakref.finalize(ptrs, _forget_plan, key, plan)
+    return plan
+
+
 def _rows_plan(work, nuniq, ident, catch):
     """One host-to-device copy of a row step's float64 scalars, catch-up maps and
     int64 plan.  Returns device (order, seg, uniq, coef, hyper); order/seg/uniq are
@@ -596,14 +1045,54 @@ def _rows_plan(work, nuniq, ident, catch):
     return order, seg, uniq, dcoef, dhyper
 
 
+# ------------------------------------------------------- stored-format arrays
+
+def _mark_bf16(d):
+    """Mark a uint16 device array as holding bfloat16 values (state_bits=16)."""
+    d._fastopt_bfloat16 = True
+    return d
+
+
+def is_bf16_state(a):
+    """True for a bfloat16 state array of this backend: a uint16 device array made by
+    :meth:`CudaBackend.full` or :meth:`CudaBackend.from_host` for bfloat16."""
+    return bool(getattr(a, "_fastopt_bfloat16", False))
+
+
+def _flat(a):
+    """A flat (1-D) numba device view of a C-contiguous device array."""
+    d = _import_device(a)
+    return d.reshape(int(np.prod(_describe(d)[0], dtype=np.int64)))
+
+
+_DUMMIES = {}
+
+
+def _dummy(shape, dtype):
+    """A small device array standing for an argument a kernel never reads."""
+    key = (tuple(shape), np.dtype(dtype).str, _SIM)
+    d = _DUMMIES.get(key)
+    if d is None:
+        d = _DUMMIES[key] = cuda.device_array(shape, dtype=dtype)
+    return d
+
+
+def _check_stored(config):
+    """Parameters on the device are float32 or float64 (see the module docstring)."""
+    if config.storage.param != "native":
+        raise NotImplementedError("backend 'cuda' has no bfloat16 parameters")
+
+
 # ---------------------------------------------------------------------- backend
 
 class CudaBackend(Backend):
     """Runs optimizer steps on device arrays with ``cuda.jit`` kernels; provides the
     array methods of :class:`fastopt.backends.base.Backend` for device arrays.  Every
-    feature of :data:`fastopt.backends.base.FEATURES`."""
+    feature of :data:`fastopt.backends.base.FEATURES` but ``bfloat16`` parameters."""
 
     name = "cuda"
+    #: everything but bfloat16 parameters (see "Stored formats" in the module docstring)
+    features = frozenset(FEATURES) - {"bfloat16"}
     memory = "device"
 
     def __init__(self):
@@ -702,6 +1191,13 @@ class CudaBackend(Backend):
         return count is None or int(count.copy_to_host()[0]) == 0
 
     def full(self, shape, value, dtype):
+        """A device array filled with ``value``.  ``dtype`` bfloat16 (``ml_dtypes``;
+        bfloat16 state): a uint16 device array of the bits (``value`` rounded to
+        nearest even, as ``np.full`` with bfloat16 rounds), marked as bfloat16 (see
+        :func:`is_bf16_state`)."""
+        if is_bf16(dtype):
+            bits = int(np.array(value, dtype=BF16).view(np.uint16))
+            return _mark_bf16(self.full(shape, bits, np.uint16))
         out = cuda.device_array(shape, dtype=dtype)
         n = int(np.prod(shape, dtype=np.int64))
         if n:
@@ -716,9 +1212,19 @@ class CudaBackend(Backend):
         return _address(a)
 
     def to_host(self, a):
-        return _import_device(a).copy_to_host()
+        """A host copy; a bfloat16 state array comes back as ``ml_dtypes.bfloat16``
+        (the dtype the CPU backends store)."""
+        h = _import_device(a).copy_to_host()
+        return h.view(BF16) if is_bf16_state(a) else h
 
     def from_host(self, a, like):
+        """A device copy of host array ``a`` in ``like``'s dtype.  A bfloat16 ``like``
+        (a host ``ml_dtypes.bfloat16`` array, or a bfloat16 state array of this
+        backend) gives a bfloat16 state array (uint16 bits on the device)."""
+        dt = getattr(like, "dtype", None)
+        if is_bf16_state(like) or (dt is not None and is_bf16(dt)):
+            bits = np.ascontiguousarray(np.asarray(a, dtype=BF16)).view(np.uint16)
+            return _mark_bf16(cuda.to_device(bits))
         return cuda.to_device(np.ascontiguousarray(a, dtype=like.dtype))
 
     def _device_rows(self, a, D, dtype):
@@ -733,6 +1239,9 @@ class CudaBackend(Backend):
     def run_dense(self, work):
         """A dense step of an element-wise rule over a bucket: one launch."""
         if not work.nelem:
+            return
+        if not work.config.storage.native:
+            self._run_stored_dense(work)
             return
         plan = _dense_plan(work)
         plan.tab[:, :TAB_COLS - 1] = work.ptrs
@@ -749,6 +1258,9 @@ class CudaBackend(Backend):
         cfg = work.config
         if work.catch is not None and work.catch.coef is None:
             raise ValueError("exact-mode work without its catch-up maps")
+        if not cfg.storage.native:
+            self._run_stored_rows(work)
+            return
         p = work.param
         shape = _describe(p)[0]
         nrows = shape[0]
@@ -778,6 +1290,72 @@ class CudaBackend(Backend):
         if stepping and cfg.switches[5]:
             kernel_for("renorm", cfg)[_blocks(nuniq, BLOCK_SIZE), BLOCK_SIZE](
                 P, uniq, hyper, nuniq, ident)
+
+
+    # ------------------------------------------------------- stored formats
+    def _run_stored_dense(self, work):
+        """A dense step of a stored-format bucket: one launch (8-bit state: a thread
+        per 8-bit block)."""
+        _check_stored(work.config)
+        plan = _stored_plan(work)
+        plan.tab[:, :TAB_COLS - 1] = work.ptrs
+        plan.fmt[:] = work.fmt
+        plan.hyper[:] = work.hyper
+        plan.dev.copy_to_device(plan.host)
+        kernel = kernel_for("stored_dense", work.config)
+        kernel[_blocks(plan.nchunks), BLOCK_SIZE](plan.dtab, plan.dfmt, plan.chunks,
+                                                  plan.dhyper)
+
+    def _run_stored_rows(self, work):
+        """The row step of a stored-format parameter: one launch."""
+        from ..storage import io
+        cfg = work.config
+        _check_stored(cfg)
+        p = work.param
+        shape = _describe(p)[0]
+        nrows = shape[0]
+        D = int(np.prod(shape[1:], dtype=np.int64))
+        nuniq = int(work.uniq.shape[0])
+        if nuniq == 0 or D == 0:
+            return
+        CT = np.dtype(cfg.compute_dtype)
+        _, _, SDT, _ = io.dtypes(cfg.storage, "native", CT.type)
+        P = _flat(p)
+        stepping = work.vals is not None
+        catch = work.catch is not None
+        ident = stepping and work.order is work.uniq and nuniq == nrows
+        order, seg, uniq, coef, hyper = _rows_plan(work, nuniq, ident, catch)
+        vals = self._device_rows(work.vals, D, CT) if stepping else _dummy((1, 1), CT)
+        if vals.dtype != CT:              # device rows of another dtype
+            conv = cuda.device_array(vals.shape, dtype=CT)
+            conv[:] = vals
+            vals = conv
+        extras = work.extras or [None] * (1 + NSLOTS)
+        A = _flat(extras[0]) if extras[0] is not None else _dummy((1,), np.uint16)
+        key = int(work.key) & 0xFFFFFFFF
+        if cfg.rule.layout == "rowwise":
+            if not stepping:
+                return                       # no closed form: never a catch-up here
+            bufs = cuda.device_array((2 * nuniq, D), dtype=CT)
+            S0 = _import_device(work.slots[0]).reshape(nrows)
+            kernel_for("stored_rowwise", cfg)[_blocks(nuniq, BLOCK_SIZE), BLOCK_SIZE](
+                P, A, S0, vals, order, seg, uniq, hyper, bufs[:nuniq], bufs[nuniq:], nuniq,
+                D, key, ident)
+            return
+        S = [_flat(s) if s is not None else _dummy((1,), SDT) for s in work.slots]
+        C = [_flat(s) if s is not None else _dummy((1,), np.float32) for s in extras[1:]]
+        mx = bool(cfg.switches[5])
+        prows = cuda.device_array((nuniq, D), dtype=CT) if mx else _dummy((1, 1), CT)
+        if mx:
+            units = nuniq
+        elif cfg.storage.state == "q8":
+            units = nuniq * -(-D // Q8_BLOCK)
+        else:
+            units = nuniq * D
+        kernel_for("stored_rows", cfg, catch, stepping)[_blocks(units, BLOCK_SIZE),
+                                                        BLOCK_SIZE](
+            P, A, S[0], S[1], S[2], C[0], C[1], C[2], vals, order, seg, uniq, coef, hyper,
+            prows, nuniq, D, key, ident)
 
 
 _BACKEND = None

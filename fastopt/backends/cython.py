@@ -15,6 +15,16 @@ every feature of :data:`fastopt.backends.base.FEATURES`.
   flush) through ``_cy_dense.run_rows`` (``make_rows_driver``'s twin), or, for a
   row-wise rule, ``_cy_dense.run_rowwise`` (``make_rowwise_driver``'s twin).
 
+Stored formats (``fastopt.storage``: bfloat16 parameters with every
+``bf16_update``, float32 / bfloat16 / 8-bit state, bfloat16 or float32 gradients)
+run through the twins of the Numba stored drivers, ``_cy_dense.run_stored_dense``,
+``run_stored_rows`` and ``run_stored_rowwise`` (``kernels/_cy_storage.pxi``): the
+codecs are bit-exact C copies of ``fastopt/storage/codecs.py``, and every block of
+elements is loaded into compute-dtype buffers, sent through the same element loop
+as the float32/float64 path, and stored (8-bit: per block of ``Q8_BLOCK``, the scale
+being the block's largest finite magnitude).  The row drivers get the gradient rows
+in the compute dtype (converted here, as ``numba_cpu.run_stored_rows`` does).
+
 The per-element math is the Cython copy of each rule module's ``element`` in
 ``kernels/_cy_rules.pxd``, reading the scalars by name through the column
 constants generated from the rules' ``Scalars`` declarations
@@ -28,8 +38,9 @@ module's math (Adam and AdamW share one).  When the extension loads, the backend
 checks that it was compiled for the registry's table widths and scalar columns
 (``NSCALARS``, ``NSLOTS``, every column constant against the ``Scalars``
 declarations, each math's ``Scalars``); a stale build is reported as unavailable
-with the reason ("rebuild the extension"), never run.  A rule without a Cython
-copy is refused with ``NotImplementedError`` before anything is written.
+with the reason ("rebuild the extension"), never run; so is a build without the
+stored-format entry points or compiled for another ``Q8_BLOCK`` or ``FMT_*``
+table.  A rule without a Cython copy is refused with ``NotImplementedError`` before anything is written.
 
 :func:`register_backend` makes the backend available as ``backend="cython"`` (or
 records why the extension could not be loaded); calling it again is harmless.
@@ -42,6 +53,8 @@ import numpy as np
 from .. import rules as registry
 from ..rules import fused
 from . import numba_cpu
+from .. import storage
+from . import base
 from .base import Backend, may_use_threads
 
 
@@ -124,6 +137,12 @@ class CythonBackend(Backend):
             raise ImportError("fastopt._cy_dense was compiled for another scalar layout than "
                               "the rules declare (" + "; ".join(bad) + "): rebuild the "
                               "extension (python setup.py build_ext --inplace)")
+        if not hasattr(_cy_dense, "run_stored_dense") or \
+                _cy_dense.Q8_BLOCK_BUILT != storage.Q8_BLOCK or \
+                _cy_dense.FMT_COLUMNS != {n: getattr(base, n) for n in _cy_dense.FMT_COLUMNS}:
+            raise ImportError("fastopt._cy_dense predates the storage formats this package "
+                              "declares (fastopt.storage.Q8_BLOCK, the FMT_* columns): "
+                              "rebuild the extension (python setup.py build_ext --inplace)")
         self._ext = _cy_dense
         self._dtype_codes = {np.dtype(k): v for k, v in _cy_dense.DTYPE_CODES.items()}
         self.rule_ids = _rule_ids(_cy_dense)
@@ -165,6 +184,8 @@ class CythonBackend(Backend):
         if not work.nelem:
             return
         cfg = work.config
+        if not cfg.storage.native:
+            return self._run_stored_dense(work)
         cached = work.__dict__.get("_cython_args")
         if cached is None or cached[0] is not cfg:
             u0, u1, u2 = (bool(u) for u in cfg.uses)
@@ -181,6 +202,10 @@ class CythonBackend(Backend):
         matching row sizes; the extension checks the plan and the catch-up table.
         """
         cfg = work.config
+        if not cfg.storage.native:
+            if work.catch is not None and work.catch.coef is None:
+                raise ValueError("exact-mode work without its catch-up maps")
+            return self._run_stored_rows(work)
         rule = cfg.rule
         p = work.param
         code = self._code(p.dtype)
@@ -237,6 +262,127 @@ class CythonBackend(Backend):
         self._ext.run_rowwise(rid, code, opts, addrs, nrows, D, vals.shape[0],
                               _i64(work.order), _i64(work.seg), _i64(work.uniq),
                               _f64(work.hyper), fused.RENORM_EPS, _parallel_min())
+
+
+    # -------------------------------------------------------- stored formats
+    def _formats(self, cfg):
+        """(compute dtype code, param kind, state kind, signed mask) of a stored
+        configuration (``fastopt.storage.Storage``)."""
+        st = cfg.storage
+        ext = self._ext
+        ct = np.dtype(cfg.compute_dtype)
+        pkind = ext.PARAM_KINDS["native" if st.param == "native" else st.update]
+        skind = ext.STATE_KINDS[st.state]
+        smask = 0
+        for k, signed in enumerate(st.signed):
+            if signed:
+                smask |= 1 << k
+        return self._code(ct), pkind, skind, smask
+
+    def _run_stored_dense(self, work):
+        """A stored-format bucket: ``_cy_dense.run_stored_dense`` (the twin of
+        ``numba_cpu.make_stored_dense_driver``); ``work.chunks`` count blocks."""
+        cfg = work.config
+        cached = work.__dict__.get("_cython_args")
+        if cached is None or cached[0] is not cfg:
+            code, pkind, skind, smask = self._formats(cfg)
+            u0, u1, u2 = (bool(u) for u in cfg.uses)
+            blk = storage.Q8_BLOCK if cfg.storage.state == "q8" else numba_cpu.CHUNK
+            cached = work._cython_args = (cfg, (
+                self.rule_id(cfg.rule), code, pkind, self._ext.GRAD_KINDS[cfg.grad], skind,
+                smask, u0, u1, u2, self._opts(tuple(cfg.switches))), blk)
+        self._ext.run_stored_dense(*cached[1], work.ptrs, work.fmt, work.chunks, work.hyper,
+                                   work.hidx, cached[2], work.nelem, _parallel_min())
+
+    def _run_stored_rows(self, work):
+        """A stored-format :class:`~fastopt.backends.base.RowsWork`: the gradient rows
+        converted to the compute dtype (as ``numba_cpu.run_stored_rows``), the arrays
+        checked, then ``_cy_dense.run_stored_rows`` or, for a row-wise rule,
+        ``run_stored_rowwise``."""
+        from ..storage import io
+        cfg = work.config
+        rule = cfg.rule
+        rid = self.rule_id(rule)
+        p = work.param
+        if p.ndim == 0:
+            raise ValueError("backend 'cython': a 0-d parameter has no rows")
+        nrows = p.shape[0]
+        D = p.size // nrows if nrows else 0
+        uniq = work.uniq
+        if uniq.shape[0] == 0 or D == 0:
+            return
+        code, pkind, skind, smask = self._formats(cfg)
+        ct = np.dtype(cfg.compute_dtype)
+        PDT, _, SDT, ADT = io.dtypes(cfg.storage, "native", ct.type)
+        P = _stored(p, PDT, p.size, "parameter")
+        extras = work.extras if work.extras is not None else [None] * 4
+        aux = extras[0]
+        if cfg.storage.aux is not None:
+            A = self.address(_stored(aux, ADT, p.size, cfg.storage.aux))
+        else:
+            A = self.address(P)
+        opts = self._opts(tuple(cfg.switches))
+        step = work.vals is not None
+        if step:
+            vals = work.vals
+            if vals.dtype != ct:
+                vals = vals.astype(ct)
+            vals = self._check_vals(vals, ct, D)
+            V, nnz, order, seg = self.address(vals), vals.shape[0], _i64(work.order), \
+                _i64(work.seg)
+        else:
+            V, nnz, order, seg = self.address(P), 0, None, None
+        if rule.layout == "rowwise":
+            if work.catch is not None or not step:
+                raise ValueError(f"backend 'cython': {rule.name} has no exact sparse mode")
+            sdt = np.dtype(SDT)
+            acc = _stored(work.slots[0], sdt, nrows, "row state")
+            addrs = np.array([self.address(P), V, self.address(acc), A], dtype=np.int64)
+            self._ext.run_stored_rowwise(rid, code, pkind, skind, opts, addrs, nrows, D, nnz,
+                                         order, seg, _i64(uniq), _f64(work.hyper),
+                                         int(work.key), fused.RENORM_EPS, _parallel_min())
+            return
+        addrs = np.empty(9, dtype=np.int64)
+        addrs[0], addrs[1], addrs[5] = self.address(P), V, A
+        q8 = cfg.storage.state == "q8"
+        nscale = nrows * (-(-D // storage.Q8_BLOCK))
+        for k, (s, used) in enumerate(zip(work.slots, cfg.uses)):
+            addrs[2 + k] = addrs[0]
+            addrs[6 + k] = addrs[0]
+            if not used:
+                continue
+            if s is None:
+                raise ValueError(f"backend 'cython': state slot {k} is used but missing")
+            addrs[2 + k] = self.address(_stored(s, SDT, p.size, f"state slot {k}"))
+            if q8:
+                sc = extras[1 + k]
+                if (not isinstance(sc, np.ndarray) or sc.dtype != np.float32
+                        or sc.size < nscale or not sc.flags.c_contiguous):
+                    raise ValueError(f"backend 'cython': the 8-bit scales of state slot {k} "
+                                     f"must be a C-contiguous float32 array of {nscale} "
+                                     f"elements")
+                addrs[6 + k] = self.address(sc)
+        coef = None if work.catch is None else \
+            np.ascontiguousarray(work.catch.coef, dtype=np.float64)
+        u0, u1, u2 = (bool(u) for u in cfg.uses)
+        self._ext.run_stored_rows(rid, code, pkind, skind, smask, u0, u1, u2, opts, addrs,
+                                  nrows, D, nnz, order, seg, _i64(uniq), _f64(work.hyper),
+                                  coef, step, int(work.key), fused.RENORM_EPS,
+                                  _parallel_min())
+
+
+def _stored(a, dtype, size, what):
+    """``a`` (a C-contiguous array of ``size`` elements whose elements are ``dtype``
+    or, for bfloat16, 2-byte values viewed as uint16) as a flat array of ``dtype``."""
+    dt = np.dtype(dtype)
+    if (not isinstance(a, np.ndarray) or a.size != size or not a.flags.c_contiguous
+            or a.dtype.itemsize != dt.itemsize
+            or (a.dtype != dt and not (dt == np.uint16 and storage.is_bf16(a.dtype)))):
+        raise ValueError(f"backend 'cython': the {what} must be a C-contiguous array of "
+                         f"{size} {dt} elements, got {getattr(a, 'dtype', type(a))} "
+                         f"{getattr(a, 'shape', '')}")
+    a = a.reshape(-1)
+    return a.view(dt) if a.dtype != dt else a
 
 
 def _parallel_min():

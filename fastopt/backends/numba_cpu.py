@@ -61,6 +61,25 @@ def _voidptr(typingctx, addr):
     return sig, codegen
 
 
+@intrinsic
+def _stack_buffer(typingctx, size, dtype):
+    """A pointer to ``size`` (a compile-time constant) elements of ``dtype`` on the
+    stack of the calling function.  LLVM knows such a buffer aliases nothing else,
+    so a loop that writes it next to the parameter and state arrays still
+    vectorizes (heap buffers would add runtime overlap checks beyond LLVM's limit)."""
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+    n = size.literal_value
+    elt = dtype.dtype
+    sig = types.CPointer(elt)(size, dtype)
+
+    def codegen(context, builder, signature, args):
+        ty = context.get_data_type(elt)
+        return cgutils.alloca_once(builder, ty, size=n)
+
+    return sig, codegen
+
+
 def _stamp(*fns):
     """A number that changes when the given functions' source changes (it is kept in
     a closure cell, so it is part of Numba's cache key)."""
@@ -138,9 +157,9 @@ def make_rows_driver(config, parallel, catch, step):
     (``catch``), then the element step with the row's summed gradient (``step``),
     then ``max_norm``.  ``P`` and the slots are (nrows, D) views (unused slots get
     ``P`` and are never touched); ``vals`` (nnz, D) gradient rows; ``coef`` (nuniq,
-    4) float64 catch-up maps; ``scratch`` (nuniq, D) and ``inverse`` (nnz,) when
-    rows repeat (duplicates are summed first, into ``scratch``), else empty;
-    ``parts`` the number of tasks that sum them.  The rows ``PREFETCH_AHEAD`` unique rows ahead are prefetched."""
+    4) float64 catch-up maps; ``scratch`` (nuniq, D) when rows repeat: the summed
+    rows of the unique rows that repeat (:func:`_sum_duplicates`, run just before,
+    with ``inverse`` (nnz,) and ``parts`` tasks), else empty.  The rows ``PREFETCH_AHEAD`` unique rows ahead are prefetched."""
     STEP = element_step(config.rule.math, config.switches)
     LOAD = scalar_loader(config.rule.Scalars, config.dtype, config.fixed)
     DT = np.dtype(config.dtype).type
@@ -159,37 +178,8 @@ def make_rows_driver(config, parallel, catch, step):
         zero = DT(0)
         D = P.shape[1]
         n = uniq.shape[0]
+        # duplicates were summed into scratch (_sum_duplicates) before this call
         dups = STEPPING and scratch.shape[0] > 0
-        if dups:
-            # Duplicates first: scratch[u] = the sum of the gradient rows of each
-            # unique row u that repeats, in order of appearance (the first copied,
-            # the others added one by one, as summed_row).  The gradient rows are
-            # read in their own order (a stream the hardware prefetches) instead of
-            # gathered group by group: inverse[i] is the unique row of gradient row
-            # i, and each of ``parts`` tasks owns a contiguous range of unique rows
-            # (split so that each holds about the same number of gradient rows: hot
-            # rows repeat hundreds of times), so every sum is formed by one task in
-            # the same order for any thread count.
-            for u in prange(n):
-                for k in range(seg[u], seg[u + 1]):
-                    inverse[order[k]] = u
-            nnz = order.shape[0]
-            for t in prange(parts):
-                # each task owns the unique rows of an equal share of gradient rows
-                lo = np.searchsorted(seg, nnz * t // parts)
-                hi = np.searchsorted(seg, nnz * (t + 1) // parts) if t + 1 < parts else n
-                for i in range(inverse.shape[0]):
-                    w = inverse[i]
-                    if w < lo or w >= hi or seg[w + 1] - seg[w] == 1:
-                        continue
-                    row = scratch[w]
-                    g = vals[i]
-                    if i == order[seg[w]]:
-                        for j in range(D):
-                            row[j] = g[j]
-                    else:
-                        for j in range(D):
-                            row[j] += g[j]
         for u in prange(n):
             # loaded inside the parallel loop: a NamedTuple that crosses into a parfor
             # cannot be typed by Numba's gufunc builder (and LLVM hoists the loads)
@@ -330,6 +320,8 @@ def run_rows(work):
     seg = work.seg if step else uniq
     coef = work.catch.coef if catch else _EMPTY_COEF
     parts = numba.get_num_threads() if parallel else 1
+    if dups and step:
+        _sum_duplicates[parallel](vals, order, seg, scratch, inverse, parts)
     _driver(make_rows_driver, cfg, parallel, catch, step)(
         P, S[0], S[1], S[2], vals, order, seg, uniq, work.hyper, scratch, inverse, coef,
         parts)
@@ -378,6 +370,9 @@ class NumbaBackend(Backend):
     name = "numba"
 
     def run_dense(self, work):
+        if work.nelem and not work.config.storage.native:
+            run_stored_dense(work)
+            return
         if work.nelem:
             parallel = work.nelem >= PARALLEL_MIN and may_use_threads()
             cached = work.__dict__.get("_numba_driver")
@@ -389,4 +384,466 @@ class NumbaBackend(Backend):
     def run_rows(self, work):
         if work.catch is not None and work.catch.coef is None:
             raise ValueError("exact-mode work without its catch-up maps")
-        run_rows(work)
+        if work.config.storage.native:
+            run_rows(work)
+        else:
+            run_stored_rows(work)
+
+
+# ------------------------------------------------------------- stored formats
+#
+# Drivers for parameters or state not kept in the compute dtype (bfloat16
+# parameters, float32/bfloat16/8-bit state: fastopt.storage).  They loop like the
+# drivers above and call the format's load and store functions around the same
+# element step; 8-bit state is updated a block at a time (the new values of a
+# block are kept in a small buffer, the block's scale is their largest finite
+# magnitude, then they are encoded).  The float32/float64 path keeps the drivers
+# above, which have no block structure at all.
+
+def _stored_pieces(config):
+    from ..storage import Q8_BLOCK, io
+    st = config.storage
+    CT = np.dtype(config.compute_dtype).type
+    LP = io.param_io(st, CT)[0]
+    SP = io.param_store_at(st, CT)
+    LG = io.grad_loader(config.grad, CT)
+    S = [io.state_io(st, k, CT) for k in range(3)]
+    PDT, GDT, SDT, ADT = io.dtypes(st, config.grad, CT)
+    Q8 = st.state == "q8"
+    return dict(CT=CT, LP=LP, SP=SP, LG=LG, S=S, PDT=PDT, GDT=GDT, SDT=SDT, ADT=ADT, Q8=Q8,
+                BLK=Q8_BLOCK if Q8 else CHUNK)
+
+
+_BLOCK_LOOPS = {}
+
+
+def _block_loop(config, grad_kind, catch, step, finite):
+    """The element loop over one block (views indexed from 0), shared by the stored
+    dense and row drivers: load, catch up (``catch``), step (``step``), store the
+    parameter (or keep it in the row buffer ``Rb`` for max_norm), and store the
+    state (8-bit: keep it in the block buffers ``b0..b2`` for encoding).
+    ``finite``: 8-bit slots are decoded without special codes (the block has
+    none)."""
+    key = (config, grad_kind, bool(catch), bool(step), bool(finite))
+    fn = _BLOCK_LOOPS.get(key)
+    if fn is not None:
+        return fn
+    from ..storage import io
+    st = config.storage
+    CT = np.dtype(config.compute_dtype).type
+    LP = io.param_io(st, CT)[0]
+    SP = io.param_store_at(st, CT)
+    LG = io.grad_loader(grad_kind, CT)
+    Q8 = st.state == "q8"
+    if Q8:
+        pieces = [io.q8_pieces(st, k, CT) for k in range(3)]
+        (L0, L1, L2) = (p[1] if finite else p[0] for p in pieces)
+        W0 = W1 = W2 = None
+    else:
+        (L0, W0, _), (L1, W1, _), (L2, W2, _) = (io.state_io(st, k, CT) for k in range(3))
+    STEP = element_step(config.rule.math, config.switches)
+    U0, U1, U2 = (bool(u) for u in config.uses)
+    CATCH, STEPPING = bool(catch), bool(step)
+    V1, V2 = U1 and STEPPING, U2 and STEPPING     # catch-up alone touches p and slot 0
+    MX = bool(config.switches[5])
+
+    def block(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, Rb, c0, c1, c2, m, c, zero, key, lo,
+              ca, cb, cc, ce):
+        for i in range(m):
+            old = LP(Pb, Ab, i)
+            p = old
+            s0 = L0(T0, i, c0) if U0 else zero
+            s1 = L1(T1, i, c1) if V1 else zero
+            s2 = L2(T2, i, c2) if V2 else zero
+            if CATCH:
+                p, s0 = apply_catch_up(p, s0, ca, cb, cc, ce, CT)
+            if STEPPING:
+                p, s0, s1, s2 = STEP(p, LG(Gb, i), s0, s1, s2, c, zero)
+            if MX:
+                Rb[i] = p
+            else:
+                SP(Pb, Ab, i, p, old, key, lo + i)
+            if Q8:
+                if U0:
+                    b0[i] = s0
+                if V1:
+                    b1[i] = s1
+                if V2:
+                    b2[i] = s2
+            else:
+                if U0:
+                    W0(T0, i, s0)
+                if V1:
+                    W1(T1, i, s1)
+                if V2:
+                    W2(T2, i, s2)
+
+    fn = _BLOCK_LOOPS[key] = register_jitable(inline="always")(block)
+    return fn
+
+
+def _q8_slot(storage, slot, CT):
+    """(has_special(T, m), finish(T, b, scales, kb, m)) of an 8-bit slot: whether a
+    block's codes hold a special code; encoding a block's new values ``b`` with
+    their scale (the largest finite magnitude, an integer max over the bit
+    patterns), with the finite-only encoder unless a value is not finite."""
+    from ..storage import io
+    from ..storage.codecs import bits32, from_bits, scale_inverse
+    _, _, ENC, ENCF, SPECIAL = io.q8_pieces(storage, slot, CT)
+    I32 = np.int32
+
+    @register_jitable
+    def has_special(T, m):
+        k = I32(0)
+        for i in range(m):
+            k = max(k, I32(SPECIAL(T[i])))
+        return k > 0
+
+    @register_jitable
+    def finish(T, b, scales, kb, m):
+        top = I32(0)
+        fin = I32(0)
+        for i in range(m):
+            x = I32(bits32(b[i]) & np.uint32(0x7FFFFFFF))
+            top = max(top, x)
+            fin = max(fin, x if x < I32(0x7F800000) else I32(0))
+        a = from_bits(fin)
+        scales[kb] = a
+        inv = scale_inverse(a)
+        if top >= I32(0x7F800000):
+            for i in range(m):
+                T[i] = ENC(b[i], inv)
+        else:
+            for i in range(m):
+                T[i] = ENCF(b[i], inv)
+    return has_special, finish
+
+
+def make_stored_dense_driver(config, parallel):
+    """The dense driver of a stored format: ``chunks`` rows ``(tensor, first block,
+    end block)``; block ``k`` of a tensor is row ``k // nb``, elements
+    ``[(k % nb) * BLK, ...)`` of that row (``fmt`` holds row length and nb)."""
+    from .base import FMT_AUX, FMT_KEY, FMT_N, FMT_NB, FMT_NSCALE, FMT_ROW, FMT_SCALE
+    k = _stored_pieces(config)
+    CT, Q8, BLK = k["CT"], k["Q8"], k["BLK"]
+    PDT, GDT, SDT, ADT = k["PDT"], k["GDT"], k["SDT"], k["ADT"]
+    BODY = _block_loop(config, config.grad, False, True, True)
+    BODYS = _block_loop(config, config.grad, False, True, False) if Q8 else BODY
+    Q = [_q8_slot(config.storage, s, CT) for s in range(3)] if Q8 else [(None, None)] * 3
+    (H0, E0), (H1, E1), (H2, E2) = Q
+    LOAD = scalar_loader(config.rule.Scalars, CT, config.fixed)
+    U0, U1, U2 = (bool(u) for u in config.uses)
+    assert not config.switches[5], "max_norm runs through the row driver"
+    STAMP = _stamp(config.rule.math)
+    PARALLEL = bool(parallel)
+    F32 = np.float32
+    FA, FS, FN, FR, FB, FC, FK = FMT_AUX, FMT_SCALE, FMT_N, FMT_ROW, FMT_NB, FMT_NSCALE, FMT_KEY
+    NBUF = BLK if Q8 else 1
+    CTT = numba.from_dtype(np.dtype(CT))
+    HAS_AUX = config.storage.aux is not None
+
+    def stored_dense_driver(ptrs, fmt, chunks, hyper, hidx):
+        stamp = STAMP  # noqa: F841
+        par = PARALLEL  # noqa: F841
+        zero = CT(0)
+        for ci in prange(chunks.shape[0]):
+            t = chunks[ci, 0]
+            n = fmt[t, FN]
+            D = fmt[t, FR]
+            nb = fmt[t, FB]
+            nsc = fmt[t, FC]
+            key = np.uint32(fmt[t, FK])
+            c = LOAD(hyper, hidx[t])
+            P = carray(_voidptr(ptrs[t, 0]), (n,), PDT)
+            G = carray(_voidptr(ptrs[t, 1]), (n,), GDT)
+            S0 = carray(_voidptr(ptrs[t, 2]), (n,), SDT)
+            S1 = carray(_voidptr(ptrs[t, 3]), (n,), SDT)
+            S2 = carray(_voidptr(ptrs[t, 4]), (n,), SDT)
+            A = carray(_voidptr(fmt[t, FA]), (n,), ADT)
+            C0 = carray(_voidptr(fmt[t, FS]), (nsc,), F32)
+            C1 = carray(_voidptr(fmt[t, FS + 1]), (nsc,), F32)
+            C2 = carray(_voidptr(fmt[t, FS + 2]), (nsc,), F32)
+            # block buffers on the stack (see _stack_buffer)
+            b0 = carray(_stack_buffer(NBUF, CTT), (NBUF,))
+            b1 = carray(_stack_buffer(NBUF, CTT), (NBUF,))
+            b2 = carray(_stack_buffer(NBUF, CTT), (NBUF,))
+            for kb in range(chunks[ci, 1], chunks[ci, 2]):
+                r = kb // nb
+                j0 = (kb - r * nb) * BLK
+                lo = r * D + j0
+                m = min(BLK, D - j0)
+                # views of the block, indexed from 0 (see fastopt.storage.io)
+                Pb, Gb, Ab = P[lo:lo + m], G[lo:lo + m], A[lo:lo + m] if HAS_AUX else A
+                T0, T1, T2 = S0[lo:lo + m], S1[lo:lo + m], S2[lo:lo + m]
+                c0 = C0[kb] if Q8 and U0 else F32(0)
+                c1 = C1[kb] if Q8 and U1 else F32(0)
+                c2 = C2[kb] if Q8 and U2 else F32(0)
+                special = False
+                if Q8:
+                    special = ((U0 and H0(T0, m)) or (U1 and H1(T1, m))
+                               or (U2 and H2(T2, m)))
+                if special:
+                    BODYS(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, b0, c0, c1, c2, m, c, zero,
+                          key, lo, 1.0, 0.0, 0.0, 1.0)
+                else:
+                    BODY(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, b0, c0, c1, c2, m, c, zero,
+                         key, lo, 1.0, 0.0, 0.0, 1.0)
+                if Q8:
+                    if U0:
+                        E0(T0, b0, C0, kb, m)
+                    if U1:
+                        E1(T1, b1, C1, kb, m)
+                    if U2:
+                        E2(T2, b2, C2, kb, m)
+
+    return _compile(stored_dense_driver, parallel)
+
+
+def _sum_duplicates_impl(vals, order, seg, scratch, inverse, parts):
+    """scratch[u] = the sum of the gradient rows of unique row u (those that
+    repeat), in order of appearance, added one by one (the first copied).  The
+    gradient rows are read in their own order (a stream the hardware prefetches)
+    instead of gathered group by group: inverse[i] is the unique row of gradient
+    row i, and each of ``parts`` tasks owns a contiguous range of unique rows
+    (split so that each holds about the same number of gradient rows: hot rows
+    repeat hundreds of times), so every sum is formed by one task in the same
+    order for any thread count.  Run before the row drivers."""
+    n = seg.shape[0] - 1
+    D = vals.shape[1]
+    for u in prange(n):
+        for k in range(seg[u], seg[u + 1]):
+            inverse[order[k]] = u
+    nnz = order.shape[0]
+    for t in prange(parts):
+        lo = np.searchsorted(seg, nnz * t // parts)
+        hi = np.searchsorted(seg, nnz * (t + 1) // parts) if t + 1 < parts else n
+        for i in range(inverse.shape[0]):
+            w = inverse[i]
+            if w < lo or w >= hi or seg[w + 1] - seg[w] == 1:
+                continue
+            row = scratch[w]
+            g = vals[i]
+            if i == order[seg[w]]:
+                for j in range(D):
+                    row[j] = g[j]
+            else:
+                for j in range(D):
+                    row[j] += g[j]
+
+
+_sum_duplicates = {p: njit(parallel=p, error_model="numpy", cache=True, nogil=True)(
+    _sum_duplicates_impl) for p in (False, True)}
+
+
+def make_stored_rows_driver(config, parallel, catch, step):
+    """The row driver of a stored format (element-wise rules): parameters, state,
+    aux and scale arrays flat; each unique row ``uniq[u]`` (``D`` elements, in
+    blocks of BLK for 8-bit state) is caught up (``catch``), stepped with its
+    summed gradient (``step``; ``vals`` in the compute dtype, duplicates already
+    summed into ``scratch``), renormalized (``max_norm``, on a row buffer) and
+    stored.  ``tasks`` tasks own contiguous ranges of unique rows."""
+    k = _stored_pieces(config)
+    CT, LP, SP, Q8 = k["CT"], k["LP"], k["SP"], k["Q8"]
+    BODY = _block_loop(config, "native", catch, step, True)
+    BODYS = _block_loop(config, "native", catch, step, False) if Q8 else BODY
+    Q = [_q8_slot(config.storage, s, CT) for s in range(3)] if Q8 else [(None, None)] * 3
+    (H0, E0), (H1, E1), (H2, E2) = Q
+    LOAD = scalar_loader(config.rule.Scalars, CT, config.fixed)
+    U0, U1, U2 = (bool(u) for u in config.uses)
+    MX = bool(config.switches[5])
+    EPS = CT(RENORM_EPS)
+    CATCH, STEPPING = bool(catch), bool(step)
+    V1, V2 = U1 and STEPPING, U2 and STEPPING     # catch-up alone touches p and slot 0
+    STAMP = _stamp(config.rule.math)
+    PARALLEL = bool(parallel)
+    F32 = np.float32
+    Q8BLK = k["BLK"]
+    NBUF = Q8BLK if Q8 else 1
+    CTT = numba.from_dtype(np.dtype(CT))
+    HAS_AUX = config.storage.aux is not None
+
+    def stored_rows_driver(P, A, S0, S1, S2, C0, C1, C2, vals, order, seg, uniq, hyper,
+                           scratch, coef, D, key, tasks):
+        stamp = STAMP  # noqa: F841
+        par = PARALLEL  # noqa: F841
+        zero = CT(0)
+        n = uniq.shape[0]
+        BLK = Q8BLK if Q8 else D
+        nb = (D + BLK - 1) // BLK
+        ukey = np.uint32(key)
+        for t in prange(tasks):
+            c = LOAD(hyper, 0)
+            b0 = carray(_stack_buffer(NBUF, CTT), (NBUF,))   # see _stack_buffer
+            b1 = carray(_stack_buffer(NBUF, CTT), (NBUF,))
+            b2 = carray(_stack_buffer(NBUF, CTT), (NBUF,))
+            prow = np.empty(D if MX else 1, dtype=CT)
+            for u in range(n * t // tasks, n * (t + 1) // tasks):
+                r = uniq[u]
+                G = b0                      # (no gradient when only catching up)
+                if STEPPING:
+                    a = seg[u]
+                    G = scratch[u] if seg[u + 1] - a > 1 else vals[order[a]]
+                ca, cb, cc, ce = 1.0, 0.0, 0.0, 1.0
+                if CATCH:
+                    ca, cb, cc, ce = coef[u, 0], coef[u, 1], coef[u, 2], coef[u, 3]
+                for jb in range(nb):
+                    j0 = jb * BLK
+                    m = min(BLK, D - j0)
+                    kb = r * nb + jb
+                    lo = r * D + j0
+                    # views of the block, indexed from 0 (see fastopt.storage.io)
+                    Pb, Ab = P[lo:lo + m], A[lo:lo + m] if HAS_AUX else A
+                    T0, T1, T2 = S0[lo:lo + m], S1[lo:lo + m], S2[lo:lo + m]
+                    Gb = G[j0:j0 + m]
+                    Rb = prow[j0:j0 + m] if MX else prow
+                    c0 = C0[kb] if Q8 and U0 else F32(0)
+                    c1 = C1[kb] if Q8 and V1 else F32(0)
+                    c2 = C2[kb] if Q8 and V2 else F32(0)
+                    special = False
+                    if Q8:
+                        special = ((U0 and H0(T0, m)) or (V1 and H1(T1, m))
+                                   or (V2 and H2(T2, m)))
+                    if special:
+                        BODYS(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, Rb, c0, c1, c2, m, c,
+                              zero, ukey, lo, ca, cb, cc, ce)
+                    else:
+                        BODY(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, Rb, c0, c1, c2, m, c,
+                             zero, ukey, lo, ca, cb, cc, ce)
+                    if Q8:
+                        if U0:
+                            E0(T0, b0, C0, kb, m)
+                        if V1:
+                            E1(T1, b1, C1, kb, m)
+                        if V2:
+                            E2(T2, b2, C2, kb, m)
+                if MX:
+                    renorm_row(prow, c, zero, EPS)
+                    lo = r * D
+                    Pr, Ar = P[lo:lo + D], A[lo:lo + D] if HAS_AUX else A
+                    for j in range(D):
+                        SP(Pr, Ar, j, prow[j], LP(Pr, Ar, j), ukey, lo + j)
+
+    return _compile(stored_rows_driver, parallel)
+
+
+def make_stored_rowwise_driver(config, parallel):
+    """Row-wise rules with bfloat16 parameters: each touched row is widened into a
+    buffer, updated by the rule's row math with the fused options around it, and
+    stored in the parameter's format (the per-row state stays float32)."""
+    k = _stored_pieces(config)
+    CT, LP, SP = k["CT"], k["LP"], k["SP"]
+    MATH = config.rule.math
+    LOAD = scalar_loader(config.rule.Scalars, CT, config.fixed)
+    SC, CL, L1, LO, HI, MX = (bool(s) for s in config.switches)
+    from ..rules.fused import post, pre
+    POST = L1 or LO or HI
+    EPS = CT(RENORM_EPS)
+    STAMP = _stamp(MATH)
+    PARALLEL = bool(parallel)
+    HAS_AUX = config.storage.aux is not None
+
+    def stored_rowwise_driver(P, A, S0, vals, order, seg, uniq, hyper, scratch, D, key,
+                              tasks):
+        stamp = STAMP  # noqa: F841
+        par = PARALLEL  # noqa: F841
+        zero = CT(0)
+        inv_d = CT(1) / CT(D)
+        n = uniq.shape[0]
+        ukey = np.uint32(key)
+        for t in prange(tasks):
+            c = LOAD(hyper, 0)
+            prow = np.empty(D, dtype=CT)
+            grow = np.empty(D, dtype=CT)
+            for u in range(n * t // tasks, n * (t + 1) // tasks):
+                r = uniq[u]
+                a = seg[u]
+                G = scratch[u] if seg[u + 1] - a > 1 else vals[order[a]]
+                lo = r * D
+                Pr, Ar = P[lo:lo + D], A[lo:lo + D] if HAS_AUX else A
+                for j in range(D):
+                    prow[j] = LP(Pr, Ar, j)
+                    grow[j] = pre(G[j], c, SC, CL)
+                S0[r] = MATH(prow, grow, S0[r], inv_d, zero, c)
+                if POST:
+                    for j in range(D):
+                        prow[j] = post(prow[j], c, zero, L1, LO, HI)
+                if MX:
+                    renorm_row(prow, c, zero, EPS)
+                for j in range(D):
+                    SP(Pr, Ar, j, prow[j], LP(Pr, Ar, j), ukey, lo + j)
+
+    return _compile(stored_rowwise_driver, parallel)
+
+
+def stored_chunks(sizes_rows, blk, chunk=CHUNK):
+    """Chunk table (tensor, first block, end block) of a stored-format bucket:
+    ``sizes_rows``: per tensor (rows, blocks per row); about ``chunk`` elements per
+    chunk."""
+    per = max(1, chunk // blk)
+    out = []
+    for t, (r, nb) in enumerate(sizes_rows):
+        total = r * nb
+        for lo in range(0, total, per):
+            out.append((t, lo, min(lo + per, total)))
+    return np.array(out, dtype=np.int64).reshape(-1, 3)
+
+
+def run_stored_dense(work):
+    parallel = work.nelem >= PARALLEL_MIN and may_use_threads()
+    _driver(make_stored_dense_driver, work.config, parallel)(
+        work.ptrs, work.fmt, work.chunks, work.hyper, work.hidx)
+
+
+def _flat_view(a, dtype):
+    """A flat view of ``a`` with the kernel's element dtype (bfloat16 -> uint16)."""
+    v = a.reshape(-1)
+    return v.view(dtype) if v.dtype != np.dtype(dtype) else v
+
+
+def run_stored_rows(work):
+    """A :class:`~fastopt.backends.base.RowsWork` of a stored format."""
+    from ..storage import io
+    cfg = work.config
+    p = work.param
+    nrows = p.shape[0]
+    D = p.size // nrows if nrows else 0
+    uniq = work.uniq
+    if uniq.shape[0] == 0 or D == 0:
+        return
+    CT = np.dtype(cfg.compute_dtype)
+    PDT, _, SDT, ADT = io.dtypes(cfg.storage, "native", CT.type)
+    parallel = uniq.shape[0] * D >= PARALLEL_MIN and may_use_threads()
+    threads = numba.get_num_threads() if parallel else 1
+    tasks = max(1, min(uniq.shape[0], 4 * threads))
+    P = _flat_view(p, PDT)
+    aux = work.extras[0]
+    A = _flat_view(aux, ADT) if aux is not None else np.empty(0, np.uint16)
+    step = work.vals is not None
+    if step:
+        vals = work.vals
+        if vals.dtype != CT:
+            vals = vals.astype(CT)
+        dups = work.order.shape[0] > uniq.shape[0]
+        scratch = np.empty((uniq.shape[0] if dups else 0, D), dtype=CT)
+        if dups:
+            inverse = np.empty(work.order.shape[0], dtype=np.int64)
+            _sum_duplicates[parallel](vals, work.order, work.seg, scratch, inverse,
+                                      threads)
+        order, seg = work.order, work.seg
+    else:
+        vals = np.empty((0, D), dtype=CT)
+        scratch = vals
+        order, seg = uniq, uniq
+    if cfg.rule.layout == "rowwise":
+        _driver(make_stored_rowwise_driver, cfg, parallel)(
+            P, A, work.slots[0].reshape(nrows), vals, order, seg, uniq, work.hyper, scratch,
+            D, work.key, tasks)
+        return
+    S = [_flat_view(s, SDT) if s is not None else P for s in work.slots]
+    none = np.empty(0, np.float32)
+    C = [c if c is not None else none for c in work.extras[1:]]
+    catch = work.catch is not None
+    coef = work.catch.coef if catch else _EMPTY_COEF
+    _driver(make_stored_rows_driver, cfg, parallel, catch, step)(
+        P, A, S[0], S[1], S[2], C[0], C[1], C[2], vals, order, seg, uniq, work.hyper, scratch,
+        coef, D, work.key, tasks)

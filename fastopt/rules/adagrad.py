@@ -66,6 +66,7 @@ RULE = Rule(
     defaults=DEFAULTS,
     checks=CHECKS,
     slots=("sum",),
+    nonnegative_slots=("sum",),
     uses_slots=lambda g: (True, False, False),
     Scalars=Scalars,
     host_scalars=host_scalars,

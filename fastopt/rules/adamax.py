@@ -56,6 +56,7 @@ RULE = Rule(
     checks=dict(lr=hp.non_negative, betas=hp.betas_half_open, eps=hp.non_negative,
                 weight_decay=hp.non_negative, maximize=hp.boolean),
     slots=("exp_avg", "exp_inf"),
+    nonnegative_slots=("exp_inf",),
     uses_slots=lambda g: (True, True, False),
     Scalars=Scalars,
     host_scalars=host_scalars,

@@ -72,6 +72,9 @@ class Rule:
     #: "elementwise" (state has the parameter's shape) or "rowwise" (one state value
     #: per row of the first axis; such rules run through the row-wise drivers)
     layout: str = "elementwise"
+    #: state slots that are never negative (8-bit state stores them with the unsigned
+    #: code, fastopt.storage.codecs)
+    nonnegative_slots: Tuple[str, ...] = ()
     #: configurations that together exercise every option (tests and benchmarks use them)
     variants: Tuple[dict, ...] = ({},)
 

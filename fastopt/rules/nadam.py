@@ -93,6 +93,7 @@ RULE = Rule(
                 weight_decay=hp.non_negative, momentum_decay=hp.non_negative,
                 decoupled_weight_decay=hp.boolean, maximize=hp.boolean),
     slots=("exp_avg", "exp_avg_sq"),
+    nonnegative_slots=("exp_avg_sq",),
     uses_slots=lambda g: (True, True, False),
     Scalars=Scalars,
     host_scalars=host_scalars,

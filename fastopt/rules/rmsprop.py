@@ -96,6 +96,7 @@ RULE = Rule(
                 weight_decay=hp.non_negative, momentum=hp.non_negative,
                 centered=hp.boolean, maximize=hp.boolean),
     slots=("square_avg", "grad_avg", "momentum_buffer"),
+    nonnegative_slots=("square_avg",),
     uses_slots=lambda g: (True, g["centered"], g["momentum"] > 0.0),
     Scalars=Scalars,
     host_scalars=host_scalars,

@@ -108,6 +108,7 @@ RULE = Rule(
     defaults=dict(adagrad.DEFAULTS),
     checks=dict(adagrad.CHECKS),
     slots=("sum",),
+    nonnegative_slots=("sum",),
     uses_slots=lambda g: (True, False, False),
     Scalars=Scalars,
     host_scalars=adagrad.host_scalars,

@@ -1,0 +1,240 @@
+"""The codecs of the storage formats as Numba jitable functions (CPU and CUDA).
+
+Each function is the scalar twin of one function of
+:mod:`fastopt.storage.reference`, which defines the format; the tests check them
+bit for bit.  Codec arithmetic is float32 (a float64 value is converted first).
+
+bfloat16 (``u``: the uint16 bits)::
+
+    widen(u)           = float32 with bits u << 16                        (exact)
+    round_nearest(x)   = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16      (NaN: quiet NaN)
+    round_stochastic(x, r) = (bits + r) >> 16,  r uniform in [0, 2**16)   (NaN: quiet NaN)
+    split(x)           = (bits >> 16, bits & 0xFFFF)  (NaN: high part made a quiet NaN)
+
+The random 16 bits of element ``e`` under stream key ``k`` (:func:`random16`) are the
+top half of a 32-bit integer hash (the "lowbias32" finalizer) of
+``e_lo * 0x9E3779B1 + e_hi * 0x85EBCA77 + k``.
+
+8-bit codes relative to the block scale ``s`` (the largest finite magnitude of the
+block; ``inv = min(1 / s, FLT_MAX)``): a square-root code for slots that can be
+negative and a fourth-root code for non-negative ones (second moments span many
+more decades; the fourth root keeps values down to 2e-10 of the block's largest)::
+
+    signed:    q = min(floor(sqrt(|x| inv) * 126 + 0.5), 126), stored as the byte of
+               sign(x) q;  x = (q |q|) / 126**2 * s;   NaN 128, +Inf 127, -Inf 129
+    unsigned:  q = min(floor(sqrt(sqrt(x inv)) * 253 + 0.5), 253);
+               x = (q q)(q q) / 253**4 * s;             NaN 255, +Inf 254, x <= 0: 0
+
+Encoding is a few arithmetic operations and a compare (no table search), so it
+vectorizes inside the fused pass; ``encode(decode(q)) == q`` for every code.
+The codes were chosen by measurement (docs/low-precision.md).
+"""
+
+import numpy as np
+from numba.extending import register_jitable
+
+K2 = np.float32(1.0 / (126.0 * 126.0))
+K4 = np.float32(1.0 / (253.0 ** 4))
+FLT_MAX = np.float32(3.4028234663852886e38)
+_M32 = 0xFFFFFFFF
+
+
+@register_jitable
+def bits32(x):
+    return np.float32(x).view(np.uint32)
+
+
+@register_jitable
+def widen(u):
+    """bfloat16 bits -> float32."""
+    return np.uint32(np.uint32(u) << np.uint32(16)).view(np.float32)
+
+
+@register_jitable
+def round_nearest(x):
+    """float32 -> bfloat16 bits, round to nearest even (NaN stays a quiet NaN)."""
+    b = bits32(x)
+    hi = b >> np.uint32(16)
+    if x != x:
+        return np.uint16(hi | np.uint32(0x40))
+    return np.uint16((b + np.uint32(0x7FFF) + (hi & np.uint32(1))) >> np.uint32(16))
+
+
+@register_jitable
+def round_stochastic(x, r):
+    """float32 -> bfloat16 bits, rounded up with probability (distance / ulp)."""
+    b = bits32(x)
+    if x != x:
+        return np.uint16((b >> np.uint32(16)) | np.uint32(0x40))
+    return np.uint16((b + np.uint32(r)) >> np.uint32(16))
+
+
+@register_jitable
+def split_high(x):
+    """The high 16 bits of the float32 master (a NaN master: a quiet NaN)."""
+    b = bits32(x)
+    hi = b >> np.uint32(16)
+    if x != x:
+        hi = hi | np.uint32(0x40)
+    return np.uint16(hi)
+
+
+@register_jitable
+def split_low(x):
+    return np.uint16(bits32(x) & np.uint32(0xFFFF))
+
+
+@register_jitable
+def join(hi, lo):
+    """The float32 master from its high and low 16 bits."""
+    return np.uint32((np.uint32(hi) << np.uint32(16)) | np.uint32(lo)).view(np.float32)
+
+
+@register_jitable
+def random16(key, e):
+    """16 random bits of element ``e`` (int64) in stream ``key`` (uint32), in 32-bit
+    arithmetic throughout (each product truncated to uint32: Numba would widen it to
+    64 bits, which halves the vector width)."""
+    U = np.uint32
+    lo = U(e & 0xFFFFFFFF)
+    hi = U(e >> 32)
+    h = U(U(lo * U(0x9E3779B1)) + U(hi * U(0x85EBCA77)) + U(key))
+    h = U(h ^ (h >> U(16)))
+    h = U(h * U(0x7FEB352D))
+    h = U(h ^ (h >> U(15)))
+    h = U(h * U(0x846CA68B))
+    h = U(h ^ (h >> U(16)))
+    return U(h >> U(16))
+
+
+@register_jitable
+def scale_inverse(s):
+    """``min(1 / s, FLT_MAX)`` (``FLT_MAX`` for a zero scale)."""
+    s = np.float32(s)
+    if not s > 0:
+        return FLT_MAX
+    inv = np.float32(1.0) / s
+    if inv > FLT_MAX:
+        inv = FLT_MAX
+    return inv
+
+
+@register_jitable
+def magnitude(x):
+    """|x| as float32 when finite, else 0 (for the block's largest magnitude)."""
+    a = abs(np.float32(x))
+    if a > FLT_MAX:
+        return np.float32(0.0)
+    if a != a:
+        return np.float32(0.0)
+    return a
+
+
+@register_jitable
+def magnitude_bits(x):
+    """The bits of |x| as float32 (an int32) when finite, else 0: for non-negative
+    floats the bit patterns order like the values, so a block's largest magnitude
+    is a signed integer max (which vectorizes; a float max with NaN rules does
+    not)."""
+    b = np.int32(bits32(x) & np.uint32(0x7FFFFFFF))
+    return b if b < np.int32(0x7F800000) else np.int32(0)
+
+
+@register_jitable
+def from_bits(b):
+    return np.int32(b).view(np.float32)
+
+
+# The 8-bit codecs are written as straight-line code with selects (no early
+# returns): LLVM vectorizes them inside the driver loops.
+
+@register_jitable
+def encode_signed(x, inv):
+    x = np.float32(x)
+    a = abs(x)
+    y = np.sqrt(a * inv) * np.float32(126.0)
+    q = min(np.floor(y + np.float32(0.5)), np.float32(126.0))
+    k = np.int32(q) if a <= FLT_MAX else np.int32(127)      # Inf: 127 (sign below)
+    k = -k if x < 0 else k                                    # -Inf: -127 (byte 129)
+    k = k if x == x else np.int32(-128)                       # NaN: byte 128
+    return np.uint8(k & np.int32(255))
+
+
+@register_jitable
+def decode_signed(c, s):
+    k = np.int32(np.int8(c))                  # the byte as a signed code
+    w = np.float32(k)
+    x = (w * abs(w)) * K2 * np.float32(s)
+    x = np.float32(np.inf) if k == np.int32(127) else x
+    x = np.float32(-np.inf) if k == np.int32(-127) else x
+    x = np.float32(np.nan) if k == np.int32(-128) else x
+    return x
+
+
+@register_jitable
+def encode_unsigned(x, inv):
+    x = np.float32(x)
+    y = np.sqrt(np.sqrt(x * inv)) * np.float32(253.0)
+    q = min(np.floor(y + np.float32(0.5)), np.float32(253.0))
+    k = np.int32(q) if x > 0 else np.int32(0)                # x <= 0 (and -Inf): 0
+    k = np.int32(254) if x > FLT_MAX else k                   # +Inf
+    k = k if x == x else np.int32(255)                        # NaN
+    return np.uint8(k)
+
+
+@register_jitable
+def decode_unsigned(c, s):
+    k = np.int32(c)
+    w = np.float32(k)
+    w2 = w * w
+    x = (w2 * w2) * K4 * np.float32(s)
+    x = np.float32(np.inf) if k == np.int32(254) else x
+    x = np.float32(np.nan) if k == np.int32(255) else x
+    return x
+
+
+# Finite-only twins of the 8-bit codecs: the same arithmetic without the special
+# codes (bit for bit equal to the above on finite values and normal codes).  The
+# drivers use them for blocks without non-finite values, which is nearly always:
+# the special-code selects cost as much as the rest of the codec.
+
+@register_jitable
+def encode_signed_finite(x, inv):
+    x = np.float32(x)
+    y = np.sqrt(abs(x) * inv) * np.float32(126.0)
+    k = np.int32(min(np.floor(y + np.float32(0.5)), np.float32(126.0)))
+    k = -k if x < 0 else k
+    return np.uint8(k & np.int32(255))
+
+
+@register_jitable
+def decode_signed_finite(c, s):
+    w = np.float32(np.int32(np.int8(c)))
+    return (w * abs(w)) * K2 * np.float32(s)
+
+
+@register_jitable
+def encode_unsigned_finite(x, inv):
+    x = np.float32(x)
+    y = np.sqrt(np.sqrt(x * inv)) * np.float32(253.0)
+    q = min(np.floor(y + np.float32(0.5)), np.float32(253.0))
+    k = np.int32(q) if x > 0 else np.int32(0)
+    return np.uint8(k)
+
+
+@register_jitable
+def decode_unsigned_finite(c, s):
+    w = np.float32(np.int32(c))
+    w2 = w * w
+    return (w2 * w2) * K4 * np.float32(s)
+
+
+@register_jitable
+def special_signed(c):
+    """A special code (+Inf 127, NaN 128, -Inf 129) of the signed code."""
+    return np.int32((np.int32(c) - np.int32(127)) & np.int32(255)) <= np.int32(2)
+
+
+@register_jitable
+def special_unsigned(c):
+    return np.int32(c) >= np.int32(254)
