@@ -1158,7 +1158,8 @@ class ShardedOptimizer:
                            "params": list(range(start, start + n))})
             start += n
         sd = {"version": state_io.STATE_DICT_VERSION, "optimizer": self.rule.name,
-              "state": {i: dict(st) for i, st in state.items()}, "param_groups": groups}
+              "state": {i: dict(st) for i, st in state.items()}, "param_groups": groups,
+              "storage": state_io.storage_options(self._template)}
         if self._names is not None:
             sd["param_names"] = list(self._names)
         return sd
@@ -1242,7 +1243,8 @@ class ShardedOptimizer:
             groups.append({**self._hyper_of(g), "params": list(range(start, start + n))})
             start += n
         sd = {"version": state_io.STATE_DICT_VERSION, "optimizer": self.rule.name,
-              "state": state, "param_groups": groups}
+              "state": state, "param_groups": groups,
+              "storage": state_io.storage_options(self._template)}
         return sd, _digest((steps, self._hyper_digest()))
 
     def _restore_groups(self, saved):
