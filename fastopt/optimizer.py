@@ -114,6 +114,11 @@ class Optimizer:
 
     def _check_group(self, group):
         self._check_backend(group)
+        if self.state_bits in (8, 16):
+            reason = self.rule.low_state_reason(group)
+            if reason is not None:
+                raise ValueError(f"{self.rule.name}: state_bits={self.state_bits} is not "
+                                 f"possible for this configuration: {reason}")
         if self.sparse_mode != "exact":
             return
         reason = self.rule.exact_reason(group) if self.rule.catch_up is not None else \

@@ -131,7 +131,7 @@ if not cuda.is_available():
                 "numba's CUDA simulator", allow_module_level=True)
 
 import fastopt  # noqa: E402
-from fastopt import backends, storage  # noqa: E402
+from fastopt import backends, rules, storage  # noqa: E402
 from fastopt.backends import cuda as cb  # noqa: E402
 from fastopt.rules import RULES  # noqa: E402
 
@@ -153,11 +153,12 @@ def small_launches(monkeypatch):
 
 # ------------------------------------------------------------------ helpers
 
-def richest_variant(rule):
-    """The registry variant that uses the most state slots (SGD: with momentum)."""
+def richest_variant(rule, bits=None):
+    """The registry variant that uses the most state slots (SGD: with momentum)
+    among those that take ``bits``-bit state."""
     def used(v):
         return sum(rule.uses_slots(rule.check_group({**rule.defaults, **v})))
-    return max(rule.variants, key=used)
+    return max((v for v in rule.variants if rules.takes_state_bits(rule, v, bits)), key=used)
 
 
 def exact_variant(rule):
@@ -289,7 +290,7 @@ def test_dense_matches_numba(name, bits):
     rule = RULES[name]
     shapes = [SHAPE, (5000,)] + ([(7, 3)] if bits == 8 else [])
     params = params_of(shapes, np.float32)
-    cpu, cpu_p, gpu, gpu_p = pair(name, params, state_bits=bits, **richest_variant(rule))
+    cpu, cpu_p, gpu, gpu_p = pair(name, params, state_bits=bits, **richest_variant(rule, bits))
     for gs in dense_grads(shapes, np.float32, STEPS):
         cpu.step(gs)
         gpu.step([cuda.to_device(g) for g in gs])
@@ -304,7 +305,7 @@ def test_dense_float64_matches_numba(name, bits):
     rule = RULES[name]
     params = params_of([SHAPE], np.float64)
     for b in (bits, 32):
-        cpu, cpu_p, gpu, gpu_p = pair(name, params, state_bits=b, **richest_variant(rule))
+        cpu, cpu_p, gpu, gpu_p = pair(name, params, state_bits=b, **richest_variant(rule, b))
         for gs in dense_grads([SHAPE], np.float64, STEPS):
             cpu.step(gs, grad_scale=2.0)
             gpu.step([cuda.to_device(g) for g in gs], grad_scale=2.0)
@@ -319,7 +320,7 @@ def test_sparse_matches_numba(name, bits):
     """Row-sparse steps (lazy mode, duplicate indices) of every element-wise rule."""
     rule = RULES[name]
     params = params_of([SHAPE], np.float32)
-    cpu, cpu_p, gpu, gpu_p = pair(name, params, state_bits=bits, **richest_variant(rule))
+    cpu, cpu_p, gpu, gpu_p = pair(name, params, state_bits=bits, **richest_variant(rule, bits))
     rng = np.random.default_rng(3)
     for _ in range(STEPS):
         g = sparse_grad(SHAPE[0], SHAPE[1:], np.float32, rng)

@@ -249,7 +249,7 @@ def test_bf16_params_bit_identical_to_numba(name, k, bits):
     i = list(rules.RULES).index(name)
     update = UPDATES[(2 * (k + i) + b) % 4]
     gdt = BF16 if (k + i + b) % 2 == 0 else np.float32
-    variant = rules.RULES[name].variants[k]
+    variant = rules.variant(rules.RULES[name], k, bits)
     on, oc = both(name, variant, BF16, bits, update, gdt, "dsds", seed=k)
     same_optimizers(on, oc)
     st = oc.state_dict()["state"][0]
@@ -279,7 +279,8 @@ def test_native_params_stored_state_bit_identical_to_numba(name):
     for j in range(2):
         dtype, bits = NATIVE_CASES[(2 * i + j) % len(NATIVE_CASES)]
         k = (i + j) % len(rule.variants)
-        on, oc = both(name, rule.variants[k], dtype, bits, None, dtype, "dssd", seed=3)
+        on, oc = both(name, rules.variant(rule, k, bits), dtype, bits, None, dtype, "dssd",
+                      seed=3)
         same_optimizers(on, oc)
 
 
@@ -296,16 +297,17 @@ def test_options_and_awkward_gradients(name, max_norm):
     rules), and float64 parameters with 8-bit state."""
     rule = rules.RULES[name]
     i = list(rules.RULES).index(name)
-    variant = {**rule.variants[-1], **OPTIONS}
+    bits = (8, 16, None)[(i + max_norm) % 3]
+    variant = {**rules.variant(rule, -1, bits), **OPTIONS}
     if max_norm:
         variant["max_norm"] = 2.0
-    bits = (8, 16, None)[(i + max_norm) % 3]
     update = UPDATES[(i + 2 * max_norm) % 4]
     gdt = BF16 if i % 2 else np.float32
     on, oc = both(name, variant, BF16, bits, update, gdt, "dsdsd", grad_scale=4.0,
                   awkward=True, seed=i)
     same_optimizers(on, oc)
     if not max_norm and i % 3 == 0:
+        variant = {**rules.variant(rule, -1, 8), **OPTIONS}
         on, oc = both(name, variant, np.float64, 8, None, np.float64, "dsd", grad_scale=2.0,
                       awkward=True)
         same_optimizers(on, oc)
@@ -354,8 +356,9 @@ BIG = (128, 300)          # 38400 elements >= numba_cpu.PARALLEL_MIN
                                               ("RowWiseAdagrad", 8, "stochastic")])
 def test_parallel_size_bit_identical_to_numba(name, bits, update):
     assert BIG[0] * BIG[1] >= numba_cpu.PARALLEL_MIN
-    variant = {**rules.RULES[name].variants[-1], "max_norm": 3.0} \
-        if name == "RMSprop" else rules.RULES[name].variants[-1]
+    variant = rules.variant(rules.RULES[name], -1, bits)
+    if name == "RMSprop":
+        variant = {**variant, "max_norm": 3.0}
     on, oc = both(name, variant, BF16, bits, update, BF16, "dsd", shape=BIG, nnz=120)
     same_optimizers(on, oc)
 
@@ -365,7 +368,7 @@ def test_serial_and_parallel_cython_agree(monkeypatch):
         monkeypatch.setattr(numba_cpu, "PARALLEL_MIN", parallel_min)
         return [run("cython", "Adam", {"amsgrad": True}, BF16, 8, "stochastic", BF16, "dsd",
                     shape=(64, 300), nnz=40),
-                run("cython", "RMSprop", rules.RULES["RMSprop"].variants[-1], np.float64, 8,
+                run("cython", "RMSprop", rules.variant(rules.RULES["RMSprop"], -1, 8), np.float64, 8,
                     None, np.float64, "dsd", shape=(64, 300), nnz=40)]
     for a, b in zip(go(1 << 40), go(0)):
         same_optimizers(a, b)

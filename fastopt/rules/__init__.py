@@ -41,6 +41,24 @@ def get(name):
         raise ValueError(f"unknown rule {name!r}; known: {sorted(RULES)}") from None
 
 
+def takes_state_bits(rule, variant, state_bits):
+    """Whether the rule's configuration ``variant`` (hyperparameters) accepts
+    ``state_bits`` (8- and 16-bit state are refused where the math needs more,
+    :attr:`Rule.low_state_reason`)."""
+    if state_bits not in (8, 16):
+        return True
+    return rule.low_state_reason(rule.check_group({**rule.defaults, **variant})) is None
+
+
+def variant(rule, k, state_bits=None):
+    """``rule.variants[k]``, or, where that configuration refuses ``state_bits``, the
+    nearest earlier variant that takes it (tests and benchmarks use this)."""
+    for v in rule.variants[k::-1] if k >= 0 else rule.variants[len(rule.variants) + k::-1]:
+        if takes_state_bits(rule, v, state_bits):
+            return v
+    raise ValueError(f"{rule.name}: no variant takes state_bits={state_bits}")
+
+
 def torch_defaults(rule):
     """The rule's own hyperparameters (torch's names), without the fused options."""
     return {k: v for k, v in rule.defaults.items() if k not in fused.DEFAULTS}

@@ -75,6 +75,9 @@ class Rule:
     #: state slots that are never negative (8-bit state stores them with the unsigned
     #: code, fastopt.storage.codecs)
     nonnegative_slots: Tuple[str, ...] = ()
+    #: group -> None when 8- and 16-bit state keep the math sound, else the reason
+    #: (state_bits=8 or 16 is then refused for that configuration)
+    low_state_reason: Callable = lambda group: None
     #: configurations that together exercise every option (tests and benchmarks use them)
     variants: Tuple[dict, ...] = ({},)
 

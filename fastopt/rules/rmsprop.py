@@ -88,6 +88,18 @@ def exact_reason(group):
     return None
 
 
+def low_state_reason(group):
+    """Centered RMSprop divides by ``sqrt(square_avg - grad_avg^2)``: two moments
+    rounded separately (8-bit codes relative to a block scale, or bfloat16's 8-bit
+    mantissa) leave their difference as rounding noise wherever the gradient's
+    variance is small against its mean, and it goes negative (NaN parameters)."""
+    if group["centered"]:
+        return ("centered=True subtracts two separately rounded moments "
+                "(square_avg - grad_avg^2), which 8- and 16-bit state turn negative "
+                "(NaN); use state_bits=32 or centered=False")
+    return None
+
+
 RULE = Rule(
     name="RMSprop",
     defaults=dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
@@ -106,6 +118,7 @@ RULE = Rule(
     zero_switches=("weight_decay",),
     catch_up=catch_up,
     exact_reason=exact_reason,
+    low_state_reason=low_state_reason,
     variants=({}, {"centered": True}, {"momentum": 0.9, "weight_decay": 1e-2},
               {"centered": True, "momentum": 0.5, "maximize": True, "alpha": 0.9}),
 )
