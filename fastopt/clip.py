@@ -17,6 +17,7 @@ import numbers
 
 import numpy as np
 from numba import njit, prange
+from numba.extending import register_jitable
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_"]
 
@@ -70,7 +71,21 @@ def _norm_type(norm_type):
     return p
 
 
-def _block_sums_impl(a, p):
+def _make_block_sums(parallel):
+    """The block-sum kernel, parallel or serial.  A closure over ``PARALLEL``: the cell
+    is part of Numba's cache key, so the two builds never share a cache entry (two
+    ``njit`` wrappers of one function share its entries whatever their options: a
+    serial caller could load the parallel build, which aborts in a forked child)."""
+    PARALLEL = bool(parallel)
+
+    def block_sums(a, p):
+        par = PARALLEL  # noqa: F841  (in the cache key)
+        return _block_sums_body(a, p)
+    return njit(parallel=PARALLEL, cache=True, nogil=True)(block_sums)
+
+
+@register_jitable(inline="always")
+def _block_sums_body(a, p):
     """Per block of ``_CHUNK`` elements, the float64 sum of ``|x|^p`` (p = 1, 2 or
     other), each block added in element order with four interleaved partial sums
     combined as ``(s0 + s1) + (s2 + s3)``.  The blocks depend only on the size, so
@@ -111,8 +126,8 @@ def _block_sums_impl(a, p):
     return out
 
 
-_block_sums = njit(parallel=True, cache=True, nogil=True)(_block_sums_impl)
-_block_sums_serial = njit(cache=True, nogil=True)(_block_sums_impl)
+_block_sums = _make_block_sums(True)
+_block_sums_serial = _make_block_sums(False)
 
 
 def _array_norm(g, p):

@@ -108,6 +108,7 @@ import time
 
 import numpy as np
 from numba import njit, prange
+from numba.extending import register_jitable
 
 from . import state_io
 from .backends.base import may_use_threads
@@ -137,7 +138,20 @@ class DistributedError(RuntimeError):
 
 # --------------------------------------------------------------------- kernels
 
-def _mean_of_pieces_impl(recv, nranks, count, out):
+def _make_mean_of_pieces(parallel):
+    """:func:`_mean_of_pieces_body`, parallel or serial: a closure over ``PARALLEL``,
+    whose cell is part of Numba's cache key, so the two builds never share a cache
+    entry (see ``fastopt.clip._make_block_sums``)."""
+    PARALLEL = bool(parallel)
+
+    def mean_of_pieces(recv, nranks, count, out):
+        par = PARALLEL  # noqa: F841  (in the cache key)
+        _mean_of_pieces_body(recv, nranks, count, out)
+    return njit(parallel=PARALLEL, cache=True, nogil=True)(mean_of_pieces)
+
+
+@register_jitable(inline="always")
+def _mean_of_pieces_body(recv, nranks, count, out):
     """``out[j] = (recv[j] + recv[count + j] + ...) / nranks``: the ``nranks``
     pieces of ``count`` elements added in rank order in float64, divided once and
     rounded once to ``out``'s dtype.  Blocks of 4096 elements with a float64
@@ -161,8 +175,8 @@ def _mean_of_pieces_impl(recv, nranks, count, out):
             dst[j] = acc[j] / nranks
 
 
-_mean_parallel = njit(parallel=True, cache=True, nogil=True)(_mean_of_pieces_impl)
-_mean_serial = njit(cache=True, nogil=True)(_mean_of_pieces_impl)
+_mean_parallel = _make_mean_of_pieces(True)
+_mean_serial = _make_mean_of_pieces(False)
 
 
 @njit(cache=True, nogil=True)

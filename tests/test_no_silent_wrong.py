@@ -282,6 +282,7 @@ def test_clip_norm_does_not_depend_on_blas_threads():
 # ------------------------------------- 7. serial code cached for parallel drivers
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
+@pytest.mark.exclusive
 def test_large_step_runs_parallel_after_a_small_one(tmp_path):
     """A small (serial) step compiled first must not make later large steps serial,
     in this process or, through the disk cache, in the next.  Measured as process
@@ -332,6 +333,39 @@ def test_forked_child_can_step(backend):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr
+
+
+def test_serial_kernels_never_load_a_cached_parallel_build(tmp_path):
+    """Kernels with a parallel and a serial build (clip's block sums, the sharded
+    optimizer's rank mean): a process that ran only the parallel builds fills a fresh
+    cache; a forked child of the next process must get serial builds from it (two
+    njit wrappers of one function shared cache entries: the child loaded the
+    parallel build and OpenMP aborted it)."""
+    fill = textwrap.dedent("""
+        import numpy as np
+        from fastopt import clip, distributed
+        clip._block_sums(np.ones(300_000, np.float32), 2.0)
+        distributed._mean_parallel(np.ones(20_000), 2, 10_000, np.empty(10_000))
+    """)
+    use = textwrap.dedent("""
+        import os, sys, numpy as np, fastopt
+        from fastopt import distributed
+        p = np.ones(300_000, np.float32)
+        fastopt.clip_grad_norm_([p], 1.0)          # parallel in the parent
+        pid = os.fork()
+        if pid == 0:
+            fastopt.clip_grad_norm_([np.ones(300_000, np.float32)], 1.0)
+            out = np.empty(10_000)
+            distributed._mean_serial(np.ones(20_000), 2, 10_000, out)
+            os._exit(0 if out[0] == 1.0 else 3)
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "2"}
+    for code in (fill, use):
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
 
 
 # ------------------------------------------------------- 10. concurrent steps
