@@ -1,10 +1,29 @@
-"""Shared helpers for the registry-driven tests."""
+"""Shared helpers for the registry-driven tests, and the ``exclusive`` marker."""
+
+import os
 
 import numpy as np
 import pytest
 
 import fastopt
 from fastopt import rules
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "exclusive: compares CPU time with wall time, so it needs the machine's "
+        "cores to itself: skipped in pytest-xdist workers (`pytest -n ...`); bash .ci/run "
+        "runs these in a lane of their own")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    skip = pytest.mark.skip(reason="exclusive: measures CPU/wall time; run without -n "
+                            "(pytest -m exclusive)")
+    for item in items:
+        if "exclusive" in item.keywords:
+            item.add_marker(skip)
+
 
 #: every backend that runs on host arrays here (the registry-driven suites loop over it)
 CPU_BACKENDS = [b for b in fastopt.available_backends() if b != "cuda"]
