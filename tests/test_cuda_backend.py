@@ -237,10 +237,11 @@ def assert_functional_close(got, want):
 # ------------------------------------------------------------- capabilities
 
 def test_every_feature_is_declared():
-    """The capability table lists every feature for cuda but bfloat16 parameters
-    (numba device arrays cannot hold them; see fastopt/backends/cuda.py), and the
-    optimizer accepts each of them (nothing is refused)."""
-    assert set(backends.capabilities()["cuda"]) == set(FEATURES) - {"bfloat16"}
+    """The capability table lists every feature for cuda (bfloat16 parameters: uint16
+    device arrays marked with fastopt.backends.cuda.bfloat16, see
+    tests/test_cuda_storage.py), and the optimizer accepts each of them (nothing is
+    refused)."""
+    assert set(backends.capabilities()["cuda"]) == set(FEATURES)
     assert backends.capable("sparse_exact").count("cuda") == 1
     d = dev(np.zeros((4, 3), np.float32))
     opt = fastopt.SGD([d], backend="cuda", sparse_mode="exact", lr=0.1, momentum=0.9)

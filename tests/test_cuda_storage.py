@@ -32,8 +32,10 @@ import pytest
 def ptx_main():
     """Compile every stored-format kernel to PTX without a GPU (run as a script, in a
     process without the simulator; see tests/cuda_ptx_check.py): every rule, plain
-    and with every fused option, for float32 with 16/8-bit state and float64 with
-    8/32-bit state; dense, rows (lazy, exact, flush) and row-wise kernels.  Exit
+    and with every fused option, for float32 with 16/8-bit state, float64 with
+    8/32-bit state and bfloat16 parameters (float32, 16- and 8-bit state, the
+    bf16_update modes cycled; dense kernels with float32 and bfloat16 gradients);
+    dense, rows (lazy, exact, flush) and row-wise kernels, and the widen kernel.  Exit
     status 0 compiled, 1 failed, 3 cannot check here."""
     import types as pytypes
     try:
@@ -73,21 +75,26 @@ def ptx_main():
 
     every = dict(clip_value=0.5, l1=0.01, param_min=-2.0, param_max=2.0, max_norm=1.0)
     n = 0
-    for name, rule in rules.RULES.items():
+    for r, (name, rule) in enumerate(rules.RULES.items()):
         for fused in (False, True):
             group = rule.check_group({**rule.defaults, **rule.variants[-1],
                                       **(every if fused else {})})
             spec = planner.group_spec(rule, group)
-            for dt, bits in ((np.float32, 16), (np.float32, 8), (np.float64, 8),
-                             (np.float64, 32)):
-                st = storage.storage_for(rule, np.zeros((64, 300), dt), bits, None)
+            # bfloat16 parameters: the update modes cycled over rules and state widths
+            modes = storage.BF16_UPDATES
+            for dt, bits, mode in ((np.float32, 16, None), (np.float32, 8, None),
+                                   (np.float64, 8, None), (np.float64, 32, None),
+                                   (storage.BF16, None, modes[r % 4]),
+                                   (storage.BF16, 16, modes[(r + 1) % 4]),
+                                   (storage.BF16, 8, modes[(r + 2) % 4])):
+                st = storage.storage_for(rule, np.zeros((64, 300), dt), bits, mode)
                 if st.native:
                     continue
                 cfg = planner.config(rule, dt, spec, grad_scale=1.0 if fused else None,
                                      storage=st)
                 CT = np.dtype(cfg.compute_dtype).type
                 PDT, _, SDT, _ = io.dtypes(st, cfg.grad, CT)
-                what = f"{name} {dt.__name__} state_bits={bits} fused={fused}"
+                what = f"{name} {np.dtype(dt)} state_bits={bits} {mode} fused={fused}"
                 try:
                     if rule.layout == "rowwise":
                         ptx_of(cb.make_stored_rowwise_kernel(cfg),
@@ -99,6 +106,10 @@ def ptx_main():
                     if not fused:
                         ptx_of(cb.make_stored_dense_kernel(cfg), (tab, tab, tab, f64_2d))
                         n += 1
+                        if st.param == "bfloat16":      # bfloat16 gradients
+                            ptx_of(cb.make_stored_dense_kernel(cfg.with_grad("bfloat16")),
+                                   (tab, tab, tab, f64_2d))
+                            n += 1
                     flags = [(False, True)]
                     if not fused and rule.catch_up is not None \
                             and rule.exact_reason(group) is None:
@@ -113,7 +124,8 @@ def ptx_main():
                 except Exception as exc:  # noqa: BLE001
                     print(f"FAILED to compile {what}: {type(exc).__name__}: {exc}")
                     return 1
-    print(f"compiled {n} stored-format kernels to PTX")
+    ptx_of(cb.make_widen_kernel(), (arr(np.uint16, 1), arr(np.float32, 1)))
+    print(f"compiled {n + 1} stored-format kernels to PTX")
     return 0
 
 
@@ -136,6 +148,12 @@ from fastopt.backends import cuda as cb  # noqa: E402
 from fastopt.rules import RULES  # noqa: E402
 
 SIM = bool(cb._load() and cb._SIM)
+BF16 = storage.BF16
+#: the simulator runs the kernels on NumPy scalars, which report the (intended)
+#: uint32 wraparound of the stochastic-rounding hash and Inf - Inf of the
+#: non-finite scan
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 #: 8-bit state needs >= storage.Q8_MIN_SIZE (4096) elements: 16 rows of 300 are
 #: two 8-bit blocks per row (256 + 44)
 SHAPE = (16, 300)
@@ -178,6 +196,7 @@ def same_bits(got, want, what):
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
     if SIM:
+        got, want = got.reshape(-1), want.reshape(-1)
         if not np.array_equal(got.view(np.uint8), want.view(np.uint8)):
             bad = np.flatnonzero(got.reshape(-1).view(np.uint8) != want.reshape(-1)
                                  .view(np.uint8))
@@ -255,11 +274,11 @@ def element_rules():
 # ------------------------------------------------------------- capabilities
 
 def test_features():
-    """state16/state8 are declared; bfloat16 parameters are not (no device dtype)."""
+    """state16/state8 and bfloat16 parameters are declared; a uint16 device array is a
+    bfloat16 parameter only when marked with ``cb.bfloat16``."""
     caps = backends.capabilities()["cuda"]
-    assert "state16" in caps and "state8" in caps
-    assert "bfloat16" not in caps
-    with pytest.raises(TypeError, match="dtype"):
+    assert "state16" in caps and "state8" in caps and "bfloat16" in caps
+    with pytest.raises(TypeError, match=r"dtype uint16 .*fastopt\.backends\.cuda\.bfloat16"):
         fastopt.Adam([cuda.to_device(np.zeros((4, 3), np.uint16))], backend="cuda")
 
 
@@ -404,6 +423,238 @@ def test_state_dict_moves_between_backends(bits):
     back = fastopt.Adam([cpu_p[0].copy()], backend="numba", state_bits=bits)
     back.load_state_dict(gpu.state_dict())
     assert_same(cpu, cpu_p, gpu, gpu_p)
+
+
+# ------------------------------------------------------ bfloat16 parameters
+#
+# bfloat16 parameters live on the device as uint16 bits marked with cb.bfloat16;
+# every rule, the four bf16_update modes cycled over the rules and the state widths,
+# against the numba backend bit for bit.
+
+MODES = storage.BF16_UPDATES
+ALL_RULES = list(RULES)
+
+
+def bf16_case(name):
+    """(bf16_update, state_bits) of rule ``name``: modes cycle over the rules, state
+    widths over the rules shifted every four, so every mode meets several widths."""
+    i = ALL_RULES.index(name)
+    return MODES[i % 4], (None, 16, 8, 32)[(i + i // 4) % 4]
+
+
+def bf16_device(h):
+    """A marked device copy of host bfloat16 (or float32, rounded) values."""
+    return cb.bfloat16(cuda.to_device(np.asarray(h, dtype=BF16).view(np.uint16)))
+
+
+def bf16_params(shapes, seed=1):
+    return [p.astype(BF16) for p in params_of(shapes, np.float32, seed)]
+
+
+def bf16_pair(name, params, **kw):
+    """The same optimizer on host bfloat16 copies (numba) and marked device copies."""
+    cpu_p = [p.copy() for p in params]
+    gpu_p = [bf16_device(p) for p in params]
+    cpu = fastopt.CLASSES[name](cpu_p, backend="numba", **kw)
+    gpu = fastopt.CLASSES[name](gpu_p, backend="cuda", **kw)
+    return cpu, cpu_p, gpu, gpu_p
+
+
+def bf16_same(cpu, cpu_p, gpu, gpu_p):
+    assert_same(cpu, cpu_p, gpu, [_Host(d) for d in gpu_p])
+
+
+class _Host:
+    """A marked device parameter whose host copy is bfloat16 (as the numba one)."""
+
+    def __init__(self, d):
+        self.d = d
+
+    def copy_to_host(self):
+        return self.d.copy_to_host().view(BF16)
+
+
+def bf16_variant(rule, bits):
+    return rules.variant(rule, -1, bits)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in RULES])
+def test_bf16_dense_matches_numba(name):
+    """Dense steps with bfloat16 parameters, every rule (a 0-d tensor for the
+    element-wise ones; a 4100-element tensor for 8-bit state): float32 device
+    gradients, then marked bfloat16, host bfloat16 and float64 device ones mixed
+    (bfloat16 widened: one gradient dtype per bucket).  Marked bfloat16 gradients
+    alone: the fused and state_dict tests."""
+    rule = RULES[name]
+    mode, bits = bf16_case(name)
+    shapes = [(6, 40), (5,)]
+    if rule.layout != "rowwise":
+        shapes.append(())
+    if bits == 8:
+        shapes.append((4100,))
+    params = bf16_params(shapes)
+    cpu, cpu_p, gpu, gpu_p = bf16_pair(name, params, bf16_update=mode, state_bits=bits,
+                                       seed=7, **bf16_variant(rule, bits))
+    rng = np.random.default_rng(2)
+    for t in range(2):
+        gs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        if t == 0:
+            dev = [cuda.to_device(g) for g in gs]
+        else:
+            gs = [g.astype(BF16) if k != 1 else g for k, g in enumerate(gs)]
+            dev = [bf16_device(g) if k % 2 == 0 else g for k, g in enumerate(gs)]
+            dev[1] = cuda.to_device(gs[1].astype(np.float64))
+        cpu.step(gs)
+        gpu.step(dev)
+    bf16_same(cpu, cpu_p, gpu, gpu_p)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in RULES])
+def test_bf16_sparse_matches_numba(name):
+    """Row-sparse steps (lazy, duplicate indices) with bfloat16 parameters, every
+    rule; 8-bit state on a (16, 300) matrix (two blocks per row)."""
+    rule = RULES[name]
+    mode, bits = bf16_case(name)
+    shape = SHAPE if bits == 8 and rule.layout != "rowwise" else (12, 20)
+    params = bf16_params([shape])
+    cpu, cpu_p, gpu, gpu_p = bf16_pair(name, params, bf16_update=mode, state_bits=bits,
+                                       seed=5, **bf16_variant(rule, bits))
+    rng = np.random.default_rng(3)
+    for t in range(2):
+        g = sparse_grad(shape[0], shape[1:], np.float32 if t == 0 else BF16, rng, nnz=5)
+        cpu.step([g])
+        gpu.step([g])
+    bf16_same(cpu, cpu_p, gpu, gpu_p)
+
+
+@pytest.mark.parametrize("name,mode,bits", [("SGD", "kahan", 16), ("Adagrad", "stochastic", None),
+                                            ("RMSprop", "split", 32)])
+def test_bf16_sparse_exact_matches_numba(name, mode, bits):
+    """Exact sparse mode with bfloat16 parameters (catch-up, then a flush): the
+    rules with a closed form, each with another mode (the kahan store takes the
+    caught-up value, the stochastic one the element's stream)."""
+    rule = RULES[name]
+    params = bf16_params([(10, 8)])
+    cpu, cpu_p, gpu, gpu_p = bf16_pair(name, params, bf16_update=mode, state_bits=bits,
+                                       sparse_mode="exact", **exact_variant(rule))
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        g = sparse_grad(10, (8,), np.float32, rng, nnz=3)
+        cpu.step([g])
+        gpu.step([g])
+    cpu.flush()
+    gpu.flush()
+    bf16_same(cpu, cpu_p, gpu, gpu_p)
+
+
+def awkward(shape, rng):
+    """Gradients with huge, tiny (subnormal), zero, NaN and Inf entries."""
+    g = rng.standard_normal(shape).astype(np.float32)
+    flat = g.reshape(-1)
+    flat[0:3] = [3e38, -1e30, 1e-40]
+    flat[3:6] = [0.0, -0.0, 1e-30]
+    flat[6] = np.nan
+    flat[7] = np.inf
+    flat[8] = -np.inf
+    return g
+
+
+@pytest.mark.parametrize("mode,max_norm", [("split", None), ("kahan", 1.5),
+                                           ("stochastic", None), ("nearest", 1.5)])
+def test_bf16_fused_awkward_matches_numba(mode, max_norm):
+    """Every fused option with bfloat16 parameters (clip_value, l1, clamps, max_norm
+    through the row kernel for two of the modes, grad_scale) and awkward gradients,
+    dense then sparse; skip_nonfinite skips a step with an Inf in a marked bfloat16
+    gradient."""
+    opts = dict(clip_value=0.8, l1=0.01, param_min=-1.2, param_max=1.1)
+    if max_norm is not None:
+        opts["max_norm"] = max_norm
+    bits = (None, 16, 32, 16)[MODES.index(mode)]
+    shape = (4, 40)
+    params = bf16_params([shape, (12,)])
+    params[0].reshape(-1)[10:13] = [1e30, -3e38, 1e-39]
+    cpu, cpu_p, gpu, gpu_p = bf16_pair("Adam", params, bf16_update=mode, state_bits=bits,
+                                       seed=11, **opts)
+    rng = np.random.default_rng(8)
+    gs = [awkward(shape, rng), rng.standard_normal(12).astype(np.float32)]
+    gs[1][3] = 1e38
+    cpu.step(gs, grad_scale=4.0)
+    gpu.step([cuda.to_device(g) for g in gs], grad_scale=4.0)
+    gb = [g.astype(BF16) for g in gs]
+    assert not cpu.step(gb, grad_scale=2.0, skip_nonfinite=True)
+    assert not gpu.step([bf16_device(g) for g in gb], grad_scale=2.0, skip_nonfinite=True)
+    gb = [np.nan_to_num(g.astype(np.float32), nan=0.5, posinf=2e30, neginf=-7.0).astype(BF16)
+          for g in gb]
+    assert cpu.step(gb, skip_nonfinite=True)
+    assert gpu.step([bf16_device(g) for g in gb], skip_nonfinite=True)
+    sp = sparse_grad(4, (40,), np.float32, rng, nnz=4)
+    sp.values[0, :3] = [np.inf, 1e-41, -2e38]
+    cpu.step([sp, None], grad_scale=0.5)
+    gpu.step([sp, None], grad_scale=0.5)
+    bf16_same(cpu, cpu_p, gpu, gpu_p)
+
+
+@pytest.mark.parametrize("mode,bits", [("split", 8), ("kahan", 16), ("stochastic", 32)])
+def test_bf16_state_dict_round_trip(mode, bits):
+    """state_dict of bfloat16 parameters: the CPU backends' arrays and dtypes
+    (master_low uint16, kahan_comp bfloat16, ...); a numba state_dict loads into the
+    CUDA optimizer and back, and the resumed steps agree bit for bit."""
+    shapes = [SHAPE] if bits == 8 else [(6, 40)]
+    params = bf16_params(shapes)
+    cpu, cpu_p, gpu, gpu_p = bf16_pair("Adam", params, bf16_update=mode, state_bits=bits,
+                                       seed=3)
+    gs = [[g.astype(BF16) for g in gg] for gg in dense_grads(shapes, np.float32, 3)]
+    cpu.step(gs[0])
+    gpu_p[0].copy_to_device(cpu_p[0].view(np.uint16))
+    gpu.load_state_dict(cpu.state_dict())
+    for g in gs[1:]:
+        cpu.step(g)
+        gpu.step([bf16_device(x) for x in g])
+    bf16_same(cpu, cpu_p, gpu, gpu_p)
+    st = gpu.state_dict()["state"][0]
+    aux = storage.Storage(param="bfloat16", update=mode).aux
+    if aux is not None:
+        assert st[aux].dtype == (np.uint16 if aux == storage.MASTER_LOW else BF16)
+    assert st["exp_avg"].dtype == {8: np.uint8, 16: BF16, 32: np.float32}[bits]
+    assert gpu.backend.to_host(gpu.param_groups[0]["params"][0]).dtype == BF16
+    back = fastopt.Adam([cpu_p[0].copy()], backend="numba", bf16_update=mode, state_bits=bits,
+                        seed=3)
+    back.load_state_dict(gpu.state_dict())
+    g = [rng_g.astype(BF16) for rng_g in dense_grads(shapes, np.float32, 1, seed=9)[0]]
+    back.step(g)
+    gpu.step([bf16_device(x) for x in g])
+    bf16_same(back, back.param_groups[0]["params"], gpu, gpu_p)
+
+
+def test_bf16_marking_and_refusals():
+    """cb.bfloat16 marks uint16 / int16 device arrays (a view, no copy); unmarked
+    uint16 parameters and gradients, float16 and host bfloat16 arrays are refused."""
+    h = np.arange(12, dtype=np.float32).astype(BF16).reshape(3, 4)
+    raw = cuda.to_device(h.view(np.uint16))
+    m = cb.bfloat16(raw)
+    assert cb.is_bf16_state(m) and m.dtype == np.uint16 and not cb.is_bf16_state(raw)
+    m16 = cb.bfloat16(cuda.to_device(h.view(np.int16)))
+    assert cb.is_bf16_state(m16) and m16.dtype == np.uint16
+    for bad in (cuda.to_device(np.zeros(3, np.float32)), np.zeros(3, np.uint16)):
+        with pytest.raises(TypeError, match="uint16 or int16"):
+            cb.bfloat16(bad)
+    with pytest.raises(ValueError, match="contiguous"):
+        cb.bfloat16(cuda.to_device(np.zeros((4, 6), np.uint16))[:, ::2])
+    with pytest.raises(TypeError, match=r"fastopt\.backends\.cuda\.bfloat16"):
+        fastopt.Adam([raw], backend="cuda")
+    with pytest.raises(TypeError, match="float16"):
+        fastopt.Adam([cuda.to_device(np.zeros(3, np.float16))], backend="cuda")
+    with pytest.raises(TypeError, match="device arrays"):
+        fastopt.Adam([h.copy()], backend="cuda")
+    opt = fastopt.SGD([m], backend="auto", lr=0.5)
+    assert opt.backend.name == "cuda"
+    with pytest.raises(TypeError, match="float dtype"):
+        opt.step([cuda.to_device(np.ones((3, 4), np.uint16))])
+    with pytest.raises(ValueError, match="shape"):
+        opt.step([bf16_device(np.ones((4, 3)))])
+    assert opt.step([bf16_device(np.ones((3, 4)))])
+    same_bits(m.copy_to_host().view(BF16), (h.astype(np.float32) - 0.5).astype(BF16), "SGD")
+    same_bits(raw.copy_to_host(), m.copy_to_host(), "the mark is a view")
 
 
 # ------------------------------------------------- the real compiler (no GPU)

@@ -1,23 +1,24 @@
 """The ``"cuda"`` backend: optimizer steps on NVIDIA GPUs with Numba ``cuda.jit`` kernels.
 
-Every feature of :data:`fastopt.backends.base.FEATURES` but bfloat16 parameters:
-dense multi-tensor steps, row-sparse steps (lazy and exact), row-wise rules, the
-fused options (clipping, L1, clamps, max-norm), ``grad_scale`` and
-``skip_nonfinite``, float32 and float64, and the stored state formats of
-:mod:`fastopt.storage` (``state_bits=16`` and ``8``; float32 state of float64
-parameters), see "Stored formats" below.
+Every feature of :data:`fastopt.backends.base.FEATURES`: dense multi-tensor steps,
+row-sparse steps (lazy and exact), row-wise rules, the fused options (clipping, L1,
+clamps, max-norm), ``grad_scale`` and ``skip_nonfinite``, float32 and float64, and
+the stored formats of :mod:`fastopt.storage` (``state_bits=16`` and ``8``; float32
+state of float64 parameters; bfloat16 parameters, uint16 device arrays marked with
+:func:`bfloat16`), see "Stored formats" below.
 
 Arrays
 ------
 Parameters are *device* arrays updated in place: anything with
 ``__cuda_array_interface__`` (numba device arrays, CuPy arrays, torch CUDA tensors)
-is viewed without a copy, and must be float32 or float64, C-contiguous and
-writeable.  State is allocated on the same device.  Gradients may be device arrays
-(used in place; another float dtype or a non-contiguous one is converted on the
-device into a new array) or host arrays (NumPy, CPU torch tensors), checked like the
-CPU backends check them and copied to the device on every step: correct, but the
-copy costs more than the update, so keep gradients on the device.  The values of
-a row-sparse gradient are host arrays (copied with the step's plan).
+is viewed without a copy, and must be float32 or float64 (or bfloat16 bits marked
+with :func:`bfloat16`), C-contiguous and writeable.  State is allocated on the
+same device.  Gradients may be device arrays (used in place; another float dtype
+or a non-contiguous one is converted on the device into a new array) or host
+arrays (NumPy, CPU torch tensors), checked like the CPU backends check them and
+copied to the device on every step: correct, but the copy costs more than the
+update, so keep gradients on the device.  The values of a row-sparse gradient are
+host arrays (copied with the step's plan).
 ``state_dict()`` returns host NumPy copies and ``load_state_dict`` copies host
 arrays to the device, so checkpoints move freely between the CPU and CUDA backends.
 
@@ -89,21 +90,43 @@ target's own ``math.sqrt`` / ``math.fabs`` / ``math.floor`` (IEEE ``sqrt.rn``, `
 
 Stored formats
 --------------
-Parameters on the device are float32 or float64 only; the state may be stored in
-another format (:mod:`fastopt.storage`): bfloat16 (``state_bits=16``), block-wise
-8-bit (``state_bits=8``: uint8 codes and float32 ``<slot>_absmax`` block scales), or
-float32 for float64 parameters (``state_bits=32``).  Features ``state16`` and
-``state8``; not ``bfloat16``.  Decision on bfloat16 *parameters*: numba device arrays
-cannot hold ``ml_dtypes.bfloat16``, torch refuses ``__cuda_array_interface__`` for
-bf16 tensors, and accepting uint16 device arrays as bfloat16 parameters would be
-ambiguous (a uint16 array is also valid data of its own), so bfloat16 parameters
-stay on the CPU backends (``as_param`` refuses non-float dtypes, the optimizer
-refuses the missing feature).  bfloat16 *state* lives on the device as uint16
-arrays of the bits, allocated by :meth:`CudaBackend.full` (asked for
-``ml_dtypes.bfloat16`` by :func:`fastopt.storage.initial_arrays`) and marked as
-bfloat16 (:func:`is_bf16_state`), so ``to_host`` (``state_dict``) returns
-``ml_dtypes.bfloat16`` arrays, as the CPU backends store, and ``from_host`` with a
-bfloat16 ``like`` uploads the bits.
+The state may be stored in another format than the parameter's dtype
+(:mod:`fastopt.storage`): bfloat16 (``state_bits=16``), block-wise 8-bit
+(``state_bits=8``: uint8 codes and float32 ``<slot>_absmax`` block scales), or float32
+for float64 and bfloat16 parameters.  Features ``state16``, ``state8`` and
+``bfloat16``.  bfloat16 *state* lives on the device as uint16 arrays of the bits,
+allocated by :meth:`CudaBackend.full` (asked for ``ml_dtypes.bfloat16`` by
+:func:`fastopt.storage.initial_arrays`) and marked as bfloat16 (:func:`is_bf16_state`),
+so ``to_host`` (``state_dict``) returns ``ml_dtypes.bfloat16`` arrays, as the CPU
+backends store, and ``from_host`` with a bfloat16 ``like`` uploads the bits.
+
+bfloat16 *parameters*: numba device arrays cannot hold ``ml_dtypes.bfloat16``, torch
+refuses ``__cuda_array_interface__`` for bfloat16 tensors, and a bare uint16 device
+array is ambiguous (it is also valid data of its own).  So a uint16 device array is a
+bfloat16 parameter only when the user marks it: :func:`bfloat16` takes anything with
+``__cuda_array_interface__`` (or a numba device array) of dtype uint16 or int16,
+C-contiguous (``bfloat16(torch_bf16.view(torch.int16))``, a CuPy or numba uint16
+array) and returns a numba uint16 device view of the same memory marked the way
+bfloat16 state is.  Unmarked uint16 / int16 arrays and float16 are refused by
+:meth:`CudaBackend.as_param`, with a message naming :func:`bfloat16`.  The optimizer
+holds a marked parameter as a :class:`_BF16Param` (``dtype`` ``ml_dtypes.bfloat16``,
+so the planner picks the same bfloat16 formats as on the CPU; ``bits``: the uint16
+array the kernels update in place).  All ``bf16_update`` modes: ``"split"`` (aux
+``master_low``, uint16), ``"kahan"`` (aux ``kahan_comp``, bfloat16 state),
+``"stochastic"`` (the counter-based stream of ``(seed, parameter, step, element)``:
+the planner's key, indexed by the element's flat index in the tensor, so results do
+not depend on the launch shape) and ``"nearest"``; the format's load/store functions
+are those of :mod:`fastopt.storage.io` the CPU drivers use.  Gradients of a bfloat16
+parameter: marked bfloat16 device arrays or float32 device arrays (other float
+dtypes are converted to float32 on the device), or host bfloat16 / float32 arrays;
+where one step has both bfloat16 and float32 gradients of bfloat16 parameters, the
+bfloat16 ones are widened to float32 (``widen`` kernel, exact) so each bucket reads
+one gradient dtype, as the CPU planner does.  Row kernels read gradient rows in
+float32 (dense bfloat16 rows of ``max_norm`` and row-wise steps are widened first),
+and ``skip_nonfinite`` scans bfloat16 gradients widened.  ``state_dict`` gives the
+CPU backends' arrays and dtypes (``master_low`` uint16, ``kahan_comp``
+``ml_dtypes.bfloat16``, bfloat16 / uint8 / float32 slots), ``to_host`` of a parameter
+gives an ``ml_dtypes.bfloat16`` array, and checkpoints move between backends.
 
 The kernels are the Numba CPU stored drivers
 (:func:`fastopt.backends.numba_cpu.make_stored_dense_driver` and friends) with their
@@ -126,7 +149,9 @@ contraction, as above: an 8-bit code may then differ by one step at a rounding t
   touched row, or with ``max_norm`` whole rows (stepped into a compute-dtype row
   buffer, renormalized, then stored).
 * ``stored_rowwise`` (:func:`make_stored_rowwise_kernel`): row-wise rules with
-  float32 per-row state of float64 parameters, one thread per touched row.
+  bfloat16 parameters or float32 per-row state of float64 parameters, one thread
+  per touched row.
+* ``widen`` (:func:`make_widen_kernel`): bfloat16 bits to float32, for gradients.
 
 A thread per 8-bit block (and per row with ``max_norm``) is the simple, correct
 first version: its memory accesses are not coalesced.  A faster layout would give
@@ -188,6 +213,8 @@ def _load():
 def is_device(obj):
     """A device array: anything with ``__cuda_array_interface__`` and numba device
     arrays (the simulator's have no interface)."""
+    if isinstance(obj, _BF16Param):
+        return True
     return not isinstance(obj, np.ndarray) and (
         hasattr(obj, "__cuda_array_interface__") or getattr(obj, "__cuda_ndarray__", False))
 
@@ -197,7 +224,10 @@ def _is_numba(obj):
 
 
 def _import_device(obj):
-    """A numba device array viewing ``obj``'s memory (no copy)."""
+    """A numba device array viewing ``obj``'s memory (no copy); a bfloat16 parameter
+    gives its (marked) uint16 bits."""
+    if isinstance(obj, _BF16Param):
+        return obj.bits
     if _is_numba(obj):
         return obj
     if not _SIM:
@@ -232,7 +262,10 @@ def _sim_from_cai(obj):
 
 def _describe(obj):
     """(shape, dtype, C-contiguous, read-only, address, stream) of a device array,
-    read from its ``__cuda_array_interface__`` (or the simulator's array)."""
+    read from its ``__cuda_array_interface__`` (or the simulator's array).  A bfloat16
+    parameter is described by its uint16 bits."""
+    if isinstance(obj, _BF16Param):
+        obj = obj.bits
     cai = getattr(obj, "__cuda_array_interface__", None)
     if cai is None:                                   # simulator array
         a = obj._ary
@@ -259,6 +292,8 @@ def _contiguous(shape, strides, item):
 
 
 def _address(a):
+    if isinstance(a, _BF16Param):
+        a = a.bits
     cai = getattr(a, "__cuda_array_interface__", None)
     if cai is not None:
         return int(cai["data"][0] or 0)
@@ -559,6 +594,25 @@ def make_count_kernel(config=None):
             cuda.atomic.add(out, 0, k)
 
     return cuda.jit(count_nonfinite)
+
+
+def make_widen_kernel(config=None):
+    """``kernel[blocks, BLOCK_SIZE](bits, out)``: ``out[i] = widen(bits[i])``, 1-D
+    uint16 bfloat16 bits to float32 (exact; :func:`fastopt.storage.codecs.widen`).
+    Gradients of bfloat16 parameters that must become float32 (a bucket mixing
+    bfloat16 and float32 gradients, the row kernels' gradient rows, the non-finite
+    scan)."""
+    _prepare()
+    from ..storage.codecs import widen
+
+    def widen_kernel(bits, out):
+        e = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        stride = cuda.gridDim.x * cuda.blockDim.x
+        while e < bits.shape[0]:
+            out[e] = widen(bits[e])
+            e += stride
+
+    return cuda.jit(widen_kernel)
 
 
 # ------------------------------------------------------------- stored formats
@@ -906,14 +960,15 @@ def make_stored_rowwise_kernel(config):
 
 _FACTORIES = {"dense": make_dense_kernel, "rows": make_rows_kernel,
               "renorm": make_renorm_kernel, "rowwise": make_rowwise_kernel,
-              "finite": make_count_kernel, "stored_dense": make_stored_dense_kernel,
+              "finite": make_count_kernel, "widen": make_widen_kernel,
+              "stored_dense": make_stored_dense_kernel,
               "stored_rows": make_stored_rows_kernel,
               "stored_rowwise": make_stored_rowwise_kernel}
 
 
 def kernel_for(kind, config, *extra):
     """The compiled kernel of ``kind`` ("dense", "rows", "renorm", "rowwise",
-    "finite", "stored_dense", "stored_rows", "stored_rowwise") for a
+    "finite", "widen", "stored_dense", "stored_rows", "stored_rowwise") for a
     :class:`~fastopt.backends.base.Config` (cached); ``extra``: the rows kernels'
     (catch, step) flags."""
     key = (kind, config, extra, _SIM)
@@ -1048,14 +1103,16 @@ def _rows_plan(work, nuniq, ident, catch):
 # ------------------------------------------------------- stored-format arrays
 
 def _mark_bf16(d):
-    """Mark a uint16 device array as holding bfloat16 values (state_bits=16)."""
+    """Mark a uint16 device array as holding bfloat16 values (state_bits=16,
+    ``kahan_comp``, parameters and gradients marked by :func:`bfloat16`)."""
     d._fastopt_bfloat16 = True
     return d
 
 
 def is_bf16_state(a):
-    """True for a bfloat16 state array of this backend: a uint16 device array made by
-    :meth:`CudaBackend.full` or :meth:`CudaBackend.from_host` for bfloat16."""
+    """True for a bfloat16 array of this backend: a uint16 device array made by
+    :meth:`CudaBackend.full` or :meth:`CudaBackend.from_host` for bfloat16, or marked
+    by :func:`bfloat16`, and a bfloat16 parameter (:class:`_BF16Param`)."""
     return bool(getattr(a, "_fastopt_bfloat16", False))
 
 
@@ -1078,9 +1135,118 @@ def _dummy(shape, dtype):
 
 
 def _check_stored(config):
-    """Parameters on the device are float32 or float64 (see the module docstring)."""
-    if config.storage.param != "native":
-        raise NotImplementedError("backend 'cuda' has no bfloat16 parameters")
+    """The kernels read a bfloat16 parameter's uint16 bits, float32 or float64
+    parameters in their dtype: nothing else reaches them."""
+    assert config.storage.param in ("native", "bfloat16"), config.storage
+
+
+def _widen(d):
+    """A new float32 device array of the values of the bfloat16 bits in uint16 device
+    array ``d`` (any shape, C-contiguous)."""
+    shape = tuple(_describe(d)[0])
+    n = int(np.prod(shape, dtype=np.int64))
+    out = cuda.device_array(shape, dtype=np.float32)
+    if n:
+        kernel_for("widen", None)[_blocks(n, BLOCK_SIZE), BLOCK_SIZE](
+            _import_device(d).reshape(n), out.reshape(n))
+    return out
+
+
+class _BF16Param:
+    """A bfloat16 parameter as the optimizer holds it (what :meth:`CudaBackend.as_param`
+    returns for an array marked by :func:`bfloat16`): ``dtype`` is
+    ``ml_dtypes.bfloat16``, so that the optimizer and the planner choose the bfloat16
+    storage formats, and ``bits`` is the marked uint16 numba device array the kernels
+    update in place.  Host copies (``copy_to_host``, :meth:`CudaBackend.to_host`) are
+    ``ml_dtypes.bfloat16`` arrays; assignment takes values converted to bfloat16
+    (round to nearest even)."""
+
+    __slots__ = ("bits", "__weakref__")
+    _fastopt_bfloat16 = True
+
+    def __init__(self, bits):
+        self.bits = _mark_bf16(bits)
+
+    @property
+    def dtype(self):
+        return BF16
+
+    @property
+    def shape(self):
+        return tuple(_describe(self.bits)[0])
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def size(self):
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self):
+        return 2 * self.size
+
+    @property
+    def itemsize(self):
+        return 2
+
+    @property
+    def __cuda_array_interface__(self):      # a GPU's uint16 bits (not the simulator)
+        return self.bits.__cuda_array_interface__
+
+    def reshape(self, *shape):
+        return _BF16Param(self.bits.reshape(*shape))
+
+    def copy_to_host(self):
+        return self.bits.copy_to_host().view(BF16)
+
+    def copy_to_device(self, ary):
+        self.bits.copy_to_device(np.ascontiguousarray(ary, dtype=BF16).view(np.uint16))
+
+    def __setitem__(self, idx, value):
+        if is_device(value):
+            if not is_bf16_state(value):
+                raise TypeError("assign bfloat16 device values marked with "
+                                "fastopt.backends.cuda.bfloat16(), or host values")
+            self.bits[idx] = _import_device(value)
+            return
+        self.bits[idx] = np.asarray(value, dtype=BF16).view(np.uint16)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __repr__(self):
+        return f"<fastopt CUDA bfloat16 parameter, shape {self.shape}>"
+
+
+def bfloat16(array):
+    """Mark a device array of bfloat16 *bits* as a bfloat16 parameter (or gradient) of
+    the CUDA backend.
+
+    ``array``: anything with ``__cuda_array_interface__`` (or a numba device array) of
+    dtype uint16 or int16, C-contiguous, e.g. ``torch_bf16.view(torch.int16)`` (torch
+    does not export bfloat16 tensors) or a CuPy / numba uint16 array.  Returns a numba
+    uint16 device array viewing the same memory (no copy), marked as holding bfloat16
+    values (:func:`is_bf16_state`); pass it to an optimizer with ``backend="cuda"``
+    (or ``"auto"``).  Unmarked uint16 arrays are refused: they may be data of their own.
+    """
+    _load()
+    if isinstance(array, _BF16Param):
+        return array.bits
+    if not is_device(array):
+        raise TypeError("fastopt.backends.cuda.bfloat16: expected a device array (an object "
+                        "with __cuda_array_interface__ or a numba device array) of dtype "
+                        f"uint16 or int16 holding bfloat16 bits; got {type(array).__name__}")
+    shape, dt, contig, readonly, _, _ = _describe(array)
+    if dt not in (np.dtype(np.uint16), np.dtype(np.int16)):
+        raise TypeError(f"fastopt.backends.cuda.bfloat16: dtype {dt} is not uint16 or int16 "
+                        "(the bits of bfloat16 values; torch: tensor.view(torch.int16))")
+    if not contig:
+        raise ValueError("fastopt.backends.cuda.bfloat16: the array is not C-contiguous")
+    if readonly:
+        raise ValueError("fastopt.backends.cuda.bfloat16: the array is read-only")
+    return _mark_bf16(_import_device(array).view(np.uint16))
 
 
 # ---------------------------------------------------------------------- backend
@@ -1088,11 +1254,13 @@ def _check_stored(config):
 class CudaBackend(Backend):
     """Runs optimizer steps on device arrays with ``cuda.jit`` kernels; provides the
     array methods of :class:`fastopt.backends.base.Backend` for device arrays.  Every
-    feature of :data:`fastopt.backends.base.FEATURES` but ``bfloat16`` parameters."""
+    feature of :data:`fastopt.backends.base.FEATURES` (bfloat16 parameters: uint16
+    device arrays marked with :func:`bfloat16`)."""
 
     name = "cuda"
-    #: everything but bfloat16 parameters (see "Stored formats" in the module docstring)
-    features = frozenset(FEATURES) - {"bfloat16"}
+    #: every feature; bfloat16 parameters are uint16 device arrays marked with
+    #: :func:`bfloat16` (see "Stored formats" in the module docstring)
+    features = frozenset(FEATURES)
     memory = "device"
 
     def __init__(self):
@@ -1100,7 +1268,9 @@ class CudaBackend(Backend):
 
     # -------------------------------------------------------------- arrays
     def as_param(self, obj, where):
-        """View ``obj`` as a device array that can be updated in place, or raise."""
+        """View ``obj`` as a device array that can be updated in place, or raise.  A
+        uint16 array marked by :func:`bfloat16` gives a :class:`_BF16Param`; unmarked
+        uint16 / int16 arrays and float16 are refused."""
         if isinstance(obj, (list, tuple)) or np.isscalar(obj) or obj is None:
             raise TypeError(f"{where}: expected an array, got {type(obj).__name__}")
         if not is_device(obj):
@@ -1108,24 +1278,52 @@ class CudaBackend(Backend):
                             "with __cuda_array_interface__: numba device arrays, CuPy arrays, "
                             f"torch CUDA tensors); got host {type(obj).__name__}. Move it to "
                             "the GPU or use a CPU backend")
+        if isinstance(obj, _BF16Param):
+            return obj
         shape, dt, contig, readonly, _, _ = _describe(obj)
-        if dt not in FLOAT_DTYPES or not dt.isnative:
+        bf = dt == np.uint16 and is_bf16_state(obj)
+        if dt == np.float16:
+            raise TypeError(f"{where}: dtype float16 is not supported (its 5-bit "
+                            "exponent under- and overflows optimizer updates); use bfloat16 "
+                            "parameters (mark their bits with fastopt.backends.cuda.bfloat16), "
+                            "or float32 parameters with state_bits=16 or 8")
+        if dt in (np.dtype(np.uint16), np.dtype(np.int16)) and not bf:
+            raise TypeError(f"{where}: dtype {dt} is not supported (float32, float64 or "
+                            "bfloat16); if the array holds bfloat16 bits, mark it with "
+                            "fastopt.backends.cuda.bfloat16(array) (torch: "
+                            "bfloat16(tensor.view(torch.int16)))")
+        if not bf and (dt not in FLOAT_DTYPES or not dt.isnative):
             raise TypeError(f"{where}: dtype {dt} is not supported "
-                            "(float32 or float64, native byte order)")
+                            "(float32, float64, native byte order, or bfloat16 bits marked "
+                            "with fastopt.backends.cuda.bfloat16)")
         if readonly:
             raise ValueError(f"{where}: the array is read-only; an optimizer updates it in place")
         if not contig:
             raise ValueError(f"{where}: the array is not C-contiguous; fastopt updates "
                              "contiguous memory in place, pass a contiguous array")
+        if bf:
+            return _BF16Param(_import_device(obj))
         return _import_device(obj)
 
-    def _convert(self, g, p):
-        """A contiguous device copy of device array ``g`` in ``p``'s dtype."""
+    def _convert(self, g, p, dtype=None):
+        """A contiguous device copy of device array ``g`` in ``dtype`` (default: ``p``'s
+        dtype) and ``p``'s shape.  Marked bfloat16 bits are widened (exact)."""
+        dtype = np.dtype(p.dtype if dtype is None else dtype)
         d = _import_device(g)
-        out = cuda.device_array(p.shape, dtype=p.dtype)
+        shape = tuple(p.shape)
+        if _describe(d)[1] == np.uint16 and is_bf16_state(g):
+            if not _describe(d)[2]:
+                c = cuda.device_array(shape, dtype=np.uint16)
+                if c.size:
+                    c[:] = d
+                d = c
+            d = _widen(d)
+            if dtype == np.float32:
+                return d
+        out = cuda.device_array(shape, dtype=dtype)
         if out.size:
             if out.ndim == 0:
-                out = cuda.to_device(np.asarray(d.copy_to_host(), dtype=p.dtype))
+                out = cuda.to_device(np.asarray(d.copy_to_host(), dtype=dtype))
             else:
                 out[:] = d          # numba's assignment kernel: strided read, cast
         return out
@@ -1135,30 +1333,78 @@ class CudaBackend(Backend):
         gradients of another float dtype or layout are converted on the device, host
         gradients are checked as on the CPU and copied over.  Returns (arrays,
         int64 addresses); writes no parameter or state.  Streams named by the
-        gradients are synchronized (once each) before returning."""
+        gradients are synchronized (once each) before returning.
+
+        Gradients of a bfloat16 parameter: marked bfloat16 device arrays
+        (:func:`bfloat16`) or float32 ones (other float dtypes are converted to
+        float32), host bfloat16 or float32 arrays (copied over).  When a step has both
+        bfloat16 and float32 gradients of bfloat16 parameters, the bfloat16 ones are
+        widened to float32 (exact: the same values; a bucket reads one gradient
+        dtype).  Marked bfloat16 gradients of float32 / float64 parameters are widened
+        (and converted)."""
         out = list(dense)
         addr = np.empty(len(dense), dtype=np.int64)
         streams = set()
+        bf_grads = []
         for k, (g, p) in enumerate(zip(dense, plist)):
             where = f"gradient {active[k]}"
+            bfp = isinstance(p, _BF16Param)
+            if isinstance(g, _BF16Param):
+                g = g.bits
             if not is_device(g):
-                d = cuda.to_device(as_grad(g, p, where))
+                h = as_grad(g, p, where)
+                if is_bf16(h.dtype):
+                    d = _mark_bf16(cuda.to_device(h.view(np.uint16)))
+                else:
+                    d = cuda.to_device(h)
                 out[k], addr[k] = d, _address(d)
+                if bfp:
+                    bf_grads.append(k)
                 continue
             shape, dt, contig, _, ptr, stream = _describe(g)
-            if dt.kind != "f":
-                raise TypeError(f"{where}: gradient dtype {dt} is not a float dtype")
+            bfg = dt == np.uint16 and is_bf16_state(g)
+            if dt.kind != "f" and not bfg:
+                raise TypeError(f"{where}: gradient dtype {dt} is not a float dtype" + (
+                    "; mark bfloat16 bits with fastopt.backends.cuda.bfloat16(array)"
+                    if dt in (np.dtype(np.uint16), np.dtype(np.int16)) else ""))
             if tuple(shape) != tuple(p.shape):
                 raise ValueError(f"{where}: gradient shape {tuple(shape)} does not match "
                                  f"parameter shape {tuple(p.shape)}")
             if stream not in (None, 1, 2):
                 streams.add(stream)
-            if dt != p.dtype or not contig:
-                out[k] = self._convert(g, p)
-                ptr = _address(out[k])
-            elif not hasattr(g, "reshape"):
+            if bfp:
+                bf_grads.append(k)
+                if bfg and contig:
+                    keep = True
+                elif bfg:                           # contiguous copy of the bits
+                    c = cuda.device_array(tuple(shape), dtype=np.uint16)
+                    if c.size:
+                        c[:] = _import_device(g)
+                    out[k] = _mark_bf16(c)
+                    ptr = _address(out[k])
+                    keep = False
+                else:
+                    keep = dt == np.float32 and contig
+                    if not keep:
+                        out[k] = self._convert(g, p, np.float32)
+                        ptr = _address(out[k])
+            else:
+                keep = dt == p.dtype and contig
+                if not keep:
+                    out[k] = self._convert(g, p)
+                    ptr = _address(out[k])
+            if keep and not hasattr(g, "reshape"):
                 out[k] = _import_device(g)
+            elif keep and out[k] is not g:
+                out[k] = g
             addr[k] = ptr
+        if bf_grads:
+            kinds = {_describe(out[k])[1].itemsize for k in bf_grads}
+            if len(kinds) > 1:              # bfloat16 and float32 gradients: all float32
+                for k in bf_grads:
+                    if _describe(out[k])[1] == np.uint16:
+                        out[k] = _widen(out[k])
+                        addr[k] = _address(out[k])
         for s in streams:
             cuda.external_stream(s).synchronize()
         return out, addr
@@ -1179,6 +1425,13 @@ class CudaBackend(Backend):
             n = int(np.prod(shape, dtype=np.int64))
             if not n:
                 continue
+            if dt == np.uint16:             # bfloat16 bits (check_grads refuses others)
+                if not contig:
+                    flat = cuda.device_array(shape, dtype=dt)
+                    flat[:] = d
+                    d = flat
+                d = _widen(d)
+                shape, dt, contig = tuple(shape), np.dtype(np.float32), True
             if not contig:
                 flat = cuda.device_array(shape, dtype=dt)
                 flat[:] = d
@@ -1212,8 +1465,8 @@ class CudaBackend(Backend):
         return _address(a)
 
     def to_host(self, a):
-        """A host copy; a bfloat16 state array comes back as ``ml_dtypes.bfloat16``
-        (the dtype the CPU backends store)."""
+        """A host copy; a bfloat16 state array or parameter comes back as
+        ``ml_dtypes.bfloat16`` (the dtype the CPU backends store)."""
         h = _import_device(a).copy_to_host()
         return h.view(BF16) if is_bf16_state(a) else h
 
@@ -1326,6 +1579,8 @@ class CudaBackend(Backend):
         ident = stepping and work.order is work.uniq and nuniq == nrows
         order, seg, uniq, coef, hyper = _rows_plan(work, nuniq, ident, catch)
         vals = self._device_rows(work.vals, D, CT) if stepping else _dummy((1, 1), CT)
+        if vals.dtype == np.uint16:       # bfloat16 bits (dense rows of a bfloat16 param)
+            vals = _widen(vals)
         if vals.dtype != CT:              # device rows of another dtype
             conv = cuda.device_array(vals.shape, dtype=CT)
             conv[:] = vals
