@@ -1140,6 +1140,17 @@ def _check_stored(config):
     assert config.storage.param in ("native", "bfloat16"), config.storage
 
 
+def _packed(d):
+    """Device array ``d`` itself when C-contiguous, else a contiguous copy (numba's
+    assignment kernel: strided read)."""
+    shape, dt, contig = _describe(d)[:3]
+    if contig:
+        return d
+    out = cuda.device_array(tuple(shape), dtype=dt)
+    out[:] = d
+    return out
+
+
 def _widen(d):
     """A new float32 device array of the values of the bfloat16 bits in uint16 device
     array ``d`` (any shape, C-contiguous)."""
@@ -1312,12 +1323,7 @@ class CudaBackend(Backend):
         d = _import_device(g)
         shape = tuple(p.shape)
         if _describe(d)[1] == np.uint16 and is_bf16_state(g):
-            if not _describe(d)[2]:
-                c = cuda.device_array(shape, dtype=np.uint16)
-                if c.size:
-                    c[:] = d
-                d = c
-            d = _widen(d)
+            d = _widen(_packed(d))
             if dtype == np.float32:
                 return d
         out = cuda.device_array(shape, dtype=dtype)
@@ -1377,10 +1383,7 @@ class CudaBackend(Backend):
                 if bfg and contig:
                     keep = True
                 elif bfg:                           # contiguous copy of the bits
-                    c = cuda.device_array(tuple(shape), dtype=np.uint16)
-                    if c.size:
-                        c[:] = _import_device(g)
-                    out[k] = _mark_bf16(c)
+                    out[k] = _mark_bf16(_packed(_import_device(g)))
                     ptr = _address(out[k])
                     keep = False
                 else:
@@ -1425,17 +1428,9 @@ class CudaBackend(Backend):
             n = int(np.prod(shape, dtype=np.int64))
             if not n:
                 continue
+            d = _packed(d)
             if dt == np.uint16:             # bfloat16 bits (check_grads refuses others)
-                if not contig:
-                    flat = cuda.device_array(shape, dtype=dt)
-                    flat[:] = d
-                    d = flat
-                d = _widen(d)
-                shape, dt, contig = tuple(shape), np.dtype(np.float32), True
-            if not contig:
-                flat = cuda.device_array(shape, dtype=dt)
-                flat[:] = d
-                d = flat
+                d, dt = _widen(d), np.dtype(np.float32)
             if count is None:
                 count = cuda.to_device(np.zeros(1, dtype=np.int64))
             scale = dt.type(1.0 if grad_scale is None else grad_scale)

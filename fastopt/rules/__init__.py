@@ -53,7 +53,7 @@ def takes_state_bits(rule, variant, state_bits):
 def variant(rule, k, state_bits=None):
     """``rule.variants[k]``, or, where that configuration refuses ``state_bits``, the
     nearest earlier variant that takes it (tests and benchmarks use this)."""
-    for v in rule.variants[k::-1] if k >= 0 else rule.variants[len(rule.variants) + k::-1]:
+    for v in rule.variants[k::-1]:
         if takes_state_bits(rule, v, state_bits):
             return v
     raise ValueError(f"{rule.name}: no variant takes state_bits={state_bits}")
