@@ -474,10 +474,6 @@ class _Host:
         return self.d.copy_to_host().view(BF16)
 
 
-def bf16_variant(rule, bits):
-    return rules.variant(rule, -1, bits)
-
-
 @pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in RULES])
 def test_bf16_dense_matches_numba(name):
     """Dense steps with bfloat16 parameters, every rule (a 0-d tensor for the
@@ -494,7 +490,7 @@ def test_bf16_dense_matches_numba(name):
         shapes.append((4100,))
     params = bf16_params(shapes)
     cpu, cpu_p, gpu, gpu_p = bf16_pair(name, params, bf16_update=mode, state_bits=bits,
-                                       seed=7, **bf16_variant(rule, bits))
+                                       seed=7, **rules.variant(rule, -1, bits))
     rng = np.random.default_rng(2)
     for t in range(2):
         gs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
@@ -518,7 +514,7 @@ def test_bf16_sparse_matches_numba(name):
     shape = SHAPE if bits == 8 and rule.layout != "rowwise" else (12, 20)
     params = bf16_params([shape])
     cpu, cpu_p, gpu, gpu_p = bf16_pair(name, params, bf16_update=mode, state_bits=bits,
-                                       seed=5, **bf16_variant(rule, bits))
+                                       seed=5, **rules.variant(rule, -1, bits))
     rng = np.random.default_rng(3)
     for t in range(2):
         g = sparse_grad(shape[0], shape[1:], np.float32 if t == 0 else BF16, rng, nnz=5)
