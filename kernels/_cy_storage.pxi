@@ -152,6 +152,7 @@ cdef extern from *:
         if (!(x > 0)) return 0;
         y = sqrtf(sqrtf(x * inv)) * 253.0f;
         q = floorf(y + 0.5f);
+        if (q < 1.0f) q = 1.0f;      /* a positive value never rounds to 0 */
         if (q > 253.0f) q = 253.0f;
         return (uint8_t)(int32_t)q;
     }

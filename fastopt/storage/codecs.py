@@ -22,8 +22,18 @@ more decades; the fourth root keeps values down to 2e-10 of the block's largest)
 
     signed:    q = min(floor(sqrt(|x| inv) * 126 + 0.5), 126), stored as the byte of
                sign(x) q;  x = (q |q|) / 126**2 * s;   NaN 128, +Inf 127, -Inf 129
-    unsigned:  q = min(floor(sqrt(sqrt(x inv)) * 253 + 0.5), 253);
+    unsigned:  q = min(max(floor(sqrt(sqrt(x inv)) * 253 + 0.5), 1), 253) for x > 0;
                x = (q q)(q q) / 253**4 * s;             NaN 255, +Inf 254, x <= 0: 0
+
+The unsigned code never rounds a positive value to 0: a value below half the
+smallest code is stored as the smallest code (``s / 253**4``).  Every unsigned slot
+is a denominator (Adam's ``exp_avg_sq``, Adagrad's ``sum``, RMSprop's
+``square_avg``, Adamax's ``exp_inf``), so rounding up is the safe direction: a
+flushed second moment beside a first moment that still carries its history made
+the update ``m / eps`` for the neighbours of one outlier gradient (the outlier
+sets the block scale; its second moment decays by beta2 per step, the
+neighbours' stayed 0 for thousands of steps).  A floored moment overestimates,
+which shrinks the step (bitsandbytes' dynamic code errs the same way).
 
 Encoding is a few arithmetic operations and a compare (no table search), so it
 vectorizes inside the fused pass; ``encode(decode(q)) == q`` for every code.
@@ -175,7 +185,7 @@ def decode_signed(c, s):
 def encode_unsigned(x, inv):
     x = np.float32(x)
     y = np.sqrt(np.sqrt(x * inv)) * np.float32(253.0)
-    q = min(np.floor(y + np.float32(0.5)), np.float32(253.0))
+    q = min(max(np.floor(y + np.float32(0.5)), np.float32(1.0)), np.float32(253.0))
     k = np.int32(q) if x > 0 else np.int32(0)                # x <= 0 (and -Inf): 0
     k = np.int32(254) if x > FLT_MAX else k                   # +Inf
     k = k if x == x else np.int32(255)                        # NaN
@@ -217,7 +227,7 @@ def decode_signed_finite(c, s):
 def encode_unsigned_finite(x, inv):
     x = np.float32(x)
     y = np.sqrt(np.sqrt(x * inv)) * np.float32(253.0)
-    q = min(np.floor(y + np.float32(0.5)), np.float32(253.0))
+    q = min(max(np.floor(y + np.float32(0.5)), np.float32(1.0)), np.float32(253.0))
     k = np.int32(q) if x > 0 else np.int32(0)
     return np.uint8(k)
 

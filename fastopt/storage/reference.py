@@ -116,7 +116,7 @@ def q8_encode(x, shape, signed):
             k = np.where(np.isnan(xb), 128, np.where(xb == np.inf, 127,
                                                       np.where(xb == -np.inf, 129, k)))
         else:
-            q = np.minimum(np.floor(np.sqrt(np.sqrt(a)) * F32(253.0) + F32(0.5)), F32(253.0))
+            q = np.clip(np.floor(np.sqrt(np.sqrt(a)) * F32(253.0) + F32(0.5)), F32(1.0), F32(253.0))
             k = np.where(xb > 0, q, F32(0)).astype(np.int32)
             k = np.where(np.isnan(xb), 255, np.where(xb == np.inf, 254, k))
     return _unblocked(k.astype(np.uint8), dims, shape), s
