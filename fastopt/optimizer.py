@@ -45,17 +45,16 @@ class Optimizer:
         self.state_bits, self.bf16_update, self.seed = storage.check_options(
             state_bits, bf16_update, seed)
         self._storage = []
+        self._seeds = []            # per parameter: its group's stochastic-rounding seed
         unknown = set(hyper) - set(rule.defaults)
         if unknown:
             raise TypeError(f"{rule.name}: unexpected hyperparameter(s) {sorted(unknown)}")
         self.defaults = rule.check_group({**rule.defaults, **hyper})
         self.backend = backends.resolve(backend, sample=_first_array(params))
         self._check_backend(self.defaults)
-        if self.state_bits == 16:
-            self.backend.require("state16", "state_bits=16")
-        elif self.state_bits == 8:
-            self.backend.require("state8", "state_bits=8")
-        self._groups = ParamGroups(rule, self.backend, self.defaults, self._check_group)
+        self._require_state_bits(self.state_bits)
+        self._groups = ParamGroups(rule, self.backend, self.defaults, self._check_group,
+                                   self._group_storage, storage.OPTIONS)
         self._names = None
         if isinstance(params, dict):
             self._names = list(params)
@@ -97,11 +96,34 @@ class Optimizer:
         a scheduler's ``initial_lr``) are kept as they are and saved in state_dict.
         """
         added = self._groups.add(group, self._check_params)
+        g = self.param_groups[-1]
         self._state.extend({} for _ in added)
-        self._storage.extend(storage.storage_for(self.rule, self._params[i], self.state_bits,
-                                                 self.bf16_update) for i in added)
+        self._storage.extend(storage.storage_for(self.rule, self._params[i], g["state_bits"],
+                                                 g["bf16_update"]) for i in added)
+        self._seeds.extend(g["seed"] for _ in added)
         self._steps = np.concatenate([self._steps, np.zeros(len(added), np.int64)])
         self._plan_version = getattr(self, "_plan_version", 0) + 1
+
+    def _require_state_bits(self, state_bits):
+        if state_bits == 16:
+            self.backend.require("state16", "state_bits=16")
+        elif state_bits == 8:
+            self.backend.require("state8", "state_bits=8")
+
+    def _group_storage(self, group, arrays):
+        """The storage options of a new group (``storage.OPTIONS``): its own entries,
+        else the optimizer's.  They are fixed once the group is added (an edit is
+        refused by :class:`ParamGroups`)."""
+        given = {k: group[k] for k in storage.OPTIONS if k in group}
+        opts = dict(zip(storage.OPTIONS, storage.check_options(
+            given.get("state_bits", self.state_bits),
+            given.get("bf16_update", self.bf16_update), given.get("seed", self.seed))))
+        self._require_state_bits(opts["state_bits"])
+        if given.get("bf16_update") is not None and arrays \
+                and not any(storage.is_bf16(a.dtype) for a in arrays):
+            raise ValueError(f"param group bf16_update={given['bf16_update']!r} applies to "
+                             "bfloat16 parameters, and the group has none")
+        return opts
 
     def _check_backend(self, group):
         """Refuse, at construction or when a group changes, what the backend lacks."""
@@ -114,10 +136,11 @@ class Optimizer:
 
     def _check_group(self, group):
         self._check_backend(group)
-        if self.state_bits in (8, 16):
+        bits = group.get("state_bits", self.state_bits)
+        if bits in (8, 16):
             reason = self.rule.low_state_reason(group)
             if reason is not None:
-                raise ValueError(f"{self.rule.name}: state_bits={self.state_bits} is not "
+                raise ValueError(f"{self.rule.name}: state_bits={bits} is not "
                                  f"possible for this configuration: {reason}")
         if self.sparse_mode != "exact":
             return
@@ -229,14 +252,15 @@ class Optimizer:
         return True
 
     def _check_sparse(self, grads, sparse_i):
-        """Validate the row-sparse gradients; returns [(i, idx, vals)] (empty ones
-        dropped: an empty sparse gradient is a no-op)."""
+        """Validate the row-sparse gradients; returns [(i, idx, vals)].  An empty one
+        is kept: it is a step that touches no row (torch's SparseAdam and Adagrad
+        count it), so the state is created, the step count advances and, in exact
+        mode, every row falls one step behind."""
         out = []
         for i in sparse_i:
             idx, vals = checked_rows(grads[i], self._params[i], f"gradient {i}")
             self._check_row_layout(i, "a row-sparse gradient")
-            if idx.shape[0]:
-                out.append((i, idx, vals))
+            out.append((i, idx, vals))
         return out
 
     def _check_row_layout(self, i, what):
@@ -247,7 +271,7 @@ class Optimizer:
             raise ValueError(
                 f"parameter {i}: {what} updates a 1-D parameter element by element, but its "
                 f"8-bit state is quantized in blocks of {storage.Q8_BLOCK} elements; use "
-                f"state_bits=16 (or 32) for it (an optimizer of its own)")
+                f"state_bits=16 (or 32) for it (a param group of its own)")
 
     def _alias_table(self):
         """Sorted byte ranges of every parameter and state array (cached per plan)."""
@@ -389,7 +413,9 @@ class Optimizer:
                 exact = self._exact.pending(i, step - 1, self._skipped_scalars)
             elif self._exact and idx is None:
                 self._flush_param(i)
-            if p.size:
+            if idx is not None and not idx.shape[0]:
+                pass              # a step that touches no row: only the counts advance
+            elif p.size:
                 work = planner.rows_work(
                     rule, spec, p, planner.slot_list(rule, st, spec.uses), row, idx, vals, gs,
                     exact=exact,
@@ -467,7 +493,7 @@ class Optimizer:
             return 0
         if step is None:
             step = int(self._steps[i]) + 1
-        return storage.stream_key(self.seed, i, step)
+        return storage.stream_key(self._seeds[i], i, step)
 
     def _ref_state(self, i, uses):
         st = self._state[i]

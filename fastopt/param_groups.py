@@ -17,6 +17,7 @@ import numpy as np
 
 from . import planner
 
+_MISSING = object()
 
 def _frozen(v):
     """A comparable, type-aware copy of a hyperparameter value."""
@@ -34,12 +35,17 @@ def _frozen(v):
 class ParamGroups:
     """The groups, the flat parameter list and the validated view of both."""
 
-    def __init__(self, rule, backend, defaults, check_extra=lambda group: None):
+    def __init__(self, rule, backend, defaults, check_extra=lambda group: None,
+                 fixed_of=lambda group, arrays: {}, fixed_keys=()):
         self.rule = rule
-        self._keys = tuple(rule.checks)
+        self.fixed_keys = tuple(fixed_keys)
+        self._keys = tuple(rule.checks) + self.fixed_keys
         self.backend = backend
         self.defaults = defaults
         self.check_extra = check_extra     # e.g. exact-mode compatibility
+        #: validates a new group's fixed entries (the storage options), returns them
+        self.fixed_of = fixed_of
+        self.fixed = []                    # per group: its fixed entries, as added
         self.groups = []                   # the user-visible list (optimizer.param_groups)
         self.params = []                   # flat list of parameter arrays
         self._snapshot = None
@@ -61,14 +67,17 @@ class ParamGroups:
         checked = [self.backend.as_param(a, f"parameter {start + k}")
                    for k, a in enumerate(arrays)]
         refuse_overlaps(self.params + checked, self.backend)
+        fixed = self.fixed_of(group, checked)
         check_params(checked)
         if self.rule.layout == "rowwise" and any(a.ndim == 0 for a in checked):
             raise ValueError(f"{self.rule.name} keeps one accumulator per row: parameters "
                              "need at least one dimension")
         hyper = self.rule.check_group({**self.defaults, **group})
-        self.check_extra(hyper)
-        extras = {k: v for k, v in group.items() if k not in hyper and k != "params"}
-        self.groups.append({**extras, **hyper, "params": list(checked)})
+        self.check_extra({**hyper, **fixed})
+        extras = {k: v for k, v in group.items()
+                  if k not in hyper and k not in fixed and k != "params"}
+        self.groups.append({**extras, **hyper, **fixed, "params": list(checked)})
+        self.fixed.append(dict(fixed))
         self.params.extend(checked)
         self.version += 1
         self._snapshot = None
@@ -77,7 +86,7 @@ class ParamGroups:
     def _snap(self):
         """Per group: the values themselves (compared by identity), copies of the
         mutable ones (compared by content, with types) and the parameter ids."""
-        keys = tuple(self.rule.checks)
+        keys = self._keys
         out = []
         for g in self.groups:
             vals = tuple(g.get(k) for k in keys)
@@ -109,9 +118,10 @@ class ParamGroups:
         nothing) on a bad edit."""
         if self._unchanged():
             return self._cache
+        self._check_fixed()
         checked = [self.rule.check_group(g) for g in self.groups]
-        for h in checked:
-            self.check_extra(h)
+        for h, fixed in zip(checked, self.fixed):
+            self.check_extra({**h, **fixed})
         new_params = self._checked_params()
         specs = [planner.group_spec(self.rule, h) for h in checked]
         owner = []
@@ -129,6 +139,20 @@ class ParamGroups:
         self.spec_version += 1
         self._snapshot = self._snap()
         return self._cache
+
+    def _check_fixed(self):
+        """Refuse an edit of a fixed entry (a group's storage format: its state is
+        stored in that format from the group's first step)."""
+        for gi, (g, fixed) in enumerate(zip(self.groups, self.fixed)):
+            for k, v in fixed.items():
+                new = g.get(k, _MISSING)
+                if new is _MISSING or _frozen(new) != _frozen(v):
+                    shown = "deleted" if new is _MISSING else f"changed to {new!r}"
+                    raise ValueError(
+                        f"param_groups[{gi}][{k!r}] was {shown}; it was {v!r}: a group's "
+                        f"{k} is fixed when the group is added (its state is stored in "
+                        f"that format); put parameters that need another {k} in a group of "
+                        f"their own (add_param_group) or a new optimizer")
 
     def _checked_params(self):
         """The flat list after user edits of ``params`` lists, or None if unchanged."""

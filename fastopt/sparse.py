@@ -16,7 +16,10 @@ are the touched rows, with their dense contents as values.
 Validation happens before anything is written: indices must be integers in
 ``[0, nrows)`` (IndexError otherwise, naming the offending index), values must have
 the right shape (ValueError) and a float dtype (TypeError; other float dtypes are
-converted to the parameter's).  An empty sparse gradient is a no-op.
+converted to the parameter's).  An empty sparse gradient (no rows) is a step that
+touches no row, as torch's SparseAdam and Adagrad count it: the parameter's state is
+created and its step count advances (lazy mode: nothing else changes; exact mode:
+every row falls one step behind, caught up later).
 """
 
 import numpy as np

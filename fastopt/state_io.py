@@ -4,7 +4,8 @@ Format (version 1, torch's layout plus a format version and the optimizer name):
 
     {"version": 1, "optimizer": "Adam",
      "state": {index: {"step": int, "exp_avg": ndarray, ..., "mu_product": float}},
-     "param_groups": [{**hyperparameters, "params": [indices]}],
+     "param_groups": [{**hyperparameters, "state_bits": ..., "bf16_update": ...,
+                       "seed": ..., "params": [indices]}],   # a group's storage options
      "param_names": [...]}                 # when the parameters were given as a dict
 
 Loading is strict and atomic: everything is checked before anything changes.  When
@@ -61,6 +62,18 @@ def storage_options(opt):
     return {"state_bits": opt.state_bits, "bf16_update": opt.bf16_update, "seed": opt.seed}
 
 
+def _group_storage(opt, gi, hyper, saved):
+    """Group ``gi``'s storage options as saved (a state dict without them in its
+    groups: the optimizer-wide record), checked against this optimizer's group."""
+    mine = opt._groups.fixed[gi]
+    got = dict(zip(storage.OPTIONS, storage.check_options(
+        *(hyper.get(k, saved.get(k)) for k in storage.OPTIONS))))
+    if got != mine:
+        raise ValueError(f"param group {gi} of the state_dict was saved with storage options "
+                         f"{got}, this optimizer's group has {mine}")
+    return mine
+
+
 def _index_map(opt, sd):
     """saved parameter index -> this optimizer's index."""
     n = len(opt._params)
@@ -111,10 +124,11 @@ def load_state_dict(opt, sd):
         if len(g_new.get("params", ())) != len(g_old["params"]):
             raise ValueError(f"param group {gi} has a different number of parameters")
         hyper = {k: v for k, v in g_new.items() if k != "params"}
+        fixed = _group_storage(opt, gi, hyper, saved)
         checked = rule.check_group({**opt.defaults, **hyper})
-        opt._check_group(checked)
-        extras = {k: v for k, v in hyper.items() if k not in checked}
-        new_groups.append({**extras, **checked})
+        opt._check_group({**checked, **fixed})
+        extras = {k: v for k, v in hyper.items() if k not in checked and k not in fixed}
+        new_groups.append({**extras, **checked, **fixed})
     owner = []
     for gi, g in enumerate(opt.param_groups):
         owner.extend([gi] * len(g["params"]))

@@ -12,7 +12,7 @@ import fastopt
 from fastopt import rules
 from fastopt.sparse import coalesce
 
-from conftest import DTYPES, rule_cases
+from conftest import CPU_BACKENDS, DTYPES, rule_cases
 
 SPARSE_BACKENDS = [b for b in fastopt.available_backends()
                    if hasattr(fastopt.backends.resolve(b), "run_rows")]
@@ -171,11 +171,17 @@ def test_bad_sparse_gradients_change_nothing(backend):
         fastopt.RowSparse(np.array([0, 1]), np.ones((3, 2)))
 
 
-def test_empty_sparse_gradient_is_a_noop():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_sparse_gradient_is_a_step_with_no_rows(backend):
+    """An empty batch counts as a step, as torch's SparseAdam and Adagrad count it:
+    state created, step 1, no row changed (before, it was dropped: the step counts
+    and so the bias corrections drifted from torch's)."""
     p = np.ones((4, 2))
-    opt = fastopt.Adam([p])
+    opt = fastopt.Adam([p], backend=backend)
     opt.step([fastopt.RowSparse(np.zeros(0, np.int64), np.zeros((0, 2)))])
-    assert opt.state_dict()["state"] == {}
+    st = opt.state_dict()["state"][0]
+    assert st["step"] == 1
+    np.testing.assert_array_equal(st["exp_avg"], 0)
     np.testing.assert_array_equal(p, 1)
 
 

@@ -76,6 +76,10 @@ def is_bf16(dtype):
     return BF16 is not None and np.dtype(dtype) == BF16
 
 
+#: the storage options, as optimizer arguments and as param-group entries
+OPTIONS = ("state_bits", "bf16_update", "seed")
+
+
 def check_options(state_bits, bf16_update, seed):
     """Validate the storage options; ValueError naming the value."""
     if isinstance(state_bits, bool) or state_bits not in STATE_BITS:
