@@ -37,8 +37,11 @@ Semantics
   dimension (``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``,
   coalesced or not; read as :class:`fastopt.RowSparse` without densifying; duplicate
   rows are summed deterministically).  A parameter whose ``grad`` is ``None`` is
-  skipped and its state is not touched.  The closure runs under
-  ``torch.enable_grad()`` and its loss is returned.
+  skipped and its state is not touched.  A sparse ``grad`` with no rows (an empty
+  batch) is a step that touches no row, as torch's SparseAdam and Adagrad count it:
+  the state is created if missing and ``step`` advances (lazy mode: nothing else
+  changes; exact mode: every row falls one step behind, to be caught up).  The
+  closure runs under ``torch.enable_grad()`` and its loss is returned.
 * Parameters must be contiguous float32 or float64 tensors; they are updated in
   place (CPU tensors through NumPy views of their memory, CUDA tensors through
   ``numba.cuda.as_cuda_array``), with their autograd version counters bumped as an
@@ -96,6 +99,7 @@ from . import backends, planner
 from . import rules as registry
 from .exact_mode import ExactTracker
 from .param_groups import refuse_overlaps
+from .storage import OPTIONS as _STORAGE_OPTIONS
 from .optimizer import require_features
 from .rules import fused
 from .sparse import RowSparse, checked_rows
@@ -335,6 +339,11 @@ class _Optimizer(torch.optim.Optimizer):
         """Validate one group's values (torch flags, rule hyperparameters, fused
         options); returns the checked rule/fused values.  Raises naming the value."""
         name = type(self).__name__
+        for k in _STORAGE_OPTIONS:
+            if k in group:
+                raise ValueError(f"fastopt.torch.{name}: {k!r} in a param group is not "
+                                 f"supported by fastopt.torch yet (it would be ignored); the "
+                                 f"NumPy optimizer classes take it ({where})")
         merged = {**self.defaults, **group}
         for k in self._fo_keys:
             v = merged.get(k)
@@ -700,13 +709,15 @@ class _Optimizer(torch.optim.Optimizer):
 
     def _fo_rows(self, grads, by_rows, sparse_idx):
         """Validated row work items ``(i, idx or None, values, keep-alive)`` of the
-        sparse gradients and of the dense gradients of row-updated parameters."""
+        sparse gradients and of the dense gradients of row-updated parameters: one
+        per index of ``sparse_idx`` and ``by_rows``, in that order.  A sparse gradient
+        with no rows is kept (``idx`` of length 0): it is a step that touches no row,
+        as torch's SparseAdam and Adagrad count it, so the parameter is active (its
+        state exists and its step count advances) like any other with a gradient."""
         rows = []
         params, arrays = self._fo_params, self._fo_arrays
         for i in sparse_idx:
-            r = self._fo_sparse_rows(i, params[i], arrays[i], grads[i])
-            if r[1].shape[0]:
-                rows.append(r)
+            rows.append(self._fo_sparse_rows(i, params[i], arrays[i], grads[i]))
         for i in by_rows:
             g = self._fo_dense_grad(i, params[i], grads[i])
             rows.append((i, None, self._fo_grad_array(g, arrays[i]), g))
@@ -779,7 +790,10 @@ class _Optimizer(torch.optim.Optimizer):
                 raise TypeError(f"gradient {i}: layout {g.layout} is not supported (dense, "
                                 "or sparse COO with one sparse dimension)")
         rows = self._fo_rows(grads, by_rows, sparse_idx)
-        active = dense_i + [r[0] for r in rows]
+        # every parameter with a gradient is active (an empty sparse one included), so
+        # the parameters the plan lists (dense_idx, sparse_idx, by_rows) are exactly
+        # those whose state is allocated, checked and kept in _fo_slots below
+        active = dense_i + sparse_idx + by_rows
         state = self.state
         adopt, st_arrays, cache = [], {}, {}
         for i in active:
@@ -978,7 +992,9 @@ class _Optimizer(torch.optim.Optimizer):
                 exact = tracker.pending(i, step - 1, self._fo_skipped_scalars)
             elif tracker and idx is None:
                 self._fo_flush_param(i)
-            if arr.size:
+            if idx is not None and not idx.shape[0]:
+                pass          # a step with no touched row: only the counts advance
+            elif arr.size:
                 work = planner.rows_work(
                     rule, spec, arr, planner.slot_list(rule, self._fo_slots[i], spec.uses),
                     row, idx, vals, None, exact=exact,
