@@ -332,8 +332,14 @@ class Optimizer:
     def _row(self, i, spec, fresh, gs):
         st = self._state[i]
         host = {k: st[k] for k in self._host_keys}
+        fused_row = spec.fused_row
+        if (spec.switches[3] or spec.switches[4] or spec.switches[5]) \
+                and self._storage[i].param == "bfloat16":
+            fused_row = storage.bf16_fused_row(fused.scalars(spec.group, gs),
+                                               self._storage[i].update)
+            gs = None                     # it is in the row
         return self.rule.row(spec.group, int(self._steps[i]) + 1, host, fresh, gs,
-                             spec.fused_row)
+                             fused_row)
 
     def _step_dense(self, active, dense, gptr, specs, owner, gs, everyone):
         if self._exact:

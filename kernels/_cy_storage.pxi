@@ -99,12 +99,24 @@ cdef extern from *:
         h ^= h >> 16;
         return h >> 16;
     }
+    /* t held between the two bfloat16 neighbours of x (NaN passes through) */
+    static inline uint16_t fo_bracket(uint16_t t, float x) {
+        uint32_t b = fo_bits32(x);
+        uint32_t lo = b >> 16;
+        uint32_t hi = lo + ((b & 0xFFFFu) != 0u ? 1u : 0u);
+        float a = fo_widen((uint16_t)lo), c = fo_widen((uint16_t)hi), v = fo_widen(t);
+        uint32_t down = a <= c ? lo : hi, up = a <= c ? hi : lo;
+        float mn = a <= c ? a : c, mx = a <= c ? c : a;
+        if (v < mn) t = (uint16_t)down;
+        if (v > mx) t = (uint16_t)up;
+        return t;
+    }
     /* kahan store: old is the stored parameter (not yet written) */
     static inline void fo_kahan(uint16_t* p, uint16_t* a, float x) {
         float old = fo_widen(*p);
         float u = x - old;
         float y = fo_widen(*a) + u;
-        uint16_t t = fo_round_nearest(old + y);
+        uint16_t t = fo_bracket(fo_round_nearest(old + y), x);
         *p = t;
         *a = fo_round_nearest(y - (fo_widen(t) - old));
     }

@@ -103,6 +103,8 @@ class NumpyBackend(Backend):
             old = P.copy()
             G = fmt.widen(fmt.bits(g)) if g.dtype.itemsize == 2 else g
             G = G.astype(P.dtype)
+            if cfg.storage.param == "bfloat16":
+                group = storage.bf16_group(group, cfg.storage.update)
             work1 = replace(work, params=[P], grads=[G], ref=[(group, step, dec, fresh)],
                             config=replace(cfg, storage=storage.NATIVE, dtype=P.dtype))
             self.run_dense(work1)
@@ -111,6 +113,8 @@ class NumpyBackend(Backend):
     def _run_stored_rows(self, work):
         cfg = work.config
         group, step, state, fresh = work.ref
+        if cfg.storage.param == "bfloat16":
+            group = storage.bf16_group(group, cfg.storage.update)
         P, dec = _decode(cfg, work.param, work.extras, state)
         old = P.copy()
         slots = [dec[n] if u else None for n, u in
@@ -180,7 +184,7 @@ def _encode(cfg, p, extras, state, P, old, dec, key, rows):
             w = was.astype(np.float32)
             comp = fmt.widen(sel(fmt.bits(extras[0])))
             y = comp + (x - w)
-            hi = fmt.round_nearest(w + y)
+            hi = fmt.bracket(fmt.round_nearest(w + y), x)
             put(fmt.bits(extras[0]), fmt.round_nearest(y - (fmt.widen(hi) - w)))
         elif st.update == "stochastic":
             e = np.arange(nrows * D, dtype=np.int64).reshape(nrows, D)

@@ -76,6 +76,53 @@ def is_bf16(dtype):
     return BF16 is not None and np.dtype(dtype) == BF16
 
 
+def _bf16_toward(v, down):
+    """The bfloat16 value nearest ``v`` on its lower (``down``) or upper side."""
+    f = np.float32(v)
+    if (float(f) > v) if down else (float(f) < v):
+        f = np.nextafter(f, np.float32(-np.inf if down else np.inf))
+    b = int(np.array(f, np.float32).view(np.uint32))
+    hi, rest = b >> 16, b & 0xFFFF
+    # truncation moves toward zero: down for positives, up for negatives
+    if rest and ((f < 0) == down):
+        hi += 1
+    return float(np.array(hi << 16, np.uint32).view(np.float32))
+
+
+def bf16_fused_row(row, update):
+    """The fused scalars (``fused.FIELDS`` order) of a bfloat16 parameter, so that
+    what the model sees stays inside ``param_min``/``param_max`` and ``max_norm``:
+
+    * the clamp bounds are rounded inward to bfloat16 values.  Every ``bf16_update``
+      stores a value between its two bfloat16 neighbours, monotonically ("kahan"
+      by :func:`fastopt.storage.codecs.bracket`), so a value inside bfloat16 bounds
+      is stored inside them;
+    * ``max_norm`` is lowered by 2**-7 for "kahan", "stochastic" and "nearest": a
+      rounding moves an element by less than 2**-7 of its magnitude.  "split"
+      truncates toward zero and needs no margin.
+    """
+    gs, clip, l1, lo, hi, mn = row
+    if lo != -np.inf:
+        lo = _bf16_toward(lo, down=False)
+    if hi != np.inf:
+        hi = _bf16_toward(hi, down=True)
+    if mn != np.inf and update != "split":
+        mn = mn * (1.0 - 2.0 ** -7)
+    return (gs, clip, l1, lo, hi, mn)
+
+
+def bf16_group(group, update):
+    """``group`` with the bounds of :func:`bf16_fused_row` (for the reference)."""
+    keys = ("param_min", "param_max", "max_norm")
+    if all(group.get(k) is None for k in keys):
+        return group
+    inf = float("inf")
+    row = (1.0, inf, 0.0, *(float(group[k]) if group.get(k) is not None else d
+                            for k, d in zip(keys, (-inf, inf, inf))))
+    new = bf16_fused_row(row, update)[3:]
+    return {**group, **{k: v for k, v in zip(keys, new) if group.get(k) is not None}}
+
+
 #: the storage options, as optimizer arguments and as param-group entries
 OPTIONS = ("state_bits", "bf16_update", "seed")
 

@@ -10,6 +10,7 @@ bfloat16 (``u``: the uint16 bits)::
     round_nearest(x)   = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16      (NaN: quiet NaN)
     round_stochastic(x, r) = (bits + r) >> 16,  r uniform in [0, 2**16)   (NaN: quiet NaN)
     split(x)           = (bits >> 16, bits & 0xFFFF)  (NaN: high part made a quiet NaN)
+    bracket(t, x)      = t held between x's two bfloat16 neighbours (the Kahan store)
 
 The random 16 bits of element ``e`` under stream key ``k`` (:func:`random16`) are the
 top half of a 32-bit integer hash (the "lowbias32" finalizer) of
@@ -98,6 +99,24 @@ def split_low(x):
 def join(hi, lo):
     """The float32 master from its high and low 16 bits."""
     return np.uint32((np.uint32(hi) << np.uint32(16)) | np.uint32(lo)).view(np.float32)
+
+
+@register_jitable
+def bracket(t, x):
+    """The bfloat16 bits ``t`` held between the two bfloat16 neighbours of float32
+    ``x`` (Kahan's ``rn(p + y)`` carries the compensation and may land one step
+    past them: clamped or renormalized ``x`` must stay inside the bounds).  A NaN
+    ``x`` or ``t`` passes through."""
+    b = bits32(x)
+    lo = b >> np.uint32(16)                                   # toward zero
+    hi = lo + (np.uint32(1) if (b & np.uint32(0xFFFF)) != np.uint32(0) else np.uint32(0))
+    a = widen(lo)
+    c = widen(hi)
+    v = widen(t)
+    down, up = (lo, hi) if a <= c else (hi, lo)
+    t = np.uint16(down) if v < min(a, c) else t
+    t = np.uint16(up) if v > max(a, c) else t
+    return t
 
 
 @register_jitable

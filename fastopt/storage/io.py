@@ -53,7 +53,7 @@ def _bf16_param(update, CT):
         def store(P, A, e, x, old, key):
             u = np.float32(x) - np.float32(old)
             y = C.widen(A[e]) + u
-            t = C.round_nearest(np.float32(old) + y)
+            t = C.bracket(C.round_nearest(np.float32(old) + y), np.float32(x))
             P[e] = t
             A[e] = C.round_nearest(y - (C.widen(t) - np.float32(old)))
         return load_widen, store

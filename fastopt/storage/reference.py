@@ -49,6 +49,22 @@ def split(x):
     return hi.astype(np.uint16), (b & np.uint32(0xFFFF)).astype(np.uint16)
 
 
+def bracket(t, x):
+    """bfloat16 bits ``t`` held between the two bfloat16 neighbours of float32 ``x``
+    (the Kahan store; NaN passes through)."""
+    b = np.asarray(x, dtype=F32).view(np.uint32)
+    lo = b >> np.uint32(16)
+    hi = lo + ((b & np.uint32(0xFFFF)) != 0).astype(np.uint32)
+    lo16, hi16 = lo.astype(np.uint16), hi.astype(np.uint16)
+    a, c, v = widen(lo16), widen(hi16), widen(t)
+    down = np.where(a <= c, lo16, hi16)
+    up = np.where(a <= c, hi16, lo16)
+    with np.errstate(invalid="ignore"):
+        t = np.where(v < np.minimum(a, c), down, t)
+        t = np.where(v > np.maximum(a, c), up, t)
+    return t.astype(np.uint16)
+
+
 def join(hi, lo):
     return ((hi.astype(np.uint32) << np.uint32(16)) | lo.astype(np.uint32)).view(F32)
 
