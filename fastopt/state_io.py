@@ -62,6 +62,54 @@ def storage_options(opt):
     return {"state_bits": opt.state_bits, "bf16_update": opt.bf16_update, "seed": opt.seed}
 
 
+def _check_values(rule, i, name, kind, v, host_param):
+    """Refuse state values that no step can produce (a corrupt or hand-edited
+    checkpoint): a negative value in a non-negative slot (second moments, sums; NaN
+    is possible, as IEEE propagates a NaN gradient), an 8-bit block scale that is
+    negative, NaN or infinite (it is the block's largest finite magnitude: a
+    negated scale would flip every moment of its block, a NaN one poison 256
+    parameters for good), or a Kahan compensation that is not below a bfloat16
+    step of the parameters (checked against the tensor's largest magnitude, with a
+    factor 16 of slack, so parameters restored after the optimizer state pass)."""
+    where = f"state {name!r} of parameter {i}"
+    if kind == "scale":
+        bad = ~(np.isfinite(v) & (v >= 0))
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{where}: block {k} has scale {float(v[k])!r}; an 8-bit "
+                             "block scale is a finite magnitude >= 0 (corrupt checkpoint?)")
+        return
+    if kind == "aux" and name == storage.KAHAN_COMP:
+        comp = np.asarray(v, dtype=np.float32)
+        pw = np.asarray(host_param())
+        pw = _widen(pw) if pw.dtype == np.uint16 else pw.astype(np.float32)
+        finite = np.isfinite(pw)
+        if (finite & ~np.isfinite(comp)).any():
+            raise ValueError(f"{where}: a non-finite compensation beside a finite parameter "
+                             "(no step produces it; corrupt checkpoint?)")
+        top = float(np.abs(pw[finite]).max()) if finite.any() else 0.0
+        big = float(np.abs(comp[finite]).max()) if finite.any() else 0.0
+        if big > top * 2.0 ** -4 + 2.0 ** -126:
+            raise ValueError(f"{where}: compensation up to {big!r} beside parameters of "
+                             f"magnitude up to {top!r}; a Kahan compensation is below one "
+                             "bfloat16 step of its parameter (restore the parameters before "
+                             "the optimizer state, or the checkpoint is corrupt)")
+        return
+    if kind == "slot" and name in rule.nonnegative_slots:
+        a = np.asarray(v)
+        if a.dtype == storage.BF16:
+            a = a.astype(np.float32)
+        if a.dtype.kind == "f" and (a < 0).any():
+            raise ValueError(f"{where}: negative values in a non-negative slot "
+                             "(no step produces them; corrupt checkpoint?)")
+
+
+def _widen(bits):
+    """bfloat16 parameters held as their uint16 bits (the CUDA backend) -> float32."""
+    from .storage import reference
+    return reference.widen(bits)
+
+
 def _group_storage(opt, gi, hyper, saved):
     """Group ``gi``'s storage options as saved (a state dict without them in its
     groups: the optimizer-wide record), checked against this optimizer's group."""
@@ -157,14 +205,14 @@ def load_state_dict(opt, sd):
         expect = {}
         if not stg.native:
             used = [n for n, u in zip(rule.slots, specs[owner[i]].uses) if u]
-            expect = {k: (shp, dt) for k, shp, dt, _ in
+            expect = {k: (shp, dt, kind) for k, shp, dt, kind in
                       storage.layout(rule, stg, p.shape, p.dtype, used)}
         for name, v in st.items():
             if name == "step":
                 continue
             if name in expect:
                 v = np.asarray(v)
-                shp, dt = expect[name]
+                shp, dt, _ = expect[name]
                 if v.shape != tuple(shp) or v.dtype != dt:
                     raise ValueError(f"state {name!r} of parameter {i} has shape {v.shape} and "
                                      f"dtype {v.dtype}, expected {tuple(shp)} and {dt} (the "
@@ -187,6 +235,10 @@ def load_state_dict(opt, sd):
                 out[name] = float(v)
             else:
                 raise ValueError(f"state_dict has unknown state {name!r} for {rule.name}")
+        for name, v in out.items():
+            if not isinstance(v, float):
+                _check_values(rule, i, name, expect[name][2] if name in expect else "slot",
+                              v, lambda: opt.backend.to_host(p))
         if step > 0:
             spec = specs[owner[i]]
             need = [n for n, u in zip(rule.slots, spec.uses) if u] + sorted(host_keys)

@@ -254,3 +254,59 @@ def _dense(g, shape):
     out = np.zeros(shape)
     np.add.at(out, g.indices, g.values)
     return out
+
+
+# ------------------------------------------------- impossible loaded values
+
+def _bad_state(edit):
+    shape = (4, 1100)
+    p = (np.random.default_rng(0).standard_normal(shape) * 0.1).astype(BF)
+    opt = fastopt.Adam([p], lr=1e-3, state_bits=8, bf16_update="kahan")
+    for g in _grads([shape], 3):
+        opt.step(g)
+    sd = opt.state_dict()
+    st = sd["state"][0]
+    edit(st)
+    return opt, sd, p
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda st: st["exp_avg_absmax"].__setitem__(0, -1.0), "block 0 has scale -1.0"),
+    (lambda st: st["exp_avg_sq_absmax"].__setitem__(2, np.nan), "block 2 has scale nan"),
+    (lambda st: st["exp_avg_absmax"].__setitem__(1, np.inf), "block 1 has scale inf"),
+    (lambda st: st["kahan_comp"].__setitem__((0, 0), 1e30), "compensation up to"),
+    (lambda st: st["kahan_comp"].__setitem__((1, 3), np.nan), "non-finite compensation"),
+])
+def test_impossible_stored_values_are_refused(edit, match):
+    """Loading checked the arrays' shapes and dtypes, not their values: a negated
+    scale flipped a block's moments, a NaN one turned 256 parameters NaN for good,
+    a compensation of 1e30 was accepted."""
+    opt, sd, p = _bad_state(edit)
+    target = fastopt.Adam([p.copy()], lr=1e-3, state_bits=8, bf16_update="kahan")
+    before = target.state_dict()
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(sd)
+    assert target.state_dict()["state"] == before["state"]
+
+
+@pytest.mark.parametrize("bits", [None, 16])
+def test_negative_second_moments_are_refused(bits):
+    p = np.zeros((4, 1100), np.float32)
+    opt = fastopt.Adam([p], state_bits=bits)
+    opt.step([np.ones_like(p)])
+    sd = opt.state_dict()
+    v = sd["state"][0]["exp_avg_sq"]
+    v[0, 0] = -1.0
+    other = fastopt.Adam([p.copy()], state_bits=bits)
+    with pytest.raises(ValueError, match="negative values in a non-negative slot"):
+        other.load_state_dict(sd)
+    sd["state"][0]["exp_avg_sq"][0, 0] = np.nan         # IEEE NaN propagation: possible
+    other.load_state_dict(sd)
+
+
+def test_legitimate_kahan_state_loads_into_fresh_parameters():
+    """The compensation bound has slack for parameters restored after the optimizer
+    state (a fresh initialization of another scale)."""
+    opt, sd, p = _bad_state(lambda st: None)
+    fresh = (np.random.default_rng(5).standard_normal(p.shape) * 0.02).astype(BF)
+    fastopt.Adam([fresh], lr=1e-3, state_bits=8, bf16_update="kahan").load_state_dict(sd)
