@@ -16,8 +16,22 @@ by mean squared error on synthetic data with Adam:
   process with plain ``fastopt.Adam`` on whole-batch gradients and prints both
   results and their difference (floating-point rounding only).
 
-Run:  mpiexec -n 2 python examples/data_parallel_mpi.py
+Run:  mpiexec -n 2 python -m mpi4py examples/data_parallel_mpi.py
       python examples/data_parallel_mpi.py            (one rank, no mpiexec)
+
+If one rank raises and exits while the others wait in a collective call, MPI does
+not end the job by itself: the others would wait (at full CPU, inside MPI) until
+the job is killed.  Two guards, both used here:
+
+* ``python -m mpi4py script.py`` (instead of ``python script.py``) calls
+  ``MPI_Abort`` when a rank ends with an uncaught exception, which ends every rank
+  at once;
+* ``ShardedOptimizer(..., timeout=seconds)``: a rank that waits longer than that for
+  the others to make the same call raises ``DistributedError`` (and waits sleeping,
+  not spinning).  The default is ``fastopt.distributed.DEFAULT_TIMEOUT`` (1800 s);
+  ``timeout=None`` waits forever.  Choose it longer than the longest time one rank
+  may legitimately spend apart from the others (rank 0 writing a checkpoint, an
+  evaluation on one rank, the first call compiling kernels).
 """
 
 import argparse
@@ -80,11 +94,14 @@ def full_loss(p, data):
     return loss_and_grads(p, *data)[0]
 
 
-def train_sharded(data, steps, lr, comm):
+def train_sharded(data, steps, lr, comm, timeout):
     """Every rank: its slice of each batch, the ShardedOptimizer."""
     from fastopt.distributed import ShardedOptimizer
     p = init_params()
-    opt = ShardedOptimizer(fastopt.Adam, p, comm=comm, lr=lr)
+    # timeout: a rank that crashed or stopped calling makes the others raise
+    # DistributedError after that many seconds instead of waiting forever (see the
+    # module docstring; run under "python -m mpi4py" so a crash ends the job at once)
+    opt = ShardedOptimizer(fastopt.Adam, p, comm=comm, lr=lr, timeout=timeout)
     x, cat, y = data
     for batch in batches(steps):
         mine = batch[comm.rank::comm.size]
@@ -111,6 +128,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--timeout", type=float, default=120.0,
+                    help="seconds a rank waits for the others in a collective call before "
+                         "it raises (default 120: every step here takes milliseconds)")
     args = ap.parse_args(argv)
     try:
         from mpi4py import MPI
@@ -121,7 +141,7 @@ def main(argv=None):
         raise SystemExit(f"the batch of {BATCH} does not split evenly over {comm.size} ranks")
     data = make_data()
     initial = full_loss(init_params(), data)
-    sharded, state_per_rank = train_sharded(data, args.steps, args.lr, comm)
+    sharded, state_per_rank = train_sharded(data, args.steps, args.lr, comm, args.timeout)
     if comm.rank != 0:
         return None
     single, single_state = train_single(data, args.steps, args.lr)

@@ -95,14 +95,26 @@ dtypes, a rank that made another call (a rank that missed a step and went on to
 checkpoint), gradients of different kinds, edits of ``param_groups`` on some ranks
 only, or an invalid gradient on one rank raise on *every* rank (the rank with the
 bad input raises its own error, the others :class:`DistributedError`) before
-anything is changed.  A rank that stops calling altogether leaves the others
-waiting, unless ``timeout`` is set: then they raise :class:`DistributedError` after
-that many seconds (and the optimizer is unusable; end the job).
+anything is changed.  ``load_state_dict`` also agrees on a digest of what each rank
+would load (every array, step count, host scalar and group value): ranks given
+different checkpoints (a stale copy on one node) all raise
+:class:`StateDictMismatchError` (a ``ValueError``) and load nothing.  A rank that
+stops calling altogether leaves the others waiting for at most ``timeout`` seconds
+(default ``DEFAULT_TIMEOUT``, 1800 s, sleeping between polls; None: forever): then
+they raise :class:`DistributedError` (and the optimizer is unusable; end the job).
+Run scripts with ``mpiexec -n N python -m mpi4py script.py`` so that an uncaught
+exception on one rank aborts the whole job at once.
+
+Groups are added with :meth:`ShardedOptimizer.add_param_group` (collective; the new
+parameters are cut by rows among themselves).  bfloat16 parameters and the storage
+options ``state_bits``/``bf16_update``/``seed`` are refused (``NotImplementedError``)
+at construction: the single-process optimizer takes them.
 """
 
 import hashlib
 import math
 import numbers
+import os
 import threading
 import time
 
@@ -110,18 +122,27 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import register_jitable
 
-from . import state_io
+from . import state_io, storage
 from .backends.base import may_use_threads
 from .clip import _array_norm, _limit, _norm_type
 from .optimizer import Optimizer
 from .optimizers import CLASSES
+from .param_groups import refuse_overlaps
 from .rules import fused
 from .sparse import RowSparse, checked_rows, coalesce_plan, is_sparse
 
-__all__ = ["ShardedOptimizer", "DistributedError", "DEFAULT_BUCKET_BYTES"]
+__all__ = ["ShardedOptimizer", "DistributedError", "StateDictMismatchError",
+           "DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT"]
 
 #: default size of one communication bucket
 DEFAULT_BUCKET_BYTES = 32 << 20
+#: default seconds a collective call waits for the other ranks to make the same call
+#: (torch.distributed's default process-group timeout); None waits forever
+DEFAULT_TIMEOUT = 1800.0
+#: seconds a waiting rank polls without sleeping before it backs off to short sleeps
+_SPIN_S = 2e-3
+#: chunk of a state array hashed as one piece (load_state_dict's agreement)
+_HASH_CHUNK = 16 << 20
 #: elements at which the averaging kernel uses threads
 _PARALLEL_MIN = 1 << 16
 #: largest point-to-point message when consolidating state (bytes)
@@ -134,6 +155,12 @@ _KIND_NAMES = {_NONE: "None", _DENSE: "dense", _SPARSE: "sparse"}
 class DistributedError(RuntimeError):
     """Raised on every rank when the ranks disagree (shapes, calls, gradient kinds,
     hyperparameters) or when another rank's input was invalid; nothing was changed."""
+
+
+class StateDictMismatchError(DistributedError, ValueError):
+    """Raised on every rank by :meth:`ShardedOptimizer.load_state_dict` when the ranks
+    were given different state dicts (arrays, step counts or hyperparameters): a
+    ``ValueError`` as well as a :class:`DistributedError`; nothing was changed."""
 
 
 # --------------------------------------------------------------------- kernels
@@ -347,6 +374,114 @@ def _digest(obj):
     return hashlib.blake2b(repr(obj).encode(), digest_size=16).hexdigest()
 
 
+def _array_digests(arrays):
+    """A blake2b digest (hex, 16 bytes) of each array's dtype, shape and bytes.
+
+    An array is hashed in chunks of ``_HASH_CHUNK`` bytes whose digests are hashed
+    in order, so the result does not depend on the number of threads; large inputs
+    are hashed by ``NUMBA_NUM_THREADS`` threads (hashlib releases the GIL)."""
+    flat = [np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in arrays]
+    chunks = [(k, f[lo:lo + _HASH_CHUNK]) for k, f in enumerate(flat)
+              for lo in range(0, f.size, _HASH_CHUNK)]
+
+    def one(chunk):
+        return hashlib.blake2b(chunk[1], digest_size=16).digest()
+
+    threads = 1
+    if may_use_threads() and sum(f.size for f in flat) >= 4 * _HASH_CHUNK:
+        from numba import config
+        threads = max(1, min(int(config.NUMBA_NUM_THREADS), len(chunks)))
+    if threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(one, chunks))
+    else:
+        parts = [one(c) for c in chunks]
+    out = [hashlib.blake2b(repr((np.asarray(a).dtype.str, np.shape(a))).encode(),
+                           digest_size=16) for a in arrays]
+    for (k, _), d in zip(chunks, parts):
+        out[k].update(d)
+    return [h.hexdigest() for h in out]
+
+
+def _loaded_digests(state, groups):
+    """What a rank is about to load, in a fixed order: per state entry
+    ``(param, name, digest of the array or repr of the value)`` and per group the
+    repr of its values (every key but ``params``, extras such as a scheduler's
+    ``initial_lr`` included).  Returns ``(entries, groups, summary)`` where
+    ``summary`` is ``(arrays digest, scalars digest, groups digest)``."""
+    keys = [(i, k) for i in sorted(state) for k in sorted(state[i])]
+    arrays = [(i, k) for i, k in keys if isinstance(state[i][k], np.ndarray)]
+    digests = dict(zip(arrays, _array_digests([state[i][k] for i, k in arrays])))
+    entries = [(i, k, "array", digests[(i, k)]) if (i, k) in digests else
+               (i, k, type(state[i][k]).__name__, repr(state[i][k])) for i, k in keys]
+    hyper = [sorted((k, type(v).__name__, repr(v)) for k, v in g.items() if k != "params")
+             for g in groups]
+    summary = (_digest([e for e in entries if e[2] == "array"]),
+               _digest([e for e in entries if e[2] != "array"]),
+               _digest(hyper))
+    return entries, hyper, summary
+
+
+def _is_bf16(a):
+    dt = getattr(a, "dtype", None)
+    if dt is None:
+        return False
+    try:
+        return storage.is_bf16(dt) or np.dtype(dt).name == "bfloat16"
+    except TypeError:
+        return str(dt).endswith("bfloat16")
+
+
+def _group_arrays(params):
+    """The parameter arrays of ``params`` in any accepted form (list, dict, groups)."""
+    if isinstance(params, dict):
+        return list(params.values())
+    out = []
+    for x in params:
+        if isinstance(x, dict):
+            ps = x.get("params", [])
+            if isinstance(ps, dict):
+                ps = list(ps.values())
+            out.extend(ps if isinstance(ps, (list, tuple)) else [ps])
+        else:
+            out.append(x)
+    return out
+
+
+def _is_default_storage(key, v):
+    """The storage options' defaults (what param_groups copied from an optimizer
+    carry): no state_bits, the 'split' bf16 update, seed 0."""
+    if key == "state_bits":
+        return v is None
+    if key == "bf16_update":
+        return v is None or (isinstance(v, str) and v == "split")
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v == 0
+
+
+def _refuse_storage_options(options, cls, where=""):
+    low = sorted(k for k in ("state_bits", "bf16_update", "seed")
+                 if k in options and not _is_default_storage(k, options[k]))
+    if low:
+        raise NotImplementedError(
+            f"ShardedOptimizer does not take {where}storage option(s) "
+            f"{', '.join(f'{k}={options[k]!r}' for k in low)} yet: sharded low-precision "
+            "state (16- and 8-bit state, bfloat16 parameters) is not implemented; the "
+            f"single-process optimizer takes them (fastopt.{cls.__name__}(params, "
+            f"{low[0]}=...)). Leave them out for float32/float64 state")
+
+
+def _refuse_bfloat16(arrays, first=0):
+    for k, a in enumerate(arrays):
+        if _is_bf16(a):
+            raise NotImplementedError(
+                f"parameter {first + k} is bfloat16: ShardedOptimizer does not take bfloat16 "
+                "parameters yet (sharding them and their float32 state over ranks is not "
+                "implemented). The single-process optimizer takes them (e.g. "
+                "fastopt.AdamW(params, bf16_update='stochastic')); for sharded state keep "
+                "float32 or float64 parameters")
+
+
 # ----------------------------------------------------------------- the class
 
 class ShardedOptimizer:
@@ -367,8 +502,9 @@ class ShardedOptimizer:
             parameters and ranks) before each update; None (default): no clipping.
         norm_type: the norm of ``max_grad_norm`` (2, 1, ..., or ``inf``).
         timeout: seconds each collective call waits for the other ranks to make the
-            same call before raising :class:`DistributedError` (default None: wait
-            forever); also the settable attribute ``timeout``.
+            same call before raising :class:`DistributedError` (default
+            ``DEFAULT_TIMEOUT``, 1800 s; None: wait forever); also the settable
+            attribute ``timeout``.
         **hyper: the class's hyperparameters, fused options, ``backend`` (a CPU
             backend) and ``sparse_mode``, as for the class.
 
@@ -379,7 +515,7 @@ class ShardedOptimizer:
     """
 
     def __init__(self, optimizer_class, params, comm=None, *, bucket_bytes=DEFAULT_BUCKET_BYTES,
-                 max_grad_norm=None, norm_type=2.0, timeout=None, **hyper):
+                 max_grad_norm=None, norm_type=2.0, timeout=DEFAULT_TIMEOUT, **hyper):
         try:
             from mpi4py import MPI
         except ImportError as e:
@@ -408,7 +544,13 @@ class ShardedOptimizer:
             sig = self._construction_signature()
         except Exception as e:      # reported to every rank below
             err = e
-        self._agree("ShardedOptimizer", err, sig, self._describe_construction)
+        try:
+            self._agree("ShardedOptimizer", err, sig, self._describe_construction)
+        except BaseException:
+            if self._broken is None:    # every rank is here: free the duplicate
+                self._comm.Free()
+                self._broken = "its construction failed"
+            raise
         self._build()
 
     # ------------------------------------------------------------ construction
@@ -430,12 +572,17 @@ class ShardedOptimizer:
                                                                         max_grad_norm)
         self._norm_type = _norm_type(norm_type)
         self._cls = optimizer_class
-        low = sorted(k for k in ("state_bits", "bf16_update", "seed") if k in hyper)
-        if low:
-            raise NotImplementedError(
-                f"ShardedOptimizer does not take {low} yet: sharded low-precision state "
-                f"(8-bit blocks and bfloat16 parameters over ranks) is not implemented; "
-                f"use float32/float64 parameters and state")
+        # refused before the full optimizer is built (its bfloat16 checks would speak
+        # of backends) and before any buffer exists; the agreement that follows
+        # reports the error on every rank
+        _refuse_storage_options(hyper, optimizer_class)
+        if not isinstance(params, (dict, list, tuple)):
+            params = list(params)
+        if not isinstance(params, dict):
+            for g in params:
+                if isinstance(g, dict):
+                    _refuse_storage_options(g, optimizer_class, "a param group's ")
+        _refuse_bfloat16(_group_arrays(params))
         self._hyper = dict(hyper)
         # the full optimizer on every rank: it validates everything as the single
         # process would, holds the user-visible param_groups, never steps and never
@@ -506,33 +653,41 @@ class ShardedOptimizer:
             k += m
         self._inner = self._cls(groups, **self._hyper)
         self._spec_seen = None
-        # the gradient shard (one per dtype) and the bucket buffers, allocated and
-        # touched once here, reused by every step
-        self._plans = {}
-        by_dtype = {}
-        for i in range(n):
-            by_dtype.setdefault(self._params[i].dtype.str, []).append(i)
-        parts = [_DtypePlan(dt, idxs, self._bounds, self._widths, self._size, me,
-                            self._bucket_bytes) for dt, idxs in by_dtype.items()]
-        # (one rank without clipping steps on the gradients themselves: no buffers)
-        alone = self._size == 1
         self._shard = {}
-        for dp in parts:
-            buf = np.empty(0 if alone and self._max_grad_norm is None else dp.length_me,
-                           dtype=dp.dtype)
-            buf.fill(0)
-            self._shard[dp.dtype.str] = buf
-        nbytes = max([0 if alone else dp.bytes_needed for dp in parts] + [8])
-        nbytes = -(-nbytes // 8) * 8
-        self._send = np.zeros(nbytes, dtype=np.uint8)
-        self._recv = np.zeros(nbytes, dtype=np.uint8)
-        self._send.fill(0)
-        self._recv.fill(0)
+        self._send = self._recv = np.zeros(0, dtype=np.uint8)
+        self._allocate_buffers()
         self._scratch = {}
         self._version = 0
         self._consolidated = None
         self.last_grad_norm = None
         self.reset_stats()
+
+    def _allocate_buffers(self):
+        """The gradient shard (one per dtype) and the bucket buffers for the current
+        parameters, allocated and touched here (at construction, and when a group is
+        added: only what has to grow), reused by every step."""
+        self._plans = {}
+        by_dtype = {}
+        for i, p in enumerate(self._params):
+            by_dtype.setdefault(p.dtype.str, []).append(i)
+        parts = [_DtypePlan(dt, idxs, self._bounds, self._widths, self._size, self._rank,
+                            self._bucket_bytes) for dt, idxs in by_dtype.items()]
+        # (one rank without clipping steps on the gradients themselves: no buffers)
+        alone = self._size == 1
+        for dp in parts:
+            need = 0 if alone and self._max_grad_norm is None else dp.length_me
+            old = self._shard.get(dp.dtype.str)
+            if old is None or old.size < need:
+                buf = np.empty(need, dtype=dp.dtype)
+                buf.fill(0)
+                self._shard[dp.dtype.str] = buf
+        nbytes = max([0 if alone else dp.bytes_needed for dp in parts] + [8])
+        nbytes = -(-nbytes // 8) * 8
+        if self._send.nbytes < nbytes:
+            self._send = np.zeros(nbytes, dtype=np.uint8)
+            self._recv = np.zeros(nbytes, dtype=np.uint8)
+            self._send.fill(0)
+            self._recv.fill(0)
 
     def _hyper_of(self, group):
         return {k: group[k] for k in self.rule.checks if k in group}
@@ -545,10 +700,10 @@ class ShardedOptimizer:
         return _digest(self._hyper_repr())
 
     # --------------------------------------------------------------- agreement
-    def _agree(self, op, err, extra, describe=None):
+    def _agree(self, op, err, extra, describe=None, mismatch=DistributedError):
         """The first collective of every call: every rank learns every rank's call,
         call count, signature and error.  Raises on every rank if any rank failed
-        or the signatures differ."""
+        or the signatures differ (``mismatch``: the class raised then)."""
         if self._broken is not None:
             raise DistributedError(f"this ShardedOptimizer is unusable: {self._broken}")
         msg = None if err is None else f"{type(err).__name__}: {err}"
@@ -574,7 +729,7 @@ class ShardedOptimizer:
         extras = [s[2] for s in calls]
         if any(e != extras[0] for e in extras):
             why = describe(extras) if describe is not None else "the ranks' arguments differ"
-            raise DistributedError(f"{op}(): {why}")
+            raise mismatch(f"{op}(): {why}")
 
     def _allgather_object(self, obj, op):
         """``comm.allgather(obj)``: the sizes by a nonblocking allgather (which gives
@@ -587,25 +742,42 @@ class ShardedOptimizer:
         req = self._comm.Iallgather([mine, MPI.INT64_T], [sizes, MPI.INT64_T])
         if self._timeout is None:
             req.Wait()
-        deadline = time.monotonic() + (self._timeout or 0.0)
-        delay = 1e-5
-        while self._timeout is not None and not req.Test():
-            if time.monotonic() > deadline:
-                self._broken = (f"the other ranks did not reach {op}() within timeout="
-                                f"{self._timeout:g} s")
-                self._pending = (req, mine, sizes)      # never freed while in flight
-                raise DistributedError(
-                    f"{op}(): timed out after {self._timeout:g} s waiting for the other ranks: "
-                    "a rank missed this call, stopped calling, or is stuck; this optimizer's "
-                    "communicator cannot be used any more (end the job, e.g. MPI.COMM_WORLD."
-                    "Abort())")
-            time.sleep(delay)
-            delay = min(2 * delay, 1e-3)
+        else:
+            self._wait(req, op, (req, mine, sizes))
         displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         buf = np.empty(int(sizes.sum()), dtype=np.uint8)
         self._comm.Allgatherv([data, MPI.BYTE], [buf, (sizes, displs), MPI.BYTE])
         return [pickle.loads(buf[int(a):int(a) + int(n)].tobytes())
                 for a, n in zip(displs, sizes)]
+
+    def _wait(self, req, op, keep):
+        """Wait for ``req`` at most ``timeout`` seconds: poll without sleeping for
+        ``_SPIN_S`` (ranks in step arrive close together: no added latency), yielding
+        the CPU between polls, then sleep between polls (1 ms at most), so a rank
+        waiting for a slow or stopped one does not hold a CPU."""
+        start = time.monotonic()
+        deadline = start + self._timeout
+        spin = start + _SPIN_S
+        delay = 1e-5
+        yield_cpu = getattr(os, "sched_yield", None)
+        while not req.Test():
+            now = time.monotonic()
+            if now > deadline:
+                self._broken = (f"the other ranks did not reach {op}() within timeout="
+                                f"{self._timeout:g} s")
+                self._pending = keep                    # never freed while in flight
+                raise DistributedError(
+                    f"{op}(): timed out after {self._timeout:g} s waiting for the other ranks: "
+                    "a rank missed this call, stopped calling, raised, or is stuck; this "
+                    "optimizer's communicator cannot be used any more (end the job, e.g. "
+                    "MPI.COMM_WORLD.Abort(); run the script as 'python -m mpi4py script.py' "
+                    "so that an uncaught exception on any rank aborts the job)")
+            if now < spin:
+                if yield_cpu is not None:
+                    yield_cpu()
+                continue
+            time.sleep(delay)
+            delay = min(2 * delay, 1e-3)
 
     # ------------------------------------------------------------------ groups
     @property
@@ -630,8 +802,10 @@ class ShardedOptimizer:
     @property
     def timeout(self):
         """Seconds a collective call waits for the other ranks to make the same call
-        before it raises :class:`DistributedError` (None: forever).  Each rank may set
-        its own; after a timeout the optimizer cannot be used any more."""
+        before it raises :class:`DistributedError` (default ``DEFAULT_TIMEOUT`` = 1800;
+        None: forever).  It bounds the wait at the start of each call (the agreement),
+        not the data transfers after it.  Each rank may set its own; after a timeout
+        the optimizer cannot be used any more."""
         return self._timeout
 
     @timeout.setter
@@ -660,10 +834,115 @@ class ShardedOptimizer:
         b = self._bounds[i]
         return int(b[self._rank]), int(b[self._rank + 1])
 
+    def _check_group_structure(self):
+        """Groups appended to (or removed from) ``param_groups``, or ``params`` lists
+        that changed length: refused with what to do instead (the plain class's
+        check would only say 'use add_param_group')."""
+        groups = self._template.param_groups
+        if len(groups) != len(self._inner.param_groups):
+            raise ValueError(
+                f"param_groups has {len(groups)} groups, this ShardedOptimizer has "
+                f"{len(self._inner.param_groups)}: groups must not be appended to or removed "
+                "from param_groups directly; take the edit back (param_groups.pop()) and "
+                "call opt.add_param_group(group) on every rank (collective)")
+        for gi, (g, ig) in enumerate(zip(groups, self._inner.param_groups)):
+            ps = g.get("params") if isinstance(g, dict) else None
+            if not isinstance(ps, list) or len(ps) != len(ig["params"]):
+                raise ValueError(
+                    f"the 'params' list of param group {gi} changed length: parameters "
+                    "cannot be added to or removed from a group; add a group with "
+                    "opt.add_param_group(group) on every rank (collective), or build a new "
+                    "ShardedOptimizer")
+
+    def add_param_group(self, group):
+        """Collective: add a param group ``{"params": [...], **hyperparameters}`` as the
+        plain class's ``add_param_group`` does (hyperparameters not given take the
+        defaults; other keys are kept).  Every rank passes its replica of the same
+        group (same shapes, dtypes and hyperparameters).  The new parameters are cut
+        by rows among themselves, so each rank owns about ``1/N`` of them and the
+        existing shards (and their state) do not move; they are stepped like the
+        others, bit for bit as one process whose optimizer had the group added at the
+        same point.  Everything is checked on every rank before anything changes on
+        any rank (a bad group on one rank: its own error there,
+        :class:`DistributedError` elsewhere).  Not possible when the parameters were
+        given as a dict of names."""
+        with self._lock:
+            err, sig = None, None
+            try:
+                sig = self._check_new_group(group)
+            except Exception as e:
+                err = e
+            self._agree("add_param_group", err, sig, self._describe_new_group)
+            self._add_group(group)
+
+    def _check_new_group(self, group):
+        """Validate a group to be added without changing anything (a throwaway
+        optimizer of the same class checks it as ``add_param_group`` will); returns
+        the group's signature (shapes, dtypes, hyperparameters)."""
+        digest = self._sync_groups()
+        t = self._template
+        if self._names is not None:
+            raise ValueError(
+                "add_param_group: the parameters were given by name (a dict), and a group "
+                "of unnamed parameters cannot join them (gradients and state dicts are "
+                "keyed by name); build a new ShardedOptimizer with every parameter")
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError("a param group must be a dict with a 'params' entry")
+        _refuse_storage_options(group, self._cls, "a param group's ")
+        _refuse_bfloat16(_group_arrays([group]), first=len(self._params))
+        probe = self._cls([group], **{**self._hyper, "backend": t.backend.name})
+        refuse_overlaps(self._params + probe._params, t.backend)
+        g = probe.param_groups[0]
+        return ([(p.shape, p.dtype.str) for p in probe._params],
+                sorted((k, repr(v)) for k, v in g.items() if k != "params"), digest)
+
+    def _describe_new_group(self, sigs):
+        (p0, h0, d0) = sigs[0]
+        for r, (p, h, d) in enumerate(sigs):
+            if (p, h, d) == (p0, h0, d0):
+                continue
+            if (p, h) == (p0, h0):
+                return (f"the hyperparameters (param_groups) on rank {r} differ from rank 0's: "
+                        "edit them identically on every rank")
+            if len(p) != len(p0):
+                return f"the group has {len(p)} parameters on rank {r}, {len(p0)} on rank 0"
+            for k, (x, y) in enumerate(zip(p0, p)):
+                if x != y:
+                    return (f"parameter {k} of the group has shape {y[0]} and dtype "
+                            f"{np.dtype(y[1])} on rank {r} but shape {x[0]} and dtype "
+                            f"{np.dtype(x[1])} on rank 0")
+            return (f"the group's hyperparameters differ: "
+                    f"{', '.join(f'{k}={v}' for k, v in sorted(set(h) - set(h0)))} on rank {r}, "
+                    f"{', '.join(f'{k}={v}' for k, v in sorted(set(h0) - set(h)))} on rank 0")
+        return "the ranks' groups differ"
+
+    def _add_group(self, group):
+        """Add a checked and agreed group: to the full (template) optimizer, and its
+        pieces to the inner optimizer; grow the buffers if needed."""
+        t = self._template
+        n0 = len(self._params)
+        t.add_param_group(group)
+        new = list(t._params[n0:])
+        me = self._rank
+        bounds = _row_bounds(new, self._size)
+        pieces = [_piece(p, int(b[me]), int(b[me + 1])) for p, b in zip(new, bounds)]
+        self._params.extend(new)
+        self._bounds.extend(bounds)
+        self._widths.extend(_rows_and_width(p)[1] for p in new)
+        self._nrows.extend(_rows_and_width(p)[0] for p in new)
+        self._pieces.extend(pieces)
+        self._pflat.extend(p.reshape(-1) for p in new)
+        self._inner.add_param_group({**self._hyper_of(t.param_groups[-1]), "params": pieces})
+        self._allocate_buffers()
+        self._spec_seen = None
+        self._version += 1
+        self._consolidated = None
+
     def _sync_groups(self):
         """Validate edits of param_groups (raises on a bad one, changing nothing) and
         copy new hyperparameters into the inner optimizer."""
         t = self._template
+        self._check_group_structure()
         t._groups.validated()
         if any(a is not b for a, b in zip(t._params, self._params)):
             raise ValueError("a parameter array in param_groups was replaced; ShardedOptimizer "
@@ -822,6 +1101,12 @@ class ShardedOptimizer:
                                                              + self._params[i].shape[1:]))
             elif touched[i].sum() > 0:
                 advance.append(i)
+            else:
+                # empty on every rank: every piece gets the empty gradient, and does
+                # with it what the plain class does with an empty sparse gradient
+                glist[i] = RowSparse(np.zeros(0, np.int64),
+                                     np.zeros((0,) + self._params[i].shape[1:],
+                                              dtype=self._params[i].dtype))
         if any(g is not None for g in glist):
             self._inner.step(glist, grad_scale=gs)
         if advance:
@@ -1194,6 +1479,7 @@ class ShardedOptimizer:
                     "consolidated_state_dict(to=rank) on that rank; call "
                     "opt.consolidated_state_dict(to=rank) on every rank first (the state "
                     "changed since, or this rank was not 'to')")
+            self._check_group_structure()
             self._template._groups.validated()
             return self._state_dict_from(c[1])
 
@@ -1212,15 +1498,23 @@ class ShardedOptimizer:
         with self._lock:
             t = self._template
             saved = [{k: v for k, v in g.items() if k != "params"} for g in t.param_groups]
-            err, piece_sd, digest = None, None, None
+            err, piece_sd, summary, detail = None, None, None, None
             try:
                 self._sync_groups()
                 t.load_state_dict(state_dict)
-                piece_sd, digest = self._pieces_of(t.state)
+                piece_sd = self._pieces_of(t.state)
+                if self._size > 1:
+                    # what this rank would load (arrays, steps and host scalars,
+                    # every group value), canonical after the full check: equal on
+                    # every rank, or nothing is loaded anywhere
+                    entries, hyper, summary = _loaded_digests(t.state, t.param_groups)
+                    detail = (entries, hyper)
             except Exception as e:
                 err = e
             try:
-                self._agree("load_state_dict", err, digest)
+                self._agree("load_state_dict", err, summary,
+                            lambda sigs: self._describe_load(detail),
+                            mismatch=StateDictMismatchError)
             except BaseException:
                 self._restore_groups(saved)
                 self._clear_template()
@@ -1232,11 +1526,44 @@ class ShardedOptimizer:
             self._version += 1
             self._consolidated = None
 
+    def _describe_load(self, detail):
+        """Which part of the state dicts differs (a second allgather: every rank is
+        here, since every rank saw the same signatures)."""
+        details = self._allgather_object(detail, "load_state_dict")
+        e0, h0 = details[0]
+        tail = ("; every rank must load the same checkpoint (a stale or partial copy on one "
+                "node?); nothing was loaded on any rank")
+        for r, (e, h) in enumerate(details):
+            if (e, h) == (e0, h0):
+                continue
+            for gi, (x, y) in enumerate(zip(h0, h)):
+                if x != y:
+                    mine = ", ".join(f"{k}={v}" for k, _, v in sorted(set(y) - set(x)))
+                    zero = ", ".join(f"{k}={v}" for k, _, v in sorted(set(x) - set(y)))
+                    return (f"the state dicts differ between ranks: group {gi} has {mine} on "
+                            f"rank {r} but {zero} on rank 0{tail}")
+            d0 = {(i, k): (kind, v) for i, k, kind, v in e0}
+            d = {(i, k): (kind, v) for i, k, kind, v in e}
+            for key in sorted(set(d0) | set(d)):
+                a, b = d0.get(key), d.get(key)
+                if a == b:
+                    continue
+                i, k = key
+                if a is None or b is None:
+                    where, other = (r, 0) if a is None else (0, r)
+                    why = f"parameter {i} has state {k!r} on rank {where} but not on rank {other}"
+                elif a[0] == "array" and b[0] == "array":
+                    why = (f"state {k!r} of parameter {i} differs between rank {r} and rank 0 "
+                           "(different array contents)")
+                else:
+                    why = f"state {k!r} of parameter {i} is {b[1]} on rank {r} but {a[1]} on rank 0"
+                return f"the state dicts differ between ranks: {why}{tail}"
+        return f"the state dicts differ between ranks{tail}"
+
     def _pieces_of(self, full_state):
-        """This rank's shard of a validated full state: (inner state dict, digest of
-        the steps and hyperparameters)."""
+        """This rank's shard of a validated full state (the inner state dict)."""
         me = self._rank
-        state, steps = {}, []
+        state = {}
         for i, st in full_state.items():
             b = self._bounds[i]
             piece = self._pieces[i]
@@ -1249,8 +1576,6 @@ class ShardedOptimizer:
                 else:
                     d[k] = v
             state[i] = d
-            steps.append((i, st["step"], sorted((k, repr(v)) for k, v in st.items()
-                                                if not isinstance(v, np.ndarray))))
         groups, start = [], 0
         for g in self._template.param_groups:
             n = len(g["params"])
@@ -1259,7 +1584,7 @@ class ShardedOptimizer:
         sd = {"version": state_io.STATE_DICT_VERSION, "optimizer": self.rule.name,
               "state": state, "param_groups": groups,
               "storage": state_io.storage_options(self._template)}
-        return sd, _digest((steps, self._hyper_digest()))
+        return sd
 
     def _restore_groups(self, saved):
         for g, h in zip(self._template.param_groups, saved):

@@ -11,7 +11,8 @@ not collect); this file runs them in subprocesses, in this order:
    (the 2- and 3-rank runs resumed the ones saved before them);
 
 then the example on two ranks, a job whose rank stops calling (it must end, not hang),
-and the benchmark's quick mode.  MPI is never initialized in this process.  Tests
+a job whose rank raises under ``python -m mpi4py`` (it must end at once), and the
+benchmark's quick mode.  MPI is never initialized in this process.  Tests
 that need mpi4py or mpiexec skip, saying which is missing.
 """
 
@@ -165,7 +166,8 @@ def test_import_fastopt_does_not_import_mpi4py(tmp_path):
 
 @needs_mpiexec
 def test_example_reaches_the_single_process_result(shared, tmp_path):
-    cmd = [MPIEXEC, "-n", "2", sys.executable, str(EXAMPLE), "--steps", "60"]
+    # as its docstring says to run it: under "python -m mpi4py"
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", str(EXAMPLE), "--steps", "60"]
     rc, out = _run(cmd, _env(shared, 2), 300, tmp_path)
     assert rc == 0, out[-4000:]
     m = re.search(r"max \|difference\| of the parameters: ([0-9.eE+-]+)", out)
@@ -187,7 +189,7 @@ def test_example_runs_as_one_rank_without_mpiexec(shared, tmp_path):
 
 
 HANG = """
-import sys, numpy as np, fastopt
+import sys, time, numpy as np, fastopt
 from mpi4py import MPI
 from fastopt.distributed import ShardedOptimizer
 comm = MPI.COMM_WORLD
@@ -195,8 +197,12 @@ opt = ShardedOptimizer(fastopt.SGD, [np.zeros(10)], lr=0.1)
 opt.step([np.ones(10)])
 comm.Barrier()
 opt.timeout = 3.0
-for t in range(2 if comm.rank == 0 else 1):      # rank 1 stops one step early
-    opt.step([np.ones(10)])
+cpu = time.process_time()
+try:
+    for t in range(2 if comm.rank == 0 else 1):      # rank 1 stops one step early
+        opt.step([np.ones(10)])
+finally:
+    print("rank", comm.rank, "cpu seconds while waiting", time.process_time() - cpu, flush=True)
 print("rank", comm.rank, "finished", flush=True)
 """
 
@@ -207,6 +213,31 @@ def test_a_rank_that_stops_early_ends_the_job_with_an_error(shared, tmp_path):
     rc, out = _run(cmd, _env(shared, 2), 120, tmp_path)
     assert rc != 0, out
     assert "timed out after 3 s" in out and "rank 1 finished" in out, out
+    # the waiting rank sleeps between polls: far less CPU than the 3 s it waited
+    cpu = float(re.search(r"rank 0 cpu seconds while waiting ([0-9.eE+-]+)", out).group(1))
+    assert cpu < 1.0, out
+
+
+CRASH = """
+import numpy as np, fastopt
+from mpi4py import MPI
+from fastopt.distributed import ShardedOptimizer
+comm = MPI.COMM_WORLD
+opt = ShardedOptimizer(fastopt.SGD, [np.zeros(10)], lr=0.1, timeout=None)   # no timeout
+opt.step([np.ones(10)])
+if comm.rank == 1:
+    raise RuntimeError("rank 1 crashed")
+opt.step([np.ones(10)])                          # rank 0 would wait here forever
+"""
+
+
+@needs_mpiexec
+def test_an_exception_on_one_rank_ends_the_job_under_python_m_mpi4py(shared, tmp_path):
+    """The remedy the example and the docs give for a rank that raised: run under
+    ``python -m mpi4py``, which aborts the job (even with ``timeout=None``)."""
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "mpi4py", "-c", CRASH]
+    rc, out = _run(cmd, _env(shared, 2), 120, tmp_path)
+    assert rc != 0 and "rank 1 crashed" in out, out
 
 
 @needs_mpiexec

@@ -19,6 +19,7 @@ different world sizes: each run saves a checkpoint there and resumes the ones th
 runs of other world sizes saved.
 """
 
+import copy
 import glob
 import math
 import os
@@ -33,7 +34,8 @@ from mpi4py import MPI  # noqa: E402
 
 import fastopt  # noqa: E402
 from fastopt import rules  # noqa: E402
-from fastopt.distributed import DistributedError, ShardedOptimizer  # noqa: E402
+from fastopt.distributed import (DEFAULT_TIMEOUT, DistributedError, ShardedOptimizer,  # noqa: E402
+                                StateDictMismatchError)
 from fastopt.sparse import RowSparse, checked_rows, coalesce  # noqa: E402
 
 COMM = MPI.COMM_WORLD
@@ -968,3 +970,379 @@ def test_close_frees_the_communicator():
     with pytest.raises(DistributedError, match="closed"):
         opt.step([np.zeros(6)])
     assert "rank" in repr(ShardedOptimizer(fastopt.SGD, init([(6,)], np.float64), lr=0.1))
+
+
+# ------------------------------------- load_state_dict: the same dict on every rank
+
+def outcome(fn, *args, **kw):
+    """``(exception or None, result)`` of a collective call, so that a rank whose
+    expectation fails still makes every later collective call (assert afterwards)."""
+    try:
+        return None, fn(*args, **kw)
+    except Exception as e:          # noqa: BLE001 (recorded, asserted by the caller)
+        return e, None
+
+
+def _refused_everywhere(err):
+    """What every rank must raise when the ranks were given different state dicts."""
+    return isinstance(err, ValueError) and isinstance(err, StateDictMismatchError) \
+        and "state dicts differ between ranks" in str(err) and "nothing was loaded" in str(err)
+
+
+def _two_checkpoints():
+    """Two valid Adam checkpoints of the same parameters with the same step counts
+    (two runs that saw different gradients): a current and a stale copy."""
+    shapes = [(13, 3), (6,)]
+    params = init(shapes, np.float64)
+    out = []
+    for seed in (11, 12):
+        ref = fastopt.Adam([p.copy() for p in params], lr=0.01)
+        for t in range(3):
+            ref.step([dense_grad(s, np.float64, t, 0, seed=seed) for s in shapes])
+        out.append(ref.state_dict())
+    return shapes, params, out
+
+
+@needs_two
+def test_load_refuses_different_checkpoints_on_different_ranks():
+    shapes, params, (a, b) = _two_checkpoints()
+    assert a["state"][0]["step"] == b["state"][0]["step"]
+    opt = ShardedOptimizer(fastopt.Adam, [p.copy() for p in params], lr=0.01)
+    opt.load_state_dict(a)
+    results = []
+    for stale in range(N):              # the stale copy on each rank in turn
+        results.append(outcome(opt.load_state_dict, b if ME == stale else a)[0])
+    # through files, as fastopt.load reads them: one node has a stale copy
+    d = shared_dir()
+    path_a = os.path.join(d, f"stitch_a_{N}.npz")
+    path_b = os.path.join(d, f"stitch_b_{N}.npz")
+    if ME == 0:
+        ref = fastopt.Adam([p.copy() for p in params], lr=0.01)
+        ref.load_state_dict(a)
+        fastopt.save(path_a, ref)
+        ref.load_state_dict(b)
+        fastopt.save(path_b, ref)
+    COMM.Barrier()
+    results.append(outcome(fastopt.load, path_b if ME == LAST else path_a, opt)[0])
+    back = opt.consolidated_state_dict(to=0)
+    lr = opt.param_groups[0]["lr"]
+    # the same checkpoint everywhere still loads, and is what the ranks hold
+    opt.load_state_dict(b)
+    after = opt.consolidated_state_dict(to=0)
+    for err in results:
+        assert _refused_everywhere(err), repr(err)
+    assert "state 'exp_avg' of parameter 0 differs" in str(results[0])
+    if ME == 0:
+        assert_same_state_dict(back, a)          # nothing changed on any rank
+        assert_same_state_dict(after, b)
+    assert lr == 0.01
+
+
+def _perturbations(name):
+    """Per-rank differences a loaded state dict can have, each of them valid on its
+    own: ``(label, function(sd), what the message names)``."""
+    def nudge(i, key, index):
+        def f(sd):
+            a = sd["state"][i][key]
+            a[index] = np.nextafter(a[index], np.inf)
+        return f
+
+    def setter(path, value):
+        def f(sd):
+            d = sd
+            for k in path[:-1]:
+                d = d[k]
+            d[path[-1]] = value
+        return f
+
+    def drop_state(sd):
+        del sd["state"][2]
+
+    out = [("first row", nudge(0, "exp_avg", (0, 0)), "state 'exp_avg' of parameter 0"),
+           ("last row", nudge(0, "exp_avg_sq", (-1, -1)), "state 'exp_avg_sq' of parameter 0"),
+           ("0-d parameter", nudge(1, "exp_avg", ()), "state 'exp_avg' of parameter 1"),
+           ("signed zero", setter(("state", 2, "exp_avg", 4), -0.0),
+            "state 'exp_avg' of parameter 2"),
+           ("step", setter(("state", 2, "step"), 4), "state 'step' of parameter 2 is "),
+           ("no state", drop_state, "parameter 2 has state 'exp_avg' on rank"),
+           ("lr", setter(("param_groups", 1, "lr"), 0.5), "group 1 has lr="),
+           ("betas", setter(("param_groups", 0, "betas"), (0.8, 0.999)), "group 0 has betas="),
+           ("extra key", setter(("param_groups", 0, "initial_lr"), 0.05),
+            "group 0 has initial_lr=")]
+    if name == "Adam":
+        out.append(("amsgrad slot", nudge(2, "max_exp_avg_sq", (7,)),
+                    "state 'max_exp_avg_sq' of parameter 2"))
+    else:
+        out.append(("host scalar", setter(("state", 0, "mu_product"), 0.5),
+                    "state 'mu_product' of parameter 0 is "))
+    return out
+
+
+@needs_two
+@pytest.mark.parametrize("name,hyper", [("Adam", {"amsgrad": True}), ("NAdam", {})])
+def test_load_refuses_any_per_rank_difference(name, hyper):
+    """Matrix: every kind of per-rank difference (arrays, bits, steps, host scalars,
+    missing state, hyperparameters, extra group keys) on every rank in turn is
+    refused on every rank; then random single-bit flips; then dicts that differ only
+    in layout (copies, Fortran order, names in another order) are accepted."""
+    cls = fastopt.CLASSES[name]
+    shapes = [(13, 3), (), (9,)]
+    arrays = init(shapes, np.float64)
+
+    def groups(ps):
+        return [{"params": [ps[0], ps[1]], "lr": 0.02, "initial_lr": 0.02},
+                {"params": [ps[2]], "weight_decay": 1e-2}]
+
+    ref = cls(groups([a.copy() for a in arrays]), **hyper)
+    for t in range(3):
+        ref.step([dense_grad(s, np.float64, t, 0, seed=3) for s in shapes])
+    base = ref.state_dict()
+    base["state"][2]["exp_avg"][4] = 0.0          # a zero to flip the sign of
+    opt = ShardedOptimizer(cls, groups([a.copy() for a in arrays]), **hyper)
+    opt.load_state_dict(base)
+    want_groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    results, kept = [], []
+    for label, change, says in _perturbations(name):
+        other = copy.deepcopy(base)
+        change(other)
+        for d in range(N):
+            err = outcome(opt.load_state_dict, other if ME == d else base)[0]
+            results.append((label, d, err, says))
+            kept.append([{k: v for k, v in g.items() if k != "params"}
+                         for g in opt.param_groups] == want_groups)
+    flips = []
+    for trial in range(12):                       # any single bit of any array
+        rng = _rng(77, trial)                     # the same draw on every rank
+        other = copy.deepcopy(base)
+        keys = [(i, k) for i in sorted(other["state"]) for k, v in other["state"][i].items()
+                if isinstance(v, np.ndarray)]
+        i, k = keys[int(rng.integers(len(keys)))]
+        a = other["state"][i][k]
+        bits = a.reshape(-1).view(np.uint64)
+        bits[int(rng.integers(a.size))] ^= np.uint64(1) << np.uint64(int(rng.integers(64)))
+        err = outcome(opt.load_state_dict, other if ME == trial % N else base)[0]
+        flips.append((i, k, err))
+    # the same state in other layouts, on some ranks: accepted
+    layout = copy.deepcopy(base)
+    for st in layout["state"].values():
+        for k, v in st.items():
+            if isinstance(v, np.ndarray) and v.ndim == 2:
+                st[k] = np.asfortranarray(v)
+    layout["state"] = dict(reversed(list(layout["state"].items())))
+    accepted = outcome(opt.load_state_dict, layout if ME % 2 else base)[0]
+    back = opt.consolidated_state_dict(to=0)
+    for label, d, err, says in results:
+        assert _refused_everywhere(err), (label, d, repr(err))
+        assert says in str(err), (label, d, str(err))
+    for i, k, err in flips:
+        assert _refused_everywhere(err) and f"state {k!r} of parameter {i}" in str(err), \
+            (i, k, repr(err))
+    assert all(kept), "a refused load changed param_groups"
+    assert accepted is None, repr(accepted)
+    if ME == 0:
+        assert_same_state_dict(back, base)        # nothing from a refused load stuck
+
+
+def test_load_of_named_parameters_in_another_order_agrees():
+    """Names matched across orders: the ranks hold the same state, so it loads."""
+    names = ["a", "b", "c"]
+    shapes = [(9, 2), (5,), (3, 3)]
+    arrays = init(shapes, np.float64)
+    ref = fastopt.Adam({n: a.copy() for n, a in zip(names, arrays)})
+    ref.step({n: dense_grad(s, np.float64, 0, 0) for n, s in zip(names, shapes)})
+    sd = ref.state_dict()
+    order = [2, 0, 1]
+    moved = {**sd, "param_names": [names[j] for j in order],
+             "state": {k: sd["state"][j] for k, j in enumerate(order)}}
+    opt = ShardedOptimizer(fastopt.Adam, {n: a.copy() for n, a in zip(names, arrays)})
+    err = outcome(opt.load_state_dict, moved if ME == LAST else sd)[0]
+    back = opt.consolidated_state_dict(to=0)
+    assert err is None, repr(err)
+    if ME == 0:
+        assert_same_state_dict(back, sd)
+
+
+# ------------------------------------------------ bfloat16 and storage options
+
+def test_bfloat16_parameters_and_storage_options_are_refused_up_front():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    forms = {"list": lambda: [np.zeros((4, 3), np.float32), np.zeros(8, bf16)],
+             "groups": lambda: [{"params": [np.zeros(3)]},
+                                {"params": [np.zeros(5, bf16)], "lr": 0.1}],
+             "dict": lambda: {"w": np.zeros(6, bf16)}}
+    got = {k: outcome(ShardedOptimizer, fastopt.AdamW, f()) for k, f in forms.items()}
+    # one rank only: its own error there, the others are told
+    one = outcome(ShardedOptimizer, fastopt.Adam,
+                  [np.zeros(8, bf16 if ME == LAST else np.float32)])[0]
+    options = [(k, outcome(ShardedOptimizer, fastopt.Adam, [np.zeros(4, np.float32)], **{k: v}))
+               for k, v in (("state_bits", 8), ("state_bits", 16), ("bf16_update", "kahan"),
+                            ("seed", 3))]
+    options += [(k, outcome(ShardedOptimizer, fastopt.Adam,
+                            [{"params": [np.zeros(4, np.float32)]},
+                             {"params": [np.zeros(3, np.float32)], k: v}]))
+                for k, v in (("state_bits", 8), ("bf16_update", "nearest"), ("seed", 1))]
+    # the defaults (what groups copied from an optimizer's param_groups carry): taken
+    defaults = {"state_bits": None, "seed": 0}
+    opt = ShardedOptimizer(fastopt.Adam, [{"params": [np.zeros(4, np.float32)], **defaults}])
+    ok = opt.step([np.ones(4, np.float32)])                    # still in step
+    for form, (err, _) in got.items():
+        assert isinstance(err, NotImplementedError), (form, repr(err))
+        assert "bfloat16" in str(err) and "single-process optimizer takes them" in str(err)
+    assert "parameter 1 is bfloat16" in str(got["list"][0])
+    if ME == LAST:
+        assert isinstance(one, NotImplementedError) and "bfloat16" in str(one), repr(one)
+    else:
+        assert isinstance(one, DistributedError) and "bfloat16" in str(one), repr(one)
+    for k, (err, _) in options:
+        assert isinstance(err, NotImplementedError), (k, repr(err))
+        assert k in str(err) and "single-process optimizer takes them" in str(err)
+    assert ok
+
+
+# ---------------------------------------------------------------- add_param_group
+
+ADD_GROUP_CASES = [("Adam", {"amsgrad": True}),
+                   ("SGD", {"lr": 0.05, "momentum": 0.9, "sparse_mode": "exact"}),
+                   ("RowWiseAdagrad", {"max_norm": 1.0})]
+
+
+@pytest.mark.parametrize("name,hyper", ADD_GROUP_CASES)
+def test_add_param_group_equals_single_process(name, hyper):
+    cls = fastopt.CLASSES[name]
+    rowwise = rules.RULES[name].layout == "rowwise"
+    first = [(30, 4), (7,)]
+    later = [(21, 3), (11,), (5,) if rowwise else ()]
+    later_dt = [np.float64, np.float32, np.float64]      # a dtype the first group lacks
+    p_first = init(first, np.float32)
+    p_later = init(later, later_dt, seed=2)
+    mine = [p.copy() for p in p_first]
+    mine_later = [p.copy() for p in p_later]
+    ref_p = [p.copy() for p in p_first]
+    ref_later = [p.copy() for p in p_later]
+    opt = ShardedOptimizer(cls, mine, bucket_bytes=160, **hyper)
+    ref = cls(ref_p, **hyper)
+    group = {"lr": 0.01, "initial_lr": 0.01}
+
+    def local(t, r):
+        g = [sparse_grad(first[0], np.float32, t, r) if t % 2 else
+             dense_grad(first[0], np.float32, t, r), dense_grad(first[1], np.float32, t, r)]
+        if t >= 3:
+            g += [sparse_grad(later[0], np.float64, t, r) if t % 2 else
+                  dense_grad(later[0], np.float64, t, r),
+                  dense_grad(later[1], np.float32, t, r), dense_grad(later[2], np.float64, t, r)]
+        return g
+
+    for t in range(7):
+        if t == 3:
+            opt.add_param_group({"params": mine_later, **group})
+            ref.add_param_group({"params": ref_later, **group})
+        per_rank = [local(t, r) for r in range(N)]
+        opt.step(per_rank[ME])
+        ref.step(averaged(per_rank, ref_p + (ref_later if t >= 3 else [])))
+    sd = opt.consolidated_state_dict(to=0)
+    ref_sd = ref.state_dict()
+    rows = [COMM.allgather(opt.shard_rows(i)) for i in range(5)]
+    held = sum(COMM.allgather(opt.state_bytes()))
+    # a checkpoint of the grown optimizer resumes in one built with both groups
+    full = COMM.bcast(sd, root=0)
+    again = [p.copy() for p in mine]
+    again_later = [p.copy() for p in mine_later]
+    opt2 = ShardedOptimizer(cls, [{"params": again}, {"params": again_later, **group}],
+                            **hyper)
+    opt2.load_state_dict(full)
+    for t in range(7, 9):
+        per_rank = [local(t, r) for r in range(N)]
+        opt.step(per_rank[ME])
+        opt2.step(per_rank[ME])
+        ref.step(averaged(per_rank, ref_p + ref_later))
+    assert_same_params(mine + mine_later, ref_p + ref_later)
+    assert_same_params(again + again_later, ref_p + ref_later)
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["initial_lr"] == 0.01
+    assert opt.param_groups[1]["params"][0] is mine_later[0]
+    for i, rr in enumerate(rows):        # every parameter's rows covered, in rank order
+        n = (first + later)[i][0] if (first + later)[i] else 1
+        assert rr[0][0] == 0 and rr[-1][1] == n and all(x[1] == y[0] for x, y in zip(rr, rr[1:]))
+    if ME == 0:
+        assert_same_state_dict(sd, ref_sd)
+        assert held == sum(v.nbytes for st in ref_sd["state"].values() for v in st.values()
+                           if isinstance(v, np.ndarray))
+
+
+def test_add_param_group_refusals_change_nothing():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    shapes = [(8, 3), (5,)]
+    mine = init(shapes, np.float64)
+    ref_p = [p.copy() for p in mine]
+    opt = ShardedOptimizer(fastopt.Adam, mine)
+    ref = fastopt.Adam(ref_p)
+    g = [dense_grad(s, np.float64, 0, ME) for s in shapes]
+    errs = {
+        "bfloat16": outcome(opt.add_param_group,
+                            {"params": [np.zeros(4, np.dtype(ml_dtypes.bfloat16))]})[0],
+        "overlap": outcome(opt.add_param_group, {"params": [mine[1][1:3]]})[0],
+        "no params": outcome(opt.add_param_group, {"lr": 0.1})[0],
+        "bad lr": outcome(opt.add_param_group, {"params": [np.zeros(3)], "lr": -1.0})[0],
+    }
+    opt.param_groups.append({"params": [np.zeros(3)], "lr": 0.1})
+    errs["appended"] = outcome(opt.step, g)[0]
+    opt.param_groups.pop()
+    opt.param_groups[0]["params"].append(np.zeros(3))
+    errs["params appended"] = outcome(opt.step, g)[0]
+    opt.param_groups[0]["params"].pop()
+    named = ShardedOptimizer(fastopt.Adam, {"w": np.zeros(3)})
+    errs["named"] = outcome(named.add_param_group, {"params": [np.zeros(2)]})[0]
+    per_rank = [[dense_grad(s, np.float64, 1, r) for s in shapes] for r in range(N)]
+    ok = opt.step(per_rank[ME])                               # still in step
+    ref.step(averaged(per_rank, ref_p))
+    assert ok and len(opt.param_groups) == 1
+    assert isinstance(errs["bfloat16"], NotImplementedError) and \
+        "single-process optimizer takes them" in str(errs["bfloat16"])
+    assert isinstance(errs["overlap"], ValueError) and "overlaps" in str(errs["overlap"])
+    assert isinstance(errs["no params"], TypeError), repr(errs["no params"])
+    assert isinstance(errs["bad lr"], ValueError) and "lr" in str(errs["bad lr"])
+    for k in ("appended", "params appended"):
+        assert isinstance(errs[k], ValueError) and "add_param_group" in str(errs[k]) and \
+            "every rank" in str(errs[k]), (k, repr(errs[k]))
+    assert isinstance(errs["named"], ValueError) and "by name" in str(errs["named"])
+    assert_same_params(mine, ref_p)
+
+
+@needs_two
+def test_add_param_group_must_be_the_same_on_every_rank():
+    shapes = [(8, 3), (5,)]
+    mine = init(shapes, np.float64)
+    opt = ShardedOptimizer(fastopt.Adam, mine)
+    g = [dense_grad(s, np.float64, 0, ME) for s in shapes]
+    errs = [
+        outcome(opt.add_param_group, {"params": [np.zeros((4, 3) if ME == LAST else (4, 2))]})[0],
+        outcome(opt.add_param_group, {"params": [np.zeros(4)],
+                                      "lr": 0.1 if ME == LAST else 0.2})[0],
+        outcome(opt.add_param_group, {"params": [np.zeros(4)] * (2 if ME == LAST else 1)})[0],
+        outcome(opt.add_param_group, {"params": [np.zeros(4)],
+                                      "lr": -1.0 if ME == LAST else 0.1})[0],
+    ]
+    missed = outcome(lambda: opt.step(g) if ME == 0 else
+                     opt.add_param_group({"params": [np.zeros(4)]}))[0]
+    ok = opt.step(g)
+    assert isinstance(errs[0], DistributedError) and \
+        f"parameter 0 of the group has shape (4, 3) and dtype float64 on rank {LAST}" in \
+        str(errs[0]), repr(errs[0])
+    assert isinstance(errs[1], DistributedError) and "lr=0.1 on rank" in str(errs[1])
+    if ME == LAST:
+        assert isinstance(errs[2], ValueError) and "appears twice" in str(errs[2])
+        assert isinstance(errs[3], ValueError) and "lr" in str(errs[3])
+    else:
+        assert isinstance(errs[2], DistributedError) and "failed on rank" in str(errs[2])
+        assert isinstance(errs[3], DistributedError) and "failed on rank" in str(errs[3])
+    assert isinstance(missed, DistributedError) and "called" in str(missed), repr(missed)
+    assert ok and len(opt.param_groups) == 1 and len(opt.state) == 2
+    assert identical_on_every_rank(mine)
+
+
+def test_default_timeout_is_finite_and_none_waits_forever():
+    opt = ShardedOptimizer(fastopt.SGD, init([(6,)], np.float64), lr=0.1)
+    forever = ShardedOptimizer(fastopt.SGD, init([(6,)], np.float64), lr=0.1, timeout=None)
+    assert opt.timeout == DEFAULT_TIMEOUT == 1800.0
+    assert forever.timeout is None
+    assert opt.step([np.ones(6)]) and forever.step([np.ones(6)])
