@@ -141,3 +141,103 @@ def test_a_refused_call_changes_nothing(cfg, bad):
     for i, st_ref in before[1]["state"].items():
         for k, v in st_ref.items():
             np.testing.assert_array_equal(after["state"][i][k], v)
+
+
+# ------------------------------------------------------------- stored formats
+
+STORED_SHAPES = [(0, 5), (4, 0), (3, 7), (3, 1500), (2, 3, 700)]
+BF16_UPDATES = ["split", "kahan", "stochastic", "nearest"]
+
+
+@st.composite
+def stored_configurations(draw):
+    """A configuration with storage options, per group: bfloat16 or float32
+    parameters, 8/16/32-bit state, every bf16_update, clamps and max_norm, shapes
+    with no rows or no columns beside ones large enough for 8-bit blocks."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    name = draw(st.sampled_from(sorted(rules.RULES)))
+    rule = rules.RULES[name]
+    groups = []
+    for _ in range(draw(st.integers(1, 2))):
+        bits = draw(st.sampled_from([None, 32, 16, 8]))
+        variants = [v for v in rule.variants if rules.takes_state_bits(rule, v, bits)]
+        hyper = dict(draw(st.sampled_from(variants)))
+        bound = draw(st.sampled_from(["none", "clamp", "max_norm"]))   # clamp, then
+        if bound == "clamp":                                            # renorm, leaves
+            hyper.update(param_min=-0.3, param_max=draw(st.sampled_from([0.3, -0.1])))
+        elif bound == "max_norm":                                       # a clamp
+            hyper["max_norm"] = 0.8
+        bf16 = draw(st.booleans())
+        group = dict(hyper, state_bits=bits, seed=draw(st.integers(0, 5)))
+        if bf16:
+            group["bf16_update"] = draw(st.sampled_from(BF16_UPDATES))
+        shapes = draw(st.lists(st.sampled_from(STORED_SHAPES), min_size=1, max_size=2))
+        dtype = np.dtype(ml_dtypes.bfloat16) if bf16 else np.dtype(np.float32)
+        groups.append((group, shapes, dtype))
+    steps = [(draw(st.integers(0, 2 ** 16)), draw(st.booleans()))
+             for _ in range(draw(st.integers(1, 3)))]
+    backend = draw(st.sampled_from(COMPILED))
+    return name, groups, steps, backend
+
+
+def _run_stored(name, groups, steps, backend):
+    rng = np.random.default_rng(3)
+    param_groups, flat = [], []
+    for group, shapes, dtype in groups:
+        ps = []
+        for s in shapes:                  # start inside the bounds (lazy sparse steps
+            x = rng.standard_normal(s) * 0.2                # leave untouched rows)
+            if group.get("param_min") is not None:
+                lo, hi = group["param_min"], group["param_max"]
+                x = lo + (hi - lo) * (0.25 + 0.5 * rng.random(s))
+            if group.get("max_norm") is not None and x.size:
+                rows = x.reshape(s[0], -1)
+                rows *= 0.4 / np.sqrt((rows * rows).sum(axis=1, keepdims=True))
+            ps.append(x.astype(dtype))
+        param_groups.append(dict(group, params=ps))
+        flat.extend((p, group) for p in ps)
+    opt = fastopt.CLASSES[name](param_groups, backend=backend)
+    for seed, sparse in steps:
+        grads = []
+        for k, (p, group) in enumerate(flat):
+            sparse_ok = sparse and p.ndim > 1 and group.get("max_norm") is None
+            grads.append(_grad("sparse" if sparse_ok else "dense", p.shape, np.float32,
+                               seed + k))
+        assert opt.step(grads) is True
+    return [p for p, _ in flat], [g for _, g in flat]
+
+
+def _inside(p, group):
+    """bfloat16 parameters: strictly inside the bounds; float32 ones: inside up to
+    float32 rounding (the bound itself is rounded to float32, as torch does)."""
+    w = np.asarray(p, dtype=np.float64)
+    if w.size == 0:
+        return
+    bf16 = p.dtype.itemsize == 2
+    if group.get("param_min") is not None:
+        lo, hi = group["param_min"], group["param_max"]
+        if not bf16:
+            lo, hi = float(np.float32(lo)), float(np.float32(hi))
+        assert w.min() >= lo and w.max() <= hi
+    if group.get("max_norm") is not None:
+        rows = w.reshape(w.shape[0], -1)
+        slack = 1.0 if bf16 else 1.0 + 1e-6
+        assert np.sqrt((rows * rows).sum(axis=1)).max() <= group["max_norm"] * slack
+
+
+@SETTINGS
+@given(stored_configurations())
+def test_stored_formats_agree_with_the_reference_and_stay_inside(cfg):
+    """The reference backend and the kernels take the same stored steps (no refusal,
+    no failure on shapes without rows), agree within a few bfloat16 steps / 8-bit
+    codes, and keep bfloat16 parameters inside their clamps and max_norm."""
+    name, groups, steps, backend = cfg
+    with np.errstate(all="ignore"):
+        got, owners = _run_stored(name, groups, steps, backend)
+        want, _ = _run_stored(name, groups, steps, "numpy")
+    for a, b, group in zip(got, want, owners):
+        a64 = np.asarray(a, dtype=np.float64)
+        b64 = np.asarray(b, dtype=np.float64)
+        np.testing.assert_allclose(a64, b64, rtol=2 ** -5, atol=2e-2)
+        _inside(a, group)
+        _inside(b, group)

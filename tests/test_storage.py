@@ -590,3 +590,26 @@ def test_stored_fused_options_and_grad_scale(fused, pdt, options, backend):
     else:
         np.testing.assert_allclose(ea, eb, rtol=3e-5, atol=3e-5)
     _compare_states(opt.state_dict()["state"][0], ref.state_dict()["state"][0], 1e-4)
+
+
+@pytest.mark.parametrize("backend", ["numpy"] + STORED_BACKENDS)
+@pytest.mark.parametrize("pdt,options", [(BF, {}), (np.float32, dict(state_bits=16)),
+                                         (np.float64, dict(state_bits=32)),
+                                         (np.float32, dict(state_bits=8)),
+                                         (BF, dict(bf16_update="stochastic"))])
+@pytest.mark.parametrize("empty", [(0, 5), (5, 0)])
+def test_parameters_without_rows_beside_others_in_stored_formats(backend, pdt, options, empty):
+    """The reference backend failed with "cannot reshape array of size 0" on a (0, 5)
+    parameter in a stored format, after the bucket's other tensors were written."""
+    rng = np.random.default_rng(0)
+    a = np.zeros(empty, pdt)
+    b = (rng.standard_normal((3, 5)) * 0.1).astype(pdt)
+    ref_b = b.copy()
+    opt = fastopt.Adam([a, b], lr=1e-2, backend=backend, **options)
+    alone = fastopt.Adam([np.zeros((3, 1), pdt), ref_b], lr=1e-2, backend=backend, **options)
+    for k in range(3):
+        g = rng.standard_normal((3, 5)).astype(np.float32)
+        opt.step([np.zeros(empty, np.float32), g])
+        alone.step([None, g])
+    np.testing.assert_array_equal(np.asarray(b, np.float64), np.asarray(ref_b, np.float64))
+    assert opt.state_dict()["state"][0]["step"] == 3

@@ -41,9 +41,9 @@ class NumpyBackend(Backend):
         ct = work.catch
         p = work.param
         nrows = p.shape[0]
-        p2 = p.reshape(nrows, -1)
+        p2 = _rows2d(p, nrows)
         names = [n for n, u in zip(rule.slots, work.config.uses) if u]
-        arrays = {n: s.reshape(nrows, -1)
+        arrays = {n: _rows2d(s, nrows)
                   for n, s in zip(rule.slots, work.slots) if s is not None}
         for last in np.unique(ct.last):
             rows = work.uniq[ct.last == last]
@@ -72,9 +72,9 @@ class NumpyBackend(Backend):
         nrows = work.param.shape[0]
         uniq, summed = coalesce(work.idx, work.vals, nrows)
         group, step, state, fresh = work.ref
-        p2 = work.param.reshape(nrows, -1)
+        p2 = _rows2d(work.param, nrows)
         rows = p2[uniq]
-        st = {k: (v.reshape(nrows, -1)[uniq] if isinstance(v, np.ndarray) else v)
+        st = {k: (_rows2d(v, nrows)[uniq] if isinstance(v, np.ndarray) else v)
               for k, v in state.items()}
         with np.errstate(all="ignore"):
             rule.reference(rows, fused.np_pre(summed, group, work.grad_scale), st, group, step,
@@ -83,7 +83,7 @@ class NumpyBackend(Backend):
         p2[uniq] = rows
         for k, v in state.items():
             if isinstance(v, np.ndarray):
-                v.reshape(nrows, -1)[uniq] = st[k]
+                _rows2d(v, nrows)[uniq] = st[k]
             else:
                 state[k] = st[k]
 
@@ -124,6 +124,12 @@ class NumpyBackend(Backend):
                         config=replace(cfg, storage=storage.NATIVE, dtype=P.dtype))
         self.run_rows(work1)
         _encode(cfg, work.param, work.extras, state, P, old, dec, work.key, work.uniq)
+
+
+def _rows2d(a, nrows):
+    """``a`` as (nrows, rest); a parameter with no rows (or no columns) included,
+    where ``reshape(nrows, -1)`` cannot infer the rest."""
+    return a.reshape(nrows, a.size // nrows if nrows else 0)
 
 
 def _decode(cfg, p, extras, state):
@@ -168,7 +174,7 @@ def _encode(cfg, p, extras, state, P, old, dec, key, rows):
         return a2 if rows is None else a2[rows]
 
     def put(dst, src):
-        d2 = dst.reshape(nrows, -1)
+        d2 = _rows2d(dst, nrows)
         if rows is None:
             d2[...] = src.reshape(d2.shape)
         else:
@@ -207,7 +213,7 @@ def _encode(cfg, p, extras, state, P, old, dec, key, rows):
             nb = storage.q8_blocks(a.shape)[1]
             shape = a.shape if rows is None else (len(rows), D)
             codes, sc = fmt.q8_encode(x.reshape(shape), shape, st.signed[k])
-            put(a, codes.reshape(-1, D))
+            put(a, codes.reshape(shape[0], D))
             if rows is None:
                 extras[1 + k][...] = sc
             else:
