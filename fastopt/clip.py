@@ -4,8 +4,11 @@ clip_grad_value_).
 ``grads`` is one ndarray or an iterable of ndarrays (a list, a tuple, a dict's
 values; a dict itself is taken by its values); ``None`` entries are skipped.  Every
 array is checked before any is changed: it must be a writeable ndarray of a
-floating dtype (``TypeError`` for other types and dtypes, ``ValueError`` for a
-read-only array).
+floating dtype or ``ml_dtypes.bfloat16`` (``TypeError`` for other types and dtypes,
+``ValueError`` for a read-only array).  bfloat16 gradients, as the optimizers take
+them: norms in float64, scaling in float32 rounded to nearest, and
+``clip_grad_value_`` clamps to the bound rounded inward to a bfloat16 value (so
+every element ends inside it).
 
 Norms are computed in float64 with a fixed reduction order (each array's norm,
 then those norms combined in list order), so the result does not depend on
@@ -18,6 +21,8 @@ import numbers
 import numpy as np
 from numba import njit, prange
 from numba.extending import register_jitable
+
+from .storage import bf16_toward, is_bf16
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_"]
 
@@ -42,9 +47,9 @@ def _arrays(grads, what):
             continue
         if not isinstance(g, np.ndarray):
             raise TypeError(f"{what}: gradient {i} is a {type(g).__name__}, not an ndarray")
-        if g.dtype.kind != "f":
-            raise TypeError(f"{what}: gradient {i} has dtype {g.dtype}; a floating dtype is "
-                            "required")
+        if g.dtype.kind != "f" and not is_bf16(g.dtype):
+            raise TypeError(f"{what}: gradient {i} has dtype {g.dtype}; a floating dtype "
+                            "(or ml_dtypes.bfloat16) is required")
         if not g.flags.writeable:
             raise ValueError(f"{what}: gradient {i} is read-only; it must be changed in place")
         out.append(g)
@@ -203,9 +208,12 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
             "non-finite norm anyway, set `error_if_nonfinite=False`")
     clip_coef = max_norm / (total + 1e-6)
     if not clip_coef >= 1.0:  # clamp(max=1.0); a nan coefficient is applied, as torch
-        with np.errstate(invalid="ignore"):  # inf * 0 -> nan, silently as torch
+        with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 -> nan, as torch
             for g in arrays:
-                np.multiply(g, clip_coef, out=g, casting="same_kind")
+                if is_bf16(g.dtype):          # in float32, rounded to nearest
+                    g[...] = (g.astype(np.float32) * np.float32(clip_coef)).astype(g.dtype)
+                else:
+                    np.multiply(g, clip_coef, out=g, casting="same_kind")
     return total
 
 
@@ -215,4 +223,9 @@ def clip_grad_value_(grads, clip_value):
     and >= 0.  Returns None, as torch."""
     clip_value = _limit("clip_value", clip_value)
     for g in _arrays(grads, "clip_grad_value_"):
-        np.clip(g, -clip_value, clip_value, out=g)
+        if is_bf16(g.dtype):
+            # the bounds rounded inward to bfloat16 values: every element ends inside
+            c = bf16_toward(clip_value, down=True)
+            g[...] = np.clip(g.astype(np.float32), -c, c).astype(g.dtype)
+        else:
+            np.clip(g, -clip_value, clip_value, out=g)

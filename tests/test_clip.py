@@ -224,3 +224,34 @@ def test_chunk_boundary_matches_unchunked():
     for p in (1, 2, 3.5):
         ref = float(np.linalg.norm(g.astype(np.float64), ord=p))
         assert clip_grad_norm_([g.copy()], 1e30, norm_type=p) == pytest.approx(ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_bfloat16_gradients_clip_like_torch(norm_type):
+    """bfloat16 gradients (which the optimizers take) were refused with "a floating
+    dtype is required"; torch clips bfloat16 gradients: norms agree, and the scaled
+    gradients are torch's within one bfloat16 rounding."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    torch = pytest.importorskip("torch")
+    bf = ml_dtypes.bfloat16
+    rng = np.random.default_rng(0)
+    shapes = [(40, 30), (7,)] + ([] if norm_type == math.inf else [(0,)])  # torch: no
+    gs = [(rng.standard_normal(s) * 3).astype(bf) for s in shapes]         # inf of empty
+    ts = [torch.tensor(g.astype(np.float32)).to(torch.bfloat16) for g in gs]
+    for t in ts:
+        t.grad = t.clone()
+    total = clip_grad_norm_(gs, 1.0, norm_type=norm_type)
+    want = torch.nn.utils.clip_grad_norm_(ts, 1.0, norm_type=norm_type)
+    assert total == pytest.approx(float(want), rel=1e-2)
+    for g, t in zip(gs, ts):
+        assert g.dtype == bf
+        np.testing.assert_allclose(g.astype(np.float32), t.grad.float().numpy(),
+                                   rtol=2 ** -7, atol=1e-6)
+
+
+def test_bfloat16_clip_value_stays_inside():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    g = (np.random.default_rng(1).standard_normal(1000) * 3).astype(ml_dtypes.bfloat16)
+    clip_grad_value_([g], 0.1)
+    w = g.astype(np.float64)
+    assert w.max() <= 0.1 and w.min() >= -0.1 and w.max() > 0.099

@@ -76,7 +76,7 @@ def is_bf16(dtype):
     return BF16 is not None and np.dtype(dtype) == BF16
 
 
-def _bf16_toward(v, down):
+def bf16_toward(v, down):
     """The bfloat16 value nearest ``v`` on its lower (``down``) or upper side."""
     f = np.float32(v)
     if (float(f) > v) if down else (float(f) < v):
@@ -103,9 +103,9 @@ def bf16_fused_row(row, update):
     """
     gs, clip, l1, lo, hi, mn = row
     if lo != -np.inf:
-        lo = _bf16_toward(lo, down=False)
+        lo = bf16_toward(lo, down=False)
     if hi != np.inf:
-        hi = _bf16_toward(hi, down=True)
+        hi = bf16_toward(hi, down=True)
     if mn != np.inf and update != "split":
         mn = mn * (1.0 - 2.0 ** -7)
     return (gs, clip, l1, lo, hi, mn)
