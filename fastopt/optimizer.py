@@ -57,8 +57,10 @@ class Optimizer:
                                    self._group_storage, storage.OPTIONS)
         self._names = None
         if isinstance(params, dict):
-            self._names = list(params)
-            groups = [{"params": list(params.values())}]
+            if not params:
+                raise ValueError(f"{rule.name}: got an empty parameter dict")
+            self._names = []                   # filled by add_param_group
+            groups = [{"params": dict(params)}]
         else:
             params = list(params)
             if not params:
@@ -95,7 +97,12 @@ class Optimizer:
         Hyperparameters not given take the optimizer's defaults.  Other keys (such as
         a scheduler's ``initial_lr``) are kept as they are and saved in state_dict.
         """
+        names = None
+        if self._names is not None:
+            group, names = self._named_group(group)
         added = self._groups.add(group, self._check_params)
+        if names is not None:
+            self._names.extend(names)
         g = self.param_groups[-1]
         self._state.extend({} for _ in added)
         self._storage.extend(storage.storage_for(self.rule, self._params[i], g["state_bits"],
@@ -103,6 +110,21 @@ class Optimizer:
         self._seeds.extend(g["seed"] for _ in added)
         self._steps = np.concatenate([self._steps, np.zeros(len(added), np.int64)])
         self._plan_version = getattr(self, "_plan_version", 0) + 1
+
+    def _named_group(self, group):
+        """An optimizer built from a dict of named parameters takes new groups with
+        ``params`` a dict of new names (gradients are then given by name)."""
+        if not isinstance(group, dict) or not isinstance(group.get("params"), dict):
+            raise TypeError("the parameters were given by name (a dict): give the new "
+                            "group's 'params' as a dict name -> array too, so that "
+                            "gradients can be passed by name")
+        names = list(group["params"])
+        taken = set(map(str, self._names))
+        clash = [k for k in names if str(k) in taken]
+        if clash or len(set(map(str, names))) != len(names):
+            raise ValueError(f"parameter names {clash or names} are already taken "
+                             "(names must be unique)")
+        return {**group, "params": list(group["params"].values())}, names
 
     def _require_state_bits(self, state_bits):
         if state_bits == 16:
@@ -119,7 +141,10 @@ class Optimizer:
             given.get("state_bits", self.state_bits),
             given.get("bf16_update", self.bf16_update), given.get("seed", self.seed))))
         self._require_state_bits(opts["state_bits"])
-        if given.get("bf16_update") is not None and arrays \
+        # a bf16_update other than the optimizer's on a group without bfloat16
+        # parameters would do nothing: a mistake (a copied group, carrying the
+        # optimizer's own value, passes)
+        if given.get("bf16_update") not in (None, self.bf16_update) and arrays \
                 and not any(storage.is_bf16(a.dtype) for a in arrays):
             raise ValueError(f"param group bf16_update={given['bf16_update']!r} applies to "
                              "bfloat16 parameters, and the group has none")

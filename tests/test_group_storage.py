@@ -310,3 +310,34 @@ def test_legitimate_kahan_state_loads_into_fresh_parameters():
     opt, sd, p = _bad_state(lambda st: None)
     fresh = (np.random.default_rng(5).standard_normal(p.shape) * 0.02).astype(BF)
     fastopt.Adam([fresh], lr=1e-3, state_bits=8, bf16_update="kahan").load_state_dict(sd)
+
+
+# ------------------------------------------------------- groups of named params
+
+def test_named_parameters_take_named_groups():
+    """An optimizer of named parameters took a list group, then every step by name
+    failed with "gather_grads: inconsistent sizes"."""
+    a, b = np.zeros(3, np.float32), np.zeros(2, np.float32)
+    opt = fastopt.Adam({"a": a}, lr=0.1)
+    with pytest.raises(TypeError, match="as a dict name -> array"):
+        opt.add_param_group({"params": [b]})
+    with pytest.raises(ValueError, match="already taken"):
+        opt.add_param_group({"params": {"a": b}})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": {"b": b}, "lr": 0.5})
+    opt.step({"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)})
+    assert opt.state_dict()["param_names"] == ["a", "b"]
+    np.testing.assert_allclose(a, -0.1, rtol=1e-6)
+    np.testing.assert_allclose(b, -0.5, rtol=1e-6)
+    with pytest.raises(ValueError, match="empty parameter dict"):
+        fastopt.Adam({})
+
+
+def test_a_group_copied_from_param_groups_is_taken():
+    """Groups carry their storage options; a copy given to another optimizer (float32
+    parameters, bf16_update 'split') is taken."""
+    opt = fastopt.Adam([np.zeros(3, np.float32)])
+    g = dict(opt.param_groups[0], params=[np.zeros(4, np.float32)])
+    other = fastopt.Adam([np.zeros(2, np.float32)])
+    other.add_param_group(g)
+    assert other.param_groups[1]["bf16_update"] == "split"
