@@ -341,3 +341,40 @@ def test_a_group_copied_from_param_groups_is_taken():
     other = fastopt.Adam([np.zeros(2, np.float32)])
     other.add_param_group(g)
     assert other.param_groups[1]["bf16_update"] == "split"
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(which=st.sampled_from(["exp_avg_absmax", "exp_avg_sq_absmax", "kahan_comp",
+                              "exp_avg_sq"]),
+       value=st.sampled_from([-1.0, -1e-30, np.nan, np.inf, -np.inf, 1e30]),
+       where=st.integers(0, 10 ** 6))
+def test_any_impossible_stored_value_is_refused(which, value, where):
+    """The class of the unchecked scales: any value that no step can produce, in any
+    scale, compensation or non-negative slot, is refused, and nothing changes."""
+    shape = (4, 1100)
+    p = (np.random.default_rng(0).standard_normal(shape) * 0.1).astype(BF)
+    bits = None if which == "exp_avg_sq" else 8
+    opt = fastopt.Adam([p], lr=1e-3, state_bits=bits, bf16_update="kahan")
+    opt.step([np.ones(shape, np.float32)])
+    sd = opt.state_dict()
+    a = sd["state"][0][which]
+    flat = a.reshape(-1)
+    k = where % flat.size
+    impossible = {"exp_avg_absmax": lambda v: not (np.isfinite(v) and v >= 0),
+                  "exp_avg_sq_absmax": lambda v: not (np.isfinite(v) and v >= 0),
+                  "kahan_comp": lambda v: not np.isfinite(v) or abs(v) > 1e-2,
+                  "exp_avg_sq": lambda v: v < 0}[which](value)
+    flat[k] = value
+    target = fastopt.Adam([p.copy()], lr=1e-3, state_bits=bits, bf16_update="kahan")
+    before = target.state_dict()
+    if impossible:
+        with pytest.raises(ValueError):
+            target.load_state_dict(sd)
+        assert target.state_dict()["state"] == before["state"]
+    else:
+        target.load_state_dict(sd)
