@@ -13,6 +13,12 @@ per backend and the capability table), the optimizer API (:mod:`fastopt.optimize
 :mod:`fastopt.functional`, :mod:`fastopt.planner`) and the training-loop toolkit
 (:mod:`fastopt.lr_scheduler`, :mod:`fastopt.clip`, :mod:`fastopt.init`,
 :mod:`fastopt.checkpoint`, :mod:`fastopt.benchmark`).
+
+``import fastopt`` imports neither numba nor ml_dtypes: numba is imported when a
+Numba-backed feature is first used (the ``numba`` backend, ``"auto"`` on host arrays,
+``clip_grad_norm_``, sparse coalescing; :mod:`fastopt._jit`), ml_dtypes when a
+bfloat16 array or option appears.  A source tree without the compiled extensions
+imports too (the ``cython`` backend is then unavailable, saying how to build it).
 """
 
 from ._version import __version__

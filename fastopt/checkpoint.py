@@ -49,7 +49,7 @@ import tempfile
 
 import numpy as np
 
-from .storage import BF16, is_bf16, need_ml_dtypes
+from .storage import bf16 as bf16_dtype, is_bf16
 
 #: the manifest's dtype of a bfloat16 array (stored as its uint16 bits)
 BF16_NAME = "bfloat16"
@@ -304,8 +304,7 @@ def _check(header, arrays, expected_name):
             raise _Invalid(f"array {k!r} belongs to unknown parameter {m['index']!r}")
         a = arrays[k]
         if m["dtype"] == BF16_NAME:
-            need_ml_dtypes()
-            a = a.view(BF16)
+            a = a.view(bf16_dtype())    # imports ml_dtypes (ImportError without it)
         state[m["index"]][m["name"]] = a
     sd["state"] = state
     return sd

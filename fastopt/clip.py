@@ -19,9 +19,8 @@ import math
 import numbers
 
 import numpy as np
-from numba import njit, prange
-from numba.extending import register_jitable
 
+from ._jit import njit, prange, register_jitable
 from .storage import bf16_toward, is_bf16
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_"]
@@ -80,7 +79,9 @@ def _make_block_sums(parallel):
     """The block-sum kernel, parallel or serial.  A closure over ``PARALLEL``: the cell
     is part of Numba's cache key, so the two builds never share a cache entry (two
     ``njit`` wrappers of one function share its entries whatever their options: a
-    serial caller could load the parallel build, which aborts in a forked child)."""
+    serial caller could load the parallel build, which aborts in a forked child).
+    Compiled (or loaded from the cache) on first call: ``import fastopt`` does not
+    import numba (:mod:`fastopt._jit`)."""
     PARALLEL = bool(parallel)
 
     def block_sums(a, p):

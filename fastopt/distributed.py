@@ -119,10 +119,9 @@ import threading
 import time
 
 import numpy as np
-from numba import njit, prange
-from numba.extending import register_jitable
 
 from . import state_io, storage
+from ._jit import njit, prange, register_jitable
 from .backends.base import may_use_threads
 from .clip import _array_norm, _limit, _norm_type
 from .optimizer import Optimizer
@@ -168,7 +167,7 @@ class StateDictMismatchError(DistributedError, ValueError):
 def _make_mean_of_pieces(parallel):
     """:func:`_mean_of_pieces_body`, parallel or serial: a closure over ``PARALLEL``,
     whose cell is part of Numba's cache key, so the two builds never share a cache
-    entry (see ``fastopt.clip._make_block_sums``)."""
+    entry (see ``fastopt.clip._make_block_sums``); compiled on first call."""
     PARALLEL = bool(parallel)
 
     def mean_of_pieces(recv, nranks, count, out):

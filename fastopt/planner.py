@@ -19,10 +19,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backends.base import (FMT_AUX, FMT_COLS, FMT_KEY, FMT_N, FMT_NB, FMT_NSCALE, FMT_ROW,
-                            FMT_SCALE, CatchUp, Config, DenseWork, RowsWork)
-from .backends.element import catch_up_table
-from .backends.numba_cpu import CHUNK, make_chunks, stored_chunks
+from .backends.base import (CHUNK, FMT_AUX, FMT_COLS, FMT_KEY, FMT_N, FMT_NB, FMT_NSCALE,
+                            FMT_ROW, FMT_SCALE, CatchUp, Config, DenseWork, RowsWork,
+                            make_chunks, stored_chunks)
 from .rules import NSCALARS, NSLOTS, fused
 from .sparse import coalesce_plan
 from .storage import NATIVE, Q8_BLOCK, q8_blocks
@@ -206,6 +205,7 @@ def rows_work(rule, spec, param, slots, row, idx=None, vals=None, grad_scale=Non
         firsts = catch.last == catch.buffer_start - 1
         h = np.zeros((1, NSCALARS))
         h[0, :len(catch.scalars)] = catch.scalars
+        from .backends.element import catch_up_table    # numba (exact sparse mode)
         catch.coef = catch_up_table(rule)(ks, firsts, h)
     return RowsWork(config=config(rule, param.dtype, spec, grad_scale, storage), param=param,
                     slots=slots, vals=vals, idx=idx, order=order, seg=seg, uniq=uniq,

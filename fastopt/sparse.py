@@ -24,8 +24,8 @@ every row falls one step behind, caught up later).
 
 import numpy as np
 
+from ._jit import njit
 from .storage import is_bf16
-from numba import njit
 
 __all__ = ["RowSparse", "is_sparse", "checked_rows"]
 

@@ -97,7 +97,7 @@ def _check_values(rule, i, name, kind, v, host_param):
         return
     if kind == "slot" and name in rule.nonnegative_slots:
         a = np.asarray(v)
-        if a.dtype == storage.BF16:
+        if storage.is_bf16(a.dtype):
             a = a.astype(np.float32)
         if a.dtype.kind == "f" and (a < 0).any():
             raise ValueError(f"{where}: negative values in a non-negative slot "

@@ -23,9 +23,22 @@ from typing import List
 
 import numpy as np
 
-from .._cy_util import data_address, gather_grads
 from ..arrays import as_grad, as_param
 from ..storage import NATIVE, compute_dtype
+
+try:
+    from .._cy_util import data_address, gather_grads
+except ImportError:          # a source tree without the compiled extensions
+    from .._py_util import data_address, gather_grads
+
+#: Elements per chunk of a dense bucket (the CPU backends): big enough to amortize the
+#: per-chunk setup, small enough to balance 1,000 mid-size tensors over the threads.
+CHUNK = 1 << 15
+#: Below this many elements in a step, the CPU backends run serially (a parallel
+#: region costs more than it saves).  This is the default: the value in force is
+#: ``fastopt.backends.numba_cpu.PARALLEL_MIN`` once that module is loaded (tests set
+#: it there; the Cython backend reads it from there without importing numba).
+PARALLEL_MIN = 1 << 15
 
 _FORKED = False
 
@@ -62,6 +75,28 @@ FEATURES = {
     "state16": "state_bits=16: bfloat16 optimizer state",
     "state8": "state_bits=8: block-wise 8-bit optimizer state",
 }
+
+
+def make_chunks(sizes, chunk=CHUNK):
+    """Chunk table (tensor, start, stop) for tensors of the given element counts."""
+    rows = []
+    for t, n in enumerate(sizes):
+        for lo in range(0, n, chunk):
+            rows.append((t, lo, min(lo + chunk, n)))
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def stored_chunks(sizes_rows, blk, chunk=CHUNK):
+    """Chunk table (tensor, first block, end block) of a stored-format bucket:
+    ``sizes_rows``: per tensor (rows, blocks per row); about ``chunk`` elements per
+    chunk."""
+    per = max(1, chunk // blk)
+    out = []
+    for t, (r, nb) in enumerate(sizes_rows):
+        total = r * nb
+        for lo in range(0, total, per):
+            out.append((t, lo, min(lo + per, total)))
+    return np.array(out, dtype=np.int64).reshape(-1, 3)
 
 
 @dataclass(frozen=True)

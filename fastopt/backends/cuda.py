@@ -158,8 +158,9 @@ first version: its memory accesses are not coalesced.  A faster layout would giv
 each 8-bit block a thread block (a thread per element, a shared-memory max
 reduction, which is exact in any order).
 
-Importing this module is cheap (numba.cuda is imported on first use);
-:func:`register_lazily` is what ``import fastopt`` calls.
+Importing this module imports numba, not numba.cuda (that happens on first use);
+``import fastopt`` does not import it (:mod:`fastopt.backends` loads it on the first
+request for the backend, when numba-cuda is installed).
 """
 
 import importlib.util
@@ -167,16 +168,18 @@ import math
 import weakref
 
 import numpy as np
-from numba.extending import register_jitable
+
+from .._jit import numba as _numba, register_jitable
+
+_numba()   # a kernel module: numba now (and the registrations pending in fastopt._jit)
 
 from ..arrays import FLOAT_DTYPES, as_grad
 from ..rules import NSLOTS
 from ..rules.fused import RENORM_EPS, post, pre, renorm_row
-from ..storage import BF16, Q8_BLOCK, is_bf16
+from ..storage import Q8_BLOCK, bf16, is_bf16
 from ..storage.codecs import scale_inverse
-from .base import FEATURES, Backend
+from .base import FEATURES, Backend, make_chunks
 from .element import apply_catch_up, element_step, scalar_loader
-from .numba_cpu import make_chunks
 
 #: threads per block
 BLOCK_SIZE = 256
@@ -1180,7 +1183,7 @@ class _BF16Param:
 
     @property
     def dtype(self):
-        return BF16
+        return bf16()
 
     @property
     def shape(self):
@@ -1210,10 +1213,10 @@ class _BF16Param:
         return _BF16Param(self.bits.reshape(*shape))
 
     def copy_to_host(self):
-        return self.bits.copy_to_host().view(BF16)
+        return self.bits.copy_to_host().view(bf16())
 
     def copy_to_device(self, ary):
-        self.bits.copy_to_device(np.ascontiguousarray(ary, dtype=BF16).view(np.uint16))
+        self.bits.copy_to_device(np.ascontiguousarray(ary, dtype=bf16()).view(np.uint16))
 
     def __setitem__(self, idx, value):
         if is_device(value):
@@ -1222,7 +1225,7 @@ class _BF16Param:
                                 "fastopt.backends.cuda.bfloat16(), or host values")
             self.bits[idx] = _import_device(value)
             return
-        self.bits[idx] = np.asarray(value, dtype=BF16).view(np.uint16)
+        self.bits[idx] = np.asarray(value, dtype=bf16()).view(np.uint16)
 
     def __len__(self):
         return self.shape[0]
@@ -1444,7 +1447,7 @@ class CudaBackend(Backend):
         nearest even, as ``np.full`` with bfloat16 rounds), marked as bfloat16 (see
         :func:`is_bf16_state`)."""
         if is_bf16(dtype):
-            bits = int(np.array(value, dtype=BF16).view(np.uint16))
+            bits = int(np.array(value, dtype=bf16()).view(np.uint16))
             return _mark_bf16(self.full(shape, bits, np.uint16))
         out = cuda.device_array(shape, dtype=dtype)
         n = int(np.prod(shape, dtype=np.int64))
@@ -1463,7 +1466,7 @@ class CudaBackend(Backend):
         """A host copy; a bfloat16 state array or parameter comes back as
         ``ml_dtypes.bfloat16`` (the dtype the CPU backends store)."""
         h = _import_device(a).copy_to_host()
-        return h.view(BF16) if is_bf16_state(a) else h
+        return h.view(bf16()) if is_bf16_state(a) else h
 
     def from_host(self, a, like):
         """A device copy of host array ``a`` in ``like``'s dtype.  A bfloat16 ``like``
@@ -1471,7 +1474,7 @@ class CudaBackend(Backend):
         backend) gives a bfloat16 state array (uint16 bits on the device)."""
         dt = getattr(like, "dtype", None)
         if is_bf16_state(like) or (dt is not None and is_bf16(dt)):
-            bits = np.ascontiguousarray(np.asarray(a, dtype=BF16)).view(np.uint16)
+            bits = np.ascontiguousarray(np.asarray(a, dtype=bf16())).view(np.uint16)
             return _mark_bf16(cuda.to_device(bits))
         return cuda.to_device(np.ascontiguousarray(a, dtype=like.dtype))
 
@@ -1647,54 +1650,6 @@ def register_backend():
         _BACKEND = CudaBackend()
     _backends().register("cuda", _BACKEND)
     return _BACKEND
-
-
-class _LazyBackends(dict):
-    """``fastopt.backends._BACKENDS`` with the CUDA backend registered on first
-    request (``resolve``, ``available``, ``in``), so that ``import fastopt`` does not
-    import numba.cuda (about 0.3 s)."""
-
-    _tried = False
-
-    def _load_cuda(self):
-        if not self._tried:
-            self._tried = True
-            register_backend()
-
-    def __missing__(self, key):
-        if key == "cuda" and not self._tried:
-            self._load_cuda()
-            if dict.__contains__(self, key):
-                return dict.__getitem__(self, key)
-        raise KeyError(key)
-
-    def __contains__(self, key):
-        if key == "cuda":
-            self._load_cuda()
-        return dict.__contains__(self, key)
-
-    def get(self, key, default=None):
-        return self[key] if key in self else default
-
-    def __iter__(self):
-        self._load_cuda()
-        return dict.__iter__(self)
-
-    def keys(self):
-        self._load_cuda()
-        return dict.keys(self)
-
-
-def register_lazily():
-    """What ``import fastopt`` calls: without numba-cuda, record the reason at once
-    (cheap); with it, register on first request (see :class:`_LazyBackends`)."""
-    if importlib.util.find_spec("numba_cuda") is None:
-        _backends().register("cuda", reason=(
-            "numba-cuda is not installed; install it with pip install 'fastopt[cuda]' "
-            "(or pip install numba-cuda)"))
-        return
-    if not isinstance(_backends()._BACKENDS, _LazyBackends):
-        _backends()._BACKENDS = _LazyBackends(_backends()._BACKENDS)
 
 
 def _backends():

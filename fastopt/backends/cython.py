@@ -46,16 +46,21 @@ table.  A rule without a Cython copy is refused with ``NotImplementedError`` bef
 records why the extension could not be loaded); calling it again is harmless.
 """
 
+import importlib
 import sys
 
 import numpy as np
 
 from .. import rules as registry
 from ..rules import fused
-from . import numba_cpu
 from .. import storage
 from . import base
 from .base import Backend, may_use_threads
+
+#: how to get the compiled extensions (named in the reason the backend is unavailable)
+INSTALL_HINT = ("to build it, install fastopt from its source tree with pip install . "
+                "(pip install -e . for an editable install), or build the extensions in "
+                "place with python setup.py build_ext --inplace")
 
 
 def scalars_prefix(Scalars):
@@ -131,7 +136,9 @@ class CythonBackend(Backend):
     name = "cython"
 
     def __init__(self):
-        from .. import _cy_dense
+        # (importlib: a missing module is a ModuleNotFoundError naming it, also while
+        # the package is still being imported)
+        _cy_dense = importlib.import_module(".._cy_dense", __package__)
         bad = layout_mismatches(_cy_dense)
         if bad:
             raise ImportError("fastopt._cy_dense was compiled for another scalar layout than "
@@ -287,7 +294,7 @@ class CythonBackend(Backend):
         if cached is None or cached[0] is not cfg:
             code, pkind, skind, smask = self._formats(cfg)
             u0, u1, u2 = (bool(u) for u in cfg.uses)
-            blk = storage.Q8_BLOCK if cfg.storage.state == "q8" else numba_cpu.CHUNK
+            blk = storage.Q8_BLOCK if cfg.storage.state == "q8" else base.CHUNK
             cached = work._cython_args = (cfg, (
                 self.rule_id(cfg.rule), code, pkind, self._ext.GRAD_KINDS[cfg.grad], skind,
                 smask, u0, u1, u2, self._opts(tuple(cfg.switches))), blk)
@@ -299,7 +306,6 @@ class CythonBackend(Backend):
         converted to the compute dtype (as ``numba_cpu.run_stored_rows``), the arrays
         checked, then ``_cy_dense.run_stored_rows`` or, for a row-wise rule,
         ``run_stored_rowwise``."""
-        from ..storage import io
         cfg = work.config
         rule = cfg.rule
         rid = self.rule_id(rule)
@@ -313,7 +319,7 @@ class CythonBackend(Backend):
             return
         code, pkind, skind, smask = self._formats(cfg)
         ct = np.dtype(cfg.compute_dtype)
-        PDT, _, SDT, ADT = io.dtypes(cfg.storage, "native", ct.type)
+        PDT, _, SDT, ADT = storage.kernel_dtypes(cfg.storage, "native", ct.type)
         P = _stored(p, PDT, p.size, "parameter")
         extras = work.extras if work.extras is not None else [None] * 4
         aux = extras[0]
@@ -386,9 +392,18 @@ def _stored(a, dtype, size, what):
 
 
 def _parallel_min():
-    """``numba_cpu.PARALLEL_MIN``, or never parallel in a forked child (GNU OpenMP
-    cannot start a parallel region there; see ``base.may_use_threads``)."""
-    return numba_cpu.PARALLEL_MIN if may_use_threads() else sys.maxsize
+    """``numba_cpu.PARALLEL_MIN`` (the one threshold of both CPU backends: read from
+    that module once it is loaded, where tests and tuning set it, else its default
+    ``base.PARALLEL_MIN``, without importing numba), or never parallel in a forked
+    child (GNU OpenMP cannot start a parallel region there; see
+    ``base.may_use_threads``)."""
+    if not may_use_threads():
+        return sys.maxsize
+    nc = sys.modules.get(_NUMBA_CPU)
+    return base.PARALLEL_MIN if nc is None else nc.PARALLEL_MIN
+
+
+_NUMBA_CPU = __package__ + ".numba_cpu"
 
 
 def _i64(a):
@@ -423,8 +438,12 @@ def register_backend():
         try:
             _BACKEND = CythonBackend()
         except ImportError as exc:
-            _backends().register("cython", reason=f"the compiled extension fastopt._cy_dense "
-                                               f"could not be loaded ({exc})")
+            missing = isinstance(exc, ModuleNotFoundError) and \
+                exc.name == __name__.split(".")[0] + "._cy_dense"
+            _backends().register("cython", reason=(
+                f"the compiled extension fastopt._cy_dense "
+                f"{'is not built' if missing else 'could not be loaded'} ({exc}); "
+                f"{INSTALL_HINT}"))
             return None
     _backends().register("cython", _BACKEND)
     return _BACKEND

@@ -24,8 +24,11 @@ knows a field's column), so adding a field or a rule needs no change here.
 """
 
 import numpy as np
-from numba import njit
-from numba.extending import register_jitable
+
+from .._jit import numba as _numba, register_jitable
+
+_numba()   # a kernel module: numba now (and the registrations pending in fastopt._jit)
+from numba import njit  # noqa: E402
 
 from ..rules.fused import post, pre
 

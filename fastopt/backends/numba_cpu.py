@@ -31,23 +31,23 @@ Python layer before a launch: the kernels do no bounds checks.
 import hashlib
 import inspect
 
-import numba
 import numpy as np
-from numba import carray, njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic, register_jitable
 
-from ..rules.fused import RENORM_EPS, renorm_row
-from .base import Backend, may_use_threads
-from .element import apply_catch_up, element_step, scalar_loader
-from .prefetch import PREFETCH_AHEAD, prefetch_row
+from .._jit import numba as _numba, register_jitable
 
-#: Elements per chunk: big enough to amortize the per-chunk setup, small enough to
-#: balance 1,000 mid-size tensors over the threads.
-CHUNK = 1 << 15
-#: Below this many elements in a step, a serial driver is used (a parallel region
-#: costs more than it saves).
-PARALLEL_MIN = 1 << 15
+numba = _numba()   # this module is loaded when the backend is first used (fastopt.backends)
+from numba import carray, njit, prange, types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+from ..rules.fused import RENORM_EPS, renorm_row  # noqa: E402
+# CHUNK, PARALLEL_MIN and the chunk tables live in .base (the Cython backend and the
+# planner use them without importing numba); PARALLEL_MIN is read here, where tests
+# and tuning set it, and by the Cython backend from here once this module is loaded
+from .base import (CHUNK, PARALLEL_MIN, Backend, make_chunks,  # noqa: E402,F401
+                   may_use_threads, stored_chunks)
+from .element import apply_catch_up, element_step, scalar_loader  # noqa: E402
+from .prefetch import PREFETCH_AHEAD, prefetch_row  # noqa: E402
 
 
 @intrinsic
@@ -276,15 +276,6 @@ def _driver(factory, config, parallel, *extra):
     if d is None:
         d = _DRIVERS[key] = factory(config, parallel, *extra)
     return d
-
-
-def make_chunks(sizes, chunk=CHUNK):
-    """Chunk table (tensor, start, stop) for tensors of the given element counts."""
-    rows = []
-    for t, n in enumerate(sizes):
-        for lo in range(0, n, chunk):
-            rows.append((t, lo, min(lo + chunk, n)))
-    return np.array(rows, dtype=np.int64).reshape(-1, 3)
 
 
 _EMPTY_COEF = np.zeros((0, 4), dtype=np.float64)
@@ -773,19 +764,6 @@ def make_stored_rowwise_driver(config, parallel):
                     SP(Pr, Ar, j, prow[j], LP(Pr, Ar, j), ukey, lo + j)
 
     return _compile(stored_rowwise_driver, parallel)
-
-
-def stored_chunks(sizes_rows, blk, chunk=CHUNK):
-    """Chunk table (tensor, first block, end block) of a stored-format bucket:
-    ``sizes_rows``: per tensor (rows, blocks per row); about ``chunk`` elements per
-    chunk."""
-    per = max(1, chunk // blk)
-    out = []
-    for t, (r, nb) in enumerate(sizes_rows):
-        total = r * nb
-        for lo in range(0, total, per):
-            out.append((t, lo, min(lo + per, total)))
-    return np.array(out, dtype=np.int64).reshape(-1, 3)
 
 
 def run_stored_dense(work):

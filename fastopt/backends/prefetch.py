@@ -14,10 +14,13 @@ A prefetch is only a hint: it never faults and never changes a value, so results
 are unchanged (and bounds-checked builds see no access).
 """
 
-from llvmlite import binding, ir
-from numba import types
-from numba.core import cgutils
-from numba.extending import intrinsic, register_jitable
+from .._jit import numba as _numba, register_jitable
+
+_numba()   # a kernel module: numba now (and the registrations pending in fastopt._jit)
+from llvmlite import binding, ir  # noqa: E402
+from numba import types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 
 #: rows ahead of the current one whose loads are issued (2 measured best of 2, 4, 8)
 PREFETCH_AHEAD = 2

@@ -1,7 +1,7 @@
 """Scalar helpers shared by the rules' element math and closed forms (jitable)."""
 
 import numpy as np  # noqa: F401  (rule modules use np.sqrt / np.abs on scalars)
-from numba.extending import register_jitable
+from .._jit import register_jitable
 
 
 @register_jitable

@@ -12,7 +12,7 @@ skipped steps need no catch-up beyond the step count (``clr`` uses the global st
 """
 
 import numpy as np
-from numba.extending import register_jitable
+from .._jit import register_jitable
 
 from . import hyperparams as hp
 from ._math import identity_catch_up

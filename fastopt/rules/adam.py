@@ -18,7 +18,7 @@ bias-corrected square root, as torch does; ``max`` propagates NaN like
 import math
 
 import numpy as np
-from numba.extending import register_jitable
+from .._jit import register_jitable
 
 from . import hyperparams as hp
 from ._math import nanmax

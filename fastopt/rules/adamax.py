@@ -11,7 +11,7 @@ Equations (state ``exp_avg`` m, ``exp_inf`` u)::
 """
 
 import numpy as np
-from numba.extending import register_jitable
+from .._jit import register_jitable
 
 from . import hyperparams as hp
 from ._math import nanmax

@@ -40,7 +40,7 @@ the same equations with whole-array NumPy (:func:`np_pre`, :func:`np_post`).
 import math
 
 import numpy as np
-from numba.extending import register_jitable
+from .._jit import register_jitable
 
 from . import hyperparams as hp
 

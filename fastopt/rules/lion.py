@@ -13,7 +13,7 @@ that ``sign`` stays in the parameter's dtype.
 """
 
 import numpy as np
-from numba.extending import register_jitable
+from .._jit import register_jitable
 
 from . import hyperparams as hp
 from ._math import sign

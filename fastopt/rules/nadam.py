@@ -19,7 +19,7 @@ wd`` over ``l2 = wd, decay = 1``.  Default ``lr=2e-3`` (torch's).
 import math
 
 import numpy as np
-from numba.extending import register_jitable
+from .._jit import register_jitable
 
 from . import hyperparams as hp
 from ._reference import l2, signed_grad

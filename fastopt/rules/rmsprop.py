@@ -17,7 +17,7 @@ RMSprop: not centered, no momentum, no weight decay): a zero-gradient step is
 """
 
 import numpy as np
-from numba.extending import register_jitable
+from .._jit import register_jitable
 
 from . import hyperparams as hp
 from ._math import matpow

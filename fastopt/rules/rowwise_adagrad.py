@@ -16,7 +16,7 @@ sparse steps run through the row drivers, every row once for a dense gradient.
 """
 
 import numpy as np
-from numba.extending import register_jitable
+from .._jit import register_jitable
 
 from . import adagrad
 from ._reference import l2, signed_grad

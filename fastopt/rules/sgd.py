@@ -24,7 +24,7 @@ and on the buffer's first step (torch sets ``buf = g``) ``buf' = wd p``,
 ``p' = (1 - lr wd (1 + mu [nesterov])) p``.
 """
 
-from numba.extending import register_jitable
+from .._jit import register_jitable
 
 from . import hyperparams as hp
 from ._math import matpow

@@ -49,16 +49,16 @@ parameter's value, then written back as:
 ``rn`` is round-to-nearest-even, as ``ml_dtypes`` and torch convert.
 """
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-try:
-    import ml_dtypes
-    BF16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:          # pragma: no cover - ml_dtypes is a dependency
-    ml_dtypes = None
-    BF16 = None
+#: ``np.dtype(ml_dtypes.bfloat16)`` once loaded (:func:`bf16`); importing ml_dtypes
+#: costs about 0.4 s, so it happens only when a bfloat16 array or option appears.
+#: ``fastopt.storage.BF16`` (module attribute) loads it; None without ml_dtypes.
+_BF16 = None
+_NO_ML_DTYPES = None         # why ml_dtypes could not be imported, once tried
 
 BF16_UPDATES = ("split", "kahan", "stochastic", "nearest")
 STATE_BITS = (None, 32, 16, 8)
@@ -72,8 +72,47 @@ KAHAN_COMP = "kahan_comp"
 SCALE_SUFFIX = "_absmax"
 
 
+def _load_bf16():
+    """Import ml_dtypes (once); the bfloat16 dtype, or None without ml_dtypes."""
+    global _BF16, _NO_ML_DTYPES
+    if _BF16 is None and _NO_ML_DTYPES is None:
+        try:
+            import ml_dtypes
+        except ImportError as exc:   # pragma: no cover - ml_dtypes is a dependency
+            _NO_ML_DTYPES = str(exc)
+        else:
+            _BF16 = np.dtype(ml_dtypes.bfloat16)
+            globals()["BF16"] = _BF16
+    return _BF16
+
+
+def bf16():
+    """The bfloat16 dtype (``ml_dtypes.bfloat16``), importing ml_dtypes on first use;
+    ImportError naming the package when it is not installed."""
+    dt = _BF16 if _BF16 is not None else _load_bf16()
+    if dt is None:
+        need_ml_dtypes()
+    return dt
+
+
+def __getattr__(name):
+    # ``storage.BF16``: the bfloat16 dtype (None without ml_dtypes), loaded on first use
+    if name == "BF16":
+        return _load_bf16()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def is_bf16(dtype):
-    return BF16 is not None and np.dtype(dtype) == BF16
+    """Whether ``dtype`` is ``ml_dtypes.bfloat16``.  Does not import ml_dtypes: until
+    something has imported it, no array can have its dtype (a dtype given by its
+    name ``"bfloat16"`` loads it)."""
+    if _BF16 is None:
+        if "ml_dtypes" not in sys.modules and not (isinstance(dtype, str)
+                                                   and dtype == "bfloat16"):
+            return False
+        if _load_bf16() is None:
+            return False
+    return np.dtype(dtype) == _BF16
 
 
 def bf16_toward(v, down):
@@ -144,8 +183,10 @@ def check_options(state_bits, bf16_update, seed):
 
 
 def need_ml_dtypes():
-    if BF16 is None:
-        raise ImportError("bfloat16 storage needs the ml_dtypes package: pip install ml_dtypes")
+    """Import ml_dtypes (bfloat16 arrays or options are in use), or raise ImportError."""
+    if _BF16 is None and _load_bf16() is None:
+        raise ImportError("bfloat16 storage needs the ml_dtypes package: pip install ml_dtypes"
+                          f" ({_NO_ML_DTYPES})")
 
 
 @dataclass(frozen=True)
@@ -204,8 +245,11 @@ def storage_for(rule, param, state_bits, bf16_update):
 
 def state_dtype(storage, param_dtype):
     """The dtype a state slot is stored in."""
+    kind = storage.state
+    if kind == "bfloat16":
+        return bf16()
     return {"native": compute_dtype(param_dtype), "float32": np.dtype(np.float32),
-            "bfloat16": BF16, "q8": np.dtype(np.uint8)}[storage.state]
+            "q8": np.dtype(np.uint8)}[kind]
 
 
 def q8_blocks(shape):
@@ -233,7 +277,7 @@ def layout(rule, storage, param_shape, param_dtype, slot_names):
     if storage.aux == MASTER_LOW:
         out.append((MASTER_LOW, tuple(param_shape), np.dtype(np.uint16), "aux"))
     elif storage.aux == KAHAN_COMP:
-        out.append((KAHAN_COMP, tuple(param_shape), BF16, "aux"))
+        out.append((KAHAN_COMP, tuple(param_shape), bf16(), "aux"))
     return out
 
 
@@ -273,6 +317,16 @@ def stream_key(seed, index, step):
     x = (x * 0x94D049BB133111EB) & m
     x ^= x >> 31
     return (x ^ (x >> 32)) & 0xFFFFFFFF
+
+
+def kernel_dtypes(storage, grad_kind, CT):
+    """Element dtypes of (param, grad, state, aux) arrays as the kernels see them
+    (bfloat16 as its uint16 bits)."""
+    p = np.uint16 if storage.param == "bfloat16" else CT
+    g = {"bfloat16": np.uint16, "float32": np.float32}.get(grad_kind, CT)
+    s = {"native": CT, "float32": np.float32, "bfloat16": np.uint16,
+         "q8": np.uint8}[storage.state]
+    return p, g, s, np.uint16
 
 
 def bytes_per_element(rule, storage, param_dtype, uses, grad_dtype):

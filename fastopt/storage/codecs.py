@@ -42,7 +42,10 @@ The codes were chosen by measurement (docs/low-precision.md).
 """
 
 import numpy as np
-from numba.extending import register_jitable
+
+from .._jit import numba as _numba, register_jitable
+
+_numba()   # a kernel module: numba now (and the registrations pending in fastopt._jit)
 
 K2 = np.float32(1.0 / (126.0 * 126.0))
 K4 = np.float32(1.0 / (253.0 ** 4))

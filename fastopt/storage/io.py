@@ -17,9 +17,13 @@ in the element loop.  All work on flat arrays and a flat element index ``e``.
 """
 
 import numpy as np
-from numba.extending import register_jitable
+
+from .._jit import numba as _numba, register_jitable
+
+_numba()   # a kernel module: numba now (and the registrations pending in fastopt._jit)
 
 from . import codecs as C
+from . import kernel_dtypes
 
 
 def _native_param():
@@ -133,13 +137,8 @@ def state_io(storage, slot, CT):
     return load, store, encode
 
 
-def dtypes(storage, grad_kind, CT):
-    """Element dtypes of (param, grad, state, aux) arrays as the kernels see them."""
-    p = np.uint16 if storage.param == "bfloat16" else CT
-    g = {"bfloat16": np.uint16, "float32": np.float32}.get(grad_kind, CT)
-    s = {"native": CT, "float32": np.float32, "bfloat16": np.uint16,
-         "q8": np.uint8}[storage.state]
-    return p, g, s, np.uint16
+#: element dtypes of (param, grad, state, aux) arrays as the kernels see them
+dtypes = kernel_dtypes
 
 
 def q8_pieces(storage, slot, CT):

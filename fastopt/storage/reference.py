@@ -7,7 +7,7 @@ bit).  Arrays of bfloat16 are handled through their uint16 bits.
 
 import numpy as np
 
-from . import BF16, Q8_BLOCK, q8_blocks
+from . import Q8_BLOCK, is_bf16, q8_blocks
 
 F32 = np.float32
 K2 = F32(1.0 / (126.0 * 126.0))
@@ -16,7 +16,7 @@ FLT_MAX = F32(3.4028234663852886e38)
 
 
 def bits(a):
-    return np.ascontiguousarray(a).view(np.uint16) if a.dtype == BF16 else a
+    return np.ascontiguousarray(a).view(np.uint16) if is_bf16(a.dtype) else a
 
 
 def widen(u):
