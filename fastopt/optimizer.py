@@ -26,9 +26,21 @@ from . import backends, planner, state_io, storage
 from .exact_mode import ExactTracker
 from .param_groups import ParamGroups
 from .rules import fused
+from .backends.base import gather_grads
 from .sparse import checked_rows, is_sparse
 
 STATE_DICT_VERSION = state_io.STATE_DICT_VERSION
+
+
+class _FastPath:
+    """Buffers of :meth:`Optimizer._step_fast` (for ``n`` parameters)."""
+
+    __slots__ = ("gptr", "all", "everyone")
+
+    def __init__(self, n):
+        self.gptr = np.empty((n, 1), dtype=np.int64)
+        self.all = list(range(n))
+        self.everyone = tuple(self.all)
 
 
 class Optimizer:
@@ -79,6 +91,7 @@ class Optimizer:
         self._plan_version = 0
         self._alias = None
         self._alias_ok = None
+        self._fast = None
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ groups
@@ -101,6 +114,7 @@ class Optimizer:
         if self._names is not None:
             group, names = self._named_group(group)
         added = self._groups.add(group, self._check_params)
+        self._fast = None
         if names is not None:
             self._names.extend(names)
         g = self.param_groups[-1]
@@ -221,6 +235,9 @@ class Optimizer:
             return self._step(grads, grad_scale, skip_nonfinite)
 
     def _step(self, grads, grad_scale, skip_nonfinite):
+        if grad_scale is None and skip_nonfinite is False and self._fast is not None \
+                and type(grads) is list and self._step_fast(grads):
+            return True
         grads = self._align_grads(grads)
         specs, owner = self._groups.validated()
         params = self._params
@@ -274,6 +291,31 @@ class Optimizer:
             # some step counts advanced and others did not: the cached plan's rows of
             # shared scalars (one per group and step count) no longer hold
             self._plan_version += 1
+        elif everyone and gs is None and bk.memory == "host" \
+                and not any(s.by_rows for s in specs):
+            self._fast = _FastPath(n)             # the next such step can skip the above
+        return True
+
+    def _step_fast(self, grads):
+        """The common step: every gradient a dense ndarray of its parameter's shape,
+        dtype and layout, no options of the step, param groups unchanged, gradient
+        addresses as last time (so the alias check holds).  Checks everything the
+        full path checks for such a step, in C where it can, before writing;
+        returns False (nothing done) to hand anything else to the full path."""
+        fast = self._fast
+        params = self._params
+        if len(grads) != len(params) or not self._groups._unchanged():
+            return False
+        if gather_grads(grads, params, fast.gptr, 0) >= 0:
+            return False                          # None, sparse, or needs converting
+        gptr = fast.gptr[:, 0]
+        alias = self._alias
+        if alias is None or alias[0] != (self._plan_version, self._groups.spec_version) \
+                or self._alias_ok is None or self._alias_ok[2] != gptr.tobytes() \
+                or self._alias_ok[1] != fast.everyone or self._alias_ok[3]:
+            self._refuse_aliases(fast.all, gptr, [])
+        specs, owner = self._groups._cache
+        self._step_dense(fast.all, grads, gptr, specs, owner, None, True)
         return True
 
     def _check_sparse(self, grads, sparse_i):

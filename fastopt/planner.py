@@ -151,7 +151,7 @@ def fill_bucket(b, gptr, grads, rows, grad_scale=None, all_active=False, keys=No
         cfg = cfg.with_grad(kinds.pop())
         if keys is not None:
             b.fmt[:, FMT_KEY] = keys          # aligned with the bucket's tensors
-    if cfg != b.config:
+    if cfg is not b.config:           # with_grad_scale/with_grad return self unchanged
         w = DenseWork(**{k: getattr(b, k) for k in DenseWork.__dataclass_fields__})
         w.config = cfg
         return w

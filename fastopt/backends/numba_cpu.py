@@ -365,12 +365,13 @@ class NumbaBackend(Backend):
             run_stored_dense(work)
             return
         if work.nelem:
-            parallel = work.nelem >= PARALLEL_MIN and may_use_threads()
+            parallel = bool(work.nelem >= PARALLEL_MIN) and may_use_threads()
             cached = work.__dict__.get("_numba_driver")
-            if cached is None or cached[0] != (work.config, parallel):
-                cached = work._numba_driver = ((work.config, parallel), _driver(
+            # identity, not equality: comparing Config dataclasses costs a microsecond
+            if cached is None or cached[0] is not work.config or cached[1] is not parallel:
+                cached = work._numba_driver = (work.config, parallel, _driver(
                     make_dense_driver, work.config, parallel))
-            cached[1](work.ptrs, work.chunks, work.hyper, work.hidx)
+            cached[2](work.ptrs, work.chunks, work.hyper, work.hidx)
 
     def run_rows(self, work):
         if work.catch is not None and work.catch.coef is None:

@@ -1,0 +1,101 @@
+"""The small-step fast path (``Optimizer._step_fast``): after a full dense step, a step
+whose gradients are plain ndarrays like last time skips the classification and
+re-checks; everything it skips must still be caught when it matters.  Each test
+arms the fast path with two ordinary steps first, then checks that the next step
+behaves exactly as the full path does."""
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import RowSparse
+
+from conftest import CPU_BACKENDS
+
+
+def _armed(backend, n=3, **hyper):
+    ps = [np.zeros(50, np.float32) for _ in range(n)]
+    gs = [np.full(50, 0.5, np.float32) for _ in range(n)]
+    opt = fastopt.Adam(ps, lr=1e-2, backend=backend, **hyper)
+    opt.step(gs)
+    opt.step(gs)
+    assert opt._fast is not None
+    return opt, ps, gs
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fast_steps_equal_full_steps(backend):
+    opt, ps, gs = _armed(backend)
+    ref_ps = [np.zeros(50, np.float32) for _ in range(3)]
+    ref = fastopt.Adam(ref_ps, lr=1e-2, backend="numpy")
+    ref.step(gs)
+    ref.step(gs)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        for g in gs:                        # same buffers, new contents
+            g[...] = rng.standard_normal(50)
+        opt.step(gs)
+        ref.step(gs)
+    for a, b in zip(ps, ref_ps):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert opt.state_dict()["state"][0]["step"] == 7
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradient_moved_onto_state_is_refused(backend):
+    opt, ps, gs = _armed(backend)
+    before = [p.copy() for p in ps]
+    bad = list(gs)
+    bad[1] = opt._state[0]["exp_avg"]                   # a new address: re-checked
+    with pytest.raises(ValueError, match="shares memory"):
+        opt.step(bad)
+    bad[1] = ps[2]
+    with pytest.raises(ValueError, match="shares memory"):
+        opt.step(bad)
+    for a, b in zip(ps, before):
+        np.testing.assert_array_equal(a, b)
+    opt.step(gs)                                        # and back to normal
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_other_gradients_take_the_full_path(backend):
+    opt, ps, gs = _armed(backend)
+    opt.step([gs[0], None, gs[2]])                      # None: that parameter skipped
+    assert [opt.state_dict()["state"][i]["step"] for i in range(3)] == [3, 2, 3]
+    opt.step([gs[0].astype(np.float64), gs[1], gs[2]])  # converted
+    opt.step([gs[0], RowSparse(np.array([1, 1]), np.ones((2,), np.float32)), gs[2]])
+    with pytest.raises(ValueError):
+        opt.step([gs[0], np.zeros(49, np.float32), gs[2]])
+    with pytest.raises(ValueError):
+        opt.step(gs[:2])
+    assert [opt.state_dict()["state"][i]["step"] for i in range(3)] == [5, 4, 5]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_group_edits_are_seen(backend):
+    opt, ps, gs = _armed(backend)
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr"):
+        opt.step(gs)
+    opt.param_groups[0]["lr"] = 0.0
+    before = [p.copy() for p in ps]
+    opt.step(gs)                                        # lr 0: nothing moves
+    for a, b in zip(ps, before):
+        np.testing.assert_array_equal(a, b)
+    opt.param_groups[0]["max_norm"] = 0.01              # rows: the full path from now on
+    opt.param_groups[0]["lr"] = 1.0
+    opt.step(gs)
+    assert all(np.abs(p).max() <= 0.01 * (1 + 1e-6) for p in ps)   # rows of 1-D: elements
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_grad_scale_and_skip_nonfinite_take_the_full_path(backend):
+    opt, ps, gs = _armed(backend)
+    before = [p.copy() for p in ps]
+    bad = [g.copy() for g in gs]
+    bad[2][3] = np.nan
+    assert opt.step(bad, skip_nonfinite=True) is False
+    for a, b in zip(ps, before):
+        np.testing.assert_array_equal(a, b)
+    assert opt.step(gs, grad_scale=2.0) is True
+    assert opt.state_dict()["state"][0]["step"] == 3
