@@ -35,12 +35,14 @@ STATE_DICT_VERSION = state_io.STATE_DICT_VERSION
 class _FastPath:
     """Buffers of :meth:`Optimizer._step_fast` (for ``n`` parameters)."""
 
-    __slots__ = ("gptr", "all", "everyone")
+    __slots__ = ("gptr", "all", "everyone", "plan", "lean")
 
     def __init__(self, n):
         self.gptr = np.empty((n, 1), dtype=np.int64)
         self.all = list(range(n))
         self.everyone = tuple(self.all)
+        self.plan = None         # the cached dense plan last seen, and whether it can be
+        self.lean = False        # launched directly (native formats, no grad_scale)
 
 
 class Optimizer:
@@ -315,7 +317,40 @@ class Optimizer:
                 or self._alias_ok[1] != fast.everyone or self._alias_ok[3]:
             self._refuse_aliases(fast.all, gptr, [])
         specs, owner = self._groups._cache
-        self._step_dense(fast.all, grads, gptr, specs, owner, None, True)
+        plan = self._plan
+        if plan is None or self._exact or plan[0] != (None, self._plan_version,
+                                                      self._groups.spec_version):
+            self._step_dense(fast.all, grads, gptr, specs, owner, None, True)
+            return True
+        if fast.plan is not plan:
+            fast.plan = plan
+            fast.lean = not getattr(self.backend, "wants_reference_args", False) and all(
+                b.fmt is None and not b.config.switches[0] and list(b.pos) == fast.all
+                for b in plan[1])
+        if not fast.lean:
+            self._step_dense(fast.all, grads, gptr, specs, owner, None, True)
+            return True
+        # the cached plan, launched as _step_dense would: one scalar row per group of
+        # tensors sharing it, the gradient addresses, one native call per bucket
+        new_host = None
+        run = self.backend.run_dense
+        for b in plan[1]:
+            hyper = b.hyper
+            for r, members in enumerate(b.row_members):
+                i = members[0]
+                row, host2 = self._row(i, specs[owner[i]], (), None)
+                hyper[r, :len(row)] = row
+                if host2:
+                    new_host = (new_host or []) + [(members, host2)]
+            b.ptrs[:, 1] = gptr
+            b.grads = grads
+            b.grad_scale = None
+            run(b)
+        self._steps += 1
+        if new_host:
+            for members, host2 in new_host:
+                for i in members:
+                    self._state[i].update(host2)
         return True
 
     def _check_sparse(self, grads, sparse_i):
