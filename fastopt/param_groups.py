@@ -19,6 +19,39 @@ from . import planner
 
 _MISSING = object()
 
+#: edits of any param group (or its params list) made through :class:`Group` and
+#: :class:`GroupParams`, counted so that a step sees "nothing changed" in O(1)
+_EDITS = [0]
+
+
+def _counted(name, base):
+    method = getattr(base, name)
+
+    def edit(self, *args, **kwargs):
+        _EDITS[0] += 1
+        return method(self, *args, **kwargs)
+    edit.__name__ = name
+    return edit
+
+
+class Group(dict):
+    """A param group: a plain dict (``optimizer.param_groups[i]``) whose edits are
+    counted.  Nothing else differs; a group replaced by a plain dict is checked the
+    slow way."""
+    for _name in ("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem",
+                  "setdefault", "update"):
+        locals()[_name] = _counted(_name, dict)
+    del _name
+
+
+class GroupParams(list):
+    """A param group's ``params`` list: a plain list whose edits are counted."""
+    for _name in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append",
+                  "extend", "insert", "pop", "remove", "clear", "sort", "reverse"):
+        locals()[_name] = _counted(_name, list)
+    del _name
+
+
 def _frozen(v):
     """A comparable, type-aware copy of a hyperparameter value."""
     if isinstance(v, (list, tuple)):
@@ -49,6 +82,8 @@ class ParamGroups:
         self.groups = []                   # the user-visible list (optimizer.param_groups)
         self.params = []                   # flat list of parameter arrays
         self._snapshot = None
+        self._objs = ()                    # the groups whose edits are counted ...
+        self._edits_seen = -1              # ... and the count at the last snapshot
         self._cache = None
         self.version = 0                   # bumped when the parameters change
         self.spec_version = 0              # bumped when the groups are re-validated
@@ -76,7 +111,8 @@ class ParamGroups:
         self.check_extra({**hyper, **fixed})
         extras = {k: v for k, v in group.items()
                   if k not in hyper and k not in fixed and k != "params"}
-        self.groups.append({**extras, **hyper, **fixed, "params": list(checked)})
+        self.groups.append(Group({**extras, **hyper, **fixed,
+                                  "params": GroupParams(checked)}))
         self.fixed.append(dict(fixed))
         self.params.extend(checked)
         self.version += 1
@@ -99,6 +135,23 @@ class ParamGroups:
         snap = self._snapshot
         if snap is None or len(snap) != len(self.groups):
             return False
+        if _EDITS[0] == self._edits_seen and all(map(is_, self.groups, self._objs)):
+            return True                  # no counted edit since the snapshot: O(1)
+        if not self._unchanged_slow(snap):
+            return False
+        self._note_edits()
+        return True
+
+    def _note_edits(self):
+        """Remember the edit count, when every group and params list counts its edits
+        and no hyperparameter is a mutable value (compared by content)."""
+        snap = self._snapshot
+        countable = all(type(g) is Group and type(g["params"]) is GroupParams
+                        for g in self.groups) and not any(m for _, m, _ in snap)
+        self._objs = tuple(self.groups) if countable else ()
+        self._edits_seen = _EDITS[0] if countable else -1
+
+    def _unchanged_slow(self, snap):
         keys = self._keys
         for g, (vals, mutable, ids) in zip(self.groups, snap):
             # identity of every value (C-level loops: this runs every step)
@@ -138,6 +191,7 @@ class ParamGroups:
         self._cache = (specs, owner)
         self.spec_version += 1
         self._snapshot = self._snap()
+        self._note_edits()
         return self._cache
 
     def _check_fixed(self):

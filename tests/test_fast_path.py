@@ -99,3 +99,33 @@ def test_grad_scale_and_skip_nonfinite_take_the_full_path(backend):
         np.testing.assert_array_equal(a, b)
     assert opt.step(gs, grad_scale=2.0) is True
     assert opt.state_dict()["state"][0]["step"] == 3
+
+
+@pytest.mark.parametrize("edit", ["setitem", "update", "setdefault", "params_item",
+                                  "params_slice", "plain_dict", "list_betas"])
+def test_every_kind_of_group_edit_is_seen(edit):
+    """Groups count their edits (an unedited step checks them in O(1)); every way of
+    editing a group, its params list or replacing it must still be seen."""
+    opt, ps, gs = _armed("numpy")
+    g = opt.param_groups[0]
+    new = np.zeros(50, np.float32)
+    if edit == "setitem":
+        g["lr"] = -1.0
+    elif edit == "update":
+        g.update(lr=-1.0)
+    elif edit == "setdefault":
+        del g["weight_decay"]
+        g.setdefault("weight_decay", -1.0)
+    elif edit == "params_item":
+        g["params"][1] = np.zeros(49, np.float32)      # wrong shape: refused
+    elif edit == "params_slice":
+        g["params"][:] = [new, np.zeros(49, np.float32), ps[2]]
+    elif edit == "plain_dict":
+        opt.param_groups[0] = dict(g, lr=-1.0)
+    elif edit == "list_betas":
+        g["betas"] = [0.9, 0.999]
+        opt.step(gs)                                   # taken (normalized to a tuple)
+        assert opt.param_groups[0]["betas"] == (0.9, 0.999)
+        g["betas"] = [0.9, 2.0]
+    with pytest.raises(ValueError):
+        opt.step(gs)
