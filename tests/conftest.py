@@ -13,6 +13,19 @@ def pytest_configure(config):
         "markers", "exclusive: compares CPU time with wall time, so it needs the machine's "
         "cores to itself: skipped in pytest-xdist workers (`pytest -n ...`); bash .ci/run "
         "runs these in a lane of their own")
+    config.addinivalue_line(
+        "markers", "boundscheck: among the cases bash .ci/run's boundscheck lanes run "
+        "(NUMBA_BOUNDSCHECK=1): together they drive every driver kind with every option")
+    config.addinivalue_line(   # pytest-xdist's; declared here for runs without xdist
+        "markers", "xdist_group(name): under --dist loadgroup, one worker runs the group")
+    if getattr(config.option, "numprocesses", None) and not os.environ.get(
+            "PYTEST_XDIST_WORKER"):
+        # pytest-xdist runs one worker per core: OpenBLAS's own threads in every worker
+        # oversubscribe the cores, and its spinning threads then make a small matmul
+        # 10-40x slower (the examples' training loops, the reference's norms).  The
+        # workers inherit this (they start after pytest_configure); tests that vary
+        # BLAS threads set the variable for their own subprocesses.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):

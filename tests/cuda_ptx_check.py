@@ -16,7 +16,7 @@ Compiles, with the argument types the backend launches them with:
 * for every rule and dtype, every fused option on at once, with ``grad_scale``:
   dense (without ``max_norm``, which runs through the rows kernels), rows and the
   ``max_norm`` renorm kernel, or the row-wise kernel;
-* for every exact-mode configuration (a closed form, ``exact_reason`` None) and
+* for every exact-mode configuration (``Rule.exact_refusal`` None) and
   dtype: the rows kernel with the catch-up, stepping and flush-only;
 * the ``skip_nonfinite`` counting kernel for both dtypes, and the benchmark's
   no-math ceiling kernel;
@@ -120,7 +120,7 @@ def main():
                     jobs.append((f"renorm {what}", renorm, (cfg,)))
                 else:
                     jobs.append((f"dense {what}", dense, (cfg,)))
-                    if exact_ok and rule.exact_reason(group) is None:
+                    if exact_ok and rule.exact_refusal(group) is None:
                         jobs.append((f"rows exact {what}", rows, (cfg, True, True)))
                         jobs.append((f"rows flush {what}", rows, (cfg, True, False)))
     for dt in (np.float32, np.float64):

@@ -17,6 +17,9 @@ from fastopt.backends.base import FEATURES
 
 from conftest import CPU_BACKENDS
 
+#: every test here runs in .ci/run's boundscheck lane (NUMBA_BOUNDSCHECK=1)
+pytestmark = pytest.mark.boundscheck
+
 COMPILED = [b for b in CPU_BACKENDS if b != "numpy"]
 
 ALL_OPTIONS = dict(clip_value=0.5, l1=1e-3, param_min=-0.45, param_max=0.45, max_norm=1.2)

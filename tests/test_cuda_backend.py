@@ -8,7 +8,8 @@ this file in its own process::
 
 In the normal ``python -m pytest`` run (no GPU, no simulator) the file is skipped.
 
-Driven by the rule registry (:data:`fastopt.rules.RULES`) and the capability table
+Driven by the rule registry (:data:`fastopt.rules.RULES`, through the pairwise cases
+of tests/cases.py) and the capability table
 (:func:`fastopt.backends.capabilities`): every rule x variant x dtype, every fused
 option, grad_scale, skip_nonfinite, lazy and exact sparse steps, row-wise rules and
 state_dict, each run through the optimizer classes and/or the functional layer on
@@ -45,6 +46,7 @@ from fastopt.backends import cuda as cb  # noqa: E402
 from fastopt.backends.base import FEATURES  # noqa: E402
 from fastopt.rules import RULES  # noqa: E402
 
+from cases import CUDA_DENSE  # noqa: E402
 from conftest import DTYPES, awkward_grads, init_params, reference_run  # noqa: E402
 
 SIM = bool(cb._load() and cb._SIM)
@@ -176,19 +178,12 @@ def dtype_id(d):
     return np.dtype(d).name
 
 
-def variant_cases():
-    """(rule name, variant index) for every registry variant."""
-    return [pytest.param(name, k, id=f"{name}-v{k}")
-            for name, rule in RULES.items() for k in range(len(rule.variants))]
-
-
 def exact_cases():
     """Registry variants that exact sparse mode accepts (a closed form exists)."""
     out = []
     for name, rule in RULES.items():
         for k, v in enumerate(rule.variants):
-            group = rule.check_group({**rule.defaults, **v})
-            if rule.catch_up is not None and rule.exact_reason(group) is None:
+            if rule.exact_possible(v):
                 out.append(pytest.param(name, k, id=f"{name}-v{k}"))
     return out
 
@@ -252,13 +247,18 @@ def test_every_feature_is_declared():
 
 # ------------------------------------------- every rule x variant x dtype, dense
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("name,k", variant_cases())
-def test_dense_matches_numba(name, k, dtype):
-    """Multi-tensor dense steps (several chunks and blocks) through the class, and
-    the functional layer, equal the numba backend on host copies."""
+@pytest.mark.parametrize("variant_id,dtype,api", CUDA_DENSE.params("variant", "dtype", "api"))
+def test_dense_matches_numba(variant_id, dtype, api):
+    """Multi-tensor dense steps (several chunks and blocks) through the class, or
+    the functional layer, equal the numba backend on host copies.  Cases
+    (tests/cases.py): every variant x dtype, variant x API and dtype x API pair;
+    Adam in full."""
+    name, k = variant_id
     rule = RULES[name]
     variant = rule.variants[k]
+    if api == "functional":
+        assert_functional_close(*run_functional(rule, variant, dtype, (33, 5), 2, seed=k))
+        return
     params = init_params(SHAPES, dtype)
     cpu, cpu_p, gpu, gpu_p = pair(name, params, **variant)
     for grads in awkward_grads(SHAPES, dtype, STEPS, seed=k):
@@ -267,7 +267,6 @@ def test_dense_matches_numba(name, k, dtype):
     assert_pair_close(cpu, cpu_p, gpu, gpu_p)
     for d, p0 in zip(gpu_p, params):
         assert not np.array_equal(host(d), p0), "the step changed nothing"
-    assert_functional_close(*run_functional(rule, variant, dtype, (33, 5), 2, seed=k))
 
 
 # ------------------------------------------------------------ fused options

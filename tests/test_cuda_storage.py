@@ -111,8 +111,7 @@ def ptx_main():
                                    (tab, tab, tab, f64_2d))
                             n += 1
                     flags = [(False, True)]
-                    if not fused and rule.catch_up is not None \
-                            and rule.exact_reason(group) is None:
+                    if not fused and rule.exact_refusal(group) is None:
                         flags += [(True, True), (True, False)]
                     for catch, step in flags:
                         ptx_of(cb.make_stored_rows_kernel(cfg, catch, step),
@@ -146,6 +145,8 @@ import fastopt  # noqa: E402
 from fastopt import backends, rules, storage  # noqa: E402
 from fastopt.backends import cuda as cb  # noqa: E402
 from fastopt.rules import RULES  # noqa: E402
+
+from cases import CUDA_STORED, same_bytes  # noqa: E402
 
 SIM = bool(cb._load() and cb._SIM)
 BF16 = storage.BF16
@@ -181,10 +182,7 @@ def richest_variant(rule, bits=None):
 
 def exact_variant(rule):
     """The richest variant that exact sparse mode accepts, or None."""
-    if rule.catch_up is None:
-        return None
-    ok = [v for v in rule.variants
-          if rule.exact_reason(rule.check_group({**rule.defaults, **v})) is None]
+    ok = [v for v in rule.variants if rule.exact_possible(v)]
     if not ok:
         return None
     return max(ok, key=lambda v: sum(rule.uses_slots(rule.check_group(
@@ -196,12 +194,7 @@ def same_bits(got, want, what):
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
     if SIM:
-        got, want = got.reshape(-1), want.reshape(-1)
-        if not np.array_equal(got.view(np.uint8), want.view(np.uint8)):
-            bad = np.flatnonzero(got.reshape(-1).view(np.uint8) != want.reshape(-1)
-                                 .view(np.uint8))
-            raise AssertionError(f"{what}: {bad.size} bytes differ (first at byte "
-                                 f"{bad[0]})")
+        same_bytes(got, want, what)
     else:                                    # FMA contraction on the GPU
         g = got.astype(np.float64) if got.dtype.kind != "u" else got.astype(np.int64)
         w = want.astype(np.float64) if want.dtype.kind != "u" else want.astype(np.int64)
@@ -267,10 +260,6 @@ def sparse_grad(nrows, row_shape, dtype, rng, nnz=6):
     return fastopt.RowSparse(idx, vals)
 
 
-def element_rules():
-    return [pytest.param(n, id=n) for n, r in RULES.items() if r.layout != "rowwise"]
-
-
 # ------------------------------------------------------------- capabilities
 
 def test_features():
@@ -298,15 +287,27 @@ def test_full_and_host_copies_of_bf16_state():
     assert bk.to_host(codes).dtype == np.uint8 and not cb.is_bf16_state(codes)
 
 
-# -------------------------------------------------- every rule, dense steps
+# ------------------------------------------ every rule, dense and sparse steps
 
-@pytest.mark.parametrize("bits", [16, 8])
-@pytest.mark.parametrize("name", element_rules())
-def test_dense_matches_numba(name, bits):
-    """Dense steps of every element-wise rule: a (16, 300) matrix, a 1-D tensor of
-    5000 elements (20 8-bit blocks) and, for 8 bits, a small tensor (float32 state,
-    its own bucket), in one optimizer."""
+@pytest.mark.parametrize("name,bits,steps", CUDA_STORED.params("rule", "bits", "steps"))
+def test_steps_match_numba(name, bits, steps):
+    """Every element-wise rule with 16- and 8-bit state, dense or row-sparse steps
+    (tests/cases.py: every rule x state width, rule x step kind and state width x
+    step kind pair; Adam in full).  Dense: a (16, 300) matrix, a 1-D tensor of 5000
+    elements (20 8-bit blocks) and, for 8 bits, a small tensor (float32 state, its
+    own bucket), in one optimizer; sparse: lazy steps with duplicate indices."""
     rule = RULES[name]
+    if steps == "sparse":
+        params = params_of([SHAPE], np.float32)
+        cpu, cpu_p, gpu, gpu_p = pair(name, params, state_bits=bits,
+                                      **richest_variant(rule, bits))
+        rng = np.random.default_rng(3)
+        for _ in range(STEPS):
+            g = sparse_grad(SHAPE[0], SHAPE[1:], np.float32, rng)
+            cpu.step([g])
+            gpu.step([g])
+        assert_same(cpu, cpu_p, gpu, gpu_p)
+        return
     shapes = [SHAPE, (5000,)] + ([(7, 3)] if bits == 8 else [])
     params = params_of(shapes, np.float32)
     cpu, cpu_p, gpu, gpu_p = pair(name, params, state_bits=bits, **richest_variant(rule, bits))
@@ -331,22 +332,7 @@ def test_dense_float64_matches_numba(name, bits):
         assert_same(cpu, cpu_p, gpu, gpu_p)
 
 
-# -------------------------------------------------- every rule, sparse steps
-
-@pytest.mark.parametrize("bits", [16, 8])
-@pytest.mark.parametrize("name", element_rules())
-def test_sparse_matches_numba(name, bits):
-    """Row-sparse steps (lazy mode, duplicate indices) of every element-wise rule."""
-    rule = RULES[name]
-    params = params_of([SHAPE], np.float32)
-    cpu, cpu_p, gpu, gpu_p = pair(name, params, state_bits=bits, **richest_variant(rule, bits))
-    rng = np.random.default_rng(3)
-    for _ in range(STEPS):
-        g = sparse_grad(SHAPE[0], SHAPE[1:], np.float32, rng)
-        cpu.step([g])
-        gpu.step([g])
-    assert_same(cpu, cpu_p, gpu, gpu_p)
-
+# ------------------------------------------------------ exact sparse steps
 
 def exact_rules():
     return [pytest.param(n, id=n) for n, r in RULES.items()

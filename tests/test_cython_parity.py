@@ -43,6 +43,8 @@ from fastopt.rules import fused  # noqa: E402
 from fastopt.rules.base import NSLOTS  # noqa: E402
 from fastopt.sparse import coalesce_plan  # noqa: E402
 
+from cases import CY_EXACT, CY_SPARSE, CY_STEPS, same, same_optimizers  # noqa: E402
+
 # the extension is built: from here on, a backend that does not load is a failure
 BACKEND = cy_backend.register_backend()
 assert BACKEND is not None, fastopt.backends.unavailable().get("cython")
@@ -73,45 +75,7 @@ def elementwise(rule, variant):
     return rule.layout != "rowwise"
 
 
-def exact_possible(rule, variant):
-    group = rule.check_group({**rule.defaults, **variant})
-    return (rule.catch_up is not None and rule.exact_reason(group) is None
-            and fused.exact_reason(group) is None)
-
-
 # ----------------------------------------------------------------- helpers
-
-def same(a, b, what=""):
-    """Bit-identical arrays or scalars (signed zeros distinguished), NaN == NaN."""
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
-    na, nb = np.isnan(a), np.isnan(b)
-    if not np.array_equal(na, nb):
-        k = np.flatnonzero((na != nb).ravel())[0]
-        raise AssertionError(f"{what}: NaN at flat index {k} on one side only: "
-                             f"{a.ravel()[k]!r} vs {b.ravel()[k]!r}")
-    if a[~na].tobytes() != b[~nb].tobytes():
-        diff = np.flatnonzero((a[~na].view(np.uint8).reshape(-1, a.itemsize)
-                               != b[~nb].view(np.uint8).reshape(-1, a.itemsize)).any(1))
-        k = diff[0]
-        raise AssertionError(f"{what}: {len(diff)} element(s) differ, first "
-                             f"{a[~na][k]!r} vs {b[~nb][k]!r}")
-
-
-def same_optimizers(on, oc):
-    """Parameters and every state value of two optimizers (numba, cython)."""
-    for i, (pn, pc) in enumerate(zip(on._params, oc._params)):
-        same(pn, pc, f"parameter {i}")
-    sn, sc = on.state, oc.state
-    assert sn.keys() == sc.keys()
-    for i in sn:
-        assert sn[i].keys() == sc[i].keys(), i
-        for key, v in sn[i].items():
-            if isinstance(v, np.ndarray):
-                same(v, sc[i][key], f"state {key!r} of parameter {i}")
-            else:
-                assert v == sc[i][key], (i, key)
-
 
 def init_params(shapes, dtype, seed=1):
     """Random parameters with exact zeros of both signs and tiny entries (L1 hits)."""
@@ -353,12 +317,14 @@ def run_classes(backend, name, variant, dtype, shapes, steps, grad_scale=None, s
     return opt
 
 
-@pytest.mark.parametrize("options", list(OPTION_SETS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("name,k", rule_cases())
-def test_dense_steps_bit_identical_to_numba(name, k, dtype, options):
+@pytest.mark.parametrize("variant_id,dtype,options", CY_STEPS.params("variant", "dtype",
+                                                                    "options"))
+def test_dense_steps_bit_identical_to_numba(variant_id, dtype, options):
     """Many tensors per step (one bucket, parallel size), 7 steps of awkward
-    gradients; "all" adds max_norm, so the tensors go through the row driver."""
+    gradients; "all" adds max_norm, so the tensors go through the row driver.
+    Cases: tests/cases.py (every variant x dtype, variant x option set, dtype x
+    option set pair; every combination for Adam)."""
+    name, k = variant_id
     hyper, gs = OPTION_SETS[options]
     variant = {**rules.RULES[name].variants[k], **hyper}
     on, oc = both(lambda b: run_classes(b, name, variant, dtype, DENSE_SHAPES, 7, gs, seed=k))
@@ -407,7 +373,7 @@ def test_each_option_alone(name, k, dtype, option):
             idx, vals = zipf_rows(rng, p.shape[0], 300, p.shape[1], p.dtype, t)
             return fastopt.RowSparse(idx, vals)
         return None
-    on, oc = both(lambda b: run_classes(b, name, variant, dtype, [(40_000,), (80, 700)],
+    on, oc = both(lambda b: run_classes(b, name, variant, dtype, [(40_000,), (40, 700)],
                                         6, gs, seed=5, sparse=sparse))
     same_optimizers(on, oc)
 
@@ -427,38 +393,48 @@ def test_grad_scale_with_skip_nonfinite():
     assert outs[1].state[0]["step"] == 1
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("name", list(rules.RULES))
-def test_functional_bit_identical_to_numba(name, dtype):
-    """The functional layer with the richest variant: a 1-D parameter with the
-    element-wise options and grad_scale (dense driver, serial), a 2-D one with all
-    options (row driver), stepped with a row-sparse gradient every other step."""
+def _functional_cases():
+    """The dense cases (CY_STEPS) of each rule's richest (last) variant with options:
+    the functional layer runs the drivers those cases compile."""
+    return [pytest.param(c["variant"][0], c["dtype"], c["options"],
+                         id=f"{c['variant'][0]}-{DT_IDS[DTYPES.index(c['dtype'])]}-"
+                            f"{c['options']}")
+            for c in CY_STEPS if c["options"] != "none"
+            and c["variant"][1] == len(rules.RULES[c["variant"][0]].variants) - 1]
+
+
+@pytest.mark.parametrize("name,dtype,options", _functional_cases())
+def test_functional_bit_identical_to_numba(name, dtype, options):
+    """The functional layer with the richest variant, grad_scale on every step:
+    "element", a 1-D parameter of parallel size with the element-wise options (the
+    dense driver); "all", a 2-D one with all options (the row driver), stepped with
+    a row-sparse gradient every other step.  Every rule with both option sets, and
+    both dtypes (tests/cases.py CY_STEPS)."""
     rule = rules.RULES[name]
     fn = getattr(functional, functional._fname(rule))
     variant = dict(rule.variants[-1])
     group = rule.check_group({**rule.defaults, **variant})
     uses = rule.uses_slots(group)
+    hyper, gs = OPTION_SETS[options]
+    shape = (40_000,) if options == "element" else (20, 5)
 
     def run(backend):
         rng = np.random.default_rng(7)
-        ps = init_params([(50,), (20, 5)], dtype)
-        out = []
-        for p, hyper in zip(ps, (ELEMENT_OPTS, ALL_OPTS)):
-            slots = [np.full(rule.slot_shape(p.shape), rule.slot_init(group, n), dtype)
-                     if u else None for n, u in zip(rule.slots, uses)]
-            host = rule.host_init(group)
-            for t in range(1, 6):
-                g = awkward_grad(rng, p.shape, dtype, t)
-                if p.ndim == 2 and t % 2:
-                    idx = np.array([3, 0, 3, 19, 3], dtype=np.int64)
-                    g = fastopt.RowSparse(idx, awkward_grad(rng, (5, 5), dtype, t))
-                new = fn(p, g, *slots, step=t, backend=backend, grad_scale=4.0 if t > 1 else None,
-                         **variant, **hyper, **host)
-                if host:
-                    (key,) = host
-                    host = {key: new}
-            out.append((p, slots, host))
-        return out
+        p = init_params([shape], dtype)[0]
+        slots = [np.full(rule.slot_shape(p.shape), rule.slot_init(group, n), dtype)
+                 if u else None for n, u in zip(rule.slots, uses)]
+        host = rule.host_init(group)
+        for t in range(1, 6):
+            g = awkward_grad(rng, p.shape, dtype, t)
+            if p.ndim == 2 and t % 2:
+                idx = np.array([3, 0, 3, 19, 3], dtype=np.int64)
+                g = fastopt.RowSparse(idx, awkward_grad(rng, (5, 5), dtype, t))
+            new = fn(p, g, *slots, step=t, backend=backend, grad_scale=gs,
+                     **variant, **hyper, **host)
+            if host:
+                (key,) = host
+                host = {key: new}
+        return [(p, slots, host)]
     for (pn, sn, hn), (pc, sc, hc) in zip(*both(run)):
         same(pn, pc, "param")
         for a, b in zip(sn, sc):
@@ -477,14 +453,14 @@ def _zipf_sparse(nnz):
     return sparse
 
 
-@pytest.mark.parametrize("dtype,options", [(np.float32, "none"), (np.float64, "none"),
-                                           (np.float32, "all")], ids=["f32", "f64", "f32-all"])
-@pytest.mark.parametrize("name,k", rule_cases())
-def test_sparse_lazy_bit_identical_to_numba(name, k, dtype, options):
+@pytest.mark.parametrize("variant_id,dtype,options", CY_SPARSE.params("variant", "dtype",
+                                                                     "options"))
+def test_sparse_lazy_bit_identical_to_numba(variant_id, dtype, options):
     """Zipf gradients with many duplicates: a small parameter (serial row driver)
     and a 3-D one with enough touched elements for the parallel driver; without
-    options, and with all of them (float64 with options: dense "all" above, which
-    runs the same row driver)."""
+    options, and with all of them (the row driver the dense "all" cases above run:
+    the cases extend those, tests/cases.py)."""
+    name, k = variant_id
     hyper, gs = OPTION_SETS[options]
     variant = {**rules.RULES[name].variants[k], **hyper}
     shapes = [(300, 7), (3000, 4, 16)]
@@ -506,14 +482,16 @@ def test_sparse_lazy_bit_identical_to_numba(name, k, dtype, options):
 
 # --------------------------------------------------------- (e) sparse, exact
 
-@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled-clipped"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("name,k", rule_cases(exact_possible))
-def test_sparse_exact_bit_identical_to_numba(name, k, dtype, scaled):
+@pytest.mark.parametrize("variant_id,dtype,scaled", CY_EXACT.params("variant", "dtype",
+                                                                    "scaled"))
+def test_sparse_exact_bit_identical_to_numba(variant_id, dtype, scaled):
     """Exact mode: sparse steps touching different rows (each row caught up over
     the steps it missed, in the serial row driver), a dense step in between (the
     parameter is flushed first), and a final flush (parallel size).  Rows with
-    -0.0 and with a state that overflows to Inf are included."""
+    -0.0 and with a state that overflows to Inf are included.  Cases: every
+    variant with a closed form x dtype, x plain / scaled and clipped, pairwise."""
+    name, k = variant_id
+    scaled = scaled == "scaled-clipped"
     variant = {**rules.RULES[name].variants[k]}
     if scaled:
         variant["clip_value"] = 0.75

@@ -5,14 +5,17 @@ against the Numba CPU backend, bit for bit.
 (a) the C codecs against the NumPy definition (``fastopt.storage.reference``):
     bfloat16 rounding (nearest, stochastic), split / join, widening, the random
     bits, the 8-bit codes (every code decoded, random values encoded per block);
-(b) every registry rule and variant, state_bits 16 and 8, bfloat16 parameters with
-    every ``bf16_update`` and bfloat16 or float32 gradients, dense and row-sparse
-    steps (duplicate indices) on (16, 300) tensors (8-bit: 2 blocks per row), the
-    parameters (their bits) and every state array of ``state_dict()`` compared;
+(b) every registry rule (first and last variant), state_bits 32, 16 and 8,
+    bfloat16 parameters with every ``bf16_update`` and bfloat16 or float32
+    gradients, dense and row-sparse steps (duplicate indices) on (16, 300) tensors
+    (8-bit: 2 blocks per row), the parameters (their bits) and every state array of
+    ``state_dict()`` compared;
 (c) float32 and float64 parameters with 16-bit, 8-bit and (float64) float32 state;
 (d) the fused options (grad_scale, clip, L1, clamps, max_norm) and awkward
     gradients (huge, tiny, zero, NaN / Inf; a NaN equals any NaN);
-(e) exact sparse mode with catch-up and a flush;
+    (b)-(d): the pairwise cases of tests/cases.py (STORED), which
+    tests/test_storage.py runs against the reference (the same compiled drivers);
+(e) exact sparse mode with catch-up and a flush (STORED_EXACT);
 (f) parallel sizes (>= 32768 elements): serial vs parallel drivers, 1 vs 2 OpenMP
     threads;
 (g) the entry points refuse bad tables.
@@ -35,52 +38,22 @@ from fastopt.backends import numba_cpu  # noqa: E402
 from fastopt.backends import cython as cy_backend  # noqa: E402
 from fastopt.storage import reference as ref  # noqa: E402
 
+from cases import (STORED, STORED_EXACT, param_dtype, same, storage_of,  # noqa: E402
+                   stored_variant)
+from cases import same_optimizers as _same_optimizers  # noqa: E402
+
 BACKEND = cy_backend.register_backend()
 assert BACKEND is not None, fastopt.backends.unavailable().get("cython")
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-UPDATES = storage.BF16_UPDATES
 SHAPE = (16, 300)
 
 
 # ------------------------------------------------------------------ helpers
 
-def same(a, b, what=""):
-    """Bit-identical arrays (bfloat16 compared as floats: NaN == NaN, signed zeros
-    distinguished; integer arrays exactly)."""
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
-    if a.dtype == BF16:
-        a, b = a.astype(np.float32), b.astype(np.float32)
-    if a.dtype.kind != "f":
-        if not np.array_equal(a, b):
-            k = np.flatnonzero((a != b).ravel())
-            raise AssertionError(f"{what}: {len(k)} element(s) differ, first at {k[0]}: "
-                                 f"{a.ravel()[k[0]]!r} vs {b.ravel()[k[0]]!r}")
-        return
-    na, nb = np.isnan(a), np.isnan(b)
-    assert np.array_equal(na, nb), f"{what}: NaN on one side only"
-    x, y = a[~na], b[~nb]
-    if x.tobytes() != y.tobytes():
-        k = np.flatnonzero(x.view(np.uint8).reshape(-1, x.itemsize)
-                           != y.view(np.uint8).reshape(-1, y.itemsize))
-        raise AssertionError(f"{what}: element(s) differ, first {x[k[0] // x.itemsize]!r} "
-                             f"vs {y[k[0] // x.itemsize]!r}")
-
-
 def same_optimizers(on, oc):
     """Parameters and every array of ``state_dict()["state"]`` of two optimizers."""
-    for i, (pn, pc) in enumerate(zip(on._params, oc._params)):
-        same(pn, pc, f"parameter {i}")
-    sn, sc = on.state_dict()["state"], oc.state_dict()["state"]
-    assert sn.keys() == sc.keys()
-    for i in sn:
-        assert sn[i].keys() == sc[i].keys(), i
-        for key, v in sn[i].items():
-            if isinstance(v, np.ndarray):
-                same(v, sc[i][key], f"state {key!r} of parameter {i}")
-            else:
-                assert v == sc[i][key], (i, key)
+    _same_optimizers(on, oc, state_dict=True)
 
 
 def init_param(shape, dtype, seed=1):
@@ -133,11 +106,6 @@ def run(backend, name, variant, pdt, bits, update, gdt, kinds, shape=SHAPE, nnz=
 
 def both(*args, **kw):
     return run("numba", *args, **kw), run("cython", *args, **kw)
-
-
-def rule_cases():
-    return [pytest.param(name, k, id=f"{name}-v{k}")
-            for name, rule in rules.RULES.items() for k in range(len(rule.variants))]
 
 
 # ------------------------------------------------------------- (a) codecs
@@ -237,108 +205,62 @@ def test_q8_codecs_match_the_reference(signed):
     np.testing.assert_array_equal(back[ok], codes[ok])
 
 
-# ------------------------------------------- (b) every rule, bfloat16 params
+# ------------------------- (b)-(d) every stored case: formats, fused options
 
-@pytest.mark.parametrize("bits", [16, 8])
-@pytest.mark.parametrize("name,k", [c for c in rule_cases() if c.values[1] == 0])
-def test_bf16_params_bit_identical_to_numba(name, k, bits):
-    """Dense and row-sparse steps; the bf16 update cycles over the rules and state
-    widths (each of the four is used by several rules), as does the gradient dtype
-    (bfloat16 / float32)."""
-    b = (16, 8).index(bits)
+#: the fused options of the stored cases (tests/cases.py STORED; the same switches
+#: as tests/test_storage.py's)
+OPTIONS = dict(clip_value=0.5, l1=0.01, param_min=-1.5, param_max=1.25)
+STORED_OPTIONS = {"none": ({}, None), "element": (OPTIONS, 4.0),
+                  "max_norm": (dict(OPTIONS, max_norm=2.0), 4.0)}
+
+
+@pytest.mark.parametrize("case", STORED.cases())
+def test_stored_formats_bit_identical_to_numba(case):
+    """Every stored case (tests/cases.py STORED: every rule, its first and last
+    variant, x parameter dtype x state width x bf16_update x gradient dtype x fused
+    options, pairwise; Adam in every format): dense and row-sparse steps (duplicate
+    indices) on a (16, 300) tensor (8-bit: 2 blocks per row); with the fused
+    options, grad_scale and awkward gradients (huge, tiny, zero, NaN / Inf).  The
+    parameters (their bits) and every array of ``state_dict()`` compared, and the
+    format checked to apply."""
+    name = case["rule"]
+    rule = rules.RULES[name]
+    pdt = param_dtype(case)
+    hyper, gs = STORED_OPTIONS[case["options"]]
+    variant = {**stored_variant(case), **hyper}
+    gdt = BF16 if case["grad"] == "bf16" else (np.float32 if pdt == BF16 else pdt)
     i = list(rules.RULES).index(name)
-    update = UPDATES[(2 * (k + i) + b) % 4]
-    gdt = BF16 if (k + i + b) % 2 == 0 else np.float32
-    variant = rules.variant(rules.RULES[name], k, bits)
-    on, oc = both(name, variant, BF16, bits, update, gdt, "dsds", seed=k)
+    on, oc = both(name, variant, pdt, case["bits"], case["update"], gdt, "dsdsd",
+                  grad_scale=gs, awkward=case["options"] != "none", seed=i)
     same_optimizers(on, oc)
     st = oc.state_dict()["state"][0]
-    rule = rules.RULES[name]
-    for slot in rule.slots:          # the formats did apply
+    fmt = storage_of(case, SHAPE)
+    assert not fmt.native
+    for slot in rule.slots:          # the format did apply
         if slot in st:
-            want = {16: BF16, 8: np.dtype(np.uint8)}[bits] if rule.layout != "rowwise" \
-                else np.dtype(np.float32)
-            assert st[slot].dtype == want, (slot, st[slot].dtype)
-            assert (slot + storage.SCALE_SUFFIX in st) == (want == np.uint8)
-    if update in ("split", "kahan"):
-        assert storage.Storage(update=update).aux in st
-
-
-# ---------------------------------------- (c) float32 / float64 parameters
-
-NATIVE_CASES = [(np.float32, 16), (np.float32, 8), (np.float64, 16), (np.float64, 8),
-                (np.float64, 32)]
-
-
-@pytest.mark.parametrize("name", list(rules.RULES))
-def test_native_params_stored_state_bit_identical_to_numba(name):
-    """float32 parameters with 16- or 8-bit state and float64 parameters with 16-bit,
-    8-bit or float32 state (compute in float64), cycling over the rules."""
-    rule = rules.RULES[name]
-    i = list(rules.RULES).index(name)
-    for j in range(2):
-        dtype, bits = NATIVE_CASES[(2 * i + j) % len(NATIVE_CASES)]
-        k = (i + j) % len(rule.variants)
-        on, oc = both(name, rules.variant(rule, k, bits), dtype, bits, None, dtype, "dssd",
-                      seed=3)
-        same_optimizers(on, oc)
-
-
-# --------------------------------------- (d) fused options, awkward values
-
-OPTIONS = dict(clip_value=0.5, l1=0.01, param_min=-1.5, param_max=1.25)
-
-
-@pytest.mark.parametrize("max_norm", [False, True], ids=["element", "max_norm"])
-@pytest.mark.parametrize("name", list(rules.RULES))
-def test_options_and_awkward_gradients(name, max_norm):
-    """Every fused option with grad_scale, on gradients with huge, tiny, zero and
-    NaN / Inf values; bfloat16 parameters (state width and update cycling over the
-    rules), and float64 parameters with 8-bit state."""
-    rule = rules.RULES[name]
-    i = list(rules.RULES).index(name)
-    bits = (8, 16, None)[(i + max_norm) % 3]
-    variant = {**rules.variant(rule, -1, bits), **OPTIONS}
-    if max_norm:
-        variant["max_norm"] = 2.0
-    update = UPDATES[(i + 2 * max_norm) % 4]
-    gdt = BF16 if i % 2 else np.float32
-    on, oc = both(name, variant, BF16, bits, update, gdt, "dsdsd", grad_scale=4.0,
-                  awkward=True, seed=i)
-    same_optimizers(on, oc)
-    if not max_norm and i % 3 == 0:
-        variant = {**rules.variant(rule, -1, 8), **OPTIONS}
-        on, oc = both(name, variant, np.float64, 8, None, np.float64, "dsd", grad_scale=2.0,
-                      awkward=True)
-        same_optimizers(on, oc)
+            assert st[slot].dtype == storage.state_dtype(fmt, pdt), (slot, st[slot].dtype)
+            assert (slot + storage.SCALE_SUFFIX in st) == (fmt.state == "q8"), slot
+    if case["update"] in ("split", "kahan"):
+        assert storage.Storage(update=case["update"]).aux in st
 
 
 # ------------------------------------------------------- (e) exact sparse mode
 
-def _exact_cases():
-    out = []
-    for name, rule in rules.RULES.items():
-        if rule.catch_up is None:
-            continue
-        for k, variant in enumerate(rule.variants):
-            group = rule.check_group({**rule.defaults, **variant})
-            if rule.exact_reason(group) is None:
-                out.append(pytest.param(name, k, id=f"{name}-v{k}"))
-                break                # one variant per rule keeps the suite short
-                break
-    return out
-
-
-@pytest.mark.parametrize("bits", [16, 8])
-@pytest.mark.parametrize("name,k", _exact_cases())
-def test_exact_mode_with_catch_up_and_flush(name, k, bits):
-    variant = {**rules.RULES[name].variants[k], "clip_value": 0.75}
-    update = UPDATES[(k + bits) % 4]
+@pytest.mark.parametrize("case", STORED_EXACT.cases())
+def test_exact_mode_with_catch_up_and_flush(case):
+    """Every stored exact case (tests/cases.py STORED_EXACT): sparse steps (rows
+    caught up when touched), a dense step, sparse steps, then a flush."""
+    name = case["rule"]
+    pdt = param_dtype(case)
+    variant = stored_variant(case)
+    gs = None
+    if case["options"] == "clip":
+        variant["clip_value"], gs = 0.75, 2.0
+    gdt = BF16 if pdt == BF16 else pdt
 
     def go(backend):
-        opt = run(backend, name, variant, BF16, bits, update, BF16, "ssdss",
-                  shape=(40, 300), nnz=6, mode="exact", grad_scale=2.0, seed=bits)
-        return opt
+        return run(backend, name, variant, pdt, case["bits"], case["update"], gdt, "ssdss",
+                   shape=(40, 300), nnz=6, mode="exact", grad_scale=gs, seed=case["bits"])
     on, oc = go("numba"), go("cython")
     same_optimizers(on, oc)
     for opt in (on, oc):

@@ -32,6 +32,9 @@ EXAMPLE = ROOT / "examples" / "data_parallel_mpi.py"
 BENCH = ROOT / "bench" / "mpi_step.py"
 
 HAVE_MPI4PY = importlib.util.find_spec("mpi4py") is not None
+#: the lanes share the module's ``shared`` directory and PASSED, in this order: under
+#: pytest-xdist (``--dist loadgroup``, as .ci/run runs it) one worker runs them all
+pytestmark = pytest.mark.xdist_group("mpi")
 
 
 def _mpiexec():

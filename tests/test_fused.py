@@ -7,13 +7,15 @@ import pytest
 import fastopt
 from fastopt import RowSparse, rules
 
+from cases import FUSED
 from conftest import awkward_grads, init_params
 
 SHAPES = [(7,), (33, 17), (0,)]
 #: with a tensor big enough for the parallel drivers (used by one option set)
 BIG = SHAPES + [(40_000,)]
 OPTIONS = [dict(clip_value=0.5), dict(l1=0.3, weight_decay=0.01),
-           dict(param_min=-0.4, param_max=0.3), dict(clip_value=2.0, l1=0.1, param_max=1.0)]
+           dict(param_min=-0.4, param_max=0.3),
+           dict(clip_value=2.0, l1=0.1, param_min=-1.5, param_max=1.0)]
 RTOL = {np.float32: 2e-5, np.float64: 1e-11}
 
 
@@ -31,18 +33,13 @@ def _run(name, variant, backend, dtype, opts, steps=30, scale=None, shapes=SHAPE
     return params, opt
 
 
-def last_variants():
+@pytest.mark.parametrize("name,k_opt,dtype", FUSED.params("rule", "options", "dtype"))
+def test_numba_matches_reference(name, k_opt, dtype):
     """The last registry variant of each rule (the one with most options on): the
     fused options wrap the rule math, every variant of which the main suite checks;
-    every extra specialization here costs a compile."""
-    return [pytest.param(name, len(r.variants) - 1, id=name) for name, r in rules.RULES.items()]
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("k_opt", range(len(OPTIONS)))
-@pytest.mark.parametrize("name,k", last_variants())
-def test_numba_matches_reference(name, k, k_opt, dtype):
-    variant = rules.RULES[name].variants[k]
+    every extra specialization here costs a compile.  Cases (tests/cases.py): every
+    rule x option set, rule x dtype and option set x dtype pair; Adam in full."""
+    variant = rules.RULES[name].variants[-1]
     opts = dict(OPTIONS[k_opt])
     if not _weight_decay_ok(name, opts):
         opts.pop("weight_decay")

@@ -18,6 +18,9 @@ from fastopt import RowSparse, rules
 
 from conftest import CPU_BACKENDS
 
+#: every test here runs in .ci/run's boundscheck lane (NUMBA_BOUNDSCHECK=1)
+pytestmark = pytest.mark.boundscheck
+
 
 def _snapshot(opt, params):
     return ([p.copy() for p in params],

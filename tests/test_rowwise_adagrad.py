@@ -11,6 +11,9 @@ from fastopt import RowSparse
 
 from conftest import CPU_BACKENDS
 
+#: every test here runs in .ci/run's boundscheck lane (NUMBA_BOUNDSCHECK=1)
+pytestmark = pytest.mark.boundscheck
+
 
 def _rows_ref(p, g, acc, lr=0.01, eps=1e-10):
     """Row-wise Adagrad on 2-D float64 arrays, written out once more by hand."""

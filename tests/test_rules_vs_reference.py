@@ -1,5 +1,7 @@
 """Every rule x variant x backend x dtype against the NumPy reference, over 60 steps
-of awkward gradients, on several shapes at once (one optimizer, one launch)."""
+of awkward gradients, on several shapes at once (one optimizer, one launch): the
+pairwise cases of tests/cases.py (every two of variant, backend, dtype; every rule x
+backend x dtype; Adam in full)."""
 
 import numpy as np
 import pytest
@@ -7,8 +9,8 @@ import pytest
 import fastopt
 from fastopt import rules
 
-from conftest import (CPU_BACKENDS, DTYPES, SHAPES, awkward_grads, init_params,
-                      reference_run, rule_cases)
+from cases import REFERENCE
+from conftest import CPU_BACKENDS, SHAPES, awkward_grads, init_params, reference_run, rule_cases
 
 STEPS = 60
 # same-dtype reference vs kernel: only rounding order differs
@@ -22,10 +24,12 @@ def run_optimizer(name, variant, backend, params, grads_seq):
     return opt
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("name,k", rule_cases())
-def test_matches_reference(name, k, backend, dtype):
+@pytest.mark.parametrize("variant_id,backend,dtype", REFERENCE.params("variant", "backend",
+                                                                      "dtype"))
+def test_matches_reference(variant_id, backend, dtype):
+    """Cases (tests/cases.py): every variant x backend, variant x dtype and backend x
+    dtype pair, every rule x backend x dtype, every combination for Adam."""
+    name, k = variant_id
     rule = rules.RULES[name]
     variant = rule.variants[k]
     params = init_params(SHAPES, dtype)

@@ -12,10 +12,8 @@ import fastopt
 from fastopt import rules
 from fastopt.sparse import coalesce
 
-from conftest import CPU_BACKENDS, DTYPES, rule_cases
-
-SPARSE_BACKENDS = [b for b in fastopt.available_backends()
-                   if hasattr(fastopt.backends.resolve(b), "run_rows")]
+from cases import SPARSE_BACKENDS, SPARSE_LAZY
+from conftest import CPU_BACKENDS, DTYPES
 RTOL = {np.float32: 2e-5, np.float64: 1e-11}
 
 
@@ -56,10 +54,12 @@ def lazy_oracle(rule, variant, param, grads):
     return p, state
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
-@pytest.mark.parametrize("name,k", rule_cases())
-def test_lazy_matches_oracle(name, k, backend, dtype):
+@pytest.mark.parametrize("variant_id,backend,dtype", SPARSE_LAZY.params("variant", "backend",
+                                                                        "dtype"))
+def test_lazy_matches_oracle(variant_id, backend, dtype):
+    """Cases (tests/cases.py): every variant x backend, variant x dtype and backend x
+    dtype pair, every rule x backend x dtype, every combination for Adam."""
+    name, k = variant_id
     rule = rules.RULES[name]
     variant = rule.variants[k]
     rng = np.random.default_rng(7)
@@ -85,6 +85,7 @@ def test_lazy_matches_oracle(name, k, backend, dtype):
                 np.testing.assert_array_equal(got[key][untouched], np.array(init, dtype))
 
 
+@pytest.mark.boundscheck
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 @pytest.mark.parametrize("name", list(rules.RULES))
 def test_all_rows_touched_equals_dense(name, backend):
@@ -102,6 +103,7 @@ def test_all_rows_touched_equals_dense(name, backend):
     np.testing.assert_allclose(b, a, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.boundscheck
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 def test_duplicates_are_summed_in_order(backend):
     rng = np.random.default_rng(2)
@@ -118,6 +120,7 @@ def test_duplicates_are_summed_in_order(backend):
     assert np.all(a[2] == 1)
 
 
+@pytest.mark.boundscheck
 @pytest.mark.parametrize("kind", ["csr_matrix", "csc_matrix", "coo_matrix", "csr_array",
                                   "coo_array"])
 def test_scipy_sparse_gradients(kind):
@@ -136,6 +139,7 @@ def test_scipy_sparse_gradients(kind):
         fastopt.Adagrad([np.ones(24)]).step([sp.csr_matrix(np.ones((1, 24)))])
 
 
+@pytest.mark.boundscheck
 def test_one_dimensional_parameter_takes_element_indices():
     p = np.zeros(10)
     fastopt.SGD([p], lr=1.0).step([fastopt.RowSparse([2, 7, 2], [1.0, 2.0, 3.0])])
@@ -144,6 +148,7 @@ def test_one_dimensional_parameter_takes_element_indices():
     np.testing.assert_array_equal(p, expected)
 
 
+@pytest.mark.boundscheck
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 def test_bad_sparse_gradients_change_nothing(backend):
     p = np.ones((5, 2), np.float32)
@@ -171,6 +176,7 @@ def test_bad_sparse_gradients_change_nothing(backend):
         fastopt.RowSparse(np.array([0, 1]), np.ones((3, 2)))
 
 
+@pytest.mark.boundscheck
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_empty_sparse_gradient_is_a_step_with_no_rows(backend):
     """An empty batch counts as a step, as torch's SparseAdam and Adagrad count it:
@@ -185,6 +191,7 @@ def test_empty_sparse_gradient_is_a_step_with_no_rows(backend):
     np.testing.assert_array_equal(p, 1)
 
 
+@pytest.mark.boundscheck
 def test_dense_and_sparse_in_one_step():
     emb, w = np.zeros((100, 4)), np.zeros(3)
     opt = fastopt.SGD({"emb": emb, "w": w}, lr=1.0)
@@ -192,6 +199,7 @@ def test_dense_and_sparse_in_one_step():
     assert emb[5].tolist() == [-1] * 4 and emb.sum() == -4 and w.tolist() == [-1] * 3
 
 
+@pytest.mark.boundscheck
 def test_sparse_thread_count_does_not_change_results():
     code = """
 import sys, numpy as np, numba, fastopt
@@ -209,6 +217,7 @@ sys.stdout.buffer.write(p.tobytes())
     assert len(outs[0]) == 20000 * 16 * 4 and outs[0] == outs[1]
 
 
+@pytest.mark.boundscheck
 @pytest.mark.skipif("cython" not in fastopt.available_backends(), reason="no cython")
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_parallel_duplicate_sums_match_across_backends(dtype):
@@ -261,6 +270,7 @@ except ImportError:
     ("Adam", "SparseAdam", {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-14}),
     ("Adagrad", "Adagrad", {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1}),
 ])
+@pytest.mark.boundscheck
 def test_lazy_matches_torch_sparse(name, torch_cls, kw, backend):
     rng = np.random.default_rng(4)
     p = rng.standard_normal((30, 3))

@@ -7,7 +7,11 @@ import pytest
 import fastopt
 from fastopt import rules
 
-from test_sparse import SPARSE_BACKENDS, random_rowsparse
+from cases import SPARSE_BACKENDS, exact_possible
+from test_sparse import random_rowsparse
+
+#: every test here runs in .ci/run's boundscheck lane (NUMBA_BOUNDSCHECK=1)
+pytestmark = pytest.mark.boundscheck
 
 EXACT_BACKENDS = [b for b in SPARSE_BACKENDS
                   if fastopt.backends.resolve(b).supports("sparse_exact")]
@@ -17,8 +21,7 @@ def exact_cases():
     out = []
     for name, rule in rules.RULES.items():
         for k, v in enumerate(rule.variants):
-            group = rule.check_group({**rule.defaults, **v})
-            if rule.catch_up is not None and rule.exact_reason(group) is None:
+            if exact_possible(rule, v):
                 out.append(pytest.param(name, k, id=f"{name}-v{k}"))
     return out
 

@@ -106,6 +106,19 @@ class Rule:
         fused.cross_check(out)
         return out
 
+    def exact_refusal(self, group):
+        """Why ``sparse_mode="exact"`` is refused for the checked group ``group``
+        (no closed form, the rule's :attr:`exact_reason`, then the fused options'),
+        or None when it is possible."""
+        if self.catch_up is None:
+            return "it has no closed form for skipped steps"
+        return self.exact_reason(group) or fused.exact_reason(group)
+
+    def exact_possible(self, variant=None):
+        """Whether ``sparse_mode="exact"`` takes the configuration ``variant``
+        (hyperparameters over the defaults, fused options included)."""
+        return self.exact_refusal(self.check_group({**self.defaults, **(variant or {})})) is None
+
     def slot_shape(self, param_shape):
         """Shape of a state slot for a parameter of ``param_shape``."""
         if self.layout == "rowwise":

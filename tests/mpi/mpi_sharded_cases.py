@@ -283,8 +283,7 @@ def sparse_cases():
         for dt, tag in ((np.float32, "f32"), (np.float64, "f64")):
             out.append(pytest.param(name, 0, "lazy", dt, id=f"{name}-lazy-{tag}"))
         for k, v in enumerate(rule.variants):
-            group = rule.check_group({**rule.defaults, **v})
-            if rule.catch_up is not None and rule.exact_reason(group) is None:
+            if rule.exact_possible(v):
                 out.append(pytest.param(name, k, "exact", np.float64,
                                         id=f"{name}-v{k}-exact-f64"))
     return out
