@@ -28,7 +28,8 @@ from numba import cuda  # noqa: E402
 if not cuda.is_available():
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
-from fastopt import benchmark, cuda_bench  # noqa: E402
+from fastopt import benchmark
+from fastopt.benchmark import cuda as cuda_bench  # noqa: E402
 from fastopt.backends import cuda as cuda_backend  # noqa: E402
 
 from conftest import record  # noqa: E402

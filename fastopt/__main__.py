@@ -89,7 +89,7 @@ def main(argv=None):
                   "the CUDA simulator mean nothing. Run it on a machine with a GPU.",
                   file=sys.stderr)
             return 2
-        from . import cuda_bench
+        from .benchmark import cuda as cuda_bench
         rules = None
         if args.rules:
             rules = [r.strip() for r in args.rules.split(",")]

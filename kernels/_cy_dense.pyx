@@ -90,92 +90,15 @@ NSLOTS_BUILT = NSLOTS
 #: the option bits, in the order of ``fastopt.rules.fused.SWITCHES``
 OPTION_BITS = (OPT_GRAD_SCALE, OPT_CLIP, OPT_L1, OPT_MIN, OPT_MAX, OPT_MAX_NORM)
 
-# ----------------------------------------------------------------- rule ids
-cdef enum:
-    R_SGD = 0
-    R_ADAGRAD = 1
-    R_RMSPROP = 2
-    R_ADAM = 3
-    R_ADAMAX = 4
-    R_NADAM = 5
-    R_LION = 6
-    R_COUNT = 7
-
-#: rule modules (``fastopt/rules/<name>.py``) whose element math has a copy here; id = index
-MATH_NAMES = ("sgd", "adagrad", "rmsprop", "adam", "adamax", "nadam", "lion")
-#: whose ``Scalars`` each of them reads (the prefix of its column constants)
-MATH_SCALARS = ("SGD", "ADAGRAD", "RMSPROP", "ADAM", "ADAMAX", "NADAM", "LION")
-assert len(MATH_NAMES) == len(MATH_SCALARS) == R_COUNT
-
-#: row-wise rules (one state value per row; :func:`run_rowwise`); id = index
-ROWWISE_NAMES = ("rowwise_adagrad",)
-ROWWISE_SCALARS = ("ADAGRAD",)
+# ---------------------- rule ids, names, tags, the dispatches on them (generated)
+# kernels/_cy_dispatch.pxi is written by fastopt.rules.cython_dispatch_pxi() from
+# the rule registry (tests/test_layout.py keeps it current)
+include "_cy_dispatch.pxi"
 
 #: dtype codes of the entry points
 DTYPE_CODES = {"float32": 0, "float64": 1}
 
-#: the column of every scalar constant the math reads, as compiled (from
-#: ``_cy_scalars.pxi``); the backend checks them against the ``Scalars`` declarations
-COLUMNS = {
-    "F_GRAD_SCALE": F_GRAD_SCALE, "F_CLIP_VALUE": F_CLIP_VALUE,
-    "F_L1_THRESHOLD": F_L1_THRESHOLD, "F_PARAM_MIN": F_PARAM_MIN,
-    "F_PARAM_MAX": F_PARAM_MAX, "F_MAX_NORM": F_MAX_NORM,
-    "SGD_LR": K.SGD_LR, "SGD_WEIGHT_DECAY": K.SGD_WEIGHT_DECAY,
-    "SGD_MOMENTUM": K.SGD_MOMENTUM, "SGD_ONE_MINUS_DAMPENING": K.SGD_ONE_MINUS_DAMPENING,
-    "SGD_NESTEROV": K.SGD_NESTEROV, "SGD_MAXIMIZE": K.SGD_MAXIMIZE, "SGD_FIRST": K.SGD_FIRST,
-    "SGD_HAS_MOMENTUM": K.SGD_HAS_MOMENTUM,
-    "ADAGRAD_CLR": K.ADAGRAD_CLR, "ADAGRAD_WEIGHT_DECAY": K.ADAGRAD_WEIGHT_DECAY,
-    "ADAGRAD_EPS": K.ADAGRAD_EPS, "ADAGRAD_MAXIMIZE": K.ADAGRAD_MAXIMIZE,
-    "RMSPROP_LR": K.RMSPROP_LR, "RMSPROP_WEIGHT_DECAY": K.RMSPROP_WEIGHT_DECAY,
-    "RMSPROP_ALPHA": K.RMSPROP_ALPHA, "RMSPROP_ONE_MINUS_ALPHA": K.RMSPROP_ONE_MINUS_ALPHA,
-    "RMSPROP_EPS": K.RMSPROP_EPS, "RMSPROP_MOMENTUM": K.RMSPROP_MOMENTUM,
-    "RMSPROP_CENTERED": K.RMSPROP_CENTERED, "RMSPROP_HAS_MOMENTUM": K.RMSPROP_HAS_MOMENTUM,
-    "RMSPROP_MAXIMIZE": K.RMSPROP_MAXIMIZE,
-    "ADAM_STEP_SIZE": K.ADAM_STEP_SIZE, "ADAM_BETA1": K.ADAM_BETA1,
-    "ADAM_ONE_MINUS_BETA1": K.ADAM_ONE_MINUS_BETA1, "ADAM_BETA2": K.ADAM_BETA2,
-    "ADAM_ONE_MINUS_BETA2": K.ADAM_ONE_MINUS_BETA2, "ADAM_EPS": K.ADAM_EPS,
-    "ADAM_RSQRT_BC2": K.ADAM_RSQRT_BC2, "ADAM_L2": K.ADAM_L2, "ADAM_DECAY": K.ADAM_DECAY,
-    "ADAM_AMSGRAD": K.ADAM_AMSGRAD, "ADAM_MAXIMIZE": K.ADAM_MAXIMIZE,
-    "ADAMAX_CLR": K.ADAMAX_CLR, "ADAMAX_BETA1": K.ADAMAX_BETA1,
-    "ADAMAX_ONE_MINUS_BETA1": K.ADAMAX_ONE_MINUS_BETA1, "ADAMAX_BETA2": K.ADAMAX_BETA2,
-    "ADAMAX_EPS": K.ADAMAX_EPS, "ADAMAX_WEIGHT_DECAY": K.ADAMAX_WEIGHT_DECAY,
-    "ADAMAX_MAXIMIZE": K.ADAMAX_MAXIMIZE,
-    "NADAM_CG": K.NADAM_CG, "NADAM_CM": K.NADAM_CM, "NADAM_BETA1": K.NADAM_BETA1,
-    "NADAM_ONE_MINUS_BETA1": K.NADAM_ONE_MINUS_BETA1, "NADAM_BETA2": K.NADAM_BETA2,
-    "NADAM_ONE_MINUS_BETA2": K.NADAM_ONE_MINUS_BETA2, "NADAM_EPS": K.NADAM_EPS,
-    "NADAM_RSQRT_BC2": K.NADAM_RSQRT_BC2, "NADAM_L2": K.NADAM_L2,
-    "NADAM_DECAY": K.NADAM_DECAY, "NADAM_MAXIMIZE": K.NADAM_MAXIMIZE,
-    "LION_LR": K.LION_LR, "LION_BETA1": K.LION_BETA1,
-    "LION_ONE_MINUS_BETA1": K.LION_ONE_MINUS_BETA1, "LION_BETA2": K.LION_BETA2,
-    "LION_ONE_MINUS_BETA2": K.LION_ONE_MINUS_BETA2, "LION_DECAY": K.LION_DECAY,
-    "LION_MAXIMIZE": K.LION_MAXIMIZE, "LION_ONE": K.LION_ONE, "LION_ZERO": K.LION_ZERO,
-}
-
-# ------------------------------------------------- compile-time tags (fused)
-cdef struct TSgd:
-    char _
-cdef struct TAdagrad:
-    char _
-cdef struct TRmsprop:
-    char _
-cdef struct TAdam:
-    char _
-cdef struct TAdamax:
-    char _
-cdef struct TNadam:
-    char _
-cdef struct TLion:
-    char _
-
-ctypedef fused RuleTag:
-    TSgd
-    TAdagrad
-    TRmsprop
-    TAdam
-    TAdamax
-    TNadam
-    TLion
-
+# ------------------------------------------------- used-slot tags (fused)
 cdef struct Yes:
     char _
 cdef struct No:
@@ -193,36 +116,11 @@ ctypedef fused U2:
     Yes
     No
 
-cdef TSgd T_SGD
-cdef TAdagrad T_ADAGRAD
-cdef TRmsprop T_RMSPROP
-cdef TAdam T_ADAM
-cdef TAdamax T_ADAMAX
-cdef TNadam T_NADAM
-cdef TLion T_LION
 cdef Yes YES
 cdef No NO
 
 
 # ------------------------------------------------------------- the one loop
-cdef inline void _math(RuleTag tag, floating* p, floating g, floating* s0, floating* s1,
-                       floating* s2, const floating* c) noexcept nogil:
-    if RuleTag is TSgd:
-        sgd(p, g, s0, s1, s2, c)
-    elif RuleTag is TAdagrad:
-        adagrad(p, g, s0, s1, s2, c)
-    elif RuleTag is TRmsprop:
-        rmsprop(p, g, s0, s1, s2, c)
-    elif RuleTag is TAdam:
-        adam(p, g, s0, s1, s2, c)
-    elif RuleTag is TAdamax:
-        adamax(p, g, s0, s1, s2, c)
-    elif RuleTag is TNadam:
-        nadam(p, g, s0, s1, s2, c)
-    else:
-        lion(p, g, s0, s1, s2, c)
-
-
 cdef void _loop(RuleTag tag, U0 u0, U1 u1, U2 u2, floating* P, const floating* G,
                 floating* S0, floating* S1, floating* S2, Py_ssize_t n,
                 const floating* c) noexcept nogil:
@@ -284,26 +182,6 @@ cdef void _by_uses(RuleTag tag, int ucode, floating* P, const floating* G, float
         _loop(tag, NO, YES, YES, P, G, S0, S1, S2, n, c)
     else:
         _loop(tag, YES, YES, YES, P, G, S0, S1, S2, n, c)
-
-
-cdef void _by_rule(int rule, int ucode, floating* P, const floating* G, floating* S0,
-                   floating* S1, floating* S2, Py_ssize_t n,
-                   const floating* c) noexcept nogil:
-    """Dispatch on the rule id (validated by the caller)."""
-    if rule == R_SGD:
-        _by_uses(T_SGD, ucode, P, G, S0, S1, S2, n, c)
-    elif rule == R_ADAGRAD:
-        _by_uses(T_ADAGRAD, ucode, P, G, S0, S1, S2, n, c)
-    elif rule == R_RMSPROP:
-        _by_uses(T_RMSPROP, ucode, P, G, S0, S1, S2, n, c)
-    elif rule == R_ADAM:
-        _by_uses(T_ADAM, ucode, P, G, S0, S1, S2, n, c)
-    elif rule == R_ADAMAX:
-        _by_uses(T_ADAMAX, ucode, P, G, S0, S1, S2, n, c)
-    elif rule == R_NADAM:
-        _by_uses(T_NADAM, ucode, P, G, S0, S1, S2, n, c)
-    elif rule == R_LION:
-        _by_uses(T_LION, ucode, P, G, S0, S1, S2, n, c)
 
 
 cdef void _step(floating zero, int rule, int ucode, int opts, floating* P, const floating* G,

@@ -844,7 +844,7 @@ def test_benchmark_table_runs():
     simulator the timings mean nothing; this checks the machinery)."""
     import io
 
-    from fastopt import cuda_bench
+    from fastopt.benchmark import cuda as cuda_bench
     from fastopt.benchmark import Case
     out = io.StringIO()
     rows = cuda_bench.benchmark_table(cases=[Case("SGD", (40,) * 3, variant=1)], out=out,

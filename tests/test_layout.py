@@ -23,6 +23,27 @@ def test_generated_cython_scalar_columns_are_current():
         ".write(r.cython_pxi())\"")
 
 
+def test_generated_cython_dispatch_is_current():
+    """kernels/_cy_dispatch.pxi (the extension's rule ids, names, tags and the
+    dispatches on them) is derived from the rule registry."""
+    pxi = ROOT / "kernels" / "_cy_dispatch.pxi"
+    if not pxi.exists():
+        pytest.skip("not running from a source tree (kernels/ is not installed)")
+    assert pxi.read_text() == rules.cython_dispatch_pxi(), (
+        "kernels/_cy_dispatch.pxi is stale: regenerate it with "
+        "python -c \"import fastopt.rules as r; open('kernels/_cy_dispatch.pxi', 'w')"
+        ".write(r.cython_dispatch_pxi())\"")
+
+
+def test_the_cython_extension_dispatches_every_element_wise_math():
+    """Every element-wise rule module has an id in the built extension (its names come
+    from the registry, so a stale build shows here)."""
+    ext = pytest.importorskip("fastopt._cy_dense")
+    mods = [r.math.__module__.rsplit(".", 1)[-1] for r in rules.RULES.values()
+            if r.layout != "rowwise"]
+    assert list(ext.MATH_NAMES) == list(dict.fromkeys(mods))
+
+
 @pytest.mark.parametrize("name", list(rules.RULES))
 def test_a_rule_is_defined_in_its_module(name):
     rule = rules.RULES[name]

@@ -25,12 +25,12 @@ import sys
 
 import numpy as np
 
-from . import backends, benchmark
-from . import rules as registry
-from .backends import cuda as cb
-from .backends.base import Config, DenseWork
-from .benchmark import Case
-from .optimizers import CLASSES
+from .. import backends, benchmark
+from .. import rules as registry
+from ..backends import cuda as cb
+from ..backends.base import Config, DenseWork
+from ..optimizers import CLASSES
+from .cases import Case
 
 IMPLEMENTATIONS = ("fastopt-cuda", "ceiling-cuda", "torch-foreach", "torch-fused", "cupy")
 
