@@ -115,15 +115,82 @@ def test_flags_ceiling_bound_noise_and_cache():
     assert "ABOVE-CEILING" in text and "omitted: too slow" in text
 
 
-def test_compare_flags_regressions_beyond_noise():
+def _sampled(median, sigma, rng, n=14):
+    """Stats of ``n`` samples, lognormal around ``median`` (relative noise ``sigma``)."""
+    return timing.Stats.of(median * np.exp(rng.normal(0.0, sigma, n)), 1)
+
+
+def _record(case, medians, sigma, rng, slowdown=1.0):
+    """A run: every contender's samples scaled by ``slowdown`` (the machine)."""
+    return dict(machine="m", rows=report.build_rows(case, {
+        name: _sampled(m * slowdown, sigma.get(name, 0.05) if isinstance(sigma, dict) else sigma,
+                       rng) for name, m in medians.items()}, None, 0))
+
+
+def test_compare_separates_machine_drift_from_a_change():
+    """The machine 1.6x slower in the second run: nothing is flagged (every row is
+    normalized by the ceiling timed in the same rounds); a contender 1.3x slower
+    relative to its reference is flagged, 1.05x is not (under the 10% floor), nor
+    is 1.2x buried in noise."""
+    rng = np.random.default_rng(0)
     case = benchmark.Case("SGD", (10_000_000,))
-    old = dict(machine="m", rows=report.build_rows(case, {"a": _stats(1.0), "b": _stats(1.0),
-                                                          "c": _stats(1.0, 0.2)}, None, 0))
-    new = dict(machine="m", rows=report.build_rows(case, {"a": _stats(1.3), "b": _stats(1.05),
-                                                          "c": _stats(1.3, 0.2)}, None, 0))
-    lines, regressions = report.compare(old, new)
-    assert [r["impl"] for r in regressions] == ["a"]     # b within 10%, c within its spread
+    base = {"ceiling": 1.0, "a": 1.2, "b": 1.5, "c": 2.0, "torch-fused": 3.0}
+    sigma = {"c": 0.5}
+    old = _record(case, base, sigma, rng)
+    drifted = _record(case, base, sigma, rng, slowdown=1.6)
+    lines, regressions = report.compare(old, drifted)
+    assert regressions == [], lines
+    assert any("Machine drift" in line and "1.6" in line for line in lines)
+    changed = _record(case, dict(base, a=1.2 * 1.3, b=1.5 * 1.05, c=2.0 * 1.2), sigma, rng,
+                      slowdown=1.6)
+    lines, regressions = report.compare(old, changed)
+    assert [r["impl"] for r in regressions] == ["a"], lines
     assert any("REGRESSION" in line and "| a |" in line for line in lines)
+    faster = _record(case, dict(base, b=1.5 / 1.4), sigma, rng, slowdown=0.7)
+    lines, regressions = report.compare(old, faster)
+    assert regressions == [] and any("faster" in line and "| b |" in line for line in lines)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_compare_of_two_runs_of_the_same_code_flags_nothing(seed):
+    """70 rows (14 cases x 5 contenders), the same code timed twice with 10% noise
+    and a machine that drifts by up to 1.9x between the runs: no row is flagged."""
+    rng = np.random.default_rng(seed)
+    old_rows, new_rows = [], []
+    for k in range(14):
+        case = benchmark.Case("Adam", (1000 * (k + 1),))
+        base = {"ceiling": 1.0, "fastopt-numba": 1.1, "fastopt-cython": 1.2,
+                "fastopt-numpy": 5.0, "torch-fused": 2.0}
+        old_rows += _record(case, base, 0.10, rng)["rows"]
+        new_rows += _record(case, base, 0.10, rng, slowdown=rng.uniform(1.0, 1.9))["rows"]
+    lines, regressions = report.compare(dict(machine="m", rows=old_rows),
+                                        dict(machine="m", rows=new_rows))
+    assert regressions == [], [line for line in lines if "REGRESSION" in line]
+    assert "p < 0.05/56" in lines[2]
+
+
+def test_compare_does_not_test_a_case_whose_reference_was_disturbed():
+    """A reference with a wide spread cannot normalize its case: listed, not tested."""
+    rng = np.random.default_rng(3)
+    case = benchmark.Case("SGD", (10_000_000,))
+    old = _record(case, {"ceiling": 1.0, "a": 1.0}, 0.05, rng)
+    new = _record(case, {"ceiling": 1.0, "a": 3.0}, {"ceiling": 1.5, "a": 0.05}, rng)
+    lines, regressions = report.compare(old, new)
+    assert regressions == []
+    assert any("| a |" in line and "reference noisy" in line for line in lines)
+
+
+def test_compare_of_records_without_samples_never_flags():
+    """Older records carry no per-sample times: normalized medians are listed, with
+    no test, so nothing is flagged."""
+    case = benchmark.Case("SGD", (10_000_000,))
+    old = dict(machine="m", rows=report.build_rows(case, {"ceiling": _stats(1.0),
+                                                          "a": _stats(1.0)}, None, 0))
+    new = dict(machine="m", rows=report.build_rows(case, {"ceiling": _stats(1.0),
+                                                          "a": _stats(2.0)}, None, 0))
+    lines, regressions = report.compare(old, new)
+    assert regressions == []
+    assert any("| a |" in line and "| 2.00 | n/a |" in line for line in lines)
 
 
 def test_run_json_markdown_and_compare_through_the_cli(tmp_path, monkeypatch, capsys):

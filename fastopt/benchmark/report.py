@@ -22,11 +22,25 @@ Flags, printed in the table instead of being reported as results:
 import json
 import math
 
+import numpy as np
+
 CEILING_SLACK = 1.05
 BOUND_SLACK = 1.05
 NOISY = 0.10
-#: a regression in --compare: slower by more than this and than the two spreads
+#: --compare: a change smaller than this (as a ratio of normalized medians) is never
+#: flagged, however significant
 REGRESSION = 0.10
+#: --compare: the family-wise significance level; each row's rank test is held to
+#: ``ALPHA / rows compared`` (Bonferroni), so two runs of the same code flag a row
+#: with probability at most ALPHA in all
+ALPHA = 0.05
+#: --compare: a case whose reference has a wider spread than this in either run (the
+#: machine was disturbed during its rounds beyond what normalizing can undo) is
+#: listed but not tested
+REFERENCE_NOISY = 0.5
+#: --compare: the contender a case's rows are normalized by, the first present in
+#: both runs (code that neither run changes: the ceiling kernel, then torch)
+REFERENCES = ("ceiling", "torch-fused", "torch-foreach", "torch-forloop")
 
 
 def build_rows(case, stats, bandwidth, llc, omitted=None):
@@ -54,6 +68,7 @@ def build_rows(case, stats, bandwidth, llc, omitted=None):
         rows.append(dict(case=case.label, kind=case.kind, rule=case.rule, impl=name,
                          best_s=s.best, median_s=s.median, spread=s.spread,
                          samples=s.samples, calls_per_sample=s.calls,
+                         samples_s=list(s.times),
                          elements=float(case.elements), bytes=nbytes,
                          gb_per_s=nbytes / s.median / 1e9, of_bound=of_bound,
                          of_ceiling=of_ceiling,
@@ -147,31 +162,104 @@ def load_json(path):
     return result
 
 
+def _reference(case, old_rows, new_rows):
+    """The name of the contender case ``case`` is normalized by (present in both
+    runs), or None."""
+    both = {i for (c, i) in old_rows if c == case} & {i for (c, i) in new_rows if c == case}
+    for name in REFERENCES:
+        if name in both:
+            return name
+    torch = sorted(i for i in both if i.startswith("torch"))
+    return torch[0] if torch else None
+
+
+def _normalized(row, ref):
+    """The row's samples over the reference's sample of the same round (paired by
+    index), or, for records without samples, the ratio of medians alone."""
+    a, b = row.get("samples_s") or [], ref.get("samples_s") or []
+    if a and len(a) == len(b):
+        return np.asarray(a, np.float64) / np.asarray(b, np.float64)
+    return np.array([row["median_s"] / ref["median_s"]])
+
+
+def _one_sided_p(new, old):
+    """p of the rank test (Mann-Whitney U) that ``new`` tends to be larger than
+    ``old`` (None when either side has fewer than 3 samples)."""
+    if len(new) < 3 or len(old) < 3:
+        return None
+    from scipy.stats import mannwhitneyu
+    return float(mannwhitneyu(new, old, alternative="greater").pvalue)
+
+
 def compare(old, new):
-    """``(lines, regressions)``: a Markdown table of new/old median time per
-    (case, implementation) present in both, and the rows that got slower by more
-    than :data:`REGRESSION` and than the two spreads together."""
-    key = {(r["case"], r["impl"]): r for r in old["rows"] if "omitted" not in r}
+    """``(lines, regressions)``: a Markdown table of every (case, implementation)
+    present in both records, and the rows that regressed.
+
+    A machine that slowed down between two runs slows every contender alike, so
+    each row is first normalized by a reference measured in the same rounds of
+    the same run (:data:`REFERENCES`: the ceiling kernel, else torch; sample k over
+    the reference's sample k).  The change is the ratio of the normalized medians
+    (new over old).  A row is flagged ``REGRESSION`` (``faster``) only when that
+    ratio is beyond ``1 +- REGRESSION`` *and* a one-sided Mann-Whitney U test of
+    the normalized samples gives ``p < ALPHA / N`` over the ``N`` rows compared
+    (Bonferroni).  A case whose reference's spread exceeds :data:`REFERENCE_NOISY`
+    in either run is listed untested.  Records without per-sample times (older ones) are compared by
+    normalized medians and never flagged.  The reference's own raw change is
+    listed as the machine's drift."""
+    old_rows = {(r["case"], r["impl"]): r for r in old["rows"] if "omitted" not in r}
+    new_rows = {(r["case"], r["impl"]): r for r in new["rows"] if "omitted" not in r}
+    pairs = [(k, old_rows[k], r) for k, r in new_rows.items() if k in old_rows]
+    refs = {}
+    for (case, _), _, _ in pairs:
+        if case not in refs:
+            refs[case] = _reference(case, old_rows, new_rows)
+    tested = [k for k, _, _ in pairs if refs[k[0]] is not None and refs[k[0]] != k[1]]
+    level = ALPHA / max(1, len(tested))
     lines = [f"Old: {old['machine']} ({old.get('started', '?')})",
-             f"New: {new['machine']} ({new.get('started', '?')})", "",
-             "| case | implementation | old median | new median | new/old | spreads | |",
-             "|---|---|---:|---:|---:|---:|---|"]
+             f"New: {new['machine']} ({new.get('started', '?')})",
+             f"Each row is normalized by a reference timed in the same rounds (the ceiling "
+             f"kernel, else torch); flagged when the normalized change is beyond "
+             f"{100 * REGRESSION:.0f}% and a one-sided Mann-Whitney U test gives "
+             f"p < {ALPHA:g}/{len(tested)} = {level:.2g}.", "",
+             "| case | implementation | reference | old median | new median | raw new/old "
+             "| normalized new/old | p | |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
     regressions = []
-    for r in new["rows"]:
-        o = key.get((r["case"], r["impl"]))
-        if o is None or "omitted" in r:
+    drift = []
+    for (case, impl), o, r in pairs:
+        ref = refs[case]
+        raw = r["median_s"] / o["median_s"]
+        cells = [case, impl, ref or "none", _fmt_time(o["median_s"]), _fmt_time(r["median_s"]),
+                 f"{raw:.2f}"]
+        if ref is None or ref == impl:
+            if ref == impl:
+                drift.append(raw)
+            lines.append("| " + " | ".join(cells + ["", "", "reference" if ref else
+                                                    "no reference: not compared"]) + " |")
             continue
-        ratio = r["median_s"] / o["median_s"]
-        noise = r["spread"] + o["spread"]
+        ref_spread = max(new_rows[(case, ref)]["spread"], old_rows[(case, ref)]["spread"])
+        if ref_spread > REFERENCE_NOISY:
+            note = f"reference noisy ({100 * ref_spread:.0f}% spread): not tested"
+            lines.append("| " + " | ".join(cells + ["", "", note]) + " |")
+            continue
+        n_new = _normalized(r, new_rows[(case, ref)])
+        n_old = _normalized(o, old_rows[(case, ref)])
+        change = float(np.median(n_new) / np.median(n_old))
+        p_up, p_down = _one_sided_p(n_new, n_old), _one_sided_p(n_old, n_new)
         mark = ""
-        if ratio > 1 + max(REGRESSION, noise):
+        if p_up is not None and change > 1 + REGRESSION and p_up < level:
             mark = "REGRESSION"
             regressions.append(r)
-        elif ratio < 1 - max(REGRESSION, noise):
+        elif p_down is not None and change < 1 - REGRESSION and p_down < level:
             mark = "faster"
-        lines.append(f"| {r['case']} | {r['impl']} | {_fmt_time(o['median_s'])} | "
-                     f"{_fmt_time(r['median_s'])} | {ratio:.2f} | "
-                     f"{100 * o['spread']:.0f}% / {100 * r['spread']:.0f}% | {mark} |")
+        p = p_up if change >= 1 else p_down
+        lines.append("| " + " | ".join(cells + [f"{change:.2f}",
+                                                "n/a" if p is None else f"{p:.1g}",
+                                                mark]) + " |")
+    if drift:
+        lines.append("")
+        lines.append(f"Machine drift (the references' raw new/old): median "
+                     f"{float(np.median(drift)):.2f}, {min(drift):.2f} to {max(drift):.2f}")
     return lines, regressions
 
 

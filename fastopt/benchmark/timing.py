@@ -29,6 +29,10 @@ class Stats:
     spread: float        # (p75 - p25) / median of the samples
     samples: int
     calls: int           # calls per sample
+    #: seconds per call of every sample, in the order taken: sample k of every
+    #: contender of a case comes from the same round (``k // per_round``), which
+    #: lets ``fastopt bench --compare`` pair each with a reference's
+    times: tuple = ()
 
     @classmethod
     def of(cls, samples, calls):
@@ -37,7 +41,7 @@ class Stats:
         q1, q3 = np.percentile(s, [25, 75])
         return cls(best=float(s.min()), median=med,
                    spread=float((q3 - q1) / med) if med > 0 else float("nan"),
-                   samples=len(s), calls=calls)
+                   samples=len(s), calls=calls, times=tuple(float(x) for x in s))
 
 
 def _calibrate(fn, sample_time):
