@@ -9,6 +9,9 @@ Markdown site, without changing the source:
   link (nor a warning under ``mkdocs build --strict``);
 * a paragraph ending in ``::`` ends in ``:`` (the indented block after it is already
   a Markdown code block), and a line that is only ``::`` is dropped;
+* the optimizer classes of ``fastopt.optimizers``, generated at run time from the
+  rule registry (static analysis sees none), are read by importing the module
+  (:class:`GeneratedClasses`; ``fastopt`` imports without its compiled extensions);
 * a class whose docstring is assigned at run time (``__doc__ = "..." + _CONSTANT``,
   as ``fastopt.torch`` does; static analysis sees no docstring) gets that text when
   the expression is made of string literals, ``+`` and module-level string
@@ -77,3 +80,22 @@ class RstRoles(griffe.Extension):
                     obj.docstring = griffe.Docstring(inspect.cleandoc(text), parent=obj)
         if obj.docstring is not None:
             obj.docstring.value = convert(obj.docstring.value)
+
+
+class GeneratedClasses(griffe.Extension):
+    """The classes ``fastopt.optimizers`` generates from the registry (``CLASSES``),
+    inspected at run time and added to the statically loaded module."""
+
+    def on_module_members(self, *, mod, **kwargs):
+        if mod.path != "fastopt.optimizers":
+            return
+        import importlib
+        names = list(importlib.import_module("fastopt.optimizers").CLASSES)
+        inspected = griffe.inspect("fastopt.optimizers", extensions=griffe.load_extensions(
+            RstRoles))
+        for name in names:
+            obj = inspected[name]
+            for member in [m for m in obj.members if m != "__init__"]:
+                obj.del_member(member)           # `rule`: a repr, not documentation
+            obj.parent = mod
+            mod.set_member(name, obj)

@@ -38,11 +38,15 @@ def test_class_signature_matches_registry(name):
     cls = fastopt.CLASSES[name]
     sig = inspect.signature(cls.__init__)
     rule = rules.RULES[name]
+    options = fastopt.optimizers.OPTIONS
     got = {k: p.default for k, p in sig.parameters.items()
-           if k not in ("self", "params", "backend", "sparse_mode", "fused_options")}
+           if k not in ("self", "params", "fused_options", *options)}
     assert got == {k: v for k, v in rule.defaults.items() if k not in fastopt.fused.DEFAULTS}
     assert sig.parameters["fused_options"].kind is inspect.Parameter.VAR_KEYWORD
-    assert sig.parameters["backend"].default == "auto"
+    for k, v in options.items():
+        assert sig.parameters[k].default == v
+        assert sig.parameters[k].kind is inspect.Parameter.KEYWORD_ONLY
+    assert cls.__doc__ == rule.doc and cls.__doc__
 
 
 def test_params_as_dict_and_dict_grads():

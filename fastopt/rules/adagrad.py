@@ -63,6 +63,12 @@ def exact_reason(group):
 
 RULE = Rule(
     name="Adagrad",
+    doc="""Adagrad (torch.optim.Adagrad).
+
+        ``clr = lr / (1 + (t - 1) * lr_decay)``; ``g += weight_decay * p``;
+        ``sum += g^2`` (starting at ``initial_accumulator_value``);
+        ``p -= clr * g / (sqrt(sum) + eps)``.
+        """,
     defaults=DEFAULTS,
     checks=CHECKS,
     slots=("sum",),

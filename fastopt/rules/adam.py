@@ -104,6 +104,13 @@ def _uses(g):
 
 ADAM = Rule(
     name="Adam",
+    doc="""Adam (Kingma & Ba 2015) as torch.optim.Adam: L2 weight decay added to the
+        gradient, eps added after the bias-corrected square root, optional AMSGrad.
+
+        ``m = b1 m + (1 - b1) g``; ``v = b2 v + (1 - b2) g^2``;
+        ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``
+        (``v`` replaced by ``max(vmax, v)`` with amsgrad).
+        """,
     defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                   amsgrad=False, maximize=False),
     checks=CHECKS,
@@ -122,6 +129,9 @@ ADAM = Rule(
 
 ADAMW = Rule(
     name="AdamW",
+    doc="""AdamW (Loshchilov & Hutter 2019) as torch.optim.AdamW: decoupled weight decay
+        ``p *= 1 - lr * weight_decay`` before the Adam update (default 1e-2).
+        """,
     defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                   amsgrad=False, maximize=False),
     checks=CHECKS,

@@ -52,6 +52,9 @@ def reference(param, grad, state, group, step, fresh=()):
 
 RULE = Rule(
     name="Adamax",
+    doc="""Adamax (torch.optim.Adamax): ``u = max(b2 u, |g| + eps)``,
+        ``p -= lr / (1 - b1^t) * m / u``.
+        """,
     defaults=dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False),
     checks=dict(lr=hp.non_negative, betas=hp.betas_half_open, eps=hp.non_negative,
                 weight_decay=hp.non_negative, maximize=hp.boolean),

@@ -25,7 +25,8 @@ configuration (``Rule.flags`` and zero ``Rule.zero_switches``) compiled in as
 constants, so an option flag costs no branch in the element loop.
 """
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from typing import Callable, Dict, NamedTuple, Tuple
 
 from . import fused
@@ -80,8 +81,12 @@ class Rule:
     low_state_reason: Callable = lambda group: None
     #: configurations that together exercise every option (tests and benchmarks use them)
     variants: Tuple[dict, ...] = ({},)
+    #: the optimizer class's docstring: what the rule is (torch's name, paper) and its
+    #: equations, short (the module docstring has the whole derivation)
+    doc: str = field(default="", repr=False)
 
     def __post_init__(self):
+        object.__setattr__(self, "doc", inspect.cleandoc(self.doc))
         # every rule also takes the fused options (fastopt.rules.fused), off by default
         object.__setattr__(self, "defaults", {**self.defaults, **fused.DEFAULTS})
         object.__setattr__(self, "checks", {**self.checks, **fused.CHECKS})

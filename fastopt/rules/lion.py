@@ -55,6 +55,10 @@ def reference(param, grad, state, group, step, fresh=()):
 
 RULE = Rule(
     name="Lion",
+    doc="""Lion (Chen et al. 2023): ``u = b1 m + (1 - b1) g``;
+        ``p = p (1 - lr wd) - lr sign(u)``; ``m = b2 m + (1 - b2) g``.
+        Use a learning rate 3-10x smaller than Adam's (default 1e-4).
+        """,
     defaults=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
     checks=dict(lr=hp.non_negative, betas=hp.betas_closed, weight_decay=hp.non_negative,
                 maximize=hp.boolean),

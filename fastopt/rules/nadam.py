@@ -87,6 +87,11 @@ def reference(param, grad, state, group, step, fresh=()):
 
 RULE = Rule(
     name="NAdam",
+    doc="""NAdam (Dozat 2016) as torch.optim.NAdam, with torch's momentum-decay schedule
+        ``mu_t = b1 (1 - 0.5 * 0.96^(t * momentum_decay))`` and optional decoupled
+        weight decay.  The running product of ``mu`` is kept per parameter
+        (state key ``mu_product``).
+        """,
     defaults=dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                   momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False),
     checks=dict(lr=hp.non_negative, betas=hp.betas_half_open, eps=hp.non_negative,

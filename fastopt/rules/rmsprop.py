@@ -102,6 +102,12 @@ def low_state_reason(group):
 
 RULE = Rule(
     name="RMSprop",
+    doc="""RMSprop (torch.optim.RMSprop), eps added outside the square root.
+
+        ``v = alpha v + (1 - alpha) g^2``; centered: ``a = alpha a + (1 - alpha) g``,
+        ``d = sqrt(v - a^2) + eps``, else ``d = sqrt(v) + eps``; with momentum ``b``:
+        ``buf = b buf + g / d``, ``p -= lr buf``; else ``p -= lr g / d``.
+        """,
     defaults=dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                   centered=False, maximize=False),
     checks=dict(lr=hp.non_negative, alpha=hp.unit_closed, eps=hp.non_negative,

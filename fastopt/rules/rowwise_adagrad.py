@@ -105,6 +105,18 @@ def reference(param, grad, state, group, step, fresh=()):
 
 RULE = Rule(
     name="RowWiseAdagrad",
+    doc="""Row-wise Adagrad: one accumulator per row (first axis) instead of per element,
+        the memory-saving variant large embedding trainers use (FBGEMM's
+        ``rowwise_adagrad``).  Same hyperparameters as :class:`Adagrad`::
+
+            g = -g if maximize;  g += weight_decay * p
+            sum[r] += mean_j(g[r, j]^2)
+            p[r, :] -= clr * g[r, :] / (sqrt(sum[r]) + eps)
+
+        with ``clr = lr / (1 + (t - 1) * lr_decay)``.  State ``sum`` has shape
+        ``(param.shape[0],)``.  For a 1-D parameter every element is a row, which is
+        plain Adagrad.  Every backend, dense and sparse.
+        """,
     defaults=dict(adagrad.DEFAULTS),
     checks=dict(adagrad.CHECKS),
     slots=("sum",),

@@ -103,6 +103,14 @@ def _cross_check(g):
 
 RULE = Rule(
     name="SGD",
+    doc="""Stochastic gradient descent with momentum (torch.optim.SGD).
+
+        ``g = -g`` if maximize; ``g += weight_decay * p``; with momentum ``b``:
+        ``buf = g`` on its first step, then ``buf = b * buf + (1 - dampening) * g``;
+        ``g = g + b * buf`` (nesterov) or ``g = buf``; ``p -= lr * g``.
+        The EMA form ``v = b v + (1 - b) g`` is ``SGD(momentum=b, dampening=b)``.
+        Nesterov needs ``momentum > 0`` and ``dampening == 0``.
+        """,
     defaults=dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                   nesterov=False, maximize=False),
     checks=dict(lr=hp.non_negative, momentum=hp.non_negative, dampening=hp.unit_closed,
