@@ -14,11 +14,12 @@ counters, CUDA streams.
 
 import math
 import numbers
-from itertools import chain
-from operator import attrgetter, itemgetter
+from itertools import chain, repeat
+from operator import attrgetter, is_, itemgetter
 
 import numpy as np
 import torch
+from torch.optim import optimizer as _topt
 
 from .. import optimizers, state_io
 from . import views
@@ -155,6 +156,18 @@ class TorchOptimizer(torch.optim.Optimizer):
         by ``grad_scale``) holds Inf/NaN, nothing changes; ``self.last_step_applied``
         says whether the step was applied.
         """
+        if self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks \
+                or _topt._global_optimizer_pre_hooks or _topt._global_optimizer_post_hooks \
+                or _profiling():
+            # torch's wrapper: hooks and the profiler's label (skipped when unused: it
+            # costs more than a small step)
+            return _HOOKED(self, closure, grad_scale=grad_scale,
+                           skip_nonfinite=skip_nonfinite)
+        return self._fo_step(closure, grad_scale, skip_nonfinite)
+
+    step.hooked = True           # torch's __init__ does not wrap it again
+
+    def _fo_step(self, closure=None, grad_scale=None, skip_nonfinite=False):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -185,7 +198,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             cuda.default_stream().synchronize()
         self.last_step_applied = applied
         if applied:
-            if not all(g is not None for g in grads):
+            if any(map(is_, grads, repeat(None))):
                 tensors = [p for p, g in zip(tensors, grads) if g is not None]
             torch.autograd.graph.increment_version(tensors)
         return loss
@@ -333,6 +346,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._fo_ready()
         self.state = State(saved_state)
         self._fo_import()
+
+
+_HOOKED = torch.optim.Optimizer.profile_hook_step(TorchOptimizer._fo_step)
+_profiling = torch._C._autograd._profiler_enabled
 
 
 def _scalar_value(name, v, i):

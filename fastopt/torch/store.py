@@ -84,6 +84,7 @@ class TensorStore(ArrayStore):
         self.group_keys = group_keys        # ... and the keys it watches
         self.bufs = {}                      # name -> (tensor, numpy view, 0-d views)
         self.seen = None
+        self._nbytes = []
 
     def attach(self, engine):
         super().attach(engine)
@@ -101,9 +102,11 @@ class TensorStore(ArrayStore):
     def gather(self, grads, params, ptrs, col):
         """Every gradient dense and contiguous with its parameter's size (torch's
         ``grad`` setter already matches dtype, shape and device): their addresses."""
+        nb = self._nbytes
+        if len(nb) != len(params):    # (a replaced array keeps its shape and dtype)
+            nb = self._nbytes = list(map(_NBYTES, params))
         try:
-            if list(map(_NBYTES, grads)) != list(map(_NBYTES, params)) \
-                    or not all(map(_CONTIG, grads)):
+            if list(map(_NBYTES, grads)) != nb or not all(map(_CONTIG, grads)):
                 return 0
             ptrs[:, col] = np.fromiter(map(_PTR, grads), np.int64, len(grads))
         except (AttributeError, TypeError, RuntimeError):

@@ -1,0 +1,143 @@
+"""fastopt.torch over the engine: its step time against the core optimizer on the same
+tensors, torch's fused AdamW and (``--before PATH``) the fastopt.torch of another
+source tree, run in a child process, all in the same interleaved rounds.
+
+Cases (float32, gradients set once, plans cached)::
+
+    dense   300 x nn.Linear(256, 256) (600 tensors, 19.7M parameters), AdamW
+    small   10 tensors of 100 elements, Adam
+
+Each round times every contender ``--reps`` steps in turn (the order rotates from
+round to round); reported: median and best per-step time over the rounds and the
+spread (10th-90th percentile).  ``python bench/torch_engine.py [--before PATH]``;
+nothing here asserts a time.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+_CHILD = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import torch, fastopt.torch as ft
+case, reps = sys.argv[2], int(sys.argv[3])
+sys.path.insert(0, sys.argv[4])
+from torch_engine import make_params
+ps = make_params(case)
+opt = (ft.AdamW if case == "dense" else ft.Adam)(ps, lr=1e-3)
+for _ in range(20):
+    opt.step()
+print("ready", flush=True)
+for line in sys.stdin:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        opt.step()
+    print((time.perf_counter() - t0) / reps, flush=True)
+"""
+
+
+def make_params(case):
+    import torch
+    torch.manual_seed(0)
+    if case == "dense":
+        ps = [p for _ in range(300) for p in torch.nn.Linear(256, 256).parameters()]
+    else:
+        ps = [torch.nn.Parameter(torch.randn(100)) for _ in range(10)]
+    for p in ps:
+        p.grad = torch.randn_like(p) * 1e-3
+    return ps
+
+
+def contenders(case, reps, before):
+    import torch
+    import fastopt
+    import fastopt.torch as ft
+    out = {}
+    name = "AdamW" if case == "dense" else "Adam"
+    ps = make_params(case)
+    opt = getattr(ft, name)(ps, lr=1e-3)
+    out["fastopt.torch (after)"] = opt.step
+    qs = make_params(case)
+    arrays = [q.detach().numpy() for q in qs]
+    grads = [q.grad.numpy() for q in qs]
+    core = fastopt.CLASSES[name](arrays, lr=1e-3)
+    out["core fastopt (same tensors)"] = lambda: core.step(grads)
+    rs = make_params(case)
+    fused = getattr(torch.optim, name)(rs, lr=1e-3, fused=True)
+    out["torch.optim fused"] = fused.step
+    if before:
+        out["fastopt.torch (before)"] = _Child(before, case, reps)
+    return out
+
+
+class _Child:
+    def __init__(self, path, case, reps):
+        import os
+        here = os.path.dirname(os.path.abspath(__file__))
+        self.proc = subprocess.Popen([sys.executable, "-c", _CHILD, path, case, str(reps), here],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def round(self):
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+
+def run(case, rounds, reps, before):
+    cs = contenders(case, reps, before)
+    for c in cs.values():
+        if not isinstance(c, _Child):
+            for _ in range(20):
+                c()
+    names = list(cs)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            c = cs[n]
+            if isinstance(c, _Child):
+                times[n].append(c.round())
+            else:
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    c()
+                times[n].append((time.perf_counter() - t0) / reps)
+    return times
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--before", help="another source tree (its fastopt.torch)")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--json")
+    ap.add_argument("--cases", default="dense,small")
+    args = ap.parse_args(argv)
+    import torch
+    result = {}
+    for case in args.cases.split(","):
+        reps = 5 if case == "dense" else 2000
+        times = run(case, args.rounds, reps, args.before)
+        unit, scale = ("ms", 1e3) if case == "dense" else ("us", 1e6)
+        print(f"\n{case} ({args.rounds} rounds x {reps} steps; torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads)")
+        ref = np.median(times["fastopt.torch (after)"])
+        for n, t in times.items():
+            t = np.array(t)
+            p10, p90 = np.percentile(t, [10, 90])
+            print(f"  {n:30s} median {np.median(t) * scale:9.2f} {unit}  best "
+                  f"{t.min() * scale:9.2f}  p10-p90 {p10 * scale:.2f}-{p90 * scale:.2f}  "
+                  f"median/after {np.median(t) / ref:.2f}")
+        result[case] = {n: list(t) for n, t in times.items()}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
