@@ -6,6 +6,8 @@ Cases (float32, gradients set once, plans cached)::
 
     dense   300 x nn.Linear(256, 256) (600 tensors, 19.7M parameters), AdamW
     small   10 tensors of 100 elements, Adam
+    sparse  nn.Embedding(100_000, 64, sparse=True), one batch of 16,384 Zipf(1.2)
+            ids (its sparse gradient set once), Adam (lazy); torch: SparseAdam
 
 Each round times every contender ``--reps`` steps in turn (the order rotates from
 round to round); reported: median and best per-step time over the rounds and the
@@ -46,6 +48,12 @@ def make_params(case):
     torch.manual_seed(0)
     if case == "dense":
         ps = [p for _ in range(300) for p in torch.nn.Linear(256, 256).parameters()]
+    elif case == "sparse":
+        emb = torch.nn.Embedding(100_000, 64, sparse=True)
+        rng = np.random.default_rng(0)
+        ids = torch.from_numpy(np.minimum(rng.zipf(1.2, 16384) - 1, 99_999))
+        emb(ids).sum().backward()
+        return [emb.weight]
     else:
         ps = [torch.nn.Parameter(torch.randn(100)) for _ in range(10)]
     for p in ps:
@@ -64,12 +72,18 @@ def contenders(case, reps, before):
     out["fastopt.torch (after)"] = opt.step
     qs = make_params(case)
     arrays = [q.detach().numpy() for q in qs]
-    grads = [q.grad.numpy() for q in qs]
+    if case == "sparse":
+        g = qs[0].grad
+        grads = [fastopt.RowSparse(g._indices()[0].numpy(), g._values().numpy())]
+    else:
+        grads = [q.grad.numpy() for q in qs]
     core = fastopt.CLASSES[name](arrays, lr=1e-3)
     out["core fastopt (same tensors)"] = lambda: core.step(grads)
     rs = make_params(case)
-    fused = getattr(torch.optim, name)(rs, lr=1e-3, fused=True)
-    out["torch.optim fused"] = fused.step
+    if case == "sparse":
+        out["torch.optim.SparseAdam"] = torch.optim.SparseAdam(rs, lr=1e-3).step
+    else:
+        out["torch.optim fused"] = getattr(torch.optim, name)(rs, lr=1e-3, fused=True).step
     if before:
         out["fastopt.torch (before)"] = _Child(before, case, reps)
     return out
@@ -116,14 +130,14 @@ def main(argv=None):
     ap.add_argument("--before", help="another source tree (its fastopt.torch)")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--json")
-    ap.add_argument("--cases", default="dense,small")
+    ap.add_argument("--cases", default="dense,small,sparse")
     args = ap.parse_args(argv)
     import torch
     result = {}
     for case in args.cases.split(","):
-        reps = 5 if case == "dense" else 2000
+        reps = {"dense": 5, "sparse": 20}.get(case, 2000)
         times = run(case, args.rounds, reps, args.before)
-        unit, scale = ("ms", 1e3) if case == "dense" else ("us", 1e6)
+        unit, scale = ("us", 1e6) if case == "small" else ("ms", 1e3)
         print(f"\n{case} ({args.rounds} rounds x {reps} steps; torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads)")
         ref = np.median(times["fastopt.torch (after)"])

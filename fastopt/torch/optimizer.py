@@ -302,6 +302,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         """A user replaced state (``opt.state[p] = ...``, ``opt.state.clear()``, a
         tensor in ``opt.state[p]``): load torch's state into the engine, checked."""
         engine = self._fo_engine
+        self.flush()       # exact mode: pending rows caught up with the state they lag
         objs = engine.param_objects
         index = {id(p): i for i, p in enumerate(objs)}
         steps = engine.state
