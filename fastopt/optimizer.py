@@ -14,7 +14,8 @@ nothing:
    backend over the planned work, then advance step counts and host scalars.
 
 Nothing in phase 1 writes to a parameter or to the state; nothing in phase 2 can
-fail on user input.  One optimizer is stepped by one thread at a time: concurrent
+fail on user input.  A facade whose users hold other objects than arrays (torch
+tensors) passes a state store (:mod:`fastopt.state_store`) that translates them.  One optimizer is stepped by one thread at a time: concurrent
 calls of ``step``/``flush``/``load_state_dict`` are serialized by a lock.
 """
 
