@@ -709,17 +709,23 @@ class Optimizer:
             self._flush_all()
             return state_io.state_dict(self)
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict, *, keep_pending=False):
         """Load a :meth:`state_dict`.  Everything is checked before anything changes:
         optimizer name, version, group structure, hyperparameters, parameter names
         (state is matched by name when both sides have names), state names (every
         slot the configuration uses and every host scalar must be present), shapes
         and dtypes (state arrays must have the parameter's dtype: no downcast), step
-        counts and host scalars.
+        counts and host scalars.  With ``keep_pending`` (a facade loading the state
+        its user edited in place), exact mode's pending rows of the parameters that
+        keep a state stay pending (their state arrays still lag by those rows).
         """
         with self._lock:
             state_io.load_state_dict(self, state_dict)
-            self._exact.clear()
+            if keep_pending:
+                for i in [i for i in self._exact.rows if not self._state[i]]:
+                    del self._exact.rows[i]
+            else:
+                self._exact.clear()
             self._groups.invalidate()
             self._plan = None
             self._plan_version += 1

@@ -263,3 +263,42 @@ def test_deepcopy_keeps_low_precision_state():
         o.step()
     for p, q in zip(ps, qs):
         assert torch.equal(p.view(torch.int16), q.view(torch.int16))
+
+
+def test_step_hooks_global_hooks_and_profiler_label():
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ft.Adam([p], lr=0.1)
+    seen = []
+    h = register_optimizer_step_post_hook(lambda o, a, k: seen.append(k))
+    p.grad = torch.ones(3)
+    opt.step(grad_scale=2.0)
+    h.remove()
+    p.grad = torch.ones(3)
+    opt.step()
+    assert seen == [{"grad_scale": 2.0, "skip_nonfinite": False}]
+    with torch.profiler.profile() as prof:
+        p.grad = torch.ones(3)
+        opt.step()
+    assert any(e.name == "Optimizer.step#Adam.step" for e in prof.events())
+    assert opt.state[p]["step"].item() == 3
+
+
+def test_exact_mode_state_edit_keeps_pending_rows():
+    """A user's replacement of a state tensor in exact sparse mode (a copy of the
+    lagging state): its rows stay pending, caught up later as if nothing happened."""
+    def run(edit):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(20, 3, sparse=True)
+        opt = ft.SGD(emb.parameters(), lr=0.1, momentum=0.9, sparse_mode="exact")
+        g = torch.Generator().manual_seed(1)
+        for t in range(8):
+            opt.zero_grad()
+            emb(torch.randint(0, 20, (4,), generator=g)).sum().backward()
+            if edit and t == 4:
+                st = opt.state[emb.weight]
+                st["momentum_buffer"] = st["momentum_buffer"].clone()
+            opt.step()
+        opt.flush()
+        return emb.weight.detach().clone()
+    assert torch.equal(run(True), run(False))

@@ -302,7 +302,6 @@ class TorchOptimizer(torch.optim.Optimizer):
         """A user replaced state (``opt.state[p] = ...``, ``opt.state.clear()``, a
         tensor in ``opt.state[p]``): load torch's state into the engine, checked."""
         engine = self._fo_engine
-        self.flush()       # exact mode: pending rows caught up with the state they lag
         objs = engine.param_objects
         index = {id(p): i for i, p in enumerate(objs)}
         steps = engine.state
@@ -313,10 +312,12 @@ class TorchOptimizer(torch.optim.Optimizer):
             i = index.get(id(p)) if isinstance(p, torch.Tensor) else None
             if i is not None and st:
                 state[i] = self._fo_state_in(i, p, st, steps=steps)
+        # exact mode: the edited state lags by the rows it lagged by (a parameter whose
+        # state was removed starts afresh)
         self._fo_load(state, [{k: v for k, v in g.items() if k != "params"}
-                              for g in self.param_groups])
+                              for g in self.param_groups], keep_pending=True)
 
-    def _fo_load(self, state, groups):
+    def _fo_load(self, state, groups, keep_pending=False):
         engine = self._fo_engine
         sizes = [len(g["params"]) for g in self.param_groups]
         starts = np.cumsum([0] + sizes)
@@ -325,7 +326,7 @@ class TorchOptimizer(torch.optim.Optimizer):
               "param_groups": [{**g, "params": list(range(starts[k], starts[k + 1]))}
                                for k, g in enumerate(groups)]}
         try:
-            engine.load_state_dict(sd)
+            engine.load_state_dict(sd, keep_pending=keep_pending)
         finally:
             self._fo_store.mark()
 
