@@ -905,6 +905,23 @@ SIM_SCRIPT = textwrap.dedent("""
     assert oa.backend.name == "cuda"
     for x, y in zip(a, b):
         assert torch.equal(x, y), (x - y).abs().max()
+    # the storage formats through the CUDA backend: bfloat16 tensors, 8/16-bit state
+    def low(backend, dtype=torch.float32, **kw):
+        torch.manual_seed(0)
+        ps = list(torch.nn.Linear(16, 40).to(dtype).parameters())
+        opt = ft.AdamW(ps, lr=1e-2, backend=backend, **kw)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).to(dtype)
+            opt.step(grad_scale=2.0)
+        opt.state_dict()
+        return [p.detach().clone().view(torch.int16) if dtype == torch.bfloat16 else
+                p.detach().clone() for p in ps]
+    for kw in (dict(state_bits=8), dict(dtype=torch.bfloat16, bf16_update="stochastic", seed=3),
+               dict(dtype=torch.bfloat16, state_bits=16)):
+        for x, y in zip(low("cuda", **kw), low("numba", **kw)):
+            assert torch.equal(x, y), kw
     print("sim ok")
 """)
 
