@@ -11,7 +11,10 @@ Cases (float32, gradients set once, plans cached)::
 
 Each round times every contender ``--reps`` steps in turn (the order rotates from
 round to round); reported: median and best per-step time over the rounds and the
-spread (10th-90th percentile).  ``python bench/torch_engine.py [--before PATH]``;
+spread (10th-90th percentile).  ``--paired N``: besides, N pairs of one
+fastopt.torch step and one core step on the same sizes (order alternating), and the
+median and 10th-90th percentiles of the per-pair ratio: the facade's overhead,
+robust to a shared machine's slow phases.  ``python bench/torch_engine.py [--before PATH]``;
 nothing here asserts a time.
 """
 
@@ -125,16 +128,44 @@ def run(case, rounds, reps, before):
     return times
 
 
+def paired(case, n):
+    """Per-pair ratio of a fastopt.torch step to a core step (same sizes)."""
+    cs = contenders(case, 1, None)
+    a, b = cs["fastopt.torch (after)"], cs["core fastopt (same tensors)"]
+    for _ in range(20):
+        a()
+        b()
+    ratios = []
+    for k in range(n):
+        first, second = (a, b) if k % 2 == 0 else (b, a)
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        t2 = time.perf_counter()
+        ta, tb = (t1 - t0, t2 - t1) if k % 2 == 0 else (t2 - t1, t1 - t0)
+        ratios.append(ta / tb)
+    return np.array(ratios)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--before", help="another source tree (its fastopt.torch)")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--json")
     ap.add_argument("--cases", default="dense,small,sparse")
+    ap.add_argument("--paired", type=int, default=0)
     args = ap.parse_args(argv)
     import torch
     result = {}
-    for case in args.cases.split(","):
+    if args.paired:
+        for case in args.cases.split(","):
+            r = paired(case, args.paired)
+            p10, p90 = np.percentile(r, [10, 90])
+            print(f"{case}: fastopt.torch / core per pair, {args.paired} pairs: median "
+                  f"{np.median(r):.3f}, p10-p90 {p10:.3f}-{p90:.3f}")
+            result[f"{case}-paired"] = list(r)
+    for case in args.cases.split(",") if args.rounds else ():
         reps = {"dense": 5, "sparse": 20}.get(case, 2000)
         times = run(case, args.rounds, reps, args.before)
         unit, scale = ("us", 1e6) if case == "small" else ("ms", 1e3)
