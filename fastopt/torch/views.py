@@ -42,7 +42,7 @@ def host_array(t):
     return t.numpy()
 
 
-def array(t, backend, where, kind="parameter"):
+def array(t, backend, where):
     """The array through which ``backend`` updates tensor ``t`` in place (checked:
     a dense, contiguous float32/float64/bfloat16 tensor on the backend's device)."""
     if not isinstance(t, torch.Tensor):
@@ -50,7 +50,7 @@ def array(t, backend, where, kind="parameter"):
                         f"{torch.typename(t)}")
     if t.layout is not STRIDED:
         raise TypeError(f"{where}: a {t.layout} tensor; fastopt updates dense (strided) tensors")
-    if kind == "parameter" and t.dtype not in FLOATS:
+    if t.dtype not in FLOATS:
         raise TypeError(f"{where}: dtype {t.dtype} is not supported (float32, float64 or "
                         "bfloat16; float16's 5-bit exponent under- and overflows updates)")
     if not t.is_contiguous():
@@ -65,8 +65,7 @@ def array(t, backend, where, kind="parameter"):
     if t.device.type != "cpu":
         raise TypeError(f"{where}: a {t.device} tensor needs backend='cuda' (or 'auto'); "
                         f"backend {backend.name!r} runs on the CPU")
-    a = host_array(t)
-    return backend.as_param(a, where) if kind == "parameter" else a
+    return backend.as_param(host_array(t), where)
 
 
 def device_array(t, backend, where):
