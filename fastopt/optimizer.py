@@ -14,7 +14,8 @@ nothing:
    backend over the planned work, then advance step counts and host scalars.
 
 Nothing in phase 1 writes to a parameter or to the state; nothing in phase 2 can
-fail on user input.  One optimizer is stepped by one thread at a time: concurrent
+fail on user input.  A facade whose users hold other objects than arrays (torch
+tensors) passes a state store (:mod:`fastopt.state_store`) that translates them.  One optimizer is stepped by one thread at a time: concurrent
 calls of ``step``/``flush``/``load_state_dict`` are serialized by a lock.
 """
 
@@ -25,8 +26,8 @@ import numpy as np
 from . import backends, planner, state_io, storage
 from .exact_mode import ExactTracker
 from .param_groups import ParamGroups
+from .state_store import ArrayStore
 from .rules import fused
-from .backends.base import gather_grads
 from .sparse import checked_rows, is_sparse
 
 STATE_DICT_VERSION = state_io.STATE_DICT_VERSION
@@ -51,7 +52,7 @@ class Optimizer:
     rule = None  # set by subclasses
 
     def __init__(self, params, backend="auto", sparse_mode="lazy", state_bits=None,
-                 bf16_update=None, seed=0, **hyper):
+                 bf16_update=None, seed=0, store=None, **hyper):
         rule = self.rule
         if sparse_mode not in ("lazy", "exact"):
             raise ValueError(f"Invalid sparse_mode: {sparse_mode!r} (use 'lazy' or 'exact')")
@@ -67,8 +68,14 @@ class Optimizer:
         self.backend = backends.resolve(backend, sample=_first_array(params))
         self._check_backend(self.defaults)
         self._require_state_bits(self.state_bits)
+        #: how the engine sees the facade's objects (:mod:`fastopt.state_store`)
+        self._store = store if store is not None else ArrayStore()
+        self._store.attach(self)
         self._groups = ParamGroups(rule, self.backend, self.defaults, self._check_group,
-                                   self._group_storage, storage.OPTIONS)
+                                   self._group_storage, storage.OPTIONS,
+                                   view=self._store.param, keep_objects=self._store.converts,
+                                   check_raw=getattr(self._store, "check_group", None),
+                                   watched=getattr(self._store, "group_keys", ()))
         self._names = None
         if isinstance(params, dict):
             if not params:
@@ -81,7 +88,7 @@ class Optimizer:
                 raise ValueError(f"{rule.name}: got an empty parameter list")
             groups = params if isinstance(params[0], dict) else [{"params": params}]
         self._state = []
-        self._steps = np.zeros(0, dtype=np.int64)
+        self._steps = self._store.counts(np.zeros(0, dtype=np.int64), 0)
         for g in groups:
             self.add_param_group(g)
         if bf16_update is not None and not any(s.param == "bfloat16" for s in self._storage):
@@ -106,6 +113,36 @@ class Optimizer:
     def _params(self):
         return self._groups.params
 
+    @property
+    def param_objects(self):
+        """The flat list of the parameters as the user gave them (the arrays, or a
+        facade's objects such as torch tensors)."""
+        return self._groups.objects
+
+    def refresh_params(self):
+        """The memory behind some parameter objects moved (a facade's objects, such as
+        torch's ``p.data = ...``): view them again and re-plan.  Raises, changing
+        nothing, when a new array does not match its parameter's shape and dtype."""
+        with self._lock:
+            if self._groups.refresh():
+                self.invalidate()
+
+    def invalidate(self):
+        """Forget the cached plan: the next step re-validates the groups and re-plans
+        (the result is the same, bit for bit)."""
+        self._groups.invalidate()
+        self._plan = None
+        self._plan_version += 1
+        self._fast = None
+
+    def allocate_state(self, indices=None):
+        """Create now the state that the parameters ``indices`` (default: all) would
+        get on their first step (torch's Adagrad has its state from construction)."""
+        with self._lock:
+            specs, owner = self._groups.validated()
+            active = range(len(self._params)) if indices is None else indices
+            self._allocate_state(list(active), specs, owner)
+
     def add_param_group(self, group):
         """Add a group dict ``{"params": [...], **hyperparameters}`` (as in torch).
 
@@ -124,7 +161,7 @@ class Optimizer:
         self._storage.extend(storage.storage_for(self.rule, self._params[i], g["state_bits"],
                                                  g["bf16_update"]) for i in added)
         self._seeds.extend(g["seed"] for _ in added)
-        self._steps = np.concatenate([self._steps, np.zeros(len(added), np.int64)])
+        self._steps = self._store.counts(self._steps, len(self._params))
         self._plan_version = getattr(self, "_plan_version", 0) + 1
 
     def _named_group(self, group):
@@ -243,6 +280,8 @@ class Optimizer:
         grads = self._align_grads(grads)
         specs, owner = self._groups.validated()
         params = self._params
+        if self._store.converts:
+            grads = self._store.grads(grads, params)
         bk = self.backend
         n = len(grads)
         dense_i, sparse_i = [], []
@@ -308,7 +347,7 @@ class Optimizer:
         params = self._params
         if len(grads) != len(params) or not self._groups._unchanged():
             return False
-        if gather_grads(grads, params, fast.gptr, 0) >= 0:
+        if self._store.gather(grads, params, fast.gptr, 0) >= 0:
             return False                          # None, sparse, or needs converting
         gptr = fast.gptr[:, 0]
         alias = self._alias
@@ -320,6 +359,8 @@ class Optimizer:
         plan = self._plan
         if plan is None or self._exact or plan[0] != (None, self._plan_version,
                                                       self._groups.spec_version):
+            if self._store.converts:
+                return False      # the full path converts the facade's gradients
             self._step_dense(fast.all, grads, gptr, specs, owner, None, True)
             return True
         if fast.plan is not plan:
@@ -328,6 +369,8 @@ class Optimizer:
                 b.fmt is None and not b.config.switches[0] and list(b.pos) == fast.all
                 for b in plan[1])
         if not fast.lean:
+            if self._store.converts:
+                return False
             self._step_dense(fast.all, grads, gptr, specs, owner, None, True)
             return True
         # the cached plan, launched as _step_dense would: one scalar row per group of
@@ -351,6 +394,7 @@ class Optimizer:
             for members, host2 in new_host:
                 for i in members:
                     self._state[i].update(host2)
+                self._store.host(members, host2)
         return True
 
     def _check_sparse(self, grads, sparse_i):
@@ -492,6 +536,7 @@ class Optimizer:
         for members, host2 in new_host:
             for i in members:
                 self._state[i].update(host2)
+            self._store.host(members, host2)
         if self._exact:
             for i in active:
                 self._exact.mark_all(i, int(self._steps[i]), specs[owner[i]])
@@ -537,6 +582,8 @@ class Optimizer:
                 self._exact.mark_all(i, step)
             self._steps[i] += 1
             st.update(host2)
+            if host2:
+                self._store.host([i], host2)
 
     # ------------------------------------------------------------ exact mode
     def _skipped_scalars(self, group, t_end):
@@ -613,9 +660,11 @@ class Optimizer:
         """Create the state a parameter's group needs; returns {i: fresh slot names}."""
         fresh = {}
         rule = self.rule
+        published = []
         for i in active:
             st = self._state[i]
             spec = specs[owner[i]]
+            size = len(st)
             for k, v in rule.host_init(spec.group).items():
                 st.setdefault(k, v)
             stg = self._storage[i]
@@ -632,6 +681,10 @@ class Optimizer:
             if stg.aux is not None and stg.aux not in st:
                 st.update(storage.initial_arrays(rule, stg, spec.group, p.shape, p.dtype, [],
                                                  self.backend.full))
+            if len(st) != size:
+                published.append(i)
+        for i in published:
+            self._store.published(i, self._state[i])
         if fresh:
             self._plan_version += 1
         return {i: tuple(sorted(v)) for i, v in fresh.items()}
@@ -656,17 +709,23 @@ class Optimizer:
             self._flush_all()
             return state_io.state_dict(self)
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict, *, keep_pending=False):
         """Load a :meth:`state_dict`.  Everything is checked before anything changes:
         optimizer name, version, group structure, hyperparameters, parameter names
         (state is matched by name when both sides have names), state names (every
         slot the configuration uses and every host scalar must be present), shapes
         and dtypes (state arrays must have the parameter's dtype: no downcast), step
-        counts and host scalars.
+        counts and host scalars.  With ``keep_pending`` (a facade loading the state
+        its user edited in place), exact mode's pending rows of the parameters that
+        keep a state stay pending (their state arrays still lag by those rows).
         """
         with self._lock:
             state_io.load_state_dict(self, state_dict)
-            self._exact.clear()
+            if keep_pending:
+                for i in [i for i in self._exact.rows if not self._state[i]]:
+                    del self._exact.rows[i]
+            else:
+                self._exact.clear()
             self._groups.invalidate()
             self._plan = None
             self._plan_version += 1
@@ -687,8 +746,9 @@ class Optimizer:
             for p, saved in zip(self._params, params):
                 p[...] = saved
             self._state = state
-            self._steps = steps
+            self._steps = self._store.counts(steps, len(steps))
             self._exact.rows = exact
+            self._store.replaced(self._state)
             for g, h in zip(self.param_groups, groups):
                 ps = g["params"]
                 g.clear()

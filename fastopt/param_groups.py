@@ -69,11 +69,20 @@ class ParamGroups:
     """The groups, the flat parameter list and the validated view of both."""
 
     def __init__(self, rule, backend, defaults, check_extra=lambda group: None,
-                 fixed_of=lambda group, arrays: {}, fixed_keys=()):
+                 fixed_of=lambda group, arrays: {}, fixed_keys=(), view=None,
+                 keep_objects=False, check_raw=None, watched=()):
         self.rule = rule
         self.fixed_keys = tuple(fixed_keys)
-        self._keys = tuple(rule.checks) + self.fixed_keys
+        self._keys = tuple(rule.checks) + self.fixed_keys + tuple(
+            k for k in watched if k not in rule.checks)
         self.backend = backend
+        #: the array of a user's parameter object (a store's ``param``)
+        self.view = view or backend.as_param
+        #: the groups keep the users' objects (tensors), ``params`` their arrays
+        self.keep_objects = keep_objects
+        #: a facade's check of a whole group dict (its own keys), before the rule's
+        self.check_raw = check_raw
+        self.objects = []                  # flat list of the users' parameter objects
         self.defaults = defaults
         self.check_extra = check_extra     # e.g. exact-mode compatibility
         #: validates a new group's fixed entries (the storage options), returns them
@@ -99,8 +108,9 @@ class ParamGroups:
         if not isinstance(arrays, (list, tuple)):
             arrays = [arrays]
         start = len(self.params)
-        checked = [self.backend.as_param(a, f"parameter {start + k}")
-                   for k, a in enumerate(arrays)]
+        if self.check_raw is not None:
+            self.check_raw(group, f"param group {len(self.groups)}")
+        checked = [self.view(a, f"parameter {start + k}") for k, a in enumerate(arrays)]
         refuse_overlaps(self.params + checked, self.backend)
         fixed = self.fixed_of(group, checked)
         check_params(checked)
@@ -111,10 +121,12 @@ class ParamGroups:
         self.check_extra({**hyper, **fixed})
         extras = {k: v for k, v in group.items()
                   if k not in hyper and k not in fixed and k != "params"}
+        shown = list(arrays) if self.keep_objects else checked
         self.groups.append(Group({**extras, **hyper, **fixed,
-                                  "params": GroupParams(checked)}))
+                                  "params": GroupParams(shown)}))
         self.fixed.append(dict(fixed))
         self.params.extend(checked)
+        self.objects.extend(shown)
         self.version += 1
         self._snapshot = None
         return list(range(start, len(self.params)))
@@ -172,6 +184,9 @@ class ParamGroups:
         if self._unchanged():
             return self._cache
         self._check_fixed()
+        if self.check_raw is not None:
+            for gi, g in enumerate(self.groups):
+                self.check_raw(g, f"param group {gi}")
         checked = [self.rule.check_group(g) for g in self.groups]
         for h, fixed in zip(checked, self.fixed):
             self.check_extra({**h, **fixed})
@@ -181,7 +196,7 @@ class ParamGroups:
         for gi, g in enumerate(self.groups):
             owner.extend([gi] * len(g["params"]))
         if new_params is not None:
-            self.params[:] = new_params
+            self.params[:], self.objects[:] = new_params
             self.version += 1
         # write the normalized values back (a list of betas becomes the checked tuple)
         for g, h in zip(self.groups, checked):
@@ -208,33 +223,51 @@ class ParamGroups:
                         f"that format); put parameters that need another {k} in a group of "
                         f"their own (add_param_group) or a new optimizer")
 
-    def _checked_params(self):
-        """The flat list after user edits of ``params`` lists, or None if unchanged."""
+    def _checked_params(self, moved=False):
+        """``(arrays, objects)`` after user edits of ``params`` lists (or, with
+        ``moved``, of the memory behind the objects), or None if unchanged."""
         flat = [p for g in self.groups for p in g["params"]]
         if len(flat) != len(self.params):
             raise RuntimeError("param_groups' 'params' lists must not change length; "
                                "use add_param_group")
-        if all(a is b for a, b in zip(flat, self.params)):
+        if not moved and all(a is b for a, b in zip(flat, self.objects)):
             return None
         out = []
-        for i, (new, old) in enumerate(zip(flat, self.params)):
-            if new is old:
+        for i, (new, obj, old) in enumerate(zip(flat, self.objects, self.params)):
+            if new is obj and not moved:
                 out.append(old)
                 continue
-            p = self.backend.as_param(new, f"parameter {i}")
+            p = self.view(new, f"parameter {i}")
+            if p is old:
+                out.append(old)
+                continue
             if p.shape != old.shape or p.dtype != old.dtype:
                 raise ValueError(f"parameter {i} was replaced by an array of shape {p.shape} "
                                  f"and dtype {p.dtype}; its state is for shape {old.shape} "
                                  f"and dtype {old.dtype}")
             out.append(p)
         refuse_overlaps(out, self.backend)
+        if self.keep_objects:
+            return out, flat
         # the groups hold the checked views
         k = 0
         for g in self.groups:
             n = len(g["params"])
             g["params"][:] = out[k:k + n]
             k += n
-        return out
+        return out, list(out)
+
+    def refresh(self):
+        """Re-view every parameter object (a facade saw the memory behind one move:
+        torch's ``p.data = ...``); True when an array changed.  Raises, changing
+        nothing, when a new array does not match its state (shape, dtype)."""
+        new = self._checked_params(moved=True)
+        if new is None or all(a is b for a, b in zip(new[0], self.params)):
+            return False
+        self.params[:], self.objects[:] = new
+        self.version += 1
+        self._snapshot = None
+        return True
 
     def invalidate(self):
         self._snapshot = None

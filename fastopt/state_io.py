@@ -258,4 +258,5 @@ def load_state_dict(opt, sd):
         g.clear()
         g.update({**hyper, "params": params})
     opt._state = new_state
-    opt._steps = new_steps
+    opt._steps = opt._store.counts(new_steps, len(new_steps))
+    opt._store.replaced(new_state)
