@@ -20,6 +20,7 @@ calls of ``step``/``flush``/``load_state_dict`` are serialized by a lock.
 """
 
 import threading
+from struct import pack_into
 
 import numpy as np
 
@@ -36,7 +37,7 @@ STATE_DICT_VERSION = state_io.STATE_DICT_VERSION
 class _FastPath:
     """Buffers of :meth:`Optimizer._step_fast` (for ``n`` parameters)."""
 
-    __slots__ = ("gptr", "all", "everyone", "plan", "lean")
+    __slots__ = ("gptr", "all", "everyone", "plan", "lean", "launch")
 
     def __init__(self, n):
         self.gptr = np.empty((n, 1), dtype=np.int64)
@@ -44,6 +45,7 @@ class _FastPath:
         self.everyone = tuple(self.all)
         self.plan = None         # the cached dense plan last seen, and whether it can be
         self.lean = False        # launched directly (native formats, no grad_scale)
+        self.launch = None       # its launch handle (:meth:`Optimizer._launch_handle`)
 
 
 class Optimizer:
@@ -368,34 +370,60 @@ class Optimizer:
             fast.lean = not getattr(self.backend, "wants_reference_args", False) and all(
                 b.fmt is None and not b.config.switches[0] and list(b.pos) == fast.all
                 for b in plan[1])
+            fast.launch = self._launch_handle(plan, specs, owner) if fast.lean else None
         if not fast.lean:
             if self._store.converts:
                 return False
             self._step_dense(fast.all, grads, gptr, specs, owner, None, True)
             return True
         # the cached plan, launched as _step_dense would: one scalar row per group of
-        # tensors sharing it, the gradient addresses, one native call per bucket
+        # tensors sharing it (the rule's host scalars packed after the group's fixed
+        # fused fields, straight into the bucket's table), the gradient addresses,
+        # one native call per bucket
         new_host = None
         run = self.backend.run_dense
-        for b in plan[1]:
+        host_scalars, own_values = self.rule.host_scalars, self.rule._own_values
+        steps = self._steps
+        states = self._state
+        for b, rows in fast.launch:
             hyper = b.hyper
-            for r, members in enumerate(b.row_members):
-                i = members[0]
-                row, host2 = self._row(i, specs[owner[i]], (), None)
-                hyper[r, :len(row)] = row
+            for fmt, offset, members, i, group, fused_row, host_keys in rows:
+                st = states[i]
+                own, host2 = host_scalars(group, int(steps[i]) + 1,
+                                          {k: st[k] for k in host_keys}, ())
+                pack_into(fmt, hyper, offset, *fused_row, *own_values(own))
                 if host2:
                     new_host = (new_host or []) + [(members, host2)]
             b.ptrs[:, 1] = gptr
             b.grads = grads
             b.grad_scale = None
             run(b)
-        self._steps += 1
+        steps += 1
         if new_host:
             for members, host2 in new_host:
                 for i in members:
                     self._state[i].update(host2)
                 self._store.host(members, host2)
         return True
+
+    def _launch_handle(self, plan, specs, owner):
+        """How :meth:`_step_fast` launches a lean cached plan: per bucket, per scalar
+        row, the ``struct`` format and byte offset of the row in the bucket's table,
+        its members, the parameter whose step count and host scalars it takes, the
+        group, the group's fused fields (fixed while the group is unchanged) and the
+        host-scalar keys."""
+        out = []
+        for b in plan[1]:
+            width = b.hyper.shape[1] * b.hyper.itemsize
+            rows = []
+            for r, members in enumerate(b.row_members):
+                i = members[0]
+                spec = specs[owner[i]]
+                n = len(spec.fused_row) + self.rule.nscalars - len(fused.FIELDS)
+                rows.append((f"={n}d", r * width, members, i, spec.group, spec.fused_row,
+                             self._host_keys))
+            out.append((b, rows))
+        return out
 
     def _check_sparse(self, grads, sparse_i):
         """Validate the row-sparse gradients; returns [(i, idx, vals)].  An empty one
