@@ -54,12 +54,14 @@ Determinism
 MPI does not promise a reduction order for ``Reduce_scatter``/``Allreduce`` (MPICH
 picks algorithms by message size and world size), so the sum is done here: each rank
 receives the pieces of its range from every rank (``Alltoallv``) and adds them **in
-rank order, in float64**, then divides by ``N`` and rounds once to the parameter's
-dtype.  Sparse rows are coalesced in (rank, position) order, also in float64.  So the
-averaged gradient is ``((g_0 + g_1) + ... + g_{N-1}) / N`` computed in float64,
-independent of thread counts and bucket sizes; the update kernels are element- or
-row-wise, hence a sharded step equals the single-process step on that averaged
-gradient bit for bit.  (Gradient-norm clipping adds the ranks' partial sums of squares
+rank order, in float64**, then divides by ``N`` and rounds once to the gradient dtype
+(the parameter's; **float32 for bfloat16 parameters**, whose local gradients, bfloat16
+or float32 or another float dtype, are first converted to float32, as the single
+process converts them).  Sparse rows are coalesced in (rank, position) order, also in
+float64.  So the averaged gradient is ``((g_0 + g_1) + ... + g_{N-1}) / N`` computed
+in float64, independent of thread counts and bucket sizes; the update kernels are
+element- or row-wise, hence a sharded step equals the single-process step on that
+averaged gradient bit for bit.  (Gradient-norm clipping adds the ranks' partial sums of squares
 in rank order, so its norm can differ from :func:`fastopt.clip_grad_norm_`'s in the
 last bits.)
 
@@ -106,9 +108,23 @@ Run scripts with ``mpiexec -n N python -m mpi4py script.py`` so that an uncaught
 exception on one rank aborts the whole job at once.
 
 Groups are added with :meth:`ShardedOptimizer.add_param_group` (collective; the new
-parameters are cut by rows among themselves).  bfloat16 parameters and the storage
-options ``state_bits``/``bf16_update``/``seed`` are refused (``NotImplementedError``)
-at construction: the single-process optimizer takes them.
+parameters are cut by rows among themselves).
+
+Storage formats
+---------------
+bfloat16 parameters (every ``bf16_update``: split, kahan, stochastic, nearest; ``seed``)
+and ``state_bits`` 16 and 8 (also per param group) give the single process's result
+bit for bit.  Each piece is declared to the inner optimizer as rows of its parameter
+(:meth:`fastopt.Optimizer.set_row_range`): its storage format is chosen for the whole
+parameter (8-bit state or float32 by the whole parameter's size, as one process
+chooses), and stochastic rounding draws the whole parameter's random stream (the
+kernels of every backend add the piece's element base to the element index).  A
+1-D parameter with 8-bit state is cut at multiples of ``storage.Q8_BLOCK`` elements,
+so its quantization blocks are the whole parameter's (2-D blocks lie within rows).
+bfloat16 parameters travel as their 16-bit patterns in the all-gather; their averaged
+gradients are float32 (4 bytes per element in the reduce-scatter).  The consolidated
+state dict holds the whole parameter's arrays, 8-bit scales (``<slot>_absmax``) and
+``master_low``/``kahan_comp`` included, and loads into the plain class.
 """
 
 import hashlib
@@ -236,17 +252,21 @@ def _rows_and_width(p):
     return p.shape[0], int(np.prod(p.shape[1:], dtype=np.int64))
 
 
-def _row_bounds(params, nranks):
+def _row_bounds(params, nranks, granules=None):
     """Per parameter, int64 (nranks + 1,): the first row of each rank's piece.
 
     Per dtype, the parameters' elements are laid end to end; the cut before rank
-    ``r`` is at the row boundary nearest to ``total * r // nranks``.  Parameters
-    without elements (shape (k, 0)) belong to rank 0."""
+    ``r`` is at the row boundary nearest to ``total * r // nranks``, and in a
+    parameter with a granule ``g`` (``granules[i]``, default 1) at a multiple of
+    ``g`` rows (or its end): a 1-D parameter with 8-bit state is cut at its
+    quantization blocks.  Parameters without elements (shape (k, 0)) belong to
+    rank 0."""
     bounds = [None] * len(params)
     by_dtype = {}
     for i, p in enumerate(params):
         by_dtype.setdefault(p.dtype.str, []).append(i)
     for idxs in by_dtype.values():
+        gran = [1 if granules is None else int(granules[i]) for i in idxs]
         shapes = [_rows_and_width(params[i]) for i in idxs]
         sizes = [n * d for n, d in shapes]
         offs = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
@@ -262,8 +282,11 @@ def _row_bounds(params, nranks):
                 cuts[r] = total
                 continue
             nrows, width = shapes[k]
-            row = min(max((t - int(offs[k]) + width // 2) // width, 0), nrows)
-            cuts[r] = int(offs[k]) + row * width
+            g = gran[k]
+            unit = width * g
+            units = -(-nrows // g)
+            u = min(max((t - int(offs[k]) + unit // 2) // unit, 0), units)
+            cuts[r] = int(offs[k]) + min(u * g, nrows) * width
         for r in range(1, nranks + 1):          # monotone (rounding cannot reorder)
             cuts[r] = max(cuts[r], cuts[r - 1])
         for k, i in enumerate(idxs):
@@ -278,6 +301,32 @@ def _row_bounds(params, nranks):
     return bounds
 
 
+def _grad_dtype(dtype):
+    """The dtype gradients of a parameter of ``dtype`` are averaged and stepped in:
+    float32 for bfloat16 parameters, else the parameter's dtype."""
+    return np.dtype(np.float32) if storage.is_bf16(dtype) else np.dtype(dtype)
+
+
+def _wire_dtype(dtype):
+    """The element dtype a parameter or state array of ``dtype`` travels as
+    (bfloat16: its uint16 bits)."""
+    return np.dtype(np.uint16) if storage.is_bf16(dtype) else np.dtype(dtype)
+
+
+def _wire(a):
+    """``a`` viewed with its wire dtype (bfloat16 -> uint16)."""
+    return a.view(np.uint16) if storage.is_bf16(a.dtype) else a
+
+
+def _dtype_token(dt):
+    """A picklable name of a dtype that keeps bfloat16 (whose ``str`` is ``'<V2'``)."""
+    return "bfloat16" if storage.is_bf16(dt) else np.dtype(dt).str
+
+
+def _dtype_of(token):
+    return storage.bf16() if token == "bfloat16" else np.dtype(token)
+
+
 def _piece(p, r0, r1):
     """The view of rows [r0, r1) of ``p`` (a 0-d parameter: itself, or an empty 1-D
     view)."""
@@ -290,9 +339,11 @@ class _DtypePlan:
     """The buckets of one dtype for one set of dense parameters."""
 
     def __init__(self, dtype, idxs, bounds, widths, nranks, me, bucket_bytes):
-        self.dtype = np.dtype(dtype)
+        self.dtype = dtype
+        self.gdtype = _grad_dtype(dtype)        # the averaged gradients (reduce-scatter)
+        self.pdtype = _wire_dtype(dtype)        # the parameters (all-gather)
         self.idxs = idxs
-        item = self.dtype.itemsize
+        item = self.gdtype.itemsize
         segs = []                   # per rank: [(param, first element, count, offset)]
         lengths = []
         for r in range(nranks):
@@ -351,13 +402,20 @@ def _window(segs, lo, hi):
             yield i, first + (a - off), a - lo, z - a
 
 
+def _by_dtype(params, idxs):
+    """{dtype key: (dtype, [indices])} in order of first appearance."""
+    out = {}
+    for i in idxs:
+        dt = params[i].dtype
+        out.setdefault(dt.str, (dt, []))[1].append(i)
+    return out
+
+
 class _DensePlan:
     def __init__(self, opt, active):
-        by_dtype = {}
-        for i in active:
-            by_dtype.setdefault(opt._params[i].dtype.str, []).append(i)
         self.parts = [_DtypePlan(dt, idxs, opt._bounds, opt._widths, opt._size, opt._rank,
-                                 opt._bucket_bytes) for dt, idxs in by_dtype.items()]
+                                 opt._bucket_bytes)
+                      for dt, idxs in _by_dtype(opt._params, active).values()]
         self.views = {}
         for dp in self.parts:
             shard = opt._shard[dp.dtype.str]
@@ -420,65 +478,6 @@ def _loaded_digests(state, groups):
                _digest([e for e in entries if e[2] != "array"]),
                _digest(hyper))
     return entries, hyper, summary
-
-
-def _is_bf16(a):
-    dt = getattr(a, "dtype", None)
-    if dt is None:
-        return False
-    try:
-        return storage.is_bf16(dt) or np.dtype(dt).name == "bfloat16"
-    except TypeError:
-        return str(dt).endswith("bfloat16")
-
-
-def _group_arrays(params):
-    """The parameter arrays of ``params`` in any accepted form (list, dict, groups)."""
-    if isinstance(params, dict):
-        return list(params.values())
-    out = []
-    for x in params:
-        if isinstance(x, dict):
-            ps = x.get("params", [])
-            if isinstance(ps, dict):
-                ps = list(ps.values())
-            out.extend(ps if isinstance(ps, (list, tuple)) else [ps])
-        else:
-            out.append(x)
-    return out
-
-
-def _is_default_storage(key, v):
-    """The storage options' defaults (what param_groups copied from an optimizer
-    carry): no state_bits, the 'split' bf16 update, seed 0."""
-    if key == "state_bits":
-        return v is None
-    if key == "bf16_update":
-        return v is None or (isinstance(v, str) and v == "split")
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v == 0
-
-
-def _refuse_storage_options(options, cls, where=""):
-    low = sorted(k for k in ("state_bits", "bf16_update", "seed")
-                 if k in options and not _is_default_storage(k, options[k]))
-    if low:
-        raise NotImplementedError(
-            f"ShardedOptimizer does not take {where}storage option(s) "
-            f"{', '.join(f'{k}={options[k]!r}' for k in low)} yet: sharded low-precision "
-            "state (16- and 8-bit state, bfloat16 parameters) is not implemented; the "
-            f"single-process optimizer takes them (fastopt.{cls.__name__}(params, "
-            f"{low[0]}=...)). Leave them out for float32/float64 state")
-
-
-def _refuse_bfloat16(arrays, first=0):
-    for k, a in enumerate(arrays):
-        if _is_bf16(a):
-            raise NotImplementedError(
-                f"parameter {first + k} is bfloat16: ShardedOptimizer does not take bfloat16 "
-                "parameters yet (sharding them and their float32 state over ranks is not "
-                "implemented). The single-process optimizer takes them (e.g. "
-                "fastopt.AdamW(params, bf16_update='stochastic')); for sharded state keep "
-                "float32 or float64 parameters")
 
 
 # ----------------------------------------------------------------- the class
@@ -571,17 +570,8 @@ class ShardedOptimizer:
                                                                         max_grad_norm)
         self._norm_type = _norm_type(norm_type)
         self._cls = optimizer_class
-        # refused before the full optimizer is built (its bfloat16 checks would speak
-        # of backends) and before any buffer exists; the agreement that follows
-        # reports the error on every rank
-        _refuse_storage_options(hyper, optimizer_class)
         if not isinstance(params, (dict, list, tuple)):
             params = list(params)
-        if not isinstance(params, dict):
-            for g in params:
-                if isinstance(g, dict):
-                    _refuse_storage_options(g, optimizer_class, "a param group's ")
-        _refuse_bfloat16(_group_arrays(params))
         self._hyper = dict(hyper)
         # the full optimizer on every rank: it validates everything as the single
         # process would, holds the user-visible param_groups, never steps and never
@@ -634,23 +624,51 @@ class ShardedOptimizer:
                     return f"{what} differ: {s[k]!r} on rank {r}, {a[k]!r} on rank 0"
         return "the ranks disagree"
 
+    def _granules(self, first=0):
+        """Per parameter from ``first``: the rows its cuts are multiples of (the 8-bit
+        blocks of a 1-D parameter with 8-bit state, else 1).  The storage format is
+        the whole parameter's (as the single process chooses it)."""
+        out, k = [], 0
+        for g in self._template.param_groups:
+            for p in g["params"]:
+                if k >= first:
+                    stg = storage.storage_for(self.rule, p, g["state_bits"], g["bf16_update"])
+                    out.append(storage.Q8_BLOCK if stg.state == "q8" and p.ndim == 1 else 1)
+                k += 1
+        return out
+
+    def _inner_group(self, g, pieces):
+        """The inner optimizer's group of the pieces of template group ``g``: its
+        hyperparameters and storage options."""
+        return {**self._hyper_of(g), **{k: g[k] for k in storage.OPTIONS if k in g},
+                "params": pieces}
+
+    def _place_pieces(self, first=0):
+        """Tell the inner optimizer which rows of which parameter each piece is (its
+        storage format and stochastic-rounding stream are the whole parameter's)."""
+        me = self._rank
+        for i in range(first, len(self._params)):
+            self._inner.set_row_range(i, self._params[i].shape, int(self._bounds[i][me]))
+
     def _build(self):
         t = self._template
         n = len(self._params)
         self._names = t._names
-        self._bounds = _row_bounds(self._params, self._size)
+        self._blocked = self._granules()
+        self._bounds = _row_bounds(self._params, self._size, self._blocked)
         self._widths = [_rows_and_width(p)[1] for p in self._params]
         self._nrows = [_rows_and_width(p)[0] for p in self._params]
         me = self._rank
         self._pieces = [_piece(p, int(b[me]), int(b[me + 1]))
                         for p, b in zip(self._params, self._bounds)]
-        self._pflat = [p.reshape(-1) for p in self._params]
+        self._pflat = [_wire(p.reshape(-1)) for p in self._params]
         groups, k = [], 0
         for g in t.param_groups:
             m = len(g["params"])
-            groups.append({**self._hyper_of(g), "params": self._pieces[k:k + m]})
+            groups.append(self._inner_group(g, self._pieces[k:k + m]))
             k += m
         self._inner = self._cls(groups, **self._hyper)
+        self._place_pieces()
         self._spec_seen = None
         self._shard = {}
         self._send = self._recv = np.zeros(0, dtype=np.uint8)
@@ -666,18 +684,16 @@ class ShardedOptimizer:
         parameters, allocated and touched here (at construction, and when a group is
         added: only what has to grow), reused by every step."""
         self._plans = {}
-        by_dtype = {}
-        for i, p in enumerate(self._params):
-            by_dtype.setdefault(p.dtype.str, []).append(i)
         parts = [_DtypePlan(dt, idxs, self._bounds, self._widths, self._size, self._rank,
-                            self._bucket_bytes) for dt, idxs in by_dtype.items()]
+                            self._bucket_bytes)
+                 for dt, idxs in _by_dtype(self._params, range(len(self._params))).values()]
         # (one rank without clipping steps on the gradients themselves: no buffers)
         alone = self._size == 1
         for dp in parts:
             need = 0 if alone and self._max_grad_norm is None else dp.length_me
             old = self._shard.get(dp.dtype.str)
             if old is None or old.size < need:
-                buf = np.empty(need, dtype=dp.dtype)
+                buf = np.empty(need, dtype=dp.gdtype)
                 buf.fill(0)
                 self._shard[dp.dtype.str] = buf
         nbytes = max([0 if alone else dp.bytes_needed for dp in parts] + [8])
@@ -887,8 +903,6 @@ class ShardedOptimizer:
                 "keyed by name); build a new ShardedOptimizer with every parameter")
         if not isinstance(group, dict) or "params" not in group:
             raise TypeError("a param group must be a dict with a 'params' entry")
-        _refuse_storage_options(group, self._cls, "a param group's ")
-        _refuse_bfloat16(_group_arrays([group]), first=len(self._params))
         probe = self._cls([group], **{**self._hyper, "backend": t.backend.name})
         refuse_overlaps(self._params + probe._params, t.backend)
         g = probe.param_groups[0]
@@ -923,15 +937,18 @@ class ShardedOptimizer:
         t.add_param_group(group)
         new = list(t._params[n0:])
         me = self._rank
-        bounds = _row_bounds(new, self._size)
+        gran = self._granules(n0)
+        self._blocked.extend(gran)
+        bounds = _row_bounds(new, self._size, gran)
         pieces = [_piece(p, int(b[me]), int(b[me + 1])) for p, b in zip(new, bounds)]
         self._params.extend(new)
         self._bounds.extend(bounds)
         self._widths.extend(_rows_and_width(p)[1] for p in new)
         self._nrows.extend(_rows_and_width(p)[0] for p in new)
         self._pieces.extend(pieces)
-        self._pflat.extend(p.reshape(-1) for p in new)
-        self._inner.add_param_group({**self._hyper_of(t.param_groups[-1]), "params": pieces})
+        self._pflat.extend(_wire(p.reshape(-1)) for p in new)
+        self._inner.add_param_group(self._inner_group(t.param_groups[-1], pieces))
+        self._place_pieces(n0)
         self._allocate_buffers()
         self._spec_seen = None
         self._version += 1
@@ -994,7 +1011,7 @@ class ShardedOptimizer:
             if isinstance(g, (list, tuple)):
                 raise TypeError(f"gradient {i}: expected an array, got {type(g).__name__}")
             a = g if isinstance(g, np.ndarray) else np.asarray(g)
-            if a.dtype.kind != "f":
+            if a.dtype.kind != "f" and not storage.is_bf16(a.dtype):
                 raise TypeError(f"gradient {i}: gradient dtype {a.dtype} is not a float dtype")
             if a.shape != p.shape:
                 raise ValueError(f"gradient {i}: gradient shape {a.shape} does not match "
@@ -1003,11 +1020,32 @@ class ShardedOptimizer:
         bk = t.backend
         if gs is not None:
             bk.require("grad_scale", "step(grad_scale=...)")
-            fused.check_grad_scale_dtypes(gs, {self._params[i].dtype
+            fused.check_grad_scale_dtypes(gs, {storage.compute_dtype(self._params[i].dtype)
                                                for i in list(dense) + list(sparse)})
         if skip_nonfinite:
             bk.require("skip_nonfinite", "step(skip_nonfinite=True)")
+        if any(g > 1 for g in self._blocked):
+            self._check_blocked(dense, sparse)
         return dense, sparse, bytes(kinds), (bytes(kinds), digest, gs, skip_nonfinite)
+
+    def _check_blocked(self, dense, sparse):
+        """What the plain class refuses before its kernels run, refused here before the
+        agreement (the inner optimizers would refuse it after, on some ranks only): a
+        row-by-row step (a sparse gradient, ``max_norm``) of a 1-D parameter with
+        8-bit state, whose blocks hold consecutive elements."""
+        k = 0
+        for g in self._template.param_groups:
+            for _ in g["params"]:
+                if self._blocked[k] > 1:
+                    what = "a row-sparse gradient" if k in sparse else \
+                        "max_norm" if k in dense and g.get("max_norm") is not None else None
+                    if what is not None:
+                        raise ValueError(
+                            f"parameter {k}: {what} updates a 1-D parameter element by "
+                            f"element, but its 8-bit state is quantized in blocks of "
+                            f"{storage.Q8_BLOCK} elements; use state_bits=16 (or 32) for it "
+                            "(a param group of its own)")
+                k += 1
 
     def _describe_step(self, extras):
         k0, d0, g0, s0 = extras[0]
@@ -1105,7 +1143,7 @@ class ShardedOptimizer:
                 # with it what the plain class does with an empty sparse gradient
                 glist[i] = RowSparse(np.zeros(0, np.int64),
                                      np.zeros((0,) + self._params[i].shape[1:],
-                                              dtype=self._params[i].dtype))
+                                              dtype=_grad_dtype(self._params[i].dtype)))
         if any(g is not None for g in glist):
             self._inner.step(glist, grad_scale=gs)
         if advance:
@@ -1137,7 +1175,7 @@ class ShardedOptimizer:
             for i, g in dense.items():
                 p = self._params[i]
                 if self._max_grad_norm is None:
-                    out[i] = np.asarray(g, dtype=p.dtype, order="C")
+                    out[i] = np.asarray(g, dtype=_grad_dtype(p.dtype), order="C")
                 else:
                     out[i] = plan.views[i]
                     np.copyto(out[i], g, casting="same_kind")
@@ -1146,10 +1184,10 @@ class ShardedOptimizer:
         gflat = {i: (g if g.flags.c_contiguous else np.ascontiguousarray(g)).reshape(-1)
                  for i, g in dense.items()}
         for dp in plan.parts:
-            mt = self._mpi(dp.dtype)
-            item = dp.dtype.itemsize
-            send = self._send.view(dp.dtype)
-            recv = self._recv.view(dp.dtype)
+            mt = self._mpi(dp.gdtype)
+            item = dp.gdtype.itemsize
+            send = self._send.view(dp.gdtype)
+            recv = self._recv.view(dp.gdtype)
             shard = self._shard[dp.dtype.str]
             for k in range(dp.nbuckets):
                 t0 = time.perf_counter()
@@ -1175,10 +1213,10 @@ class ShardedOptimizer:
     def _all_gather(self, plan):
         me, comm, st = self._rank, self._comm, self.stats
         for dp in plan.parts:
-            mt = self._mpi(dp.dtype)
-            item = dp.dtype.itemsize
-            send = self._send.view(dp.dtype)
-            recv = self._recv.view(dp.dtype)
+            mt = self._mpi(dp.pdtype)
+            item = dp.pdtype.itemsize
+            send = self._send.view(dp.pdtype)
+            recv = self._recv.view(dp.pdtype)
             for k in range(dp.nbuckets):
                 t0 = time.perf_counter()
                 counts, displs = dp.counts[k], dp.displs[k]
@@ -1230,7 +1268,8 @@ class ShardedOptimizer:
             owner = np.searchsorted(self._bounds[i], idx, side="right") - 1
             order = np.argsort(owner, kind="stable")
             counts[:, s] = np.bincount(owner, minlength=N)
-            sorted_rows.append((idx[order], vals[order]))
+            sorted_rows.append((idx[order], np.ascontiguousarray(
+                vals[order], dtype=_grad_dtype(self._params[i].dtype))))
         rcounts = np.empty((N, m), dtype=np.int64)
         t1 = time.perf_counter()
         comm.Alltoall([counts, self._mpi(np.int64)], [rcounts, self._mpi(np.int64)])
@@ -1241,7 +1280,7 @@ class ShardedOptimizer:
         for s, i in enumerate(sparse_i):
             sidx, svals = sorted_rows[s]
             D = self._widths[i]
-            dt = self._params[i].dtype
+            dt = _grad_dtype(self._params[i].dtype)
             sc = counts[:, s]
             rc = rcounts[:, s]
             sd = np.concatenate([[0], np.cumsum(sc)[:-1]])
@@ -1272,18 +1311,17 @@ class ShardedOptimizer:
         t0 = time.perf_counter()
         comm, me, st = self._comm, self._rank, self.stats
         D = self._widths[i]
-        p = self._params[i]
-        P = p.reshape(self._nrows[i], D)
+        P = self._pflat[i].reshape(self._nrows[i], D)      # (bfloat16: the uint16 bits)
         total = int(counts.sum())
         displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
         ridx = self._buffer("gidx", total, np.int64)
-        rvals = self._buffer("gvals", total * D, p.dtype).reshape(total, D)
+        rvals = self._buffer("gvals", total * D, P.dtype).reshape(total, D)
         mine = P[uniq]
         t1 = time.perf_counter()
         comm.Allgatherv([uniq, self._mpi(np.int64)],
                         [ridx, (counts, displs), self._mpi(np.int64)])
-        comm.Allgatherv([mine, self._mpi(p.dtype)],
-                        [rvals, (counts * D, displs * D), self._mpi(p.dtype)])
+        comm.Allgatherv([mine, self._mpi(P.dtype)],
+                        [rvals, (counts * D, displs * D), self._mpi(P.dtype)])
         t2 = time.perf_counter()
         lo, hi = int(displs[me]), int(displs[me]) + int(counts[me])
         if D:
@@ -1291,8 +1329,8 @@ class ShardedOptimizer:
             P[ridx[hi:]] = rvals[hi:]
         t3 = time.perf_counter()
         others = total - int(counts[me])
-        st["bytes_received"] += others * (8 + D * p.dtype.itemsize)
-        st["bytes_sent"] += others * (8 + D * p.dtype.itemsize)
+        st["bytes_received"] += others * (8 + D * P.dtype.itemsize)
+        st["bytes_sent"] += others * (8 + D * P.dtype.itemsize)
         st["comm_s"] += t2 - t1
         st["sparse_s"] += (t1 - t0) + (t3 - t2)
 
@@ -1306,7 +1344,7 @@ class ShardedOptimizer:
         with inner._lock:
             specs, owner = inner._groups.validated()
             rows = [(i, np.zeros(0, np.int64),
-                     np.zeros((0, self._widths[i]), dtype=self._params[i].dtype))
+                     np.zeros((0, self._widths[i]), dtype=_grad_dtype(self._params[i].dtype)))
                     for i in idxs]
             inner._step_rows(rows, specs, owner, gs)
             inner._plan_version += 1      # step counts of some pieces moved alone
@@ -1400,7 +1438,8 @@ class ShardedOptimizer:
             self._inner.flush()
             self._gather_all_params()
         local = self._inner.state
-        meta = {i: {k: (("a", v.dtype.str) if isinstance(v, np.ndarray) else ("s", v))
+        meta = {i: {k: (("a", _dtype_token(v.dtype)) if isinstance(v, np.ndarray)
+                        else ("s", v))
                     for k, v in st.items()} for i, st in local.items()}
         metas = comm.allgather(meta)
         if any(m != metas[0] for m in metas):
@@ -1414,12 +1453,10 @@ class ShardedOptimizer:
                 if kind == "s":
                     entry[k] = v
                     continue
-                shape = self.rule.slot_shape(p.shape)
-                full = np.empty(shape, dtype=np.dtype(v)) if me == to else None
-                per_row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) else 1
-                b = self._bounds[i]
+                shape = self._state_shape(i, k)
+                full = np.empty(shape, dtype=_dtype_of(v)) if me == to else None
                 for r in range(N):
-                    lo, hi = int(b[r]) * per_row, int(b[r + 1]) * per_row
+                    lo, hi = self._state_range(i, k, r)
                     if hi == lo:
                         continue
                     if me == to:
@@ -1438,12 +1475,56 @@ class ShardedOptimizer:
         self._consolidated = (self._version, out)
         return sd
 
+    def _state_kind(self, k):
+        """"slot", "scale" (an 8-bit slot's block scales) or "aux" (master_low,
+        kahan_comp) of a state array name."""
+        if k in (storage.MASTER_LOW, storage.KAHAN_COMP):
+            return "aux"
+        if k.endswith(storage.SCALE_SUFFIX) and k[:-len(storage.SCALE_SUFFIX)] in \
+                self.rule.slots:
+            return "scale"
+        return "slot"
+
+    def _state_shape(self, i, k):
+        """The shape of state array ``k`` of the whole parameter ``i``."""
+        p = self._params[i]
+        kind = self._state_kind(k)
+        if kind == "aux":
+            return p.shape
+        shape = self.rule.slot_shape(p.shape)
+        if kind == "scale":
+            r, nb, _ = storage.q8_blocks(shape)
+            return (r * nb,)
+        return shape
+
+    def _state_range(self, i, k, r):
+        """``[lo, hi)``: the flat elements of the whole parameter's state array ``k``
+        that rank ``r``'s piece holds.  Slots and aux arrays: the piece's rows.
+        8-bit scales: the blocks of those rows (a 1-D parameter is one row cut at
+        block multiples, so its pieces' blocks are the whole parameter's)."""
+        b = self._bounds[i]
+        r0, r1 = int(b[r]), int(b[r + 1])
+        if r1 == r0:
+            return 0, 0
+        kind = self._state_kind(k)
+        shape = self._params[i].shape if kind == "aux" else \
+            self.rule.slot_shape(self._params[i].shape)
+        if kind == "scale":
+            if len(shape) <= 1:
+                return r0 // storage.Q8_BLOCK, -(-r1 // storage.Q8_BLOCK)
+            nb = storage.q8_blocks(shape)[1]
+            return r0 * nb, r1 * nb
+        per_row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) else 1
+        return r0 * per_row, r1 * per_row
+
     def _send_chunks(self, a, dest):
+        a = _wire(a)
         step = max(1, _CHUNK_BYTES // a.dtype.itemsize)
         for lo in range(0, a.shape[0], step):
             self._comm.Send([a[lo:lo + step], self._mpi(a.dtype)], dest=dest, tag=7)
 
     def _recv_chunks(self, a, source):
+        a = _wire(a)
         step = max(1, _CHUNK_BYTES // a.dtype.itemsize)
         for lo in range(0, a.shape[0], step):
             self._comm.Recv([a[lo:lo + step], self._mpi(a.dtype)], source=source, tag=7)
@@ -1564,21 +1645,22 @@ class ShardedOptimizer:
         me = self._rank
         state = {}
         for i, st in full_state.items():
-            b = self._bounds[i]
             piece = self._pieces[i]
             d = {}
             for k, v in st.items():
                 if isinstance(v, np.ndarray):
-                    per_row = int(np.prod(v.shape[1:], dtype=np.int64)) if v.ndim else 1
-                    lo, hi = int(b[me]) * per_row, int(b[me + 1]) * per_row
-                    d[k] = v.reshape(-1)[lo:hi].reshape(self.rule.slot_shape(piece.shape))
+                    lo, hi = self._state_range(i, k, me)
+                    kind = self._state_kind(k)
+                    shape = (hi - lo,) if kind == "scale" else piece.shape if kind == "aux" \
+                        else self.rule.slot_shape(piece.shape)
+                    d[k] = v.reshape(-1)[lo:hi].reshape(shape)
                 else:
                     d[k] = v
             state[i] = d
         groups, start = [], 0
         for g in self._template.param_groups:
             n = len(g["params"])
-            groups.append({**self._hyper_of(g), "params": list(range(start, start + n))})
+            groups.append(self._inner_group(g, list(range(start, start + n))))
             start += n
         sd = {"version": state_io.STATE_DICT_VERSION, "optimizer": self.rule.name,
               "state": state, "param_groups": groups,
@@ -1599,7 +1681,8 @@ class ShardedOptimizer:
             return
         groups = state_io.indexed_groups(t.param_groups)
         t.load_state_dict({"version": state_io.STATE_DICT_VERSION, "optimizer": self.rule.name,
-                           "state": {}, "param_groups": groups})
+                           "state": {}, "param_groups": groups,
+                           "storage": state_io.storage_options(t)})
 
     # checkpoint.load rolls back through these when a scheduler fails to load
     def _capture(self):
