@@ -541,6 +541,37 @@ class Optimizer:
             self._steps[i] += 1
             st.update(host2)
 
+    # -------------------------------------------------- engine, for facades
+    @property
+    def params(self):
+        """The parameter arrays in order (the engine's own list: read it, do not
+        modify it; groups are added with :meth:`add_param_group`)."""
+        return self._groups.params
+
+    @property
+    def param_names(self):
+        """The parameter names (a new list) when the parameters were given as a dict,
+        else None."""
+        return None if self._names is None else list(self._names)
+
+    def align_grads(self, grads):
+        """``grads`` as :meth:`step` takes them (a list or tuple aligned with the
+        parameters, a dict keyed by name, a single array for a single parameter) as a
+        list aligned with :attr:`params`; the errors :meth:`step` raises for them."""
+        return self._align_grads(grads)
+
+    def check_param_groups(self):
+        """Validate the edits of ``param_groups`` as a step does (ValueError naming a
+        bad edit; nothing changes) and return their version, a number that changes
+        whenever the validated hyperparameters may have changed."""
+        self._groups.validated()
+        return self._groups.spec_version
+
+    def param_groups_restored(self):
+        """Group dicts were rewritten in place (a rollback to saved values): the next
+        step or :meth:`check_param_groups` validates them again."""
+        self._groups.invalidate()
+
     def set_row_range(self, i, full_shape, first_row):
         """Declare parameter ``i`` to be rows ``[first_row, first_row + rows)`` of a
         larger tensor of shape ``full_shape`` (the same dtype and trailing shape),
