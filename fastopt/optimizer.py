@@ -63,6 +63,7 @@ class Optimizer:
             state_bits, bf16_update, seed)
         self._storage = []
         self._seeds = []            # per parameter: its group's stochastic-rounding seed
+        self._bases = []            # per parameter: its element base (set_row_range)
         unknown = set(hyper) - set(rule.defaults)
         if unknown:
             raise TypeError(f"{rule.name}: unexpected hyperparameter(s) {sorted(unknown)}")
@@ -163,6 +164,7 @@ class Optimizer:
         self._storage.extend(storage.storage_for(self.rule, self._params[i], g["state_bits"],
                                                  g["bf16_update"]) for i in added)
         self._seeds.extend(g["seed"] for _ in added)
+        self._bases.extend(0 for _ in added)
         self._steps = self._store.counts(self._steps, len(self._params))
         self._plan_version = getattr(self, "_plan_version", 0) + 1
 
@@ -532,7 +534,8 @@ class Optimizer:
                                 spec, (owner[i], int(self._steps[i]),
                                        tuple(st[k] for k in self._host_keys),
                                        fresh.get(i, ())),
-                                self._storage[i], self._extras(i, spec.uses)))
+                                self._storage[i], self._extras(i, spec.uses),
+                                self._bases[i]))
             buckets = planner.dense_buckets(self.rule, self.backend, tensors)
             plan = (key, buckets)
             if not fresh:
@@ -602,7 +605,7 @@ class Optimizer:
                     exact=exact,
                     ref=(spec.group, step, self._ref_state(i, spec.uses), fr) if ref else None,
                     storage=self._storage[i], extras=self._extras(i, spec.uses),
-                    key=self._key(i, step))
+                    key=self._key(i, step), base=self._bases[i])
                 self.backend.run_rows(work)
                 if exact is not None:
                     self._exact.mark(i, work.uniq, step)
@@ -612,6 +615,80 @@ class Optimizer:
             st.update(host2)
             if host2:
                 self._store.host([i], host2)
+
+    # -------------------------------------------------- engine, for facades
+    @property
+    def params(self):
+        """The parameter arrays in order (the engine's own list: read it, do not
+        modify it; groups are added with :meth:`add_param_group`)."""
+        return self._groups.params
+
+    @property
+    def param_names(self):
+        """The parameter names (a new list) when the parameters were given as a dict,
+        else None."""
+        return None if self._names is None else list(self._names)
+
+    def align_grads(self, grads):
+        """``grads`` as :meth:`step` takes them (a list or tuple aligned with the
+        parameters, a dict keyed by name, a single array for a single parameter) as a
+        list aligned with :attr:`params`; the errors :meth:`step` raises for them."""
+        return self._align_grads(grads)
+
+    def check_param_groups(self):
+        """Validate the edits of ``param_groups`` as a step does (ValueError naming a
+        bad edit; nothing changes) and return their version, a number that changes
+        whenever the validated hyperparameters may have changed."""
+        self._groups.validated()
+        return self._groups.spec_version
+
+    def param_groups_restored(self):
+        """Group dicts were rewritten in place (a rollback to saved values): the next
+        step or :meth:`check_param_groups` validates them again."""
+        self._groups.invalidate()
+
+    def set_row_range(self, i, full_shape, first_row):
+        """Declare parameter ``i`` to be rows ``[first_row, first_row + rows)`` of a
+        larger tensor of shape ``full_shape`` (the same dtype and trailing shape),
+        before it has state: a facade that steps the tensor in pieces (the sharded
+        optimizer) gets the whole tensor's result.  Its storage format is chosen for
+        the whole tensor (8-bit state or not by the whole tensor's size), and
+        stochastic rounding draws the whole tensor's random stream (element indices
+        offset by ``first_row`` times the row length).  A 1-D piece with 8-bit state
+        that is not empty must start at a multiple of ``storage.Q8_BLOCK`` (the
+        tensor's block boundaries).  ValueError on a piece that does not fit or has state."""
+        p = self._params[i]
+        full_shape = tuple(int(d) for d in full_shape)
+        first_row = int(first_row)
+        rows = p.shape[0] if p.ndim else 1
+        total = full_shape[0] if full_shape else 1
+        fits = tuple(p.shape[1:]) == full_shape[1:] if p.ndim else full_shape == ()
+        if not fits or not 0 <= first_row <= total - rows:
+            raise ValueError(f"parameter {i} of shape {p.shape} is not rows [{first_row}, "
+                             f"{first_row + rows}) of a tensor of shape {full_shape}")
+        if self._steps[i] or self._state[i]:
+            raise ValueError(f"parameter {i} has state: set_row_range comes before its "
+                             "first step")
+        g = self._group_of(i)
+        stg = storage.storage_for(self.rule, _Shape(full_shape, p.dtype), g["state_bits"],
+                                  g["bf16_update"])
+        if stg.state == "q8" and len(full_shape) <= 1 and rows and first_row % storage.Q8_BLOCK:
+            raise ValueError(f"parameter {i}: a piece of a 1-D tensor with 8-bit state must "
+                             f"start at a multiple of {storage.Q8_BLOCK} elements, not at "
+                             f"{first_row}")
+        width = int(np.prod(full_shape[1:], dtype=np.int64)) if len(full_shape) > 1 else 1
+        self._storage[i] = stg
+        self._bases[i] = first_row * width
+        self._plan_version += 1
+        self._fast = None
+
+    def _group_of(self, i):
+        k = 0
+        for g in self.param_groups:
+            k += len(g["params"])
+            if i < k:
+                return g
+        raise IndexError(i)
 
     # ------------------------------------------------------------ exact mode
     def _skipped_scalars(self, group, t_end):
@@ -631,7 +708,8 @@ class Optimizer:
             exact=self._exact.pending(i, t, self._skipped_scalars),
             ref=(spec.group, t, self._ref_state(i, spec.uses), ()) if getattr(
                 self.backend, "wants_reference_args", False) else None,
-            storage=self._storage[i], extras=self._extras(i, spec.uses), key=self._key(i, t))
+            storage=self._storage[i], extras=self._extras(i, spec.uses), key=self._key(i, t),
+            base=self._bases[i])
         self.backend.run_rows(work)
         self._exact.mark(i, rows, t)
 
@@ -791,6 +869,13 @@ class Optimizer:
             hyper = ", ".join(f"{k}={v!r}" for k, v in g.items() if k != "params")
             lines.append(f"  group {gi}: {len(g['params'])} params, {hyper}")
         return "\n".join(lines)
+
+
+class _Shape:
+    """What :func:`storage.storage_for` reads of a parameter: shape and dtype."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = shape, dtype
 
 
 def require_features(bk, rule, group, sparse_mode):

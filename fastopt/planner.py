@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backends.base import (CHUNK, FMT_AUX, FMT_COLS, FMT_KEY, FMT_N, FMT_NB, FMT_NSCALE,
+from .backends.base import (CHUNK, FMT_AUX, FMT_BASE, FMT_COLS, FMT_KEY, FMT_N, FMT_NB, FMT_NSCALE,
                             FMT_ROW, FMT_SCALE, CatchUp, Config, DenseWork, RowsWork,
                             make_chunks, stored_chunks)
 from .rules import NSCALARS, NSLOTS, fused
@@ -66,14 +66,17 @@ def slot_list(rule, state, uses):
 
 def dense_buckets(rule, backend, tensors):
     """Buckets of dense tensors.  ``tensors``: list of ``(param, slots, spec,
-    row_key[, storage, extras])`` (``extras``: the aux and 8-bit scale arrays of a
-    stored format, else None; both default to float32/float64 storage); tensors with equal ``row_key`` (and configuration)
+    row_key[, storage, extras[, base]])`` (``extras``: the aux and 8-bit scale arrays
+    of a stored format, else None; both default to float32/float64 storage;
+    ``base``: the element base of a row range of a larger tensor, default 0, see
+    ``DenseWork.fmt``); tensors with equal ``row_key`` (and configuration)
     share a scalar row.  Each bucket gets ``pos`` (positions in ``tensors``), ``row_keys`` and
     ``row_members`` (positions sharing each row); the gradient column of ``ptrs``
     and ``hyper`` are filled per step by :func:`fill_bucket`."""
     by_cfg = {}
-    tensors = [t if len(t) == 6 else tuple(t) + (NATIVE, None) for t in tensors]
-    for pos, (p, slots, spec, row_key, storage, extras) in enumerate(tensors):
+    tensors = [t if len(t) == 7 else tuple(t) + (NATIVE, None, 0)[len(t) - 4:]
+               for t in tensors]
+    for pos, (p, slots, spec, row_key, storage, extras, base) in enumerate(tensors):
         by_cfg.setdefault(config(rule, p.dtype, spec, storage=storage), []).append(pos)
     buckets = []
     for cfg, members in by_cfg.items():
@@ -85,11 +88,12 @@ def dense_buckets(rule, backend, tensors):
         fmt = np.zeros((len(members), FMT_COLS), dtype=np.int64) if stored else None
         blocks = []
         for t, pos in enumerate(members):
-            p, slots, spec, row_key, storage, extras = tensors[pos]
+            p, slots, spec, row_key, storage, extras, base = tensors[pos]
             params.append(p)
             extra_arrays.append(extras)
             if stored:
                 blocks.append(_fill_fmt(fmt[t], p, extras, storage, backend))
+                fmt[t, FMT_BASE] = base
             slot_arrays.append(slots)
             ptrs[t, 0] = backend.address(p)
             for s in range(NSLOTS):
@@ -173,7 +177,7 @@ def _identity_plan(n):
 
 
 def rows_work(rule, spec, param, slots, row, idx=None, vals=None, grad_scale=None,
-              exact=None, rows=None, ref=None, storage=NATIVE, extras=None, key=0):
+              exact=None, rows=None, ref=None, storage=NATIVE, extras=None, key=0, base=0):
     """The row step of one parameter.
 
     ``idx``/``vals``: validated row indices (int64) and gradient rows (nnz, D) of a
@@ -181,7 +185,8 @@ def rows_work(rule, spec, param, slots, row, idx=None, vals=None, grad_scale=Non
     ``vals=None``: catch-up only, of ``rows`` (exact mode's flush).  ``row``: the
     step's float64 scalar tuple.  ``exact``: exact sparse mode, a callable
     ``uniq -> CatchUp or None`` giving the touched rows' pending steps; their
-    catch-up maps are computed here from the rule's closed form.
+    catch-up maps are computed here from the rule's closed form.  ``key``/``base``:
+    the stochastic-rounding stream and element base (see ``DenseWork.fmt``).
     """
     if param.ndim == 0:          # a 0-d parameter is one row of one element (max_norm)
         param = param.reshape(1)
@@ -210,7 +215,7 @@ def rows_work(rule, spec, param, slots, row, idx=None, vals=None, grad_scale=Non
     return RowsWork(config=config(rule, param.dtype, spec, grad_scale, storage), param=param,
                     slots=slots, vals=vals, idx=idx, order=order, seg=seg, uniq=uniq,
                     hyper=hyper, catch=catch, ref=ref, grad_scale=grad_scale, extras=extras,
-                    key=key)
+                    key=key, base=base)
 
 
 __all__ = ["GroupSpec", "group_spec", "config", "slot_list", "dense_buckets", "fill_bucket",

@@ -51,7 +51,7 @@ GRAD_KINDS = {"native": GK_NATIVE, "float32": GK_F32, "bfloat16": GK_BF16}
 STATE_KINDS = {"native": SK_NATIVE, "float32": SK_F32, "bfloat16": SK_BF16, "q8": SK_Q8}
 #: the columns of the stored dense table ``fmt`` (``fastopt.backends.base.FMT_*``)
 FMT_COLUMNS = {"FMT_AUX": 0, "FMT_SCALE": 1, "FMT_N": 4, "FMT_ROW": 5, "FMT_NB": 6,
-               "FMT_NSCALE": 7, "FMT_KEY": 8, "FMT_COLS": 9}
+               "FMT_NSCALE": 7, "FMT_KEY": 8, "FMT_BASE": 9, "FMT_COLS": 10}
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
 
@@ -206,6 +206,7 @@ cdef struct SFmt:
     char* S[3]
     float* C[3]            # 8-bit scales
     uint32_t key           # stochastic rounding stream
+    int64_t base           # element base of the stream (a row range of a larger tensor)
 
 
 # ----------------------------------------------------------- loads and stores
@@ -241,7 +242,7 @@ cdef inline void _sstore_p(const floating* x, const SFmt* f, int64_t lo,
             fo_kahan(&P16[i], &A16[i], <float>x[i])
     elif f.pkind == PK_STOCHASTIC:
         for i in range(m):
-            P16[i] = fo_round_stochastic(<float>x[i], fo_random16(f.key, lo + i))
+            P16[i] = fo_round_stochastic(<float>x[i], fo_random16(f.key, f.base + lo + i))
     else:
         for i in range(m):
             P16[i] = fo_round_nearest(<float>x[i])
@@ -398,6 +399,7 @@ cdef void _schunk(floating zero, int rule, int ucode, int opts, const SFmt* base
         f.S[s] = <char*><intptr_t>prow[2 + s]
         f.C[s] = <float*><intptr_t>frow[1 + s]
     f.key = <uint32_t>frow[8]
+    f.base = frow[9]
     for kb in range(chunk[1], chunk[2]):
         r = kb // nb
         j0 = (kb - r * nb) * blk
@@ -440,9 +442,9 @@ def run_stored_dense(int rule_id, int dtype_code, int pkind, int gkind, int skin
     ``dtype_code``: the compute dtype (0 float32, 1 float64); ``pkind``, ``gkind``,
     ``skind``: the parameter, gradient and state formats (:data:`PARAM_KINDS`,
     :data:`GRAD_KINDS`, :data:`STATE_KINDS`), ``smask``: the signed 8-bit slots.
-    ``ptrs`` as :func:`run_dense`; ``fmt`` int64 (T, 9): the columns
+    ``ptrs`` as :func:`run_dense`; ``fmt`` int64 (T, 10): the columns
     :data:`FMT_COLUMNS` (aux address, 3 scale addresses, element count, row length,
-    blocks per row, scale count, stream key); ``chunks`` (C, 3): ``(tensor, first
+    blocks per row, scale count, stream key, element base); ``chunks`` (C, 3): ``(tensor, first
     block, end block)``; block ``k`` is row ``k // nb``, elements ``[(k % nb) * blk,
     ...)`` of it (``blk``: ``Q8_BLOCK`` for 8-bit state, else the chunk size).  A
     parallel region (static schedule) when ``nelem >= parallel_min``.  The tables are
@@ -455,8 +457,8 @@ def run_stored_dense(int rule_id, int dtype_code, int pkind, int gkind, int skin
     _check_common("run_stored_dense", rule_id, R_COUNT, dtype_code, opts, hyper.shape[1],
                   False)
     _check_kinds("run_stored_dense", pkind, gkind, skind, dtype_code)
-    if ptrs.shape[1] != NCOLS or chunks.shape[1] != 3 or fmt.shape[1] != 9:
-        raise ValueError(f"run_stored_dense: tables must be ptrs (T, {NCOLS}), fmt (T, 9), "
+    if ptrs.shape[1] != NCOLS or chunks.shape[1] != 3 or fmt.shape[1] != 10:
+        raise ValueError(f"run_stored_dense: tables must be ptrs (T, {NCOLS}), fmt (T, 10), "
                          f"chunks (C, 3)")
     if hidx.shape[0] != T or fmt.shape[0] != T:
         raise ValueError(f"run_stored_dense: hidx has {hidx.shape[0]} rows and fmt "
@@ -471,7 +473,7 @@ def run_stored_dense(int rule_id, int dtype_code, int pkind, int gkind, int skin
                 and (nb == 0 or (nsc % nb == 0 and (nsc // nb) * D == n
                                  and (nb - 1) * blk < D <= nb * blk))):
             raise IndexError(f"run_stored_dense: bad table row {t}: hidx {hidx[t]} "
-                             f"({R} scalar rows), fmt {tuple(fmt[t, k] for k in range(9))}")
+                             f"({R} scalar rows), fmt {tuple(fmt[t, k] for k in range(10))}")
     with nogil:
         for ci in range(C):
             if not (0 <= chunks[ci, 0] < T and 0 <= chunks[ci, 1] <= chunks[ci, 2]
@@ -496,20 +498,20 @@ def run_stored_dense(int rule_id, int dtype_code, int pkind, int gkind, int skin
             ch = cp + 3 * ci
             if dtype_code == 0:
                 _schunk(<float>0, rule_id, ucode, opts, &base, pp + ch[0] * NCOLS,
-                        fp + ch[0] * 9, ch, blk, hp + ip[ch[0]] * NSCALARS)
+                        fp + ch[0] * 10, ch, blk, hp + ip[ch[0]] * NSCALARS)
             else:
                 _schunk(<double>0, rule_id, ucode, opts, &base, pp + ch[0] * NCOLS,
-                        fp + ch[0] * 9, ch, blk, hp + ip[ch[0]] * NSCALARS)
+                        fp + ch[0] * 10, ch, blk, hp + ip[ch[0]] * NSCALARS)
     else:
         with nogil:
             for ci in range(C):
                 ch = cp + 3 * ci
                 if dtype_code == 0:
                     _schunk(<float>0, rule_id, ucode, opts, &base, pp + ch[0] * NCOLS,
-                            fp + ch[0] * 9, ch, blk, hp + ip[ch[0]] * NSCALARS)
+                            fp + ch[0] * 10, ch, blk, hp + ip[ch[0]] * NSCALARS)
                 else:
                     _schunk(<double>0, rule_id, ucode, opts, &base, pp + ch[0] * NCOLS,
-                            fp + ch[0] * 9, ch, blk, hp + ip[ch[0]] * NSCALARS)
+                            fp + ch[0] * 10, ch, blk, hp + ip[ch[0]] * NSCALARS)
 
 
 # --------------------------------------------------------------- row drivers
@@ -600,7 +602,8 @@ def run_stored_rows(int rule_id, int dtype_code, int pkind, int skind, int smask
                     Py_ssize_t nrows, Py_ssize_t D, Py_ssize_t nnz, const int64_t[::1] order,
                     const int64_t[::1] seg, const int64_t[::1] uniq,
                     const double[:, ::1] hyper, const double[:, ::1] coef, bint step,
-                    int64_t key, double renorm_eps, Py_ssize_t parallel_min):
+                    int64_t key, double renorm_eps, Py_ssize_t parallel_min,
+                    int64_t base=0):
     """Row step of element-wise rule ``rule_id`` in a stored format (twin of
     ``make_stored_rows_driver``).  ``addrs`` int64 (9,): the parameter (nrows, D) in
     its format (bfloat16: uint16 bits), the gradient rows (nnz, D) in the compute
@@ -608,7 +611,7 @@ def run_stored_rows(int rule_id, int dtype_code, int pkind, int skind, int smask
     scale arrays (nrows * ceil(D / Q8_BLOCK) each); unused entries are never read.
     Codes, plan, ``coef``, ``step``, options and parallel threshold as
     :func:`run_rows` and :func:`run_stored_dense`; ``key``: the stochastic-rounding
-    stream."""
+    stream, ``base``: its element base (the index of element 0 in a larger tensor)."""
     cdef Py_ssize_t nuniq = uniq.shape[0]
     cdef int ucode = (1 if uses0 else 0) | (2 if uses1 else 0) | (4 if uses2 else 0)
     cdef Py_ssize_t stride
@@ -649,6 +652,7 @@ def run_stored_rows(int rule_id, int dtype_code, int pkind, int skind, int smask
         f.C[s] = <float*><intptr_t>addrs[6 + s]
     f.A = <char*><intptr_t>addrs[5]
     f.key = <uint32_t>key
+    f.base = base
     parallel = nuniq * D >= parallel_min
     scratch = _scratch_rows2("run_stored_rows", dtype_code, D, parallel, &stride)
     cdef const int64_t* vp = &addrs[1]
@@ -741,7 +745,7 @@ def run_stored_rowwise(int rule_id, int dtype_code, int pkind, int skind, int op
                        const int64_t[::1] addrs, Py_ssize_t nrows, Py_ssize_t D,
                        Py_ssize_t nnz, const int64_t[::1] order, const int64_t[::1] seg,
                        const int64_t[::1] uniq, const double[:, ::1] hyper, int64_t key,
-                       double renorm_eps, Py_ssize_t parallel_min):
+                       double renorm_eps, Py_ssize_t parallel_min, int64_t base=0):
     """Step of row-wise rule ``rule_id`` in a stored format (twin of
     ``make_stored_rowwise_driver``).  ``addrs`` int64 (4,): the parameter (nrows, D)
     in its format, the gradient rows (nnz, D) in the compute dtype, the per-row
@@ -774,6 +778,7 @@ def run_stored_rowwise(int rule_id, int dtype_code, int pkind, int skind, int op
     f.C[0] = f.C[1] = f.C[2] = NULL
     f.A = <char*><intptr_t>addrs[3]
     f.key = <uint32_t>key
+    f.base = base
     parallel = nuniq * D >= parallel_min
     scratch = _scratch_rows2("run_stored_rowwise", dtype_code, D, parallel, &stride)
     cdef const int64_t* vp = &addrs[1]

@@ -100,7 +100,7 @@ def ptx_main():
                         ptx_of(cb.make_stored_rowwise_kernel(cfg),
                                (arr(PDT, 1), arr(np.uint16, 1), arr(SDT, 1), arr(CT, 2),
                                 idx, idx, idx, f64_2d, arr(CT, 2), arr(CT, 2), i64, i64, i64,
-                                types.boolean))
+                                i64, types.boolean))
                         n += 1
                         continue
                     if not fused:
@@ -118,7 +118,7 @@ def ptx_main():
                                (arr(PDT, 1), arr(np.uint16, 1)) + (arr(SDT, 1),) * 3
                                + (arr(np.float32, 1),) * 3
                                + (arr(CT, 2), idx, idx, idx, f64_2d, f64_2d, arr(CT, 2),
-                                  i64, i64, i64, types.boolean))
+                                  i64, i64, i64, i64, types.boolean))
                         n += 1
                 except Exception as exc:  # noqa: BLE001
                     print(f"FAILED to compile {what}: {type(exc).__name__}: {exc}")
@@ -637,6 +637,63 @@ def test_bf16_marking_and_refusals():
     assert opt.step([bf16_device(np.ones((3, 4)))])
     same_bits(m.copy_to_host().view(BF16), (h.astype(np.float32) - 0.5).astype(BF16), "SGD")
     same_bits(raw.copy_to_host(), m.copy_to_host(), "the mark is a view")
+
+
+# ------------------------------------------------------------ row ranges
+#
+# Optimizer.set_row_range (the sharded optimizer's pieces): pieces of a tensor on
+# the device, each declared at its rows, stepped alone, equal the whole tensor
+# stepped on the numba backend (the stochastic-rounding element base and the
+# whole tensor's storage format in every stored kernel).
+
+@pytest.mark.parametrize("name,shape,cuts,kw", [
+    pytest.param("Adam", (16, 300), (5,), dict(bf16_update="stochastic", seed=4),
+                 id="dense-2d"),
+    pytest.param("AdamW", (4400,), (2304,), dict(bf16_update="stochastic", state_bits=8),
+                 id="dense-1d-q8"),
+    pytest.param("Adam", (16, 300), (9,), dict(bf16_update="stochastic", state_bits=16,
+                                               max_norm=2.0), id="rows-max-norm"),
+    pytest.param("RowWiseAdagrad", (16, 300), (3,), dict(bf16_update="stochastic"),
+                 id="rowwise"),
+    pytest.param("Adam", (16, 300), (7,), dict(bf16_update="stochastic", sparse=True),
+                 id="sparse"),
+])
+def test_row_ranges_match_the_whole_tensor_on_numba(name, shape, cuts, kw):
+    kw = dict(kw)
+    sparse = kw.pop("sparse", False)
+    rng = np.random.default_rng(1)
+    w0 = (rng.standard_normal(shape) * 0.5).astype(np.float32).astype(BF16)
+    whole = w0.copy()
+    cpu = fastopt.CLASSES[name]([whole], backend="numba", **kw)
+    bounds = [0, *cuts, shape[0]]
+    pieces = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        d = bf16_device(w0[a:b])
+        o = fastopt.CLASSES[name]([d], backend="cuda", **kw)
+        o.set_row_range(0, shape, a)
+        pieces.append((o, d, a, b))
+    for t in range(STEPS):
+        g = rng.standard_normal(shape).astype(np.float32)
+        if sparse:
+            idx = rng.integers(0, shape[0], 9)
+            cpu.step([fastopt.RowSparse(idx, g[idx])])
+            for o, _, a, b in pieces:
+                m = (idx >= a) & (idx < b)
+                o.step([fastopt.RowSparse(idx[m] - a, g[idx[m]])])
+        else:
+            cpu.step([g])
+            for o, _, a, b in pieces:
+                o.step([cuda.to_device(np.ascontiguousarray(g[a:b]))])
+    got = np.concatenate([_Host(d).copy_to_host().reshape(-1) for _, d, _, _ in pieces])
+    same_bits(got, whole.reshape(-1), "parameters")
+    want = cpu.state_dict()["state"][0]
+    parts = [o.state_dict()["state"][0] for o, _, _, _ in pieces]
+    for key, v in want.items():
+        if isinstance(v, np.ndarray):
+            same_bits(np.concatenate([s[key].reshape(-1) for s in parts]), v.reshape(-1),
+                      f"state {key!r}")
+        else:
+            assert all(s[key] == v for s in parts), key
 
 
 # ------------------------------------------------- the real compiler (no GPU)

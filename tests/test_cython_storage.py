@@ -344,7 +344,8 @@ def test_stored_entry_points_validate_tables():
     T = 1
     p = np.zeros(512, np.uint16)
     ptrs = np.full((T, 5), p.__array_interface__["data"][0], dtype=np.int64)
-    fmt = np.zeros((T, 9), dtype=np.int64)
+    from fastopt.backends.base import FMT_COLS
+    fmt = np.zeros((T, FMT_COLS), dtype=np.int64)
     fmt[0, :4] = ptrs[0, 0]
     fmt[0, 4:8] = (512, 512, 2, 2)
     hyper = np.zeros((1, rules.NSCALARS))

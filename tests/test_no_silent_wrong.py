@@ -346,20 +346,21 @@ def test_serial_kernels_never_load_a_cached_parallel_build(tmp_path):
     parallel build and OpenMP aborted it)."""
     fill = textwrap.dedent("""
         import numpy as np
-        from fastopt import clip, distributed
+        from fastopt import clip
+        from fastopt.distributed import collectives
         clip._block_sums(np.ones(300_000, np.float32), 2.0)
-        distributed._mean_parallel(np.ones(20_000), 2, 10_000, np.empty(10_000))
+        collectives._mean_parallel(np.ones(20_000), 2, 10_000, np.empty(10_000))
     """)
     use = textwrap.dedent("""
         import os, sys, numpy as np, fastopt
-        from fastopt import distributed
+        from fastopt.distributed import collectives
         p = np.ones(300_000, np.float32)
         fastopt.clip_grad_norm_([p], 1.0)          # parallel in the parent
         pid = os.fork()
         if pid == 0:
             fastopt.clip_grad_norm_([np.ones(300_000, np.float32)], 1.0)
             out = np.empty(10_000)
-            distributed._mean_serial(np.ones(20_000), 2, 10_000, out)
+            collectives._mean_serial(np.ones(20_000), 2, 10_000, out)
             os._exit(0 if out[0] == 1.0 else 3)
         _, status = os.waitpid(pid, 0)
         sys.exit(os.waitstatus_to_exitcode(status))

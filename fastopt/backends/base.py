@@ -144,14 +144,18 @@ class DenseWork:
     grad_scale: float = None
     #: stored formats only (config.storage not native): int64 (T, FMT_COLS), per
     #: tensor the addresses of the aux array and the three 8-bit scale arrays, the
-    #: element count, row length, blocks per row, scale count and stream key
-    #: (columns FMT_*); ``chunks`` then count blocks, not elements
+    #: element count, row length, blocks per row, scale count, stream key and
+    #: element base (columns FMT_*); ``chunks`` then count blocks, not elements.
+    #: The element base is the flat index of the tensor's first element in the
+    #: tensor it is a row range of (0 for a whole tensor): stochastic rounding draws
+    #: ``random16(key, base + e)``, so a shard rounds as the whole tensor would
     fmt: np.ndarray = None
     extras: List[list] = None         # per tensor: [aux, scale0, scale1, scale2] or None
 
 
-FMT_AUX, FMT_SCALE, FMT_N, FMT_ROW, FMT_NB, FMT_NSCALE, FMT_KEY = 0, 1, 4, 5, 6, 7, 8
-FMT_COLS = 9
+FMT_AUX, FMT_SCALE, FMT_N, FMT_ROW, FMT_NB, FMT_NSCALE, FMT_KEY, FMT_BASE = \
+    0, 1, 4, 5, 6, 7, 8, 9
+FMT_COLS = 10
 
 
 @dataclass
@@ -180,10 +184,11 @@ class RowsWork:
     catch: CatchUp = None
     ref: tuple = None                 # (group, step, state dict, fresh) for the reference
     grad_scale: float = None
-    #: stored formats: [aux, scale0, scale1, scale2] arrays (or None) and the
-    #: stochastic-rounding stream key
+    #: stored formats: [aux, scale0, scale1, scale2] arrays (or None), the
+    #: stochastic-rounding stream key and the element base (see ``DenseWork.fmt``)
     extras: list = None
     key: int = 0
+    base: int = 0
 
 
 class Backend:

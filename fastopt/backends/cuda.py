@@ -114,8 +114,8 @@ so the planner picks the same bfloat16 formats as on the CPU; ``bits``: the uint
 array the kernels update in place).  All ``bf16_update`` modes: ``"split"`` (aux
 ``master_low``, uint16), ``"kahan"`` (aux ``kahan_comp``, bfloat16 state),
 ``"stochastic"`` (the counter-based stream of ``(seed, parameter, step, element)``:
-the planner's key, indexed by the element's flat index in the tensor, so results do
-not depend on the launch shape) and ``"nearest"``; the format's load/store functions
+the planner's key, indexed by the element's flat index in the tensor plus its
+element base, so results do not depend on the launch shape or on sharding) and ``"nearest"``; the format's load/store functions
 are those of :mod:`fastopt.storage.io` the CPU drivers use.  Gradients of a bfloat16
 parameter: marked bfloat16 device arrays or float32 device arrays (other float
 dtypes are converted to float32 on the device), or host bfloat16 / float32 arrays;
@@ -647,7 +647,10 @@ def _stored_pieces(config):
     from ..storage import io
     st = config.storage
     CT = np.dtype(config.compute_dtype).type
-    LP, SP = io.param_io(st, CT)
+    LP = io.param_io(st, CT)[0]
+    # SP(P, A, e, x, old, key, base + e): element e stored, its random bits drawn at
+    # base + e (the element base of a row range of a larger tensor)
+    SP = io.param_store_at(st, CT)
     LG = io.grad_loader(config.grad, CT)
     S = [io.state_io(st, k, CT) for k in range(NSLOTS)]
     PDT, GDT, SDT, ADT = io.dtypes(st, config.grad, CT)
@@ -669,7 +672,7 @@ def make_stored_dense_kernel(config):
     as the block's scale and encodes the buffer (the CPU driver's order)."""
     _prepare()
     from ..storage.codecs import magnitude
-    from .base import FMT_AUX, FMT_KEY, FMT_N, FMT_NB, FMT_NSCALE, FMT_ROW, FMT_SCALE
+    from .base import FMT_AUX, FMT_BASE, FMT_KEY, FMT_N, FMT_NB, FMT_NSCALE, FMT_ROW, FMT_SCALE
     assert not config.switches[5], "max_norm runs through the rows kernels"
     k = _stored_pieces(config)
     CT, LP, SP, LG, Q8 = k["CT"], k["LP"], k["SP"], k["LG"], k["Q8"]
@@ -684,6 +687,7 @@ def make_stored_dense_kernel(config):
     QB = Q8_BLOCK
     NBUF = QB if Q8 else 1
     FA, FS, FN, FR, FB, FC, FK = FMT_AUX, FMT_SCALE, FMT_N, FMT_ROW, FMT_NB, FMT_NSCALE, FMT_KEY
+    FE = FMT_BASE
 
     def stored_dense_kernel(tab, fmt, chunks, hyper):
         zero = CT(0)
@@ -696,6 +700,7 @@ def make_stored_dense_kernel(config):
             hi = chunks[ci, 2]
             n = fmt[t, FN]
             key = np.uint32(fmt[t, FK])
+            base = fmt[t, FE]
             c = LOAD(hyper, tab[t, 5])
             P = VP(tab[t, 0], n)
             G = VG(tab[t, 1], n)
@@ -729,7 +734,7 @@ def make_stored_dense_kernel(config):
                         s1 = L1(S1, e, c1) if U1 else zero
                         s2 = L2(S2, e, c2) if U2 else zero
                         p, s0, s1, s2 = STEP(old, LG(G, e), s0, s1, s2, c, zero)
-                        SP(P, A, e, p, old, key)
+                        SP(P, A, e, p, old, key, base + e)
                         if U0:
                             b0[i] = s0
                             a0 = max(a0, magnitude(s0))
@@ -754,7 +759,7 @@ def make_stored_dense_kernel(config):
                     s1 = L1(S1, e, F32(0)) if U1 else zero
                     s2 = L2(S2, e, F32(0)) if U2 else zero
                     p, s0, s1, s2 = STEP(old, LG(G, e), s0, s1, s2, c, zero)
-                    SP(P, A, e, p, old, key)
+                    SP(P, A, e, p, old, key, base + e)
                     if U0:
                         W0(S0, e, s0)
                     if U1:
@@ -771,7 +776,7 @@ def make_stored_rows_kernel(config, catch, step):
     """The row kernel of a stored format (element-wise rules).
 
     ``kernel[blocks, BLOCK_SIZE](P, A, S0, S1, S2, C0, C1, C2, vals, order, seg, uniq,
-    coef, hyper, prows, nuniq, D, key, ident)``: parameter, aux, state and scale
+    coef, hyper, prows, nuniq, D, key, base, ident)``: parameter, aux, state and scale
     arrays flat; ``vals`` (nnz, D) gradient rows in the compute dtype; ``prows``
     (nuniq, D) compute-dtype row buffers (``max_norm`` only).  Work units, grid-stride:
 
@@ -801,7 +806,7 @@ def make_stored_rows_kernel(config, catch, step):
     NBUF = QB if Q8 else 1
 
     def stored_rows_kernel(P, A, S0, S1, S2, C0, C1, C2, vals, order, seg, uniq, coef,
-                           hyper, prows, nuniq, D, key, ident):
+                           hyper, prows, nuniq, D, key, base, ident):
         zero = CT(0)
         c = LOAD(hyper, 0)
         ukey = np.uint32(key)
@@ -866,7 +871,7 @@ def make_stored_rows_kernel(config, catch, step):
                     if MX:
                         prows[u, j] = p
                     else:
-                        SP(P, A, e, p, old, ukey)
+                        SP(P, A, e, p, old, ukey, base + e)
                     if Q8:
                         if U0:
                             b0[i] = s0
@@ -897,7 +902,7 @@ def make_stored_rows_kernel(config, catch, step):
                 renorm_row(prow, c, zero, EPS)
                 for j in range(D):
                     e = r * D + j
-                    SP(P, A, e, prow[j], LP(P, A, e), ukey)
+                    SP(P, A, e, prow[j], LP(P, A, e), ukey, base + e)
             w += stride
 
     return cuda.jit(stored_rows_kernel)
@@ -906,7 +911,7 @@ def make_stored_rows_kernel(config, catch, step):
 def make_stored_rowwise_kernel(config):
     """Row-wise rules whose parameter or per-row state is stored in another format
     (float64 parameters with float32 state): ``kernel[blocks, BLOCK_SIZE](P, A, S0,
-    vals, order, seg, uniq, hyper, prows, grows, nuniq, D, key, ident)``, one thread
+    vals, order, seg, uniq, hyper, prows, grows, nuniq, D, key, base, ident)``, one thread
     per touched row: the row loaded into ``prows[u]``, its summed and pre-processed
     gradient into ``grows[u]``, the rule's row math, the parameter-side options,
     ``max_norm``, the stores (the CPU stored row-wise driver)."""
@@ -920,7 +925,7 @@ def make_stored_rowwise_kernel(config):
     EPS = CT(RENORM_EPS)
 
     def stored_rowwise_kernel(P, A, S0, vals, order, seg, uniq, hyper, prows, grows, nuniq,
-                              D, key, ident):
+                              D, key, base, ident):
         zero = CT(0)
         c = LOAD(hyper, 0)
         inv_d = CT(1) / CT(D)
@@ -955,7 +960,7 @@ def make_stored_rowwise_kernel(config):
                 renorm_row(prow, c, zero, EPS)
             for j in range(D):
                 e = r * D + j
-                SP(P, A, e, prow[j], LP(P, A, e), ukey)
+                SP(P, A, e, prow[j], LP(P, A, e), ukey, base + e)
             u += stride
 
     return cuda.jit(stored_rowwise_kernel)
@@ -1593,7 +1598,7 @@ class CudaBackend(Backend):
             S0 = _import_device(work.slots[0]).reshape(nrows)
             kernel_for("stored_rowwise", cfg)[_blocks(nuniq, BLOCK_SIZE), BLOCK_SIZE](
                 P, A, S0, vals, order, seg, uniq, hyper, bufs[:nuniq], bufs[nuniq:], nuniq,
-                D, key, ident)
+                D, key, int(work.base), ident)
             return
         S = [_flat(s) if s is not None else _dummy((1,), SDT) for s in work.slots]
         C = [_flat(s) if s is not None else _dummy((1,), np.float32) for s in extras[1:]]
@@ -1608,7 +1613,7 @@ class CudaBackend(Backend):
         kernel_for("stored_rows", cfg, catch, stepping)[_blocks(units, BLOCK_SIZE),
                                                         BLOCK_SIZE](
             P, A, S[0], S[1], S[2], C[0], C[1], C[2], vals, order, seg, uniq, coef, hyper,
-            prows, nuniq, D, key, ident)
+            prows, nuniq, D, key, int(work.base), ident)
 
 
 _BACKEND = None

@@ -346,7 +346,8 @@ class CythonBackend(Backend):
             addrs = np.array([self.address(P), V, self.address(acc), A], dtype=np.int64)
             self._ext.run_stored_rowwise(rid, code, pkind, skind, opts, addrs, nrows, D, nnz,
                                          order, seg, _i64(uniq), _f64(work.hyper),
-                                         int(work.key), fused.RENORM_EPS, _parallel_min())
+                                         int(work.key), fused.RENORM_EPS, _parallel_min(),
+                                         int(work.base))
             return
         addrs = np.empty(9, dtype=np.int64)
         addrs[0], addrs[1], addrs[5] = self.address(P), V, A
@@ -374,7 +375,7 @@ class CythonBackend(Backend):
         self._ext.run_stored_rows(rid, code, pkind, skind, smask, u0, u1, u2, opts, addrs,
                                   nrows, D, nnz, order, seg, _i64(uniq), _f64(work.hyper),
                                   coef, step, int(work.key), fused.RENORM_EPS,
-                                  _parallel_min())
+                                  _parallel_min(), int(work.base))
 
 
 def _stored(a, dtype, size, what):

@@ -515,7 +515,7 @@ def make_stored_dense_driver(config, parallel):
     """The dense driver of a stored format: ``chunks`` rows ``(tensor, first block,
     end block)``; block ``k`` of a tensor is row ``k // nb``, elements
     ``[(k % nb) * BLK, ...)`` of that row (``fmt`` holds row length and nb)."""
-    from .base import FMT_AUX, FMT_KEY, FMT_N, FMT_NB, FMT_NSCALE, FMT_ROW, FMT_SCALE
+    from .base import FMT_AUX, FMT_BASE, FMT_KEY, FMT_N, FMT_NB, FMT_NSCALE, FMT_ROW, FMT_SCALE
     k = _stored_pieces(config)
     CT, Q8, BLK = k["CT"], k["Q8"], k["BLK"]
     PDT, GDT, SDT, ADT = k["PDT"], k["GDT"], k["SDT"], k["ADT"]
@@ -530,6 +530,7 @@ def make_stored_dense_driver(config, parallel):
     PARALLEL = bool(parallel)
     F32 = np.float32
     FA, FS, FN, FR, FB, FC, FK = FMT_AUX, FMT_SCALE, FMT_N, FMT_ROW, FMT_NB, FMT_NSCALE, FMT_KEY
+    FE = FMT_BASE
     NBUF = BLK if Q8 else 1
     CTT = numba.from_dtype(np.dtype(CT))
     HAS_AUX = config.storage.aux is not None
@@ -545,6 +546,7 @@ def make_stored_dense_driver(config, parallel):
             nb = fmt[t, FB]
             nsc = fmt[t, FC]
             key = np.uint32(fmt[t, FK])
+            base = fmt[t, FE]
             c = LOAD(hyper, hidx[t])
             P = carray(_voidptr(ptrs[t, 0]), (n,), PDT)
             G = carray(_voidptr(ptrs[t, 1]), (n,), GDT)
@@ -576,10 +578,10 @@ def make_stored_dense_driver(config, parallel):
                                or (U2 and H2(T2, m)))
                 if special:
                     BODYS(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, b0, c0, c1, c2, m, c, zero,
-                          key, lo, 1.0, 0.0, 0.0, 1.0)
+                          key, base + lo, 1.0, 0.0, 0.0, 1.0)
                 else:
                     BODY(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, b0, c0, c1, c2, m, c, zero,
-                         key, lo, 1.0, 0.0, 0.0, 1.0)
+                         key, base + lo, 1.0, 0.0, 0.0, 1.0)
                 if Q8:
                     if U0:
                         E0(T0, b0, C0, kb, m)
@@ -655,7 +657,7 @@ def make_stored_rows_driver(config, parallel, catch, step):
     HAS_AUX = config.storage.aux is not None
 
     def stored_rows_driver(P, A, S0, S1, S2, C0, C1, C2, vals, order, seg, uniq, hyper,
-                           scratch, coef, D, key, tasks):
+                           scratch, coef, D, key, base, tasks):
         stamp = STAMP  # noqa: F841
         par = PARALLEL  # noqa: F841
         zero = CT(0)
@@ -697,10 +699,10 @@ def make_stored_rows_driver(config, parallel, catch, step):
                                    or (V2 and H2(T2, m)))
                     if special:
                         BODYS(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, Rb, c0, c1, c2, m, c,
-                              zero, ukey, lo, ca, cb, cc, ce)
+                              zero, ukey, base + lo, ca, cb, cc, ce)
                     else:
                         BODY(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, Rb, c0, c1, c2, m, c,
-                             zero, ukey, lo, ca, cb, cc, ce)
+                             zero, ukey, base + lo, ca, cb, cc, ce)
                     if Q8:
                         if U0:
                             E0(T0, b0, C0, kb, m)
@@ -713,7 +715,7 @@ def make_stored_rows_driver(config, parallel, catch, step):
                     lo = r * D
                     Pr, Ar = P[lo:lo + D], A[lo:lo + D] if HAS_AUX else A
                     for j in range(D):
-                        SP(Pr, Ar, j, prow[j], LP(Pr, Ar, j), ukey, lo + j)
+                        SP(Pr, Ar, j, prow[j], LP(Pr, Ar, j), ukey, base + lo + j)
 
     return _compile(stored_rows_driver, parallel)
 
@@ -735,7 +737,7 @@ def make_stored_rowwise_driver(config, parallel):
     HAS_AUX = config.storage.aux is not None
 
     def stored_rowwise_driver(P, A, S0, vals, order, seg, uniq, hyper, scratch, D, key,
-                              tasks):
+                              base, tasks):
         stamp = STAMP  # noqa: F841
         par = PARALLEL  # noqa: F841
         zero = CT(0)
@@ -762,7 +764,7 @@ def make_stored_rowwise_driver(config, parallel):
                 if MX:
                     renorm_row(prow, c, zero, EPS)
                 for j in range(D):
-                    SP(Pr, Ar, j, prow[j], LP(Pr, Ar, j), ukey, lo + j)
+                    SP(Pr, Ar, j, prow[j], LP(Pr, Ar, j), ukey, base + lo + j)
 
     return _compile(stored_rowwise_driver, parallel)
 
@@ -816,7 +818,7 @@ def run_stored_rows(work):
     if cfg.rule.layout == "rowwise":
         _driver(make_stored_rowwise_driver, cfg, parallel)(
             P, A, work.slots[0].reshape(nrows), vals, order, seg, uniq, work.hyper, scratch,
-            D, work.key, tasks)
+            D, work.key, work.base, tasks)
         return
     S = [_flat_view(s, SDT) if s is not None else P for s in work.slots]
     none = np.empty(0, np.float32)
@@ -825,4 +827,4 @@ def run_stored_rows(work):
     coef = work.catch.coef if catch else _EMPTY_COEF
     _driver(make_stored_rows_driver, cfg, parallel, catch, step)(
         P, A, S[0], S[1], S[2], C[0], C[1], C[2], vals, order, seg, uniq, work.hyper, scratch,
-        coef, D, work.key, tasks)
+        coef, D, work.key, work.base, tasks)

@@ -17,7 +17,7 @@ from .. import storage
 from ..rules import fused
 from ..sparse import coalesce
 from ..storage import reference as fmt
-from .base import FMT_KEY, Backend
+from .base import FMT_BASE, FMT_KEY, Backend
 
 
 class NumpyBackend(Backend):
@@ -98,6 +98,7 @@ class NumpyBackend(Backend):
         for t, (p, g, (group, step, state, fresh)) in enumerate(
                 zip(work.params, work.grads, work.ref)):
             key = int(work.fmt[t, FMT_KEY])
+            base = int(work.fmt[t, FMT_BASE])
             extras = work.extras[t]
             P, dec = _decode(cfg, p, extras, state)
             old = P.copy()
@@ -108,7 +109,7 @@ class NumpyBackend(Backend):
             work1 = replace(work, params=[P], grads=[G], ref=[(group, step, dec, fresh)],
                             config=replace(cfg, storage=storage.NATIVE, dtype=P.dtype))
             self.run_dense(work1)
-            _encode(cfg, p, extras, state, P, old, dec, key, None)
+            _encode(cfg, p, extras, state, P, old, dec, key, None, base)
 
     def _run_stored_rows(self, work):
         cfg = work.config
@@ -123,7 +124,8 @@ class NumpyBackend(Backend):
         work1 = replace(work, param=P, slots=slots, vals=vals, ref=(group, step, dec, fresh),
                         config=replace(cfg, storage=storage.NATIVE, dtype=P.dtype))
         self.run_rows(work1)
-        _encode(cfg, work.param, work.extras, state, P, old, dec, work.key, work.uniq)
+        _encode(cfg, work.param, work.extras, state, P, old, dec, work.key, work.uniq,
+                work.base)
 
 
 def _rows2d(a, nrows):
@@ -162,9 +164,10 @@ def _decode(cfg, p, extras, state):
     return P, dec
 
 
-def _encode(cfg, p, extras, state, P, old, dec, key, rows):
+def _encode(cfg, p, extras, state, P, old, dec, key, rows, base=0):
     """Store the new parameter ``P`` (``old``: its value before the step) and state
-    ``dec`` in their formats; ``rows``: only those rows (first axis) changed."""
+    ``dec`` in their formats; ``rows``: only those rows (first axis) changed;
+    ``base``: the element base of stochastic rounding (``DenseWork.fmt``)."""
     st = cfg.storage
     nrows = p.shape[0] if p.ndim else 1
     D = p.size // nrows if nrows else 0
@@ -193,7 +196,7 @@ def _encode(cfg, p, extras, state, P, old, dec, key, rows):
             hi = fmt.bracket(fmt.round_nearest(w + y), x)
             put(fmt.bits(extras[0]), fmt.round_nearest(y - (fmt.widen(hi) - w)))
         elif st.update == "stochastic":
-            e = np.arange(nrows * D, dtype=np.int64).reshape(nrows, D)
+            e = np.arange(base, base + nrows * D, dtype=np.int64).reshape(nrows, D)
             e = e if rows is None else e[rows]
             hi = fmt.round_stochastic(x, fmt.random16(key, e))
         else:

@@ -81,31 +81,38 @@ def sparse_grad(shape, dtype, step, rank, seed=0, rows=None, scipy=False):
     return RowSparse(idx.astype(np.int32 if step % 2 else np.int64), vals)
 
 
+def grad_dtype(p):
+    """The dtype of a parameter's averaged gradient: float32 for bfloat16."""
+    return np.dtype(np.float32) if p.dtype.name == "bfloat16" else p.dtype
+
+
 def averaged(per_rank, params):
     """The reference's gradients: per parameter, the average over ranks formed as the
-    documented scheme does: local values in the parameter's dtype, added in rank
-    order in float64, divided once; sparse rows coalesced in (rank, position) order."""
+    documented scheme does: local values in the gradient dtype (the parameter's,
+    float32 for bfloat16 parameters), added in rank order in float64, divided once;
+    sparse rows coalesced in (rank, position) order."""
     n = len(per_rank)
     out = []
     for k, p in enumerate(params):
         entries = [g[k] for g in per_rank]
+        gdt = grad_dtype(p)
         if entries[0] is None:
             out.append(None)
         elif isinstance(entries[0], np.ndarray):
-            acc = np.asarray(entries[0], dtype=p.dtype).astype(np.float64)
+            acc = np.asarray(entries[0], dtype=gdt).astype(np.float64)
             for e in entries[1:]:
-                acc += np.asarray(e, dtype=p.dtype)
-            out.append((acc / n).astype(p.dtype))
+                acc += np.asarray(e, dtype=gdt)
+            out.append((acc / n).astype(gdt))
         else:
             rows = [checked_rows(e, p, "reference") for e in entries]
             idx = np.concatenate([i for i, _ in rows])
             width = rows[0][1].shape[1]
             vals = np.concatenate([v for _, v in rows]).astype(np.float64).reshape(-1, width)
             if idx.size == 0:
-                out.append(RowSparse(idx, np.zeros((0,) + p.shape[1:], p.dtype)))
+                out.append(RowSparse(idx, np.zeros((0,) + p.shape[1:], gdt)))
                 continue
             uniq, summed = coalesce(idx, vals, p.shape[0])
-            out.append(RowSparse(uniq, (summed / n).astype(p.dtype)
+            out.append(RowSparse(uniq, (summed / n).astype(gdt)
                                  .reshape((uniq.shape[0],) + p.shape[1:])))
     return out
 
@@ -117,8 +124,12 @@ def init(shapes, dtype, seed=1):
 
 
 def same(a, b):
-    return (a.shape == b.shape and a.dtype == b.dtype
-            and np.array_equal(a, b, equal_nan=True))
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.kind != "f":             # bfloat16, uint8/uint16 codes: the bytes
+        return np.array_equal(np.ascontiguousarray(a).reshape(-1).view(np.uint8),
+                              np.ascontiguousarray(b).reshape(-1).view(np.uint8))
+    return np.array_equal(a, b, equal_nan=True)
 
 
 def identical_on_every_rank(arrays):
@@ -1163,40 +1174,193 @@ def test_load_of_named_parameters_in_another_order_agrees():
 
 # ------------------------------------------------ bfloat16 and storage options
 
-def test_bfloat16_parameters_and_storage_options_are_refused_up_front():
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    bf16 = np.dtype(ml_dtypes.bfloat16)
-    forms = {"list": lambda: [np.zeros((4, 3), np.float32), np.zeros(8, bf16)],
-             "groups": lambda: [{"params": [np.zeros(3)]},
-                                {"params": [np.zeros(5, bf16)], "lr": 0.1}],
-             "dict": lambda: {"w": np.zeros(6, bf16)}}
-    got = {k: outcome(ShardedOptimizer, fastopt.AdamW, f()) for k, f in forms.items()}
-    # one rank only: its own error there, the others are told
-    one = outcome(ShardedOptimizer, fastopt.Adam,
-                  [np.zeros(8, bf16 if ME == LAST else np.float32)])[0]
-    options = [(k, outcome(ShardedOptimizer, fastopt.Adam, [np.zeros(4, np.float32)], **{k: v}))
-               for k, v in (("state_bits", 8), ("state_bits", 16), ("bf16_update", "kahan"),
-                            ("seed", 3))]
-    options += [(k, outcome(ShardedOptimizer, fastopt.Adam,
-                            [{"params": [np.zeros(4, np.float32)]},
-                             {"params": [np.zeros(3, np.float32)], k: v}]))
-                for k, v in (("state_bits", 8), ("bf16_update", "nearest"), ("seed", 1))]
-    # the defaults (what groups copied from an optimizer's param_groups carry): taken
-    defaults = {"state_bits": None, "seed": 0}
-    opt = ShardedOptimizer(fastopt.Adam, [{"params": [np.zeros(4, np.float32)], **defaults}])
-    ok = opt.step([np.ones(4, np.float32)])                    # still in step
-    for form, (err, _) in got.items():
-        assert isinstance(err, NotImplementedError), (form, repr(err))
-        assert "bfloat16" in str(err) and "single-process optimizer takes them" in str(err)
-    assert "parameter 1 is bfloat16" in str(got["list"][0])
-    if ME == LAST:
-        assert isinstance(one, NotImplementedError) and "bfloat16" in str(one), repr(one)
-    else:
-        assert isinstance(one, DistributedError) and "bfloat16" in str(one), repr(one)
-    for k, (err, _) in options:
-        assert isinstance(err, NotImplementedError), (k, repr(err))
-        assert k in str(err) and "single-process optimizer takes them" in str(err)
-    assert ok
+ml_dtypes = pytest.importorskip("ml_dtypes")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+#: 8-bit state needs >= 4096 elements: a 1-D tensor of 20 blocks (cut at block
+#: multiples), rows of two blocks (300 = 256 + 44), rows of one; small tensors keep
+#: float32 state; 0-d and empty tensors
+STORAGE_SHAPES = [(5000,), (40, 300), (70, 100), (7,), (33, 17), (), (0,)]
+STORAGE_CASES = [
+    ("Adam", BF16, {"bf16_update": "split"}),
+    ("Adam", BF16, {"bf16_update": "kahan"}),
+    ("Adam", BF16, {"bf16_update": "stochastic", "seed": 5}),
+    ("Adam", BF16, {"bf16_update": "nearest"}),
+    ("Adam", np.float32, {"state_bits": 8}),
+    ("Adam", np.float32, {"state_bits": 16}),
+    ("Adam", np.float64, {"state_bits": 8}),
+    ("AdamW", BF16, {"state_bits": 8, "bf16_update": "stochastic", "seed": 3}),
+    ("Adam", BF16, {"state_bits": 16, "bf16_update": "kahan", "amsgrad": True}),
+    ("RowWiseAdagrad", BF16, {"bf16_update": "stochastic", "seed": 9}),
+    ("RowWiseAdagrad", BF16, {"bf16_update": "split", "state_bits": 8}),
+    ("SGD", BF16, {"momentum": 0.9, "state_bits": 8, "bf16_update": "split"}),
+    ("SGD", np.float32, {"momentum": 0.9, "nesterov": True, "state_bits": 8}),
+]
+
+
+def storage_params(name, dtype, seed=1):
+    shapes = [s for s in STORAGE_SHAPES
+              if not (rules.RULES[name].layout == "rowwise" and len(s) == 0)]
+    rng = _rng(seed, 98)
+    return [np.asarray(rng.standard_normal(s) * 0.5).astype(np.float32).astype(dtype)
+            for s in shapes]
+
+
+def storage_grads(params, t, r):
+    """Dense gradients; those of bfloat16 parameters alternate between bfloat16 and
+    float32 (each rank's converted to float32 before averaging)."""
+    out = []
+    for k, p in enumerate(params):
+        g = dense_grad(p.shape, np.float32, t, r, seed=11 + k)
+        if p.dtype == BF16 and (k + t) % 2:
+            g = g.astype(BF16)
+        elif p.dtype != BF16:
+            g = g.astype(p.dtype)
+        out.append(g)
+    return out
+
+
+@pytest.mark.parametrize("name,dtype,hyper", [
+    pytest.param(n, d, h, id=f"{n}-{np.dtype(d).name}-" + "-".join(
+        f"{k}={v}" for k, v in h.items())) for n, d, h in STORAGE_CASES])
+def test_storage_options_equal_single_process(name, dtype, hyper):
+    """bfloat16 parameters (every bf16_update) and 8/16-bit state, bit for bit the
+    single process on the averaged gradients (float32 averages for bfloat16
+    parameters); the consolidated state dict is the single process's (8-bit scales,
+    master_low, kahan_comp included), loads into the plain class, and both go on
+    identically."""
+    cls = fastopt.CLASSES[name]
+    params = storage_params(name, dtype)
+    hyper = {"lr": 0.01, **hyper}
+    mine, ref_p, opt, ref, _ = run_pair(
+        cls, params, hyper, lambda t, r: storage_grads(params, t, r), 4)
+    sd = opt.consolidated_state_dict(to=0)
+    assert_same_params(mine, ref_p)
+    if ME == 0:
+        assert_same_state_dict(sd, ref.state_dict())
+    # the consolidated dict in one process (fresh copies of the parameters), and the
+    # single-process dict re-sharded into a new ShardedOptimizer: both continue
+    sd = COMM.bcast(sd, root=0)
+    one_p = [p.copy() for p in ref_p]
+    one = cls(one_p, **hyper)
+    one.load_state_dict(sd)
+    again_p = [p.copy() for p in ref_p]
+    again = ShardedOptimizer(cls, again_p, **hyper)
+    again.load_state_dict(ref.state_dict())
+    for t in range(4, 7):
+        per_rank = [storage_grads(params, t, r) for r in range(N)]
+        avg = averaged(per_rank, ref_p)
+        opt.step(per_rank[ME])
+        again.step(per_rank[ME])
+        ref.step(avg)
+        one.step([None if g is None else g.copy() for g in avg])
+    final = again.consolidated_state_dict(to=0)
+    assert_same_params(mine, ref_p)
+    assert_same_params(one_p, ref_p)
+    assert_same_params(again_p, ref_p)
+    if ME == 0:
+        assert_same_state_dict(final, ref.state_dict())
+        assert_same_state_dict(one.state_dict(), ref.state_dict())
+
+
+def test_storage_options_per_group_and_added_groups():
+    """Groups with their own storage options (8-bit, 16-bit, bfloat16 stochastic
+    with its own seed), one of them added later."""
+    f32 = storage_params("Adam", np.float32, seed=2)
+    bf = storage_params("Adam", BF16, seed=3)
+
+    def make(cls, ps, **kw):
+        return cls([{"params": ps[0][:3], "state_bits": 8},
+                    {"params": ps[1][:3], "bf16_update": "stochastic", "seed": 17,
+                     "lr": 0.02}], bf16_update="kahan", state_bits=16, **kw)
+
+    mine = [[p.copy() for p in f32], [p.copy() for p in bf]]
+    ref_p = [[p.copy() for p in f32], [p.copy() for p in bf]]
+    opt = make(lambda g, **kw: ShardedOptimizer(fastopt.AdamW, g, **kw), mine)
+    ref = make(fastopt.AdamW, ref_p)
+    extra = {"params": mine[1][3:], "bf16_update": "nearest", "state_bits": 8}
+    flat_mine = mine[0][:3] + mine[1][:3]
+    flat_ref = ref_p[0][:3] + ref_p[1][:3]
+    for t in range(5):
+        if t == 2:
+            opt.add_param_group(extra)
+            ref.add_param_group({**extra, "params": ref_p[1][3:]})
+            flat_mine = flat_mine + mine[1][3:]
+            flat_ref = flat_ref + ref_p[1][3:]
+        per_rank = [storage_grads(flat_ref, t, r) for r in range(N)]
+        opt.step(per_rank[ME])
+        ref.step(averaged(per_rank, flat_ref))
+    sd = opt.consolidated_state_dict(to=0)
+    assert_same_params(flat_mine, flat_ref)
+    if ME == 0:
+        assert_same_state_dict(sd, ref.state_dict())
+
+
+@pytest.mark.parametrize("mode", ["lazy", "exact"])
+def test_sparse_gradients_with_storage_options(mode):
+    """Row-sparse gradients of bfloat16 parameters (stochastic rounding) and of 2-D
+    parameters with 8-bit state, lazy and exact (SGD with momentum), beside dense
+    ones."""
+    name = "Adam" if mode == "lazy" else "SGD"
+    hyper = {"lr": 0.01} if mode == "lazy" else {"lr": 0.05, "momentum": 0.9}
+    shapes = [(40, 300), (40, 300), (9,)]
+    rng = _rng(4, 97)
+    params = [np.asarray(rng.standard_normal(shapes[0])).astype(np.float32).astype(BF16),
+              np.asarray(rng.standard_normal(shapes[1])).astype(np.float32),
+              np.asarray(rng.standard_normal(shapes[2])).astype(np.float32).astype(BF16)]
+
+    def make(cls, ps, **kw):
+        return cls([{"params": [ps[0], ps[2]], "bf16_update": "stochastic", "seed": 4},
+                    {"params": [ps[1]], "state_bits": 8}], sparse_mode=mode, **hyper, **kw)
+
+    def local(t, r):
+        return [sparse_grad(shapes[0], np.float32, t, r, seed=21),
+                dense_grad(shapes[2], np.float32, t, r, seed=22),
+                sparse_grad(shapes[1], np.float32, t, r, seed=23)]
+
+    mine = [p.copy() for p in params]
+    ref_p = [p.copy() for p in params]
+    opt = make(lambda g, **kw: ShardedOptimizer(fastopt.CLASSES[name], g, **kw), mine)
+    ref = make(fastopt.CLASSES[name], ref_p)
+    for t in range(5):
+        per_rank = [local(t, r) for r in range(N)]
+        opt.step(per_rank[ME])
+        ref.step(averaged(per_rank, [ref_p[0], ref_p[2], ref_p[1]]))
+    sd = opt.consolidated_state_dict(to=0)        # (exact mode: flushed first)
+    ref.flush()
+    assert_same_params(mine, ref_p)
+    if ME == 0:
+        assert_same_state_dict(sd, ref.state_dict())
+
+
+def test_row_steps_of_1d_8bit_parameters_are_refused_on_every_rank():
+    """A sparse gradient or max_norm on a 1-D parameter with 8-bit state: the plain
+    class's error, on every rank, before anything changes."""
+    p = np.zeros(5000, np.float32)
+    opt = ShardedOptimizer(fastopt.Adam, [p], state_bits=8)
+    err = outcome(opt.step, [RowSparse(np.array([3]), np.ones(1, np.float32))])[0]
+    clipped = ShardedOptimizer(fastopt.Adam, [np.zeros(5000, np.float32)], state_bits=8,
+                               max_norm=1.0)
+    err2 = outcome(clipped.step, [np.ones(5000, np.float32)])[0]
+    ok = opt.step([np.ones(5000, np.float32)])
+    assert isinstance(err, ValueError) and "blocks of 256" in str(err), repr(err)
+    assert isinstance(err2, ValueError) and "max_norm" in str(err2), repr(err2)
+    assert ok and opt.state[0]["step"] == 1
+
+
+def test_1d_8bit_parameters_are_cut_at_block_multiples():
+    """A 1-D parameter with 8-bit state is cut at multiples of Q8_BLOCK elements
+    (the blocks do not depend on the sharding); one below Q8_MIN_SIZE keeps float32
+    state on every piece, whatever the pieces' sizes."""
+    from fastopt import storage
+    params = [np.zeros(5000, np.float32), np.zeros(4000, np.float32), np.zeros(4100)]
+    opt = ShardedOptimizer(fastopt.Adam, params, state_bits=8)
+    opt.step([np.ones(5000, np.float32), np.ones(4000, np.float32), np.ones(4100)])
+    cuts = [COMM.allgather(opt.shard_rows(i)) for i in range(3)]
+    dtypes = [opt.state[i]["exp_avg"].dtype for i in range(3)]
+    for i in (0, 2):
+        assert all(a % storage.Q8_BLOCK == 0 or a == b == params[i].size
+                   for a, b in cuts[i]), cuts[i]
+    assert dtypes == [np.uint8, np.float32, np.uint8]
 
 
 # ---------------------------------------------------------------- add_param_group
@@ -1269,7 +1433,6 @@ def test_add_param_group_equals_single_process(name, hyper):
 
 
 def test_add_param_group_refusals_change_nothing():
-    ml_dtypes = pytest.importorskip("ml_dtypes")
     shapes = [(8, 3), (5,)]
     mine = init(shapes, np.float64)
     ref_p = [p.copy() for p in mine]
@@ -1277,8 +1440,8 @@ def test_add_param_group_refusals_change_nothing():
     ref = fastopt.Adam(ref_p)
     g = [dense_grad(s, np.float64, 0, ME) for s in shapes]
     errs = {
-        "bfloat16": outcome(opt.add_param_group,
-                            {"params": [np.zeros(4, np.dtype(ml_dtypes.bfloat16))]})[0],
+        "bf16_update": outcome(opt.add_param_group,
+                               {"params": [np.zeros(4)], "bf16_update": "nearest"})[0],
         "overlap": outcome(opt.add_param_group, {"params": [mine[1][1:3]]})[0],
         "no params": outcome(opt.add_param_group, {"lr": 0.1})[0],
         "bad lr": outcome(opt.add_param_group, {"params": [np.zeros(3)], "lr": -1.0})[0],
@@ -1295,8 +1458,8 @@ def test_add_param_group_refusals_change_nothing():
     ok = opt.step(per_rank[ME])                               # still in step
     ref.step(averaged(per_rank, ref_p))
     assert ok and len(opt.param_groups) == 1
-    assert isinstance(errs["bfloat16"], NotImplementedError) and \
-        "single-process optimizer takes them" in str(errs["bfloat16"])
+    assert isinstance(errs["bf16_update"], ValueError) and \
+        "applies to bfloat16 parameters" in str(errs["bf16_update"]), repr(errs["bf16_update"])
     assert isinstance(errs["overlap"], ValueError) and "overlaps" in str(errs["overlap"])
     assert isinstance(errs["no params"], TypeError), repr(errs["no params"])
     assert isinstance(errs["bad lr"], ValueError) and "lr" in str(errs["bad lr"])

@@ -1,0 +1,292 @@
+"""The data exchanges of a step: the reduce-scatter of dense gradients (averaged in
+float64 in rank order), the all-gather of updated parameters, the exchange and
+gather of sparse rows, and the gradient-norm reduction (see the package docstring,
+"Determinism")."""
+
+import math
+import time
+
+import numpy as np
+
+from .._jit import njit, prange, register_jitable
+from ..backends.base import may_use_threads
+from ..clip import _array_norm
+from ..sparse import coalesce_plan
+from .layout import _DensePlan, _grad_dtype
+
+#: elements at which the averaging kernel uses threads
+_PARALLEL_MIN = 1 << 16
+
+
+# --------------------------------------------------------------------- kernels
+
+def _make_mean_of_pieces(parallel):
+    """:func:`_mean_of_pieces_body`, parallel or serial: a closure over ``PARALLEL``,
+    whose cell is part of Numba's cache key, so the two builds never share a cache
+    entry (see ``fastopt.clip._make_block_sums``); compiled on first call."""
+    PARALLEL = bool(parallel)
+
+    def mean_of_pieces(recv, nranks, count, out):
+        par = PARALLEL  # noqa: F841  (in the cache key)
+        _mean_of_pieces_body(recv, nranks, count, out)
+    return njit(parallel=PARALLEL, cache=True, nogil=True)(mean_of_pieces)
+
+
+@register_jitable(inline="always")
+def _mean_of_pieces_body(recv, nranks, count, out):
+    """``out[j] = (recv[j] + recv[count + j] + ...) / nranks``: the ``nranks``
+    pieces of ``count`` elements added in rank order in float64, divided once and
+    rounded once to ``out``'s dtype.  Blocks of 4096 elements with a float64
+    accumulator, so that the loops over elements vectorize; every element is
+    computed the same way whatever the blocks and threads."""
+    B = 4096
+    nb = (count + B - 1) // B
+    for b in prange(nb):
+        lo = b * B
+        n = min(B, count - lo)
+        acc = np.empty(B, dtype=np.float64)
+        src = recv[lo:lo + n]
+        for j in range(n):
+            acc[j] = src[j]
+        for r in range(1, nranks):
+            src = recv[r * count + lo:r * count + lo + n]
+            for j in range(n):
+                acc[j] += src[j]
+        dst = out[lo:lo + n]
+        for j in range(n):
+            dst[j] = acc[j] / nranks
+
+
+_mean_parallel = _make_mean_of_pieces(True)
+_mean_serial = _make_mean_of_pieces(False)
+
+
+@njit(cache=True, nogil=True)
+def _coalesced_mean(vals, order, seg, nranks, out):
+    """Row ``u`` of ``out``: the rows ``vals[order[seg[u]:seg[u + 1]]]`` added in that
+    order in float64, divided by ``nranks``."""
+    D = vals.shape[1]
+    for u in range(seg.shape[0] - 1):
+        lo = seg[u]
+        hi = seg[u + 1]
+        for j in range(D):
+            s = np.float64(vals[order[lo], j])
+            for k in range(lo + 1, hi):
+                s += np.float64(vals[order[k], j])
+            out[u, j] = s / nranks
+
+
+def _mean_of_pieces(recv, nranks, count, out):
+    if count >= _PARALLEL_MIN and may_use_threads():
+        _mean_parallel(recv, nranks, count, out)
+    else:
+        _mean_serial(recv, nranks, count, out)
+
+
+class Collectives:
+    """The exchanges of :class:`~fastopt.distributed.ShardedOptimizer` (a mixin)."""
+
+    # ------------------------------------------------------------ dense comm
+    def _mpi(self, dtype):
+        return self._dtlib.from_numpy_dtype(np.dtype(dtype))
+
+    def _reduce_scatter(self, plan, dense):
+        """The averaged gradient of this rank's pieces: {param: view of the gradient
+        shard}.  (One rank: the gradients themselves, converted to the parameter's
+        dtype and layout where needed, or copied when clipping will scale them.)"""
+        N, me, comm, st = self._size, self._rank, self._comm, self.stats
+        if N == 1:
+            t0 = time.perf_counter()
+            out = {}
+            for i, g in dense.items():
+                p = self._params[i]
+                if self._max_grad_norm is None:
+                    out[i] = np.asarray(g, dtype=_grad_dtype(p.dtype), order="C")
+                else:
+                    out[i] = plan.views[i]
+                    np.copyto(out[i], g, casting="same_kind")
+            st["pack_s"] += time.perf_counter() - t0
+            return out
+        gflat = {i: (g if g.flags.c_contiguous else np.ascontiguousarray(g)).reshape(-1)
+                 for i, g in dense.items()}
+        for dp in plan.parts:
+            mt = self._mpi(dp.gdtype)
+            item = dp.gdtype.itemsize
+            send = self._send.view(dp.gdtype)
+            recv = self._recv.view(dp.gdtype)
+            shard = self._shard[dp.dtype.str]
+            for k in range(dp.nbuckets):
+                t0 = time.perf_counter()
+                counts, displs = dp.counts[k], dp.displs[k]
+                c = counts[me]
+                for i, first, pos, n in dp.pack[k]:
+                    np.copyto(send[pos:pos + n], gflat[i][first:first + n], casting="same_kind")
+                t1 = time.perf_counter()
+                comm.Alltoallv([send, (counts, displs), mt],
+                               [recv, ([c] * N, [r * c for r in range(N)]), mt])
+                t2 = time.perf_counter()
+                if c:
+                    lo = k * dp.b
+                    _mean_of_pieces(recv, N, c, shard[lo:lo + c])
+                t3 = time.perf_counter()
+                st["pack_s"] += t1 - t0
+                st["comm_s"] += t2 - t1
+                st["reduce_s"] += t3 - t2
+                st["bytes_received"] += (N - 1) * c * item
+                st["bytes_sent"] += (sum(counts) - c) * item
+        return plan.views
+
+    def _all_gather(self, plan):
+        me, comm, st = self._rank, self._comm, self.stats
+        for dp in plan.parts:
+            mt = self._mpi(dp.pdtype)
+            item = dp.pdtype.itemsize
+            send = self._send.view(dp.pdtype)
+            recv = self._recv.view(dp.pdtype)
+            for k in range(dp.nbuckets):
+                t0 = time.perf_counter()
+                counts, displs = dp.counts[k], dp.displs[k]
+                c = counts[me]
+                for i, first, pos, n in dp.mine[k]:
+                    send[pos:pos + n] = self._pflat[i][first:first + n]
+                t1 = time.perf_counter()
+                comm.Allgatherv([send, c, mt], [recv, (counts, displs), mt])
+                t2 = time.perf_counter()
+                for i, first, pos, n in dp.unpack[k]:
+                    self._pflat[i][first:first + n] = recv[pos:pos + n]
+                t3 = time.perf_counter()
+                st["pack_s"] += (t1 - t0) + (t3 - t2)
+                st["comm_s"] += t2 - t1
+                others = sum(counts) - c
+                st["bytes_received"] += others * item
+                st["bytes_sent"] += others * item      # ring model: each rank forwards
+
+    def _gather_all_params(self):
+        """All-gather every parameter (after an exact-mode flush)."""
+        if self._size == 1:
+            return
+        plan = self._plans.get("all")
+        if plan is None:
+            plan = self._plans["all"] = _DensePlan(self, tuple(range(len(self._params))))
+        self._all_gather(plan)
+
+    # ----------------------------------------------------------- sparse comm
+    def _buffer(self, key, n, dtype):
+        """A reusable scratch array of ``n`` elements (grown when too small)."""
+        dtype = np.dtype(dtype)
+        need = max(1, n * dtype.itemsize)
+        buf = self._scratch.get(key)
+        if buf is None or buf.nbytes < need:
+            buf = self._scratch[key] = np.empty(max(need, 2 * (0 if buf is None else
+                                                               buf.nbytes)), dtype=np.uint8)
+        return buf[:n * dtype.itemsize].view(dtype)
+
+    def _exchange_rows(self, sparse_i, sparse):
+        """Send every gradient row to its owner; returns {param: (global rows owned
+        here, sorted unique, int64), (nuniq, D) averaged values}."""
+        t0 = time.perf_counter()
+        N, me, comm, st = self._size, self._rank, self._comm, self.stats
+        m = len(sparse_i)
+        counts = np.zeros((N, m), dtype=np.int64)
+        sorted_rows = []
+        for s, i in enumerate(sparse_i):
+            idx, vals = sparse[i]
+            owner = np.searchsorted(self._bounds[i], idx, side="right") - 1
+            order = np.argsort(owner, kind="stable")
+            counts[:, s] = np.bincount(owner, minlength=N)
+            sorted_rows.append((idx[order], np.ascontiguousarray(
+                vals[order], dtype=_grad_dtype(self._params[i].dtype))))
+        rcounts = np.empty((N, m), dtype=np.int64)
+        t1 = time.perf_counter()
+        comm.Alltoall([counts, self._mpi(np.int64)], [rcounts, self._mpi(np.int64)])
+        st["bytes_received"] += (N - 1) * m * 8
+        st["bytes_sent"] += (N - 1) * m * 8
+        out = {}
+        tcomm = time.perf_counter() - t1
+        for s, i in enumerate(sparse_i):
+            sidx, svals = sorted_rows[s]
+            D = self._widths[i]
+            dt = _grad_dtype(self._params[i].dtype)
+            sc = counts[:, s]
+            rc = rcounts[:, s]
+            sd = np.concatenate([[0], np.cumsum(sc)[:-1]])
+            rd = np.concatenate([[0], np.cumsum(rc)[:-1]])
+            total = int(rc.sum())
+            ridx = self._buffer("ridx", total, np.int64)
+            rvals = self._buffer("rvals", total * D, dt).reshape(total, D)
+            t1 = time.perf_counter()
+            comm.Alltoallv([sidx, (sc, sd), self._mpi(np.int64)],
+                           [ridx, (rc, rd), self._mpi(np.int64)])
+            comm.Alltoallv([svals, (sc * D, sd * D), self._mpi(dt)],
+                           [rvals, (rc * D, rd * D), self._mpi(dt)])
+            tcomm += time.perf_counter() - t1
+            order, seg, uniq = coalesce_plan(ridx, self._nrows[i])
+            avg = np.empty((uniq.shape[0], D), dtype=dt)
+            if uniq.shape[0] and D:
+                _coalesced_mean(rvals, order, seg, N, avg)
+            out[i] = (uniq, avg)
+            item = dt.itemsize
+            st["bytes_received"] += int(total - rc[me]) * (8 + D * item)
+            st["bytes_sent"] += int(sc.sum() - sc[me]) * (8 + D * item)
+        st["comm_s"] += tcomm
+        st["sparse_s"] += time.perf_counter() - t0 - tcomm
+        return out
+
+    def _gather_rows(self, i, uniq, counts):
+        """Every rank gets the updated rows of parameter ``i`` from their owners."""
+        t0 = time.perf_counter()
+        comm, me, st = self._comm, self._rank, self.stats
+        D = self._widths[i]
+        P = self._pflat[i].reshape(self._nrows[i], D)      # (bfloat16: the uint16 bits)
+        total = int(counts.sum())
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        ridx = self._buffer("gidx", total, np.int64)
+        rvals = self._buffer("gvals", total * D, P.dtype).reshape(total, D)
+        mine = P[uniq]
+        t1 = time.perf_counter()
+        comm.Allgatherv([uniq, self._mpi(np.int64)],
+                        [ridx, (counts, displs), self._mpi(np.int64)])
+        comm.Allgatherv([mine, self._mpi(P.dtype)],
+                        [rvals, (counts * D, displs * D), self._mpi(P.dtype)])
+        t2 = time.perf_counter()
+        lo, hi = int(displs[me]), int(displs[me]) + int(counts[me])
+        if D:
+            P[ridx[:lo]] = rvals[:lo]
+            P[ridx[hi:]] = rvals[hi:]
+        t3 = time.perf_counter()
+        others = total - int(counts[me])
+        st["bytes_received"] += others * (8 + D * P.dtype.itemsize)
+        st["bytes_sent"] += others * (8 + D * P.dtype.itemsize)
+        st["comm_s"] += t2 - t1
+        st["sparse_s"] += (t1 - t0) + (t3 - t2)
+
+    # -------------------------------------------------------------- clipping
+    def _partial_norm(self, arrays):
+        p = self._norm_type
+        with np.errstate(over="ignore", invalid="ignore"):
+            if p == math.inf:
+                return max([_array_norm(a, p) for a in arrays], default=0.0)
+            acc = 0.0
+            for a in arrays:
+                x = _array_norm(a, p)
+                acc += x * x if p == 2.0 else x ** p
+            return acc
+
+    def _clip(self, partials, arrays, gs):
+        p = self._norm_type
+        with np.errstate(over="ignore", invalid="ignore"):
+            if p == math.inf:
+                total = math.nan if np.isnan(partials).any() else float(np.max(partials))
+            else:
+                acc = 0.0
+                for x in partials:          # rank order
+                    acc += float(x)
+                total = math.sqrt(acc) if p == 2.0 else acc ** (1.0 / p)
+        if gs is not None:
+            total = total / gs
+        self.last_grad_norm = total
+        coef = self._max_grad_norm / (total + 1e-6)
+        if not coef >= 1.0:
+            with np.errstate(invalid="ignore"):
+                for a in arrays:
+                    np.multiply(a, coef, out=a, casting="same_kind")

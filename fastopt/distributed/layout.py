@@ -1,0 +1,189 @@
+"""How the parameters are cut into per-rank pieces, and the bucket plans of the
+dense exchanges (see the package docstring, "Sharding scheme" and "Storage
+formats")."""
+
+import numpy as np
+
+from .. import storage
+
+
+def _rows_and_width(p):
+    """(rows, elements per row) of a parameter: 0-d is one row of one element."""
+    if p.ndim == 0:
+        return 1, 1
+    return p.shape[0], int(np.prod(p.shape[1:], dtype=np.int64))
+
+
+def _row_bounds(params, nranks, granules=None):
+    """Per parameter, int64 (nranks + 1,): the first row of each rank's piece.
+
+    Per dtype, the parameters' elements are laid end to end; the cut before rank
+    ``r`` is at the row boundary nearest to ``total * r // nranks``, and in a
+    parameter with a granule ``g`` (``granules[i]``, default 1) at a multiple of
+    ``g`` rows (or its end): a 1-D parameter with 8-bit state is cut at its
+    quantization blocks.  Parameters without elements (shape (k, 0)) belong to
+    rank 0."""
+    bounds = [None] * len(params)
+    by_dtype = {}
+    for i, p in enumerate(params):
+        by_dtype.setdefault(p.dtype.str, []).append(i)
+    for idxs in by_dtype.values():
+        gran = [1 if granules is None else int(granules[i]) for i in idxs]
+        shapes = [_rows_and_width(params[i]) for i in idxs]
+        sizes = [n * d for n, d in shapes]
+        offs = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+        total = int(offs[-1])
+        cuts = [0] * (nranks + 1)
+        cuts[nranks] = total
+        for r in range(1, nranks):
+            t = total * r // nranks
+            k = int(np.searchsorted(offs, t, side="right")) - 1
+            while k < len(idxs) and sizes[k] == 0:
+                k += 1
+            if k >= len(idxs):
+                cuts[r] = total
+                continue
+            nrows, width = shapes[k]
+            g = gran[k]
+            unit = width * g
+            units = -(-nrows // g)
+            u = min(max((t - int(offs[k]) + unit // 2) // unit, 0), units)
+            cuts[r] = int(offs[k]) + min(u * g, nrows) * width
+        for r in range(1, nranks + 1):          # monotone (rounding cannot reorder)
+            cuts[r] = max(cuts[r], cuts[r - 1])
+        for k, i in enumerate(idxs):
+            nrows, width = shapes[k]
+            b = np.zeros(nranks + 1, dtype=np.int64)
+            if width == 0:
+                b[1:] = nrows
+            else:
+                for r in range(nranks + 1):
+                    b[r] = min(max((cuts[r] - int(offs[k])) // width, 0), nrows)
+            bounds[i] = b
+    return bounds
+
+
+def _grad_dtype(dtype):
+    """The dtype gradients of a parameter of ``dtype`` are averaged and stepped in:
+    float32 for bfloat16 parameters, else the parameter's dtype."""
+    return np.dtype(np.float32) if storage.is_bf16(dtype) else np.dtype(dtype)
+
+
+def _wire_dtype(dtype):
+    """The element dtype a parameter or state array of ``dtype`` travels as
+    (bfloat16: its uint16 bits)."""
+    return np.dtype(np.uint16) if storage.is_bf16(dtype) else np.dtype(dtype)
+
+
+def _wire(a):
+    """``a`` viewed with its wire dtype (bfloat16 -> uint16)."""
+    return a.view(np.uint16) if storage.is_bf16(a.dtype) else a
+
+
+def _dtype_token(dt):
+    """A picklable name of a dtype that keeps bfloat16 (whose ``str`` is ``'<V2'``)."""
+    return "bfloat16" if storage.is_bf16(dt) else np.dtype(dt).str
+
+
+def _dtype_of(token):
+    return storage.bf16() if token == "bfloat16" else np.dtype(token)
+
+
+def _piece(p, r0, r1):
+    """The view of rows [r0, r1) of ``p`` (a 0-d parameter: itself, or an empty 1-D
+    view)."""
+    if p.ndim == 0:
+        return p if r1 > r0 else p.reshape(1)[0:0]
+    return p[r0:r1]
+
+
+class _DtypePlan:
+    """The buckets of one dtype for one set of dense parameters."""
+
+    def __init__(self, dtype, idxs, bounds, widths, nranks, me, bucket_bytes):
+        self.dtype = dtype
+        self.gdtype = _grad_dtype(dtype)        # the averaged gradients (reduce-scatter)
+        self.pdtype = _wire_dtype(dtype)        # the parameters (all-gather)
+        self.idxs = idxs
+        item = self.gdtype.itemsize
+        segs = []                   # per rank: [(param, first element, count, offset)]
+        lengths = []
+        for r in range(nranks):
+            out, off = [], 0
+            for i in idxs:
+                b = bounds[i]
+                n = int(b[r + 1] - b[r]) * widths[i]
+                if n:
+                    out.append((i, int(b[r]) * widths[i], n, off))
+                    off += n
+            segs.append(out)
+            lengths.append(off)
+        self.lengths = lengths
+        self.length_me = lengths[me]
+        longest = max(lengths) if lengths else 0
+        per_rank = max(1, bucket_bytes // item // nranks)
+        self.b = b_ = min(per_rank, longest) if longest else 0
+        self.nbuckets = -(-longest // b_) if b_ else 0
+        # shard offsets of my pieces (the gradient views)
+        self.my_offsets = {}
+        off = 0
+        for i in idxs:
+            b = bounds[i]
+            self.my_offsets[i] = off
+            off += int(b[me + 1] - b[me]) * widths[i]
+        self.counts, self.displs = [], []
+        self.pack, self.mine, self.unpack = [], [], []
+        for k in range(self.nbuckets):
+            lo = k * b_
+            counts = [max(0, min(b_, L - lo)) for L in lengths]
+            displs = [0] * nranks
+            for r in range(1, nranks):
+                displs[r] = displs[r - 1] + counts[r - 1]
+            self.counts.append(counts)
+            self.displs.append(displs)
+            pack, unpack = [], []
+            for r in range(nranks):
+                for i, first, pos, n in _window(segs[r], lo, lo + counts[r]):
+                    pack.append((i, first, displs[r] + pos, n))
+                    if r == me:
+                        continue
+                    unpack.append((i, first, displs[r] + pos, n))
+            self.pack.append(pack)
+            self.unpack.append(unpack)
+            self.mine.append(list(_window(segs[me], lo, lo + counts[me])))
+        self.bytes_needed = nranks * b_ * item
+
+
+def _window(segs, lo, hi):
+    """The parts of the segments ``(param, first, count, offset)`` that fall in the
+    offsets [lo, hi): ``(param, first element, position - lo, count)``."""
+    for i, first, n, off in segs:
+        a = max(lo, off)
+        z = min(hi, off + n)
+        if a < z:
+            yield i, first + (a - off), a - lo, z - a
+
+
+def _by_dtype(params, idxs):
+    """{dtype key: (dtype, [indices])} in order of first appearance."""
+    out = {}
+    for i in idxs:
+        dt = params[i].dtype
+        out.setdefault(dt.str, (dt, []))[1].append(i)
+    return out
+
+
+class _DensePlan:
+    def __init__(self, opt, active):
+        self.parts = [_DtypePlan(dt, idxs, opt._bounds, opt._widths, opt._size, opt._rank,
+                                 opt._bucket_bytes)
+                      for dt, idxs in _by_dtype(opt._params, active).values()]
+        self.views = {}
+        for dp in self.parts:
+            shard = opt._shard[dp.dtype.str]
+            if shard.size < dp.length_me:       # one rank, no clipping: not needed
+                continue
+            for i in dp.idxs:
+                piece = opt._pieces[i]
+                off = dp.my_offsets[i]
+                self.views[i] = shard[off:off + piece.size].reshape(piece.shape)
