@@ -54,6 +54,7 @@ def numba():
     with _LOCK:
         import numba as nb
         if _NUMBA is None:
+            lock_cache_saves()
             for g in _GLOBALS.values():
                 _bind(g, nb)
         if _PENDING:
@@ -67,6 +68,49 @@ def numba():
                 del _PENDING[0]          # removed once registered (see the fast path)
         globals()["_NUMBA"] = nb
     return nb
+
+
+def lock_cache_saves():
+    """Serialize the saves of Numba's on-disk cache across processes.
+
+    ``numba.core.caching.IndexDataCacheFile.save`` picks the file of a new entry
+    without a lock: it reads the index, takes the first free number, writes the
+    index, then the data.  Two processes that compile different specializations of
+    one function at the same moment (pytest-xdist workers, MPI ranks on one node)
+    can both take number N, and the index can end up mapping one's key to the
+    other's machine code, which a later process then loads and runs (numba issues
+    #4807 and #10128; seen here as a stored-format kernel giving another
+    configuration's results under ``pytest -n 2``).  fastopt's drivers are many
+    specializations of a few functions, so each save holds an exclusive ``flock`` on
+    ``<index>.lock`` beside the index (POSIX; elsewhere Numba's behaviour is kept).
+    Loading needs no lock: a file is written whole, then renamed into place, and a
+    number is never reused for another key while the lock is held."""
+    try:
+        import fcntl
+        from numba.core import caching
+    except ImportError:            # no fcntl (Windows), or another numba layout
+        return False
+    cls = caching.IndexDataCacheFile
+    if getattr(cls.save, "fastopt_locked", False):
+        return True
+    unlocked = cls.save
+
+    @functools.wraps(unlocked)
+    def save(self, key, data):
+        try:
+            f = open(self._index_path + ".lock", "a")
+        except OSError:            # a read-only cache directory: numba's own path
+            return unlocked(self, key, data)
+        with f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                return unlocked(self, key, data)
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    save.fastopt_locked = True
+    cls.save = save
+    return True
 
 
 def _bind(g, nb):
