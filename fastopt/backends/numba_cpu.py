@@ -158,8 +158,8 @@ def make_rows_driver(config, parallel, catch, step):
     then ``max_norm``.  ``P`` and the slots are (nrows, D) views (unused slots get
     ``P`` and are never touched); ``vals`` (nnz, D) gradient rows; ``coef`` (nuniq,
     4) float64 catch-up maps; ``scratch`` (nuniq, D) when rows repeat: the summed
-    rows of the unique rows that repeat (:func:`_sum_duplicates`, run just before,
-    with ``inverse`` (nnz,) and ``parts`` tasks), else empty.  The rows ``PREFETCH_AHEAD`` unique rows ahead are prefetched."""
+    rows of the unique rows that repeat (:func:`_sum_duplicates`, run just before),
+    else empty.  The rows ``PREFETCH_AHEAD`` unique rows ahead are prefetched."""
     STEP = element_step(config.rule.math, config.switches)
     LOAD = scalar_loader(config.rule.Scalars, config.dtype, config.fixed)
     DT = np.dtype(config.dtype).type
@@ -171,8 +171,7 @@ def make_rows_driver(config, parallel, catch, step):
     PARALLEL = bool(parallel)
     AHEAD = PREFETCH_AHEAD
 
-    def rows_driver(P, S0, S1, S2, vals, order, seg, uniq, hyper, scratch, inverse, coef,
-                    parts):
+    def rows_driver(P, S0, S1, S2, vals, order, seg, uniq, hyper, scratch, coef):
         stamp = STAMP  # noqa: F841
         par = PARALLEL  # noqa: F841
         zero = DT(0)
@@ -314,8 +313,7 @@ def run_rows(work):
     if dups and step:
         _sum_duplicates[parallel](vals, order, seg, scratch, inverse, parts)
     _driver(make_rows_driver, cfg, parallel, catch, step)(
-        P, S[0], S[1], S[2], vals, order, seg, uniq, work.hyper, scratch, inverse, coef,
-        parts)
+        P, S[0], S[1], S[2], vals, order, seg, uniq, work.hyper, scratch, coef)
 
 
 def _count_nonfinite_impl(a, scale):
