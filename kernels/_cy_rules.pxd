@@ -317,6 +317,28 @@ cdef inline void lion(floating* p_, floating g, floating* m_, floating* s1_, flo
     m_[0] = m
 
 
+@cython.cdivision(True)
+cdef inline void radam(floating* p_, floating g, floating* m_, floating* v_, floating* s2_,
+                       const floating* c) noexcept nogil:
+    """rules.radam.element."""
+    cdef floating p = p_[0]
+    cdef floating m = m_[0], v = v_[0]
+    if c[RADAM_MAXIMIZE]:
+        g = -g
+    if c[RADAM_L2]:
+        g = g + c[RADAM_L2] * p
+    p = p * c[RADAM_DECAY]
+    m = c[RADAM_BETA1] * m + c[RADAM_ONE_MINUS_BETA1] * g
+    v = c[RADAM_BETA2] * v + c[RADAM_ONE_MINUS_BETA2] * g * g
+    if c[RADAM_ADAPTIVE]:
+        p = p - c[RADAM_STEP_SIZE] * (m / (_sqrt(v) + c[RADAM_EPS]))
+    else:
+        p = p - c[RADAM_STEP_SIZE] * m
+    p_[0] = p
+    m_[0] = m
+    v_[0] = v
+
+
 # ------------------------------------------------------------ row-wise rules
 #
 # A row-wise rule keeps one state value per row and works on a whole row:

@@ -12,7 +12,8 @@ max-norm) are in :mod:`fastopt.rules.fused`.
 functional layer, every backend, the tests and the benchmarks iterate over it.
 """
 
-from . import adagrad, adam, adamax, fused, lion, nadam, rmsprop, rowwise_adagrad, sgd
+from . import (adagrad, adam, adamax, fused, lion, nadam, radam, rmsprop, rowwise_adagrad,
+               sgd)
 from .base import NSLOTS, Rule, scalars_type
 
 SGD = sgd.RULE
@@ -24,10 +25,11 @@ Adamax = adamax.RULE
 NAdam = nadam.RULE
 Lion = lion.RULE
 RowWiseAdagrad = rowwise_adagrad.RULE
+RAdam = radam.RULE
 
 #: name -> Rule, in a stable order.  Tests and benchmarks iterate over this.
 RULES = {r.name: r for r in (SGD, Adagrad, RMSprop, Adam, AdamW, Adamax, NAdam, Lion,
-                             RowWiseAdagrad)}
+                             RowWiseAdagrad, RAdam)}
 
 #: width of the float64 scalar table the drivers receive (the widest rule's Scalars;
 #: narrower rules leave the last columns zero)

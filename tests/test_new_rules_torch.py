@@ -1,0 +1,114 @@
+"""The rules added for issue 21 (the rest of torch.optim) against torch.optim itself:
+the fastopt class on NumPy arrays and torch.optim.<Name> on copies, over many steps
+of awkward gradients (exact zeros, an all-zero step, huge and tiny gradients, a NaN
+where the semantics propagate it), float32 and float64, every option (maximize,
+weight decay, ...).  Parameters and every state tensor are compared (torch's state
+names)."""
+
+import numpy as np
+import pytest
+
+import fastopt
+
+torch = pytest.importorskip("torch")
+
+STEPS = 40
+SHAPES = [(257,), (7, 13)]
+# different operation order (torch's lerp, addcmul, folded host scalars) only
+RTOL = {np.float32: 2e-5, np.float64: 1e-10}
+
+#: rule -> configurations (hyperparameters, torch's names), each run against torch
+CONFIGS = {
+    "RAdam": [dict(), dict(lr=1e-2, weight_decay=1e-2), dict(maximize=True, betas=(0.8, 0.99)),
+              dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, eps=1e-6)],
+}
+
+
+def _grads(shape, dtype, rng, t, nan):
+    g = rng.standard_normal(shape)
+    g[rng.random(shape) < 0.2] = 0.0
+    if t % 9 == 4:
+        g[...] = 0.0                         # an all-zero step
+    elif t % 7 == 2:
+        g *= 1e10                            # huge
+    elif t % 5 == 3:
+        g *= 1e-20                           # tiny
+    if nan and t == 11:
+        g.flat[3] = np.nan                   # NaN propagates (one element)
+    return g.astype(dtype)
+
+
+def _run(name, config, dtype, backend, nan=True):
+    rng = np.random.default_rng(7)
+    ours = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    theirs = [torch.tensor(p.copy(), requires_grad=True) for p in ours]
+    opt = fastopt.CLASSES[name](ours, backend=backend, **config)
+    ref = getattr(torch.optim, name)(theirs, **config)
+    for t in range(STEPS):
+        grads = [_grads(s, dtype, rng, t, nan) for s in SHAPES]
+        opt.step(grads)
+        for p, g in zip(theirs, grads):
+            p.grad = torch.from_numpy(g.copy())
+        ref.step()
+    return opt, ref, ours, theirs
+
+
+def _close(got, want, dtype, what):
+    want = np.asarray(want)
+    got = np.asarray(got)
+    assert got.dtype == want.dtype, what
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=what)
+    fin = np.isfinite(want)
+    np.testing.assert_array_equal(got[~fin], want[~fin], err_msg=what)
+    scale = max(1.0, float(np.abs(want[fin]).max(initial=0.0)))
+    np.testing.assert_allclose(got[fin], want[fin], rtol=RTOL[dtype], atol=RTOL[dtype] * scale,
+                               err_msg=what)
+
+
+CASES = [(n, k) for n, cs in CONFIGS.items() for k in range(len(cs))]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name,k", CASES)
+def test_matches_torch(name, k, dtype):
+    config = CONFIGS[name][k]
+    opt, ref, ours, theirs = _run(name, config, dtype, "numpy")
+    for i, (p, tp) in enumerate(zip(ours, theirs)):
+        _close(p, tp.detach().numpy(), dtype, f"param {i}")
+        got = opt.state_dict()["state"][i]
+        want = ref.state[tp]
+        assert got["step"] == STEPS == int(want["step"])
+        for key, v in want.items():
+            if key == "step":
+                continue
+            assert key in got, key
+            if v.ndim == 0:     # torch's per-parameter scalars (float32 0-d tensors)
+                assert got[key] == pytest.approx(float(v), rel=1e-6, abs=1e-30), key
+            else:
+                _close(got[key], v.numpy(), dtype, f"{key} of param {i}")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_compiled_backend_matches_torch(name):
+    """The default (compiled) backend too, on the option-richest configuration."""
+    config = CONFIGS[name][-1]
+    opt, ref, ours, theirs = _run(name, config, np.float32, "auto")
+    for i, (p, tp) in enumerate(zip(ours, theirs)):
+        _close(p, tp.detach().numpy(), np.float32, f"param {i}")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_signature_and_defaults_match_torch(name):
+    import inspect
+    ours = inspect.signature(fastopt.CLASSES[name]).parameters
+    theirs = inspect.signature(getattr(torch.optim, name)).parameters
+    for key, p in theirs.items():
+        if key in ("params", "foreach", "capturable", "differentiable"):
+            continue
+        assert key in ours, key
+        want = p.default
+        got = ours[key].default
+        if isinstance(want, tuple):
+            assert tuple(got) == want, key
+        else:
+            assert got == want, key
