@@ -11,12 +11,13 @@ cdef enum:
     R_NADAM = 5
     R_LION = 6
     R_RADAM = 7
-    R_COUNT = 8
+    R_ADADELTA = 8
+    R_COUNT = 9
 
 #: rule modules (``fastopt/rules/<name>.py``) whose element math has a copy here; id = index
-MATH_NAMES = ('sgd', 'adagrad', 'rmsprop', 'adam', 'adamax', 'nadam', 'lion', 'radam')
+MATH_NAMES = ('sgd', 'adagrad', 'rmsprop', 'adam', 'adamax', 'nadam', 'lion', 'radam', 'adadelta')
 #: whose ``Scalars`` each of them reads (the prefix of its column constants)
-MATH_SCALARS = ('SGD', 'ADAGRAD', 'RMSPROP', 'ADAM', 'ADAMAX', 'NADAM', 'LION', 'RADAM')
+MATH_SCALARS = ('SGD', 'ADAGRAD', 'RMSPROP', 'ADAM', 'ADAMAX', 'NADAM', 'LION', 'RADAM', 'ADADELTA')
 
 #: row-wise rules (one state value per row; :func:`run_rowwise`); id = index
 ROWWISE_NAMES = ('rowwise_adagrad',)
@@ -39,6 +40,8 @@ cdef struct TLion:
     char _
 cdef struct TRadam:
     char _
+cdef struct TAdadelta:
+    char _
 
 ctypedef fused RuleTag:
     TSgd
@@ -49,6 +52,7 @@ ctypedef fused RuleTag:
     TNadam
     TLion
     TRadam
+    TAdadelta
 
 cdef TSgd T_SGD
 cdef TAdagrad T_ADAGRAD
@@ -58,6 +62,7 @@ cdef TAdamax T_ADAMAX
 cdef TNadam T_NADAM
 cdef TLion T_LION
 cdef TRadam T_RADAM
+cdef TAdadelta T_ADADELTA
 
 
 cdef inline void _math(RuleTag tag, floating* p, floating g, floating* s0, floating* s1,
@@ -76,8 +81,10 @@ cdef inline void _math(RuleTag tag, floating* p, floating g, floating* s0, float
         nadam(p, g, s0, s1, s2, c)
     elif RuleTag is TLion:
         lion(p, g, s0, s1, s2, c)
-    else:
+    elif RuleTag is TRadam:
         radam(p, g, s0, s1, s2, c)
+    else:
+        adadelta(p, g, s0, s1, s2, c)
 
 #: the column of every scalar constant the math reads, as compiled (from
 #: ``_cy_scalars.pxi``); the backend checks them against the ``Scalars`` declarations
@@ -157,6 +164,12 @@ COLUMNS = {
     "RADAM_DECAY": K.RADAM_DECAY,
     "RADAM_ADAPTIVE": K.RADAM_ADAPTIVE,
     "RADAM_MAXIMIZE": K.RADAM_MAXIMIZE,
+    "ADADELTA_LR": K.ADADELTA_LR,
+    "ADADELTA_RHO": K.ADADELTA_RHO,
+    "ADADELTA_ONE_MINUS_RHO": K.ADADELTA_ONE_MINUS_RHO,
+    "ADADELTA_EPS": K.ADADELTA_EPS,
+    "ADADELTA_WEIGHT_DECAY": K.ADADELTA_WEIGHT_DECAY,
+    "ADADELTA_MAXIMIZE": K.ADADELTA_MAXIMIZE,
 }
 
 
@@ -180,3 +193,5 @@ cdef void _by_rule(int rule, int ucode, floating* P, const floating* G, floating
         _by_uses(T_LION, ucode, P, G, S0, S1, S2, n, c)
     elif rule == R_RADAM:
         _by_uses(T_RADAM, ucode, P, G, S0, S1, S2, n, c)
+    elif rule == R_ADADELTA:
+        _by_uses(T_ADADELTA, ucode, P, G, S0, S1, S2, n, c)

@@ -339,6 +339,26 @@ cdef inline void radam(floating* p_, floating g, floating* m_, floating* v_, flo
     v_[0] = v
 
 
+@cython.cdivision(True)
+cdef inline void adadelta(floating* p_, floating g, floating* v_, floating* u_, floating* s2_,
+                          const floating* c) noexcept nogil:
+    """rules.adadelta.element."""
+    cdef floating p = p_[0]
+    cdef floating v = v_[0], u = u_[0]
+    cdef floating d
+    if c[ADADELTA_MAXIMIZE]:
+        g = -g
+    if c[ADADELTA_WEIGHT_DECAY]:
+        g = g + c[ADADELTA_WEIGHT_DECAY] * p
+    v = c[ADADELTA_RHO] * v + c[ADADELTA_ONE_MINUS_RHO] * g * g
+    d = _sqrt(u + c[ADADELTA_EPS]) / _sqrt(v + c[ADADELTA_EPS]) * g
+    u = c[ADADELTA_RHO] * u + c[ADADELTA_ONE_MINUS_RHO] * d * d
+    p = p - c[ADADELTA_LR] * d
+    p_[0] = p
+    v_[0] = v
+    u_[0] = u
+
+
 # ------------------------------------------------------------ row-wise rules
 #
 # A row-wise rule keeps one state value per row and works on a whole row:

@@ -21,6 +21,8 @@ RTOL = {np.float32: 2e-5, np.float64: 1e-10}
 CONFIGS = {
     "RAdam": [dict(), dict(lr=1e-2, weight_decay=1e-2), dict(maximize=True, betas=(0.8, 0.99)),
               dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, eps=1e-6)],
+    "Adadelta": [dict(), dict(weight_decay=1e-2, rho=0.5), dict(maximize=True, lr=0.1, eps=1e-4),
+                 dict(lr=0.5, rho=0.95, weight_decay=0.1, maximize=True)],
 }
 
 
@@ -112,3 +114,12 @@ def test_signature_and_defaults_match_torch(name):
             assert tuple(got) == want, key
         else:
             assert got == want, key
+
+
+def test_adadelta_refuses_8bit_state_only():
+    p = np.zeros(5000, np.float32)
+    with pytest.raises(ValueError, match="state_bits=8 is not possible"):
+        fastopt.Adadelta([p], state_bits=8)
+    opt = fastopt.Adadelta([p], state_bits=16)
+    opt.step([np.ones(5000, np.float32)])
+    assert np.all(p < 0)

@@ -79,6 +79,10 @@ class Rule:
     #: group -> None when 8- and 16-bit state keep the math sound, else the reason
     #: (state_bits=8 or 16 is then refused for that configuration)
     low_state_reason: Callable = lambda group: None
+    #: group -> None when 8-bit state (codes against a block scale) keeps the math
+    #: sound, else the reason (state_bits=8 alone is then refused; checked besides
+    #: low_state_reason)
+    q8_reason: Callable = lambda group: None
     #: configurations that together exercise every option (tests and benchmarks use them)
     variants: Tuple[dict, ...] = ({},)
     #: the optimizer class's docstring: what the rule is (torch's name, paper) and its
