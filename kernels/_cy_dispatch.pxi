@@ -12,12 +12,13 @@ cdef enum:
     R_LION = 6
     R_RADAM = 7
     R_ADADELTA = 8
-    R_COUNT = 9
+    R_RPROP = 9
+    R_COUNT = 10
 
 #: rule modules (``fastopt/rules/<name>.py``) whose element math has a copy here; id = index
-MATH_NAMES = ('sgd', 'adagrad', 'rmsprop', 'adam', 'adamax', 'nadam', 'lion', 'radam', 'adadelta')
+MATH_NAMES = ('sgd', 'adagrad', 'rmsprop', 'adam', 'adamax', 'nadam', 'lion', 'radam', 'adadelta', 'rprop')
 #: whose ``Scalars`` each of them reads (the prefix of its column constants)
-MATH_SCALARS = ('SGD', 'ADAGRAD', 'RMSPROP', 'ADAM', 'ADAMAX', 'NADAM', 'LION', 'RADAM', 'ADADELTA')
+MATH_SCALARS = ('SGD', 'ADAGRAD', 'RMSPROP', 'ADAM', 'ADAMAX', 'NADAM', 'LION', 'RADAM', 'ADADELTA', 'RPROP')
 
 #: row-wise rules (one state value per row; :func:`run_rowwise`); id = index
 ROWWISE_NAMES = ('rowwise_adagrad',)
@@ -42,6 +43,8 @@ cdef struct TRadam:
     char _
 cdef struct TAdadelta:
     char _
+cdef struct TRprop:
+    char _
 
 ctypedef fused RuleTag:
     TSgd
@@ -53,6 +56,7 @@ ctypedef fused RuleTag:
     TLion
     TRadam
     TAdadelta
+    TRprop
 
 cdef TSgd T_SGD
 cdef TAdagrad T_ADAGRAD
@@ -63,6 +67,7 @@ cdef TNadam T_NADAM
 cdef TLion T_LION
 cdef TRadam T_RADAM
 cdef TAdadelta T_ADADELTA
+cdef TRprop T_RPROP
 
 
 cdef inline void _math(RuleTag tag, floating* p, floating g, floating* s0, floating* s1,
@@ -83,8 +88,10 @@ cdef inline void _math(RuleTag tag, floating* p, floating g, floating* s0, float
         lion(p, g, s0, s1, s2, c)
     elif RuleTag is TRadam:
         radam(p, g, s0, s1, s2, c)
-    else:
+    elif RuleTag is TAdadelta:
         adadelta(p, g, s0, s1, s2, c)
+    else:
+        rprop(p, g, s0, s1, s2, c)
 
 #: the column of every scalar constant the math reads, as compiled (from
 #: ``_cy_scalars.pxi``); the backend checks them against the ``Scalars`` declarations
@@ -170,6 +177,13 @@ COLUMNS = {
     "ADADELTA_EPS": K.ADADELTA_EPS,
     "ADADELTA_WEIGHT_DECAY": K.ADADELTA_WEIGHT_DECAY,
     "ADADELTA_MAXIMIZE": K.ADADELTA_MAXIMIZE,
+    "RPROP_ETAMINUS": K.RPROP_ETAMINUS,
+    "RPROP_ETAPLUS": K.RPROP_ETAPLUS,
+    "RPROP_STEP_SIZE_MIN": K.RPROP_STEP_SIZE_MIN,
+    "RPROP_STEP_SIZE_MAX": K.RPROP_STEP_SIZE_MAX,
+    "RPROP_ONE": K.RPROP_ONE,
+    "RPROP_ZERO": K.RPROP_ZERO,
+    "RPROP_MAXIMIZE": K.RPROP_MAXIMIZE,
 }
 
 
@@ -195,3 +209,5 @@ cdef void _by_rule(int rule, int ucode, floating* P, const floating* G, floating
         _by_uses(T_RADAM, ucode, P, G, S0, S1, S2, n, c)
     elif rule == R_ADADELTA:
         _by_uses(T_ADADELTA, ucode, P, G, S0, S1, S2, n, c)
+    elif rule == R_RPROP:
+        _by_uses(T_RPROP, ucode, P, G, S0, S1, S2, n, c)

@@ -359,6 +359,45 @@ cdef inline void adadelta(floating* p_, floating g, floating* v_, floating* u_, 
     u_[0] = u
 
 
+cdef inline floating _clamp(floating x, floating lo, floating hi) noexcept nogil:
+    """rules.rprop.clamp: min(max(x, lo), hi); NaN stays NaN (like torch.clamp)."""
+    if x < lo:
+        x = lo
+    if x > hi:
+        x = hi
+    return x
+
+cdef inline floating _sign0(floating x, floating one, floating zero) noexcept nogil:
+    """rules.rprop.sign0: torch.sign, (0 < x) - (x < 0); NaN gives 0."""
+    if x > zero:
+        return one
+    if x < zero:
+        return -one
+    return zero
+
+cdef inline void rprop(floating* p_, floating g, floating* prev_, floating* s_, floating* s2_,
+                       const floating* c) noexcept nogil:
+    """rules.rprop.element."""
+    cdef floating p = p_[0]
+    cdef floating s = s_[0]
+    cdef floating x, f
+    if c[RPROP_MAXIMIZE]:
+        g = -g
+    x = g * prev_[0]
+    if x > c[RPROP_ZERO]:
+        f = c[RPROP_ETAPLUS]
+    elif x < c[RPROP_ZERO]:
+        f = c[RPROP_ETAMINUS]
+        g = c[RPROP_ZERO]
+    else:
+        f = c[RPROP_ONE]
+    s = _clamp(s * f, c[RPROP_STEP_SIZE_MIN], c[RPROP_STEP_SIZE_MAX])
+    p = p - _sign0(g, c[RPROP_ONE], c[RPROP_ZERO]) * s
+    p_[0] = p
+    prev_[0] = g
+    s_[0] = s
+
+
 # ------------------------------------------------------------ row-wise rules
 #
 # A row-wise rule keeps one state value per row and works on a whole row:

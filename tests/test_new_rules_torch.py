@@ -23,6 +23,8 @@ CONFIGS = {
               dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, eps=1e-6)],
     "Adadelta": [dict(), dict(weight_decay=1e-2, rho=0.5), dict(maximize=True, lr=0.1, eps=1e-4),
                  dict(lr=0.5, rho=0.95, weight_decay=0.1, maximize=True)],
+    "Rprop": [dict(), dict(lr=0.1, etas=(0.3, 1.5)), dict(maximize=True, step_sizes=(1e-3, 0.2)),
+              dict(lr=1e-3, etas=(0.4, 1.1), step_sizes=(0.0, 1e3), maximize=True)],
 }
 
 
