@@ -13,12 +13,13 @@ cdef enum:
     R_RADAM = 7
     R_ADADELTA = 8
     R_RPROP = 9
-    R_COUNT = 10
+    R_ASGD = 10
+    R_COUNT = 11
 
 #: rule modules (``fastopt/rules/<name>.py``) whose element math has a copy here; id = index
-MATH_NAMES = ('sgd', 'adagrad', 'rmsprop', 'adam', 'adamax', 'nadam', 'lion', 'radam', 'adadelta', 'rprop')
+MATH_NAMES = ('sgd', 'adagrad', 'rmsprop', 'adam', 'adamax', 'nadam', 'lion', 'radam', 'adadelta', 'rprop', 'asgd')
 #: whose ``Scalars`` each of them reads (the prefix of its column constants)
-MATH_SCALARS = ('SGD', 'ADAGRAD', 'RMSPROP', 'ADAM', 'ADAMAX', 'NADAM', 'LION', 'RADAM', 'ADADELTA', 'RPROP')
+MATH_SCALARS = ('SGD', 'ADAGRAD', 'RMSPROP', 'ADAM', 'ADAMAX', 'NADAM', 'LION', 'RADAM', 'ADADELTA', 'RPROP', 'ASGD')
 
 #: row-wise rules (one state value per row; :func:`run_rowwise`); id = index
 ROWWISE_NAMES = ('rowwise_adagrad',)
@@ -45,6 +46,8 @@ cdef struct TAdadelta:
     char _
 cdef struct TRprop:
     char _
+cdef struct TAsgd:
+    char _
 
 ctypedef fused RuleTag:
     TSgd
@@ -57,6 +60,7 @@ ctypedef fused RuleTag:
     TRadam
     TAdadelta
     TRprop
+    TAsgd
 
 cdef TSgd T_SGD
 cdef TAdagrad T_ADAGRAD
@@ -68,6 +72,7 @@ cdef TLion T_LION
 cdef TRadam T_RADAM
 cdef TAdadelta T_ADADELTA
 cdef TRprop T_RPROP
+cdef TAsgd T_ASGD
 
 
 cdef inline void _math(RuleTag tag, floating* p, floating g, floating* s0, floating* s1,
@@ -90,8 +95,10 @@ cdef inline void _math(RuleTag tag, floating* p, floating g, floating* s0, float
         radam(p, g, s0, s1, s2, c)
     elif RuleTag is TAdadelta:
         adadelta(p, g, s0, s1, s2, c)
-    else:
+    elif RuleTag is TRprop:
         rprop(p, g, s0, s1, s2, c)
+    else:
+        asgd(p, g, s0, s1, s2, c)
 
 #: the column of every scalar constant the math reads, as compiled (from
 #: ``_cy_scalars.pxi``); the backend checks them against the ``Scalars`` declarations
@@ -184,6 +191,12 @@ COLUMNS = {
     "RPROP_ONE": K.RPROP_ONE,
     "RPROP_ZERO": K.RPROP_ZERO,
     "RPROP_MAXIMIZE": K.RPROP_MAXIMIZE,
+    "ASGD_ETA": K.ASGD_ETA,
+    "ASGD_DECAY": K.ASGD_DECAY,
+    "ASGD_MU": K.ASGD_MU,
+    "ASGD_COPY": K.ASGD_COPY,
+    "ASGD_WEIGHT_DECAY": K.ASGD_WEIGHT_DECAY,
+    "ASGD_MAXIMIZE": K.ASGD_MAXIMIZE,
 }
 
 
@@ -211,3 +224,5 @@ cdef void _by_rule(int rule, int ucode, floating* P, const floating* G, floating
         _by_uses(T_ADADELTA, ucode, P, G, S0, S1, S2, n, c)
     elif rule == R_RPROP:
         _by_uses(T_RPROP, ucode, P, G, S0, S1, S2, n, c)
+    elif rule == R_ASGD:
+        _by_uses(T_ASGD, ucode, P, G, S0, S1, S2, n, c)

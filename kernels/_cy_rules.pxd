@@ -398,6 +398,23 @@ cdef inline void rprop(floating* p_, floating g, floating* prev_, floating* s_, 
     s_[0] = s
 
 
+cdef inline void asgd(floating* p_, floating g, floating* ax_, floating* s1_, floating* s2_,
+                      const floating* c) noexcept nogil:
+    """rules.asgd.element."""
+    cdef floating p = p_[0]
+    if c[ASGD_MAXIMIZE]:
+        g = -g
+    if c[ASGD_WEIGHT_DECAY]:
+        g = g + c[ASGD_WEIGHT_DECAY] * p
+    p = p * c[ASGD_DECAY]
+    p = p - c[ASGD_ETA] * g
+    if c[ASGD_COPY]:
+        ax_[0] = p
+    else:
+        ax_[0] = ax_[0] + (p - ax_[0]) * c[ASGD_MU]
+    p_[0] = p
+
+
 # ------------------------------------------------------------ row-wise rules
 #
 # A row-wise rule keeps one state value per row and works on a whole row:

@@ -91,3 +91,9 @@ cdef enum:
     RPROP_ONE = 10
     RPROP_ZERO = 11
     RPROP_MAXIMIZE = 12
+    ASGD_ETA = 6
+    ASGD_DECAY = 7
+    ASGD_MU = 8
+    ASGD_COPY = 9
+    ASGD_WEIGHT_DECAY = 10
+    ASGD_MAXIMIZE = 11

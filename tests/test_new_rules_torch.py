@@ -3,7 +3,7 @@ the fastopt class on NumPy arrays and torch.optim.<Name> on copies, over many st
 of awkward gradients (exact zeros, an all-zero step, huge and tiny gradients, a NaN
 where the semantics propagate it), float32 and float64, every option (maximize,
 weight decay, ...).  Parameters and every state tensor are compared (torch's state
-names)."""
+names).  float64 runs set torch's default dtype to float64 (see :func:`_run`)."""
 
 import numpy as np
 import pytest
@@ -25,6 +25,8 @@ CONFIGS = {
                  dict(lr=0.5, rho=0.95, weight_decay=0.1, maximize=True)],
     "Rprop": [dict(), dict(lr=0.1, etas=(0.3, 1.5)), dict(maximize=True, step_sizes=(1e-3, 0.2)),
               dict(lr=1e-3, etas=(0.4, 1.1), step_sizes=(0.0, 1e3), maximize=True)],
+    "ASGD": [dict(), dict(t0=5.0, lambd=1e-2), dict(maximize=True, weight_decay=1e-2, t0=0.0),
+             dict(lr=0.05, lambd=0.1, alpha=0.5, t0=10.0, weight_decay=0.1, maximize=True)],
 }
 
 
@@ -43,6 +45,18 @@ def _grads(shape, dtype, rng, t, nan):
 
 
 def _run(name, config, dtype, backend, nan=True):
+    """torch keeps per-parameter scalars (ASGD's eta and mu, the step) as 0-d tensors
+    of its default dtype: float64 parameters run with torch's default float64, as
+    fastopt keeps them in float64 always."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64 if dtype == np.float64 else torch.float32)
+    try:
+        return _run_steps(name, config, dtype, backend, nan)
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _run_steps(name, config, dtype, backend, nan):
     rng = np.random.default_rng(7)
     ours = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
     theirs = [torch.tensor(p.copy(), requires_grad=True) for p in ours]
@@ -125,3 +139,55 @@ def test_adadelta_refuses_8bit_state_only():
     opt = fastopt.Adadelta([p], state_bits=16)
     opt.step([np.ones(5000, np.float32)])
     assert np.all(p < 0)
+
+
+def test_asgd_lr_change_and_state_dict_match_torch():
+    """ASGD's eta is computed after each step with the group's lr of that step (a
+    changed lr acts from the step after next), and it travels in the state dict."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        rng = np.random.default_rng(3)
+        ours = [rng.standard_normal(100)]
+        theirs = [torch.tensor(ours[0].copy(), requires_grad=True)]
+        config = dict(lr=0.05, lambd=0.1, t0=3.0)
+        opt = fastopt.ASGD(ours, **config)
+        ref = torch.optim.ASGD(theirs, **config)
+        for t in range(20):
+            if t == 7:
+                opt.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = 0.2
+            if t == 12:     # through a state dict, into a new optimizer
+                sd = opt.state_dict()
+                opt = fastopt.ASGD(ours, **config)
+                opt.load_state_dict(sd)
+            g = rng.standard_normal(100)
+            opt.step([g])
+            theirs[0].grad = torch.from_numpy(g.copy())
+            ref.step()
+        _close(ours[0], theirs[0].detach().numpy(), np.float64, "param")
+        st = opt.state_dict()["state"][0]
+        _close(st["ax"], ref.state[theirs[0]]["ax"].numpy(), np.float64, "ax")
+        assert st["eta"] == pytest.approx(float(ref.state[theirs[0]]["eta"]), rel=1e-12)
+        assert st["mu"] == pytest.approx(float(ref.state[theirs[0]]["mu"]), rel=1e-12)
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("key,bad", [("eta", -0.1), ("eta", float("nan")), ("mu", 0.0),
+                                     ("mu", 1.5)])
+def test_asgd_refuses_impossible_host_state(key, bad):
+    p = np.zeros(10)
+    opt = fastopt.ASGD([p], lr=2.0)
+    opt.step([np.ones(10)])
+    sd = opt.state_dict()
+    assert sd["state"][0]["eta"] > 1.0          # eta may exceed 1 (lr > 1)
+    fastopt.ASGD([p.copy()], lr=2.0).load_state_dict(sd)
+    sd["state"][0][key] = bad
+    with pytest.raises(ValueError, match=f"state '{key}' of parameter 0 must be"):
+        fastopt.ASGD([p.copy()], lr=2.0).load_state_dict(sd)
+
+
+def test_asgd_refuses_low_precision_state():
+    for bits in (8, 16):
+        with pytest.raises(ValueError, match=f"state_bits={bits} is not possible"):
+            fastopt.ASGD([np.zeros(5000, np.float32)], state_bits=bits)

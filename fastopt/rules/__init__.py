@@ -13,7 +13,7 @@ functional layer, every backend, the tests and the benchmarks iterate over it.
 """
 
 from . import (adadelta, adagrad, adam, adamax, fused, lion, nadam, radam, rmsprop,
-               rowwise_adagrad, rprop, sgd)
+               rowwise_adagrad, rprop, sgd, asgd)
 from .base import NSLOTS, Rule, scalars_type
 
 SGD = sgd.RULE
@@ -28,10 +28,11 @@ RowWiseAdagrad = rowwise_adagrad.RULE
 RAdam = radam.RULE
 Adadelta = adadelta.RULE
 Rprop = rprop.RULE
+ASGD = asgd.RULE
 
 #: name -> Rule, in a stable order.  Tests and benchmarks iterate over this.
 RULES = {r.name: r for r in (SGD, Adagrad, RMSprop, Adam, AdamW, Adamax, NAdam, Lion,
-                             RowWiseAdagrad, RAdam, Adadelta, Rprop)}
+                             RowWiseAdagrad, RAdam, Adadelta, Rprop, ASGD)}
 
 #: width of the float64 scalar table the drivers receive (the widest rule's Scalars;
 #: narrower rules leave the last columns zero)
