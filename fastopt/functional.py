@@ -128,9 +128,9 @@ def _make(rule):
                             f"({', '.join(rule.slots)})")
         host = {}
         # host scalars not given start as the state of a new parameter would (ASGD's
-        # eta is the lr given here)
-        init = rule.host_init({**rule.defaults,
-                               **{k: kwargs[k] for k in hyper_names if k in kwargs}})
+        # eta is the lr given here, checked first so that a bad one is named)
+        init = rule.host_init(rule.check_group(
+            {k: kwargs[k] for k in hyper_names if k in kwargs})) if host_names else {}
         for k, v in init.items():
             x = kwargs.pop(k, v)
             if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)):

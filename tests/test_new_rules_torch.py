@@ -191,3 +191,19 @@ def test_asgd_refuses_low_precision_state():
     for bits in (8, 16):
         with pytest.raises(ValueError, match=f"state_bits={bits} is not possible"):
             fastopt.ASGD([np.zeros(5000, np.float32)], state_bits=bits)
+
+
+def test_asgd_functional_starts_eta_at_the_given_lr():
+    """fastopt.functional.asgd_ without eta and mu starts them as a new parameter's
+    state would (eta = the lr given), and returns the new ones."""
+    p, q = np.zeros(10), np.zeros(10)
+    ax = np.zeros(10)
+    opt = fastopt.ASGD([q], lr=0.1, t0=0.0)
+    host = {}
+    for t in range(1, 6):
+        g = np.full(10, float(t))
+        host = fastopt.functional.asgd_(p, g, ax, step=t, lr=0.1, t0=0.0, **host)
+        opt.step([g])
+    np.testing.assert_array_equal(p, q)
+    np.testing.assert_array_equal(ax, opt.state_dict()["state"][0]["ax"])
+    assert host == {k: opt.state_dict()["state"][0][k] for k in ("eta", "mu")}
