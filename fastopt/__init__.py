@@ -27,8 +27,8 @@ from .checkpoint import load, save
 from .clip import clip_grad_norm_, clip_grad_value_
 from .optimizer import Optimizer
 from .sparse import RowSparse
-from .optimizers import (CLASSES, SGD, Adagrad, Adam, Adamax, AdamW, Lion, NAdam,
-                         RMSprop, RowWiseAdagrad)
+from .optimizers import (CLASSES, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion,
+                         NAdam, RAdam, RMSprop, RowWiseAdagrad, Rprop, ASGD)
 from .rules import fused
 
 
@@ -41,6 +41,7 @@ def available_backends():
 
 
 __all__ = ["Optimizer", "RowSparse", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax",
-           "NAdam", "Lion", "RowWiseAdagrad", "CLASSES", "available_backends", "functional",
+           "NAdam", "Lion", "RowWiseAdagrad", "RAdam",
+           "Adadelta", "Rprop", "ASGD", "CLASSES", "available_backends", "functional",
            "rules", "backends", "fused", "lr_scheduler", "init", "checkpoint",
            "clip", "save", "load", "clip_grad_norm_", "clip_grad_value_", "__version__"]

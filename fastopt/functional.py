@@ -18,7 +18,9 @@ One function per rule, named after it with a trailing underscore (in place)::
 * ``grad`` may be a dense array or a row-sparse gradient (:class:`fastopt.RowSparse`,
   scipy.sparse): lazy mode, touched rows only;
 * NAdam also takes ``mu_product`` (the product of the previous mu's, 1.0 before the
-  first step) and returns the new one; the others return None.
+  first step) and returns the new one; ASGD takes ``eta`` and ``mu`` (the step size
+  and averaging weight, ``lr`` and 1.0 before the first step) and returns the new
+  ones as a dict; the others return None.
 
 The work is planned by :mod:`fastopt.planner`, the planner the optimizer classes use,
 so every option and backend behaves exactly as through the classes.  Everything is
@@ -125,7 +127,11 @@ def _make(rule):
             raise TypeError(f"{fn.__name__}() takes at most {len(rule.slots)} state arrays "
                             f"({', '.join(rule.slots)})")
         host = {}
-        for k, v in rule.host_init(rule.defaults).items():
+        # host scalars not given start as the state of a new parameter would (ASGD's
+        # eta is the lr given here, checked first so that a bad one is named)
+        init = rule.host_init(rule.check_group(
+            {k: kwargs[k] for k in hyper_names if k in kwargs})) if host_names else {}
+        for k, v in init.items():
             x = kwargs.pop(k, v)
             if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)):
                 raise ValueError(f"Invalid {k}: {x!r} (expected a number)")

@@ -221,6 +221,8 @@ class Optimizer:
         bits = group.get("state_bits", self.state_bits)
         if bits in (8, 16):
             reason = self.rule.low_state_reason(group)
+            if reason is None and bits == 8:
+                reason = self.rule.q8_reason(group)
             if reason is not None:
                 raise ValueError(f"{self.rule.name}: state_bits={bits} is not "
                                  f"possible for this configuration: {reason}")

@@ -15,10 +15,10 @@ otherwise by position.  A parameter's saved state must hold ``step`` and, when
 ``step > 0``, every state array its group's configuration uses and every host
 scalar of the rule; arrays must have the slot's shape and the parameter's dtype
 (fastopt never casts state); ``step`` is an integer in [0, 2**53]; NAdam's
-``mu_product`` is a finite number in (0, 1].
+``mu_product`` is a finite number in (0, 1] (a rule's host scalars pass its
+``Rule.host_check``: ASGD's ``eta`` >= 0, ``mu`` in (0, 1]).
 """
 
-import math
 import numbers
 
 import numpy as np
@@ -228,10 +228,11 @@ def load_state_dict(opt, sd):
                                      f"expected {p.dtype} (fastopt never casts state)")
                 out[name] = v
             elif name in host_keys:
-                if isinstance(v, bool) or not isinstance(v, numbers.Real) \
-                        or not math.isfinite(float(v)) or not 0.0 < float(v) <= 1.0:
-                    raise ValueError(f"state {name!r} of parameter {i} must be a finite "
-                                     f"number in (0, 1], got {v!r}")
+                why = "a real number" if isinstance(v, bool) or not isinstance(
+                    v, numbers.Real) else rule.host_check(name, v)
+                if why is not None:
+                    raise ValueError(f"state {name!r} of parameter {i} must be {why}, "
+                                     f"got {v!r}")
                 out[name] = float(v)
             else:
                 raise ValueError(f"state_dict has unknown state {name!r} for {rule.name}")

@@ -10,12 +10,16 @@ cdef enum:
     R_ADAMAX = 4
     R_NADAM = 5
     R_LION = 6
-    R_COUNT = 7
+    R_RADAM = 7
+    R_ADADELTA = 8
+    R_RPROP = 9
+    R_ASGD = 10
+    R_COUNT = 11
 
 #: rule modules (``fastopt/rules/<name>.py``) whose element math has a copy here; id = index
-MATH_NAMES = ('sgd', 'adagrad', 'rmsprop', 'adam', 'adamax', 'nadam', 'lion')
+MATH_NAMES = ('sgd', 'adagrad', 'rmsprop', 'adam', 'adamax', 'nadam', 'lion', 'radam', 'adadelta', 'rprop', 'asgd')
 #: whose ``Scalars`` each of them reads (the prefix of its column constants)
-MATH_SCALARS = ('SGD', 'ADAGRAD', 'RMSPROP', 'ADAM', 'ADAMAX', 'NADAM', 'LION')
+MATH_SCALARS = ('SGD', 'ADAGRAD', 'RMSPROP', 'ADAM', 'ADAMAX', 'NADAM', 'LION', 'RADAM', 'ADADELTA', 'RPROP', 'ASGD')
 
 #: row-wise rules (one state value per row; :func:`run_rowwise`); id = index
 ROWWISE_NAMES = ('rowwise_adagrad',)
@@ -36,6 +40,14 @@ cdef struct TNadam:
     char _
 cdef struct TLion:
     char _
+cdef struct TRadam:
+    char _
+cdef struct TAdadelta:
+    char _
+cdef struct TRprop:
+    char _
+cdef struct TAsgd:
+    char _
 
 ctypedef fused RuleTag:
     TSgd
@@ -45,6 +57,10 @@ ctypedef fused RuleTag:
     TAdamax
     TNadam
     TLion
+    TRadam
+    TAdadelta
+    TRprop
+    TAsgd
 
 cdef TSgd T_SGD
 cdef TAdagrad T_ADAGRAD
@@ -53,6 +69,10 @@ cdef TAdam T_ADAM
 cdef TAdamax T_ADAMAX
 cdef TNadam T_NADAM
 cdef TLion T_LION
+cdef TRadam T_RADAM
+cdef TAdadelta T_ADADELTA
+cdef TRprop T_RPROP
+cdef TAsgd T_ASGD
 
 
 cdef inline void _math(RuleTag tag, floating* p, floating g, floating* s0, floating* s1,
@@ -69,8 +89,16 @@ cdef inline void _math(RuleTag tag, floating* p, floating g, floating* s0, float
         adamax(p, g, s0, s1, s2, c)
     elif RuleTag is TNadam:
         nadam(p, g, s0, s1, s2, c)
-    else:
+    elif RuleTag is TLion:
         lion(p, g, s0, s1, s2, c)
+    elif RuleTag is TRadam:
+        radam(p, g, s0, s1, s2, c)
+    elif RuleTag is TAdadelta:
+        adadelta(p, g, s0, s1, s2, c)
+    elif RuleTag is TRprop:
+        rprop(p, g, s0, s1, s2, c)
+    else:
+        asgd(p, g, s0, s1, s2, c)
 
 #: the column of every scalar constant the math reads, as compiled (from
 #: ``_cy_scalars.pxi``); the backend checks them against the ``Scalars`` declarations
@@ -140,6 +168,35 @@ COLUMNS = {
     "LION_MAXIMIZE": K.LION_MAXIMIZE,
     "LION_ONE": K.LION_ONE,
     "LION_ZERO": K.LION_ZERO,
+    "RADAM_STEP_SIZE": K.RADAM_STEP_SIZE,
+    "RADAM_BETA1": K.RADAM_BETA1,
+    "RADAM_ONE_MINUS_BETA1": K.RADAM_ONE_MINUS_BETA1,
+    "RADAM_BETA2": K.RADAM_BETA2,
+    "RADAM_ONE_MINUS_BETA2": K.RADAM_ONE_MINUS_BETA2,
+    "RADAM_EPS": K.RADAM_EPS,
+    "RADAM_L2": K.RADAM_L2,
+    "RADAM_DECAY": K.RADAM_DECAY,
+    "RADAM_ADAPTIVE": K.RADAM_ADAPTIVE,
+    "RADAM_MAXIMIZE": K.RADAM_MAXIMIZE,
+    "ADADELTA_LR": K.ADADELTA_LR,
+    "ADADELTA_RHO": K.ADADELTA_RHO,
+    "ADADELTA_ONE_MINUS_RHO": K.ADADELTA_ONE_MINUS_RHO,
+    "ADADELTA_EPS": K.ADADELTA_EPS,
+    "ADADELTA_WEIGHT_DECAY": K.ADADELTA_WEIGHT_DECAY,
+    "ADADELTA_MAXIMIZE": K.ADADELTA_MAXIMIZE,
+    "RPROP_ETAMINUS": K.RPROP_ETAMINUS,
+    "RPROP_ETAPLUS": K.RPROP_ETAPLUS,
+    "RPROP_STEP_SIZE_MIN": K.RPROP_STEP_SIZE_MIN,
+    "RPROP_STEP_SIZE_MAX": K.RPROP_STEP_SIZE_MAX,
+    "RPROP_ONE": K.RPROP_ONE,
+    "RPROP_ZERO": K.RPROP_ZERO,
+    "RPROP_MAXIMIZE": K.RPROP_MAXIMIZE,
+    "ASGD_ETA": K.ASGD_ETA,
+    "ASGD_DECAY": K.ASGD_DECAY,
+    "ASGD_MU": K.ASGD_MU,
+    "ASGD_COPY": K.ASGD_COPY,
+    "ASGD_WEIGHT_DECAY": K.ASGD_WEIGHT_DECAY,
+    "ASGD_MAXIMIZE": K.ASGD_MAXIMIZE,
 }
 
 
@@ -161,3 +218,11 @@ cdef void _by_rule(int rule, int ucode, floating* P, const floating* G, floating
         _by_uses(T_NADAM, ucode, P, G, S0, S1, S2, n, c)
     elif rule == R_LION:
         _by_uses(T_LION, ucode, P, G, S0, S1, S2, n, c)
+    elif rule == R_RADAM:
+        _by_uses(T_RADAM, ucode, P, G, S0, S1, S2, n, c)
+    elif rule == R_ADADELTA:
+        _by_uses(T_ADADELTA, ucode, P, G, S0, S1, S2, n, c)
+    elif rule == R_RPROP:
+        _by_uses(T_RPROP, ucode, P, G, S0, S1, S2, n, c)
+    elif rule == R_ASGD:
+        _by_uses(T_ASGD, ucode, P, G, S0, S1, S2, n, c)

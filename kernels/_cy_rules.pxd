@@ -317,6 +317,104 @@ cdef inline void lion(floating* p_, floating g, floating* m_, floating* s1_, flo
     m_[0] = m
 
 
+@cython.cdivision(True)
+cdef inline void radam(floating* p_, floating g, floating* m_, floating* v_, floating* s2_,
+                       const floating* c) noexcept nogil:
+    """rules.radam.element."""
+    cdef floating p = p_[0]
+    cdef floating m = m_[0], v = v_[0]
+    if c[RADAM_MAXIMIZE]:
+        g = -g
+    if c[RADAM_L2]:
+        g = g + c[RADAM_L2] * p
+    p = p * c[RADAM_DECAY]
+    m = c[RADAM_BETA1] * m + c[RADAM_ONE_MINUS_BETA1] * g
+    v = c[RADAM_BETA2] * v + c[RADAM_ONE_MINUS_BETA2] * g * g
+    if c[RADAM_ADAPTIVE]:
+        p = p - c[RADAM_STEP_SIZE] * (m / (_sqrt(v) + c[RADAM_EPS]))
+    else:
+        p = p - c[RADAM_STEP_SIZE] * m
+    p_[0] = p
+    m_[0] = m
+    v_[0] = v
+
+
+@cython.cdivision(True)
+cdef inline void adadelta(floating* p_, floating g, floating* v_, floating* u_, floating* s2_,
+                          const floating* c) noexcept nogil:
+    """rules.adadelta.element."""
+    cdef floating p = p_[0]
+    cdef floating v = v_[0], u = u_[0]
+    cdef floating d
+    if c[ADADELTA_MAXIMIZE]:
+        g = -g
+    if c[ADADELTA_WEIGHT_DECAY]:
+        g = g + c[ADADELTA_WEIGHT_DECAY] * p
+    v = c[ADADELTA_RHO] * v + c[ADADELTA_ONE_MINUS_RHO] * g * g
+    d = _sqrt(u + c[ADADELTA_EPS]) / _sqrt(v + c[ADADELTA_EPS]) * g
+    u = c[ADADELTA_RHO] * u + c[ADADELTA_ONE_MINUS_RHO] * d * d
+    p = p - c[ADADELTA_LR] * d
+    p_[0] = p
+    v_[0] = v
+    u_[0] = u
+
+
+cdef inline floating _clamp(floating x, floating lo, floating hi) noexcept nogil:
+    """rules.rprop.clamp: min(max(x, lo), hi); NaN stays NaN (like torch.clamp)."""
+    if x < lo:
+        x = lo
+    if x > hi:
+        x = hi
+    return x
+
+cdef inline floating _sign0(floating x, floating one, floating zero) noexcept nogil:
+    """rules.rprop.sign0: torch.sign, (0 < x) - (x < 0); NaN gives 0."""
+    if x > zero:
+        return one
+    if x < zero:
+        return -one
+    return zero
+
+cdef inline void rprop(floating* p_, floating g, floating* prev_, floating* s_, floating* s2_,
+                       const floating* c) noexcept nogil:
+    """rules.rprop.element."""
+    cdef floating p = p_[0]
+    cdef floating s = s_[0]
+    cdef floating x, f
+    if c[RPROP_MAXIMIZE]:
+        g = -g
+    x = g * prev_[0]
+    if x > c[RPROP_ZERO]:
+        f = c[RPROP_ETAPLUS]
+    elif x < c[RPROP_ZERO]:
+        f = c[RPROP_ETAMINUS]
+        g = c[RPROP_ZERO]
+    else:
+        f = c[RPROP_ONE]
+    s = _clamp(s * f, c[RPROP_STEP_SIZE_MIN], c[RPROP_STEP_SIZE_MAX])
+    p = p - _sign0(g, c[RPROP_ONE], c[RPROP_ZERO]) * s
+    p_[0] = p
+    prev_[0] = g
+    s_[0] = s
+
+
+cdef inline void asgd(floating* p_, floating g, floating* ax_, floating* s1_, floating* s2_,
+                      const floating* c) noexcept nogil:
+    """rules.asgd.element."""
+    cdef floating p = p_[0]
+    if c[ASGD_MAXIMIZE]:
+        g = -g
+    if c[ASGD_WEIGHT_DECAY]:
+        g = g + c[ASGD_WEIGHT_DECAY] * p
+    p = p * c[ASGD_DECAY]
+    p = p - c[ASGD_ETA] * g
+    if c[ASGD_COPY]:
+        ax_[0] = p
+    else:
+        ax_[0] = ax_[0] + (p - ax_[0]) * c[ASGD_MU]
+    p_[0] = p
+
+
 # ------------------------------------------------------------ row-wise rules
 #
 # A row-wise rule keeps one state value per row and works on a whole row:

@@ -423,7 +423,19 @@ def _storage(rule, param, bits, update, shape):
                                bits, update)
 
 
+def _takes_bits(case):
+    """Whether the case's rule has a variant (first or last, ``pick``, or an earlier
+    one) that takes its state width (:func:`fastopt.rules.variant`)."""
+    try:
+        stored_variant(case)
+    except ValueError:          # every such variant refuses 8- (or 16-) bit state
+        return False
+    return True
+
+
 def _stored_valid(case):
+    if not _takes_bits(case):
+        return False
     bf = case["param"] == "bf16"
     if (case["update"] is None) == bf:
         return False                      # bf16_update is for bfloat16 parameters only
@@ -475,4 +487,7 @@ CUDA_DENSE = case_set("cuda-dense", {"variant": VARIANTS, "dtype": DTYPES,
 #: state width x step kind pair; Adam in full
 CUDA_STORED = case_set("cuda-stored",
                        {"rule": [n for n, r in rules.RULES.items() if r.layout != "rowwise"],
-                        "bits": [16, 8], "steps": ["dense", "sparse"]})
+                        "bits": [16, 8], "steps": ["dense", "sparse"]},
+                       valid=lambda c: any(rules.takes_state_bits(rules.RULES[c["rule"]], v,
+                                                                  c["bits"])
+                                           for v in rules.RULES[c["rule"]].variants))

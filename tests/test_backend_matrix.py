@@ -97,8 +97,8 @@ def _run_functional(name, backend, options, grad_scale, sparse, dtype=np.float64
             grad = g
         out = fn(p, grad, *slots, step=t, backend=backend, grad_scale=grad_scale,
                  **variant, **options, **host)
-        if host:
-            host = {next(iter(host)): out}
+        if host:       # one host scalar comes back alone, several as a dict (ASGD)
+            host = out if isinstance(out, dict) else {next(iter(host)): out}
     return p, slots
 
 

@@ -121,8 +121,9 @@ def test_a_refused_call_changes_nothing(cfg, bad):
         grads[k] = RowSparse(np.array([0, s[0]]), np.zeros((2,) + tuple(s[1:]), dtype))
     elif bad == "lr":
         opt.param_groups[-1]["lr"] = -1.0
-    elif bad == "nan_hyper":
-        opt.param_groups[0]["weight_decay"] = float("nan")
+    elif bad == "nan_hyper":        # Rprop has no weight decay
+        key = "weight_decay" if "weight_decay" in rules.RULES[name].defaults else "lr"
+        opt.param_groups[0][key] = float("nan")
     elif bad == "count":
         grads = grads + [grads[0]]
     elif bad == "dtype":

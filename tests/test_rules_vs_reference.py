@@ -87,6 +87,7 @@ def test_nonfinite_gradients_propagate(name, backend):
     opt.step([np.ones(64)])
     np.testing.assert_array_equal(np.isnan(p), np.isnan(expected[0]))
     np.testing.assert_array_equal(np.isinf(p), np.isinf(expected[0]))
-    assert np.isnan(p[3])
+    if name != "Rprop":     # steps by sign(g), and torch's sign(NaN) is 0 (rules/rprop.py)
+        assert np.isnan(p[3])
     fin = np.isfinite(expected[0])
     np.testing.assert_allclose(p[fin], expected[0][fin], rtol=1e-12)

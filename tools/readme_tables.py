@@ -129,9 +129,17 @@ def capability_table():
             for w in why:
                 exact += note(f"{rule.name}, `sparse_mode=\"exact\"`: {w}")
         ok, why = _variant_reasons(rule, rule.low_state_reason)
-        low = who(["state16", "state8"] + row) if ok else "—"
+        ok8, why8 = _variant_reasons(rule, rule.q8_reason)
+        if ok and ok8:
+            low = who(["state16", "state8"] + row)
+        elif ok:
+            low = "16-bit: " + who(["state16"] + row)
+        else:
+            low = "—"
         for w in why:
             low += note(f"{rule.name}, `state_bits=8` or `16`: {w}")
+        for w in why8:
+            low += note(f"{rule.name}, `state_bits=8`: {w}")
         lines.append("| " + " | ".join([
             f"`fastopt.{rule.name}`" + (" (row-wise)" if row else ""),
             ", ".join(state),

@@ -12,7 +12,8 @@ max-norm) are in :mod:`fastopt.rules.fused`.
 functional layer, every backend, the tests and the benchmarks iterate over it.
 """
 
-from . import adagrad, adam, adamax, fused, lion, nadam, rmsprop, rowwise_adagrad, sgd
+from . import (adadelta, adagrad, adam, adamax, fused, lion, nadam, radam, rmsprop,
+               rowwise_adagrad, rprop, sgd, asgd)
 from .base import NSLOTS, Rule, scalars_type
 
 SGD = sgd.RULE
@@ -24,10 +25,14 @@ Adamax = adamax.RULE
 NAdam = nadam.RULE
 Lion = lion.RULE
 RowWiseAdagrad = rowwise_adagrad.RULE
+RAdam = radam.RULE
+Adadelta = adadelta.RULE
+Rprop = rprop.RULE
+ASGD = asgd.RULE
 
 #: name -> Rule, in a stable order.  Tests and benchmarks iterate over this.
 RULES = {r.name: r for r in (SGD, Adagrad, RMSprop, Adam, AdamW, Adamax, NAdam, Lion,
-                             RowWiseAdagrad)}
+                             RowWiseAdagrad, RAdam, Adadelta, Rprop, ASGD)}
 
 #: width of the float64 scalar table the drivers receive (the widest rule's Scalars;
 #: narrower rules leave the last columns zero)
@@ -44,10 +49,13 @@ def get(name):
 def takes_state_bits(rule, variant, state_bits):
     """Whether the rule's configuration ``variant`` (hyperparameters) accepts
     ``state_bits`` (8- and 16-bit state are refused where the math needs more,
-    :attr:`Rule.low_state_reason`)."""
+    :attr:`Rule.low_state_reason`, and 8-bit state alone by :attr:`Rule.q8_reason`)."""
     if state_bits not in (8, 16):
         return True
-    return rule.low_state_reason(rule.check_group({**rule.defaults, **variant})) is None
+    group = rule.check_group({**rule.defaults, **variant})
+    if state_bits == 8 and rule.q8_reason(group) is not None:
+        return False
+    return rule.low_state_reason(group) is None
 
 
 def variant(rule, k, state_bits=None):

@@ -26,6 +26,7 @@ constants, so an option flag costs no branch in the element loop.
 """
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, NamedTuple, Tuple
 
@@ -48,6 +49,13 @@ def scalars_type(name, fields):
     return cls
 
 
+def unit_host_check(name, value):
+    """The default check of a saved host scalar (NAdam's ``mu_product``): None when
+    ``value`` is a finite number in (0, 1], else what it must be."""
+    v = float(value)
+    return None if math.isfinite(v) and 0.0 < v <= 1.0 else "a finite number in (0, 1]"
+
+
 @dataclass(frozen=True, eq=False)   # compared and hashed by identity
 class Rule:
     name: str                      # the optimizer class name, e.g. "Adam"
@@ -60,6 +68,8 @@ class Rule:
     math: Callable                 # per-element function
     reference: Callable            # whole-array NumPy reference
     host_init: Callable = lambda group: {}      # per-parameter host scalars (NAdam)
+    #: (name, value) -> None when a loaded host scalar is possible, else what it must be
+    host_check: Callable = unit_host_check
     slot_init: Callable = lambda group, name: 0.0  # initial value of a state slot
     cross_check: Callable = lambda group: None  # checks spanning hyperparameters
     #: Scalars fields that are option flags (0/1): drivers specialize on their values
@@ -79,6 +89,10 @@ class Rule:
     #: group -> None when 8- and 16-bit state keep the math sound, else the reason
     #: (state_bits=8 or 16 is then refused for that configuration)
     low_state_reason: Callable = lambda group: None
+    #: group -> None when 8-bit state (codes against a block scale) keeps the math
+    #: sound, else the reason (state_bits=8 alone is then refused; checked besides
+    #: low_state_reason)
+    q8_reason: Callable = lambda group: None
     #: configurations that together exercise every option (tests and benchmarks use them)
     variants: Tuple[dict, ...] = ({},)
     #: the optimizer class's docstring: what the rule is (torch's name, paper) and its

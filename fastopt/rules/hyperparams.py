@@ -22,6 +22,11 @@ def _number(name, value):
     return value
 
 
+def real(name, value):
+    """Any finite real number."""
+    return _number(name, value)
+
+
 def non_negative(name, value):
     value = _number(name, value)
     if value < 0.0:
