@@ -73,8 +73,8 @@ from cython cimport floating
 from _cy_rules cimport (
     NSCALARS, F_GRAD_SCALE, F_CLIP_VALUE, F_L1_THRESHOLD, F_PARAM_MIN, F_PARAM_MAX,
     F_MAX_NORM, OPT_GRAD_SCALE, OPT_CLIP, OPT_L1, OPT_MIN, OPT_MAX, OPT_MAX_NORM,
-    OPT_PRE, OPT_POST, OPT_ELEMENT, pre_pass, post_pass, renorm_row, adagrad, adam, adamax,
-    lion, nadam, radam, adadelta, rprop, asgd, rmsprop, rowwise_adagrad, sgd)
+    OPT_PRE, OPT_POST, OPT_ELEMENT, pre_pass, post_pass, renorm_row)
+# (each rule's math is cimported by the generated _cy_dispatch.pxi below)
 cimport _cy_rules as K
 
 cdef enum:
