@@ -166,7 +166,25 @@ def test_compare_of_two_runs_of_the_same_code_flags_nothing(seed):
     lines, regressions = report.compare(dict(machine="m", rows=old_rows),
                                         dict(machine="m", rows=new_rows))
     assert regressions == [], [line for line in lines if "REGRESSION" in line]
-    assert "p < 0.05/56" in lines[2]
+    assert "p < 0.05/42" in lines[2]         # 14 cases x 3 fastopt rows (torch: peers)
+
+
+def test_compare_never_flags_peers_nor_a_reference_that_moved_alone():
+    """torch's rows are peers (their code is not compared): a 1.5x torch row is
+    listed, not flagged.  A reference 1.4x faster on its own (its run-to-run
+    variation) makes every normalized row look 1.4x slower, but their raw times did
+    not change: nothing is flagged."""
+    rng = np.random.default_rng(4)
+    case = benchmark.Case("SGD", (10_000_000,))
+    base = {"ceiling": 1.0, "fastopt-numba": 1.2, "torch-fused": 3.0}
+    old = _record(case, base, 0.03, rng)
+    new = _record(case, dict(base, **{"torch-fused": 4.5}), 0.03, rng)
+    lines, regressions = report.compare(old, new)
+    assert regressions == [] and any("| torch-fused |" in line and "peer" in line
+                                     for line in lines)
+    new = _record(case, dict(base, ceiling=1.0 / 1.4), 0.03, rng)
+    lines, regressions = report.compare(old, new)
+    assert regressions == [], lines
 
 
 def test_compare_does_not_test_a_case_whose_reference_was_disturbed():
