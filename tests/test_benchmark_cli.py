@@ -130,7 +130,7 @@ def _record(case, medians, sigma, rng, slowdown=1.0):
 def test_compare_separates_machine_drift_from_a_change():
     """The machine 1.6x slower in the second run: nothing is flagged (every row is
     normalized by the ceiling timed in the same rounds); a contender 1.3x slower
-    relative to its reference is flagged, 1.05x is not (under the 10% floor), nor
+    relative to its reference is flagged, 1.05x is not (under the 20% floor), nor
     is 1.2x buried in noise."""
     rng = np.random.default_rng(0)
     case = benchmark.Case("SGD", (10_000_000,))

@@ -27,9 +27,10 @@ import numpy as np
 CEILING_SLACK = 1.05
 BOUND_SLACK = 1.05
 NOISY = 0.10
-#: --compare: a change smaller than this (as a ratio of normalized medians) is never
-#: flagged, however significant
-REGRESSION = 0.10
+#: --compare: a change smaller than this (normalized and raw) is never flagged, however
+#: significant: two runs of the same code on the 2-core VM moved fastopt's own rows by
+#: up to 15% (a run-level effect that the within-run rank test cannot see)
+REGRESSION = 0.20
 #: --compare: the family-wise significance level; each row's rank test is held to
 #: ``ALPHA / rows compared`` (Bonferroni), so two runs of the same code flag a row
 #: with probability at most ALPHA in all
