@@ -14,7 +14,9 @@ def nanmax(a, b):
 
 @register_jitable
 def sign(x, one, zero):
-    """sign(x) in x's dtype; NaN stays NaN (like torch.sign)."""
+    """sign(x) in x's dtype; NaN stays NaN, so a NaN gradient shows in the
+    parameter (torch 2.13's ``torch.sign`` returns 0 for NaN on the CPU; Rprop, which
+    follows torch there, handles NaN itself)."""
     if x > zero:
         return one
     if x < zero:
