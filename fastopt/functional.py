@@ -77,6 +77,10 @@ def _apply(rule, param, grad, slot_arrays, step, host, backend, hyper, grad_scal
         slots.append(a)
     refuse_overlaps([p] + [s for s in slots if s is not None], bk, "array (param, state...)")
     sparse = is_sparse(grad) and not isinstance(grad, np.ndarray)
+    if sparse and rule.per_tensor:
+        raise ValueError("grad: " + rule.tensor_refusal("a row-sparse gradient"))
+    if rule.per_tensor:
+        bk.require("tensor_norms", f"the per-tensor rule {rule.name}")
     if sparse:
         bk.require("sparse_lazy")
         idx, vals = checked_rows(grad, p, "grad")
@@ -104,6 +108,8 @@ def _apply(rule, param, grad, slot_arrays, step, host, backend, hyper, grad_scal
     work = planner.fill_bucket(b, np.array([bk.address(g)], dtype=np.int64), [g], [row], gs,
                                all_active=True)
     work.ref = [ref]
+    if rule.per_tensor and not getattr(bk, "wants_reference_args", False):
+        planner.tensor_scalars(rule, bk, [work], [[group]])
     bk.run_dense(work)
     return new_host
 

@@ -105,6 +105,11 @@ class Optimizer:
         self._alias_ok = None
         self._fast = None
         self._lock = threading.Lock()
+        #: per-tensor rules (LAMB, LARS): None, or ``reduce(indices, sums) -> sums``
+        #: called between the norm pass and the update pass with, per bucket, the
+        #: parameter indices and the float64 (tensors, 2) sums of squares of this
+        #: process's part of each tensor (ShardedOptimizer adds the shards' parts)
+        self.norm_reducer = None
 
     # ------------------------------------------------------------------ groups
     @property
@@ -214,6 +219,8 @@ class Optimizer:
     def _check_params(self, arrays):
         """Storage checks of new parameters (before the group is added)."""
         if any(storage.is_bf16(a.dtype) for a in arrays):
+            if self.rule.per_tensor:
+                raise ValueError(self.rule.tensor_refusal("a bfloat16 parameter"))
             self.backend.require("bfloat16", "bfloat16 parameters")
 
     def _check_group(self, group):
@@ -371,7 +378,8 @@ class Optimizer:
             return True
         if fast.plan is not plan:
             fast.plan = plan
-            fast.lean = not getattr(self.backend, "wants_reference_args", False) and all(
+            fast.lean = not getattr(self.backend, "wants_reference_args", False) \
+                and not self.rule.per_tensor and all(
                 b.fmt is None and not b.config.switches[0] and list(b.pos) == fast.all
                 for b in plan[1])
             fast.launch = self._launch_handle(plan, specs, owner) if fast.lean else None
@@ -435,6 +443,9 @@ class Optimizer:
         count it), so the state is created, the step count advances and, in exact
         mode, every row falls one step behind."""
         out = []
+        if sparse_i and self.rule.per_tensor:
+            raise ValueError(f"gradient {sparse_i[0]}: " + self.rule.tensor_refusal(
+                "a row-sparse gradient (it would update some rows with norms of others)"))
         for i in sparse_i:
             idx, vals = checked_rows(grads[i], self._params[i], f"gradient {i}")
             self._check_row_layout(i, "a row-sparse gradient")
@@ -535,7 +546,8 @@ class Optimizer:
                 tensors.append((self._params[i], planner.slot_list(self.rule, st, spec.uses),
                                 spec, (owner[i], int(self._steps[i]),
                                        tuple(st[k] for k in self._host_keys),
-                                       fresh.get(i, ())),
+                                       fresh.get(i, ()),
+                                       i if self.rule.per_tensor else None),
                                 self._storage[i], self._extras(i, spec.uses),
                                 self._bases[i]))
             buckets = planner.dense_buckets(self.rule, self.backend, tensors)
@@ -543,6 +555,7 @@ class Optimizer:
             if not fresh:
                 self._plan = plan
         new_host = []
+        works = []
         ref = getattr(self.backend, "wants_reference_args", False)
         for b in plan[1]:
             scal = []
@@ -561,6 +574,15 @@ class Optimizer:
                 work.ref = [(specs[owner[i]].group, int(self._steps[i]) + 1,
                              self._ref_state(i, specs[owner[i]].uses), fresh.get(i, ()))
                             for i in (active[k] for k in b.pos)]
+            works.append(work)
+        if self.rule.per_tensor and not ref:
+            members = [[active[k] for k in b.pos] for b in plan[1]]
+            planner.tensor_scalars(
+                self.rule, self.backend, works,
+                [[specs[owner[i]].group for i in m] for m in members],
+                None if self.norm_reducer is None else
+                lambda sums: self.norm_reducer(members, sums))
+        for work in works:
             self.backend.run_dense(work)
         if everyone:
             self._steps += 1
@@ -885,6 +907,8 @@ def require_features(bk, rule, group, sparse_mode):
     ``sparse_mode`` (the capability table, before anything is written)."""
     if rule.layout == "rowwise":
         bk.require("rowwise", f"the row-wise rule {rule.name}")
+    if rule.per_tensor:
+        bk.require("tensor_norms", f"the per-tensor rule {rule.name}")
     if any(fused.flags(group)[1:]):
         bk.require("fused_options")
     bk.require("sparse_exact" if sparse_mode == "exact" else "sparse_lazy")

@@ -15,6 +15,7 @@ honoured by both or by neither (there is no second place that builds work):
   sparse mode, the catch-up maps from the rule's closed form.
 """
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -162,6 +163,25 @@ def fill_bucket(b, gptr, grads, rows, grad_scale=None, all_active=False, keys=No
     return b
 
 
+def tensor_scalars(rule, backend, works, groups, reduce=None):
+    """Per-tensor rules (``rule.per_tensor``): run the norm pass of every bucket in
+    ``works`` (``backend.run_norms``), let ``reduce`` combine the sums of squares
+    (sharding: the shards' parts of each tensor; ``reduce(list of (T, 2) arrays)``
+    returns the list), and write each tensor's scalars (``rule.tensor_scalars`` of
+    its group ``groups[bucket][t]`` and the two norms) into its own scalar row.
+    Every tensor of a per-tensor rule has a row of its own (its row key holds its
+    index)."""
+    sums = [backend.run_norms(w) for w in works]
+    if reduce is not None:
+        sums = reduce(sums)
+    fields = rule.Scalars._fields
+    for w, s, gs in zip(works, sums, groups):
+        for t in range(s.shape[0]):
+            own = rule.tensor_scalars(gs[t], math.sqrt(s[t, 0]), math.sqrt(s[t, 1]))
+            for name, value in own.items():
+                w.hyper[w.hidx[t], fields.index(name)] = value
+
+
 _IDENTITY_CACHE = {}
 
 
@@ -219,4 +239,4 @@ def rows_work(rule, spec, param, slots, row, idx=None, vals=None, grad_scale=Non
 
 
 __all__ = ["GroupSpec", "group_spec", "config", "slot_list", "dense_buckets", "fill_bucket",
-           "rows_work", "CatchUp"]
+           "tensor_scalars", "rows_work", "CatchUp"]

@@ -775,3 +775,4 @@ def openmp_max_threads():
 # ------------------------------------------------------------ stored formats
 
 include "_cy_storage.pxi"
+include "_cy_norms.pxi"

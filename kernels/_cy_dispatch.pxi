@@ -2,7 +2,7 @@
 # Do not edit: tests/test_layout.py checks it.
 
 # every rule's math (its copy in _cy_rules.pxd, named after its module)
-from _cy_rules cimport sgd, adagrad, rmsprop, adam, adamax, nadam, lion, radam, adadelta, rprop, asgd, rowwise_adagrad
+from _cy_rules cimport sgd, adagrad, rmsprop, adam, adamax, nadam, lion, radam, adadelta, rprop, asgd, lamb, lars, rowwise_adagrad, lamb_norms, lars_norms
 
 # ----------------------------------------------------------------- rule ids
 cdef enum:
@@ -17,16 +17,21 @@ cdef enum:
     R_ADADELTA = 8
     R_RPROP = 9
     R_ASGD = 10
-    R_COUNT = 11
+    R_LAMB = 11
+    R_LARS = 12
+    R_COUNT = 13
 
 #: rule modules (``fastopt/rules/<name>.py``) whose element math has a copy here; id = index
-MATH_NAMES = ('sgd', 'adagrad', 'rmsprop', 'adam', 'adamax', 'nadam', 'lion', 'radam', 'adadelta', 'rprop', 'asgd')
+MATH_NAMES = ('sgd', 'adagrad', 'rmsprop', 'adam', 'adamax', 'nadam', 'lion', 'radam', 'adadelta', 'rprop', 'asgd', 'lamb', 'lars')
 #: whose ``Scalars`` each of them reads (the prefix of its column constants)
-MATH_SCALARS = ('SGD', 'ADAGRAD', 'RMSPROP', 'ADAM', 'ADAMAX', 'NADAM', 'LION', 'RADAM', 'ADADELTA', 'RPROP', 'ASGD')
+MATH_SCALARS = ('SGD', 'ADAGRAD', 'RMSPROP', 'ADAM', 'ADAMAX', 'NADAM', 'LION', 'RADAM', 'ADADELTA', 'RPROP', 'ASGD', 'LAMB', 'LARS')
 
 #: row-wise rules (one state value per row; :func:`run_rowwise`); id = index
 ROWWISE_NAMES = ('rowwise_adagrad',)
 ROWWISE_SCALARS = ('ADAGRAD',)
+
+#: per-tensor rules (a norm pass first; :func:`run_norms`), by module
+TENSOR_NAMES = ('lamb', 'lars')
 
 # ------------------------------------------------- compile-time tags (fused)
 cdef struct TSgd:
@@ -51,6 +56,10 @@ cdef struct TRprop:
     char _
 cdef struct TAsgd:
     char _
+cdef struct TLamb:
+    char _
+cdef struct TLars:
+    char _
 
 ctypedef fused RuleTag:
     TSgd
@@ -64,6 +73,8 @@ ctypedef fused RuleTag:
     TAdadelta
     TRprop
     TAsgd
+    TLamb
+    TLars
 
 cdef TSgd T_SGD
 cdef TAdagrad T_ADAGRAD
@@ -76,6 +87,8 @@ cdef TRadam T_RADAM
 cdef TAdadelta T_ADADELTA
 cdef TRprop T_RPROP
 cdef TAsgd T_ASGD
+cdef TLamb T_LAMB
+cdef TLars T_LARS
 
 
 cdef inline void _math(RuleTag tag, floating* p, floating g, floating* s0, floating* s1,
@@ -100,8 +113,12 @@ cdef inline void _math(RuleTag tag, floating* p, floating g, floating* s0, float
         adadelta(p, g, s0, s1, s2, c)
     elif RuleTag is TRprop:
         rprop(p, g, s0, s1, s2, c)
-    else:
+    elif RuleTag is TAsgd:
         asgd(p, g, s0, s1, s2, c)
+    elif RuleTag is TLamb:
+        lamb(p, g, s0, s1, s2, c)
+    else:
+        lars(p, g, s0, s1, s2, c)
 
 #: the column of every scalar constant the math reads, as compiled (from
 #: ``_cy_scalars.pxi``); the backend checks them against the ``Scalars`` declarations
@@ -200,6 +217,20 @@ COLUMNS = {
     "ASGD_COPY": K.ASGD_COPY,
     "ASGD_WEIGHT_DECAY": K.ASGD_WEIGHT_DECAY,
     "ASGD_MAXIMIZE": K.ASGD_MAXIMIZE,
+    "LAMB_LR_TRUST": K.LAMB_LR_TRUST,
+    "LAMB_BETA1": K.LAMB_BETA1,
+    "LAMB_ONE_MINUS_BETA1": K.LAMB_ONE_MINUS_BETA1,
+    "LAMB_BETA2": K.LAMB_BETA2,
+    "LAMB_ONE_MINUS_BETA2": K.LAMB_ONE_MINUS_BETA2,
+    "LAMB_BC1": K.LAMB_BC1,
+    "LAMB_BC2": K.LAMB_BC2,
+    "LAMB_EPS": K.LAMB_EPS,
+    "LAMB_WEIGHT_DECAY": K.LAMB_WEIGHT_DECAY,
+    "LARS_LR": K.LARS_LR,
+    "LARS_MOMENTUM": K.LARS_MOMENTUM,
+    "LARS_WEIGHT_DECAY": K.LARS_WEIGHT_DECAY,
+    "LARS_LOCAL": K.LARS_LOCAL,
+    "LARS_NESTEROV": K.LARS_NESTEROV,
 }
 
 
@@ -229,3 +260,17 @@ cdef void _by_rule(int rule, int ucode, floating* P, const floating* G, floating
         _by_uses(T_RPROP, ucode, P, G, S0, S1, S2, n, c)
     elif rule == R_ASGD:
         _by_uses(T_ASGD, ucode, P, G, S0, S1, S2, n, c)
+    elif rule == R_LAMB:
+        _by_uses(T_LAMB, ucode, P, G, S0, S1, S2, n, c)
+    elif rule == R_LARS:
+        _by_uses(T_LARS, ucode, P, G, S0, S1, S2, n, c)
+
+
+cdef inline void _norms_by_rule(int rule, floating p, floating g, floating s0, floating s1,
+                                floating s2, const floating* c, floating* x,
+                                floating* y) noexcept nogil:
+    """The norm-pass function of a per-tensor rule (validated by the caller)."""
+    if rule == R_LAMB:
+        lamb_norms(p, g, s0, s1, s2, c, x, y)
+    elif rule == R_LARS:
+        lars_norms(p, g, s0, s1, s2, c, x, y)

@@ -475,3 +475,63 @@ cdef inline floating rowwise_adagrad(floating* prow, const floating* grow, float
             g = g + wd * prow[j]
         prow[j] = prow[j] - clr * g / denom
     return acc
+
+
+# ------------------------------------------------------------ per-tensor rules
+# Each has its update (the element math, with the tensor's own scalar row) and its
+# norm-pass function ``<rule>_norms(p, g, s0, s1, s2, c, &x, &y)``: the two values
+# whose squares the norm pass sums (fastopt.rules.<rule>.norms).
+
+@cython.cdivision(True)
+cdef inline void _lamb_direction(floating p, floating g, floating* m, floating* v,
+                                 floating* u, const floating* c) noexcept nogil:
+    """rules.lamb.direction: the new moments and the direction ``u``."""
+    m[0] = c[LAMB_BETA1] * m[0] + c[LAMB_ONE_MINUS_BETA1] * g
+    v[0] = c[LAMB_BETA2] * v[0] + c[LAMB_ONE_MINUS_BETA2] * g * g
+    u[0] = (m[0] / c[LAMB_BC1]) / (_sqrt(v[0] / c[LAMB_BC2]) + c[LAMB_EPS])
+    if c[LAMB_WEIGHT_DECAY]:
+        u[0] = u[0] + c[LAMB_WEIGHT_DECAY] * p
+
+
+cdef inline void lamb(floating* p_, floating g, floating* m_, floating* v_, floating* s2_,
+                      const floating* c) noexcept nogil:
+    """rules.lamb.element."""
+    cdef floating p = p_[0]
+    cdef floating m = m_[0], v = v_[0], u
+    _lamb_direction(p, g, &m, &v, &u, c)
+    p_[0] = p - c[LAMB_LR_TRUST] * u
+    m_[0] = m
+    v_[0] = v
+
+
+cdef inline void lamb_norms(floating p, floating g, floating m, floating v, floating s2,
+                            const floating* c, floating* x, floating* y) noexcept nogil:
+    """rules.lamb.norms: the parameter and the direction."""
+    cdef floating u
+    _lamb_direction(p, g, &m, &v, &u, c)
+    x[0] = p
+    y[0] = u
+
+
+cdef inline void lars(floating* p_, floating g, floating* buf_, floating* s1_, floating* s2_,
+                      const floating* c) noexcept nogil:
+    """rules.lars.element."""
+    cdef floating p = p_[0]
+    cdef floating buf = buf_[0], d
+    if c[LARS_WEIGHT_DECAY]:
+        g = g + c[LARS_WEIGHT_DECAY] * p
+    d = c[LARS_LOCAL] * g
+    buf = c[LARS_MOMENTUM] * buf + d
+    if c[LARS_NESTEROV]:
+        p = p - c[LARS_LR] * (d + c[LARS_MOMENTUM] * buf)
+    else:
+        p = p - c[LARS_LR] * buf
+    p_[0] = p
+    buf_[0] = buf
+
+
+cdef inline void lars_norms(floating p, floating g, floating buf, floating s1, floating s2,
+                            const floating* c, floating* x, floating* y) noexcept nogil:
+    """rules.lars.norms: the parameter and the gradient."""
+    x[0] = p
+    y[0] = g

@@ -56,6 +56,9 @@ from fastopt import rules
 
 #: every registry variant, as (rule name, variant index)
 VARIANTS = [(name, k) for name, rule in rules.RULES.items() for k in range(len(rule.variants))]
+#: the variants of rules that take row steps (sparse gradients, max_norm, stored
+#: formats): every rule but the per-tensor ones (LAMB, LARS: whole tensors only)
+ROW_VARIANTS = [v for v in VARIANTS if not rules.RULES[v[0]].per_tensor]
 DTYPES = [np.float32, np.float64]
 #: every backend that runs on host arrays here
 CPU_BACKENDS = [b for b in fastopt.available_backends() if b != "cuda"]
@@ -348,12 +351,16 @@ OPTION_SETS = ["none", "all", "element"]
 
 #: tests/test_cython_parity.py (c): dense multi-tensor steps, numba vs cython
 CY_STEPS = case_set("cython-dense-steps", {"variant": VARIANTS, "dtype": DTYPES,
-                                           "options": OPTION_SETS})
+                                           "options": OPTION_SETS},
+                    # "all" has max_norm (row steps), which per-tensor rules refuse
+                    valid=lambda c: not (c["options"] == "all"
+                                         and rules.RULES[c["variant"][0]].per_tensor))
 #: (d): lazy row-sparse steps, without options and with all of them; extends the
 #: dense cases (with max_norm a dense step runs the same row driver)
 CY_SPARSE = case_set("cython-sparse-lazy",
-                     {"variant": VARIANTS, "dtype": DTYPES, "options": ["none", "all"]},
-                     seed=[c for c in CY_STEPS if c["options"] != "element"])
+                     {"variant": ROW_VARIANTS, "dtype": DTYPES, "options": ["none", "all"]},
+                     seed=[c for c in CY_STEPS if c["options"] != "element"
+                           and c["variant"] in ROW_VARIANTS])
 #: (e): exact sparse mode, every variant with a closed form
 CY_EXACT = case_set("cython-sparse-exact",
                     {"variant": [v for v in VARIANTS if exact_possible(*v[:1], variant_of(
@@ -375,7 +382,7 @@ SPARSE_BACKENDS = [b for b in fastopt.available_backends()
 #: tests/test_sparse.py: lazy row-sparse steps against the oracle, every variant x
 #: backend x dtype pair, every rule x backend x dtype; the numba cases are the
 #: Cython suite's lazy "none" cases (the same serial row drivers)
-SPARSE_LAZY = case_set("sparse-lazy", {"variant": VARIANTS, "backend": SPARSE_BACKENDS,
+SPARSE_LAZY = case_set("sparse-lazy", {"variant": ROW_VARIANTS, "backend": SPARSE_BACKENDS,
                                        "dtype": DTYPES},
                        cover=[("rule", "backend", "dtype")],
                        seed=[dict(c, backend="numba") for c in CY_SPARSE
@@ -434,6 +441,8 @@ def _takes_bits(case):
 
 
 def _stored_valid(case):
+    if rules.RULES[rule_of(case)].per_tensor:
+        return False                      # float32/float64 only (a refusal test checks)
     if not _takes_bits(case):
         return False
     bf = case["param"] == "bf16"
@@ -450,7 +459,8 @@ def _stored_valid(case):
 #: NumPy reference, tests/test_cython_storage.py numba against cython bit for bit,
 #: so the second file finds every stored driver it needs compiled.
 STORED = case_set("stored",
-                  {"rule": list(rules.RULES), "pick": ["last", "first"],
+                  {"rule": [n for n, r in rules.RULES.items() if not r.per_tensor],
+                   "pick": ["last", "first"],
                    "param": STORED_PARAMS, "bits": STATE_BITS, "update": BF16_UPDATES,
                    "grad": ["same", "bf16"], "options": ["none", "element", "max_norm"]},
                   valid=_stored_valid, full=("param", "bits", "update"),
@@ -486,7 +496,8 @@ CUDA_DENSE = case_set("cuda-dense", {"variant": VARIANTS, "dtype": DTYPES,
 #: dense or row-sparse (lazy) steps: every rule x state width, rule x step kind and
 #: state width x step kind pair; Adam in full
 CUDA_STORED = case_set("cuda-stored",
-                       {"rule": [n for n, r in rules.RULES.items() if r.layout != "rowwise"],
+                       {"rule": [n for n, r in rules.RULES.items()
+                                 if r.layout == "elementwise"],
                         "bits": [16, 8], "steps": ["dense", "sparse"]},
                        valid=lambda c: any(rules.takes_state_bits(rules.RULES[c["rule"]], v,
                                                                   c["bits"])

@@ -32,8 +32,11 @@ ONE_OPTION_RULES = ["SGD", "Adam", "RowWiseAdagrad"]
 
 def option_cases():
     cases = []
-    for name in rules.RULES:
-        cases.append(pytest.param(name, ALL_OPTIONS, 64.0, id=f"{name}-all-scaled"))
+    for name, rule in rules.RULES.items():
+        # per-tensor rules update whole tensors: max_norm (a row option) is refused
+        opts = {k: v for k, v in ALL_OPTIONS.items() if k != "max_norm"} \
+            if rule.per_tensor else ALL_OPTIONS
+        cases.append(pytest.param(name, opts, 64.0, id=f"{name}-all-scaled"))
     for name in ONE_OPTION_RULES:
         for opt in ONE_OPTION:
             k = next(iter(opt))
@@ -113,6 +116,10 @@ def test_functional_options_match_reference(backend, name, options, grad_scale, 
         with pytest.raises(NotImplementedError):
             _run_functional(name, backend, options, grad_scale, sparse)
         return
+    if sparse and rules.RULES[name].per_tensor:
+        with pytest.raises(ValueError, match="row-sparse gradient"):
+            _run_functional(name, backend, options, grad_scale, sparse)
+        return
     p, slots = _run_functional(name, backend, options, grad_scale, sparse)
     p_ref, slots_ref = _run_functional(name, "numpy", options, grad_scale, sparse)
     np.testing.assert_allclose(p, p_ref, rtol=1e-9, atol=1e-12)
@@ -184,6 +191,8 @@ def test_missing_feature_is_refused_before_writing(backend, feature):
                                        backend=backend).step([np.ones_like(p)]),
         "state8": lambda: fastopt.SGD([p], lr=0.1, momentum=0.9, state_bits=8,
                                       backend=backend).step([np.ones_like(p)]),
+        "tensor_norms": lambda: fastopt.LAMB([p], lr=0.1, backend=backend).step(
+            [np.ones_like(p)]),
     }
     if bk.supports(feature):
         assert calls[feature]() is True

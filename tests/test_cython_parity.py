@@ -536,6 +536,8 @@ def test_serial_and_parallel_drivers_agree(name, monkeypatch):
     def run(parallel_min):
         monkeypatch.setattr(numba_cpu, "PARALLEL_MIN", parallel_min)
         dense = run_classes("cython", name, variant, np.float32, [(70_001,), (9, 3)], 4, 2.0)
+        if rules.RULES[name].per_tensor:          # whole tensors only: no row steps
+            return (dense,)
         sparse = run_classes("cython", name, {**variant, "max_norm": 1.0}, np.float64,
                              [(500, 8)], 3, sparse=_zipf_sparse(900))
         return dense, sparse
@@ -558,11 +560,19 @@ for name in rules.RULES:
         table = rng.standard_normal((20_000, 8)).astype(dt)
         kw = dict(rules.RULES[name].variants[-1], **opts)
         a = fastopt.CLASSES[name]([dense], backend="cython", **kw)
-        b = fastopt.CLASSES[name]([table], backend="cython", max_norm=1.5, **kw)
+        rows = not rules.RULES[name].per_tensor   # per-tensor rules: whole tensors only
+        b = fastopt.CLASSES[name]([table], backend="cython", **kw,
+                                  **({"max_norm": 1.5} if rows else {}))
         for _ in range(2):
             a.step([rng.standard_normal(dense.shape).astype(dt)], grad_scale=2.0)
             idx = np.minimum(rng.zipf(1.2, 30_000) - 1, table.shape[0] - 1)
-            b.step([fastopt.RowSparse(idx, rng.standard_normal((30_000, 8)).astype(dt))])
+            vals = rng.standard_normal((30_000, 8)).astype(dt)
+            if rows:
+                b.step([fastopt.RowSparse(idx, vals)])
+            else:
+                g = np.zeros_like(table)
+                np.add.at(g, idx, vals)
+                b.step([g])
         h = hashlib.sha256(dense.tobytes() + table.tobytes())
         print(name, np.dtype(dt).name, h.hexdigest())
 table = np.random.default_rng(1).standard_normal((50_000, 4)).astype(np.float32)

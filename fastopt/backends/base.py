@@ -66,6 +66,8 @@ FEATURES = {
     "sparse_lazy": "row-sparse gradients, lazy mode (touched rows only)",
     "sparse_exact": "row-sparse gradients, exact mode (closed-form catch-up)",
     "rowwise": "row-wise rules (one state value per row)",
+    "tensor_norms": "per-tensor rules (LAMB, LARS): a norm pass over each tensor, then the "
+                    "update pass",
     "fused_options": "clip_value, l1, param_min, param_max, max_norm in the update pass",
     "grad_scale": "step(grad_scale=...) divides gradients inside the update pass",
     "skip_nonfinite": "step(skip_nonfinite=True) skips a step with an Inf/NaN gradient",
@@ -264,4 +266,12 @@ class Backend:
         raise NotImplementedError
 
     def run_rows(self, work):
+        raise NotImplementedError
+
+    def run_norms(self, work):
+        """The norm pass of a per-tensor rule (``Rule.norms``) over a
+        :class:`DenseWork` bucket: a float64 array (tensors, 2) of the sums of squares
+        of the rule's two per-element quantities, per tensor in bucket order (each
+        chunk summed in element order, the chunks added in order: the result does
+        not depend on the thread count)."""
         raise NotImplementedError

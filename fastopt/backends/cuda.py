@@ -429,6 +429,72 @@ def make_dense_kernel(config):
     return cuda.jit(dense_kernel)
 
 
+def make_norms_kernel(config):
+    """The norm pass of a per-tensor rule (LAMB, LARS) over a bucket.
+
+    ``kernel[blocks, BLOCK_SIZE](tab, chunks, hyper, part)``: one thread block per
+    chunk (grid-stride); each thread sums, in float64, the squares of the rule's two
+    ``norms`` values over its strided elements (after the gradient options), then
+    the block adds the threads' sums in a fixed tree in shared memory and thread 0
+    writes ``part[ci] = (sum x^2, sum y^2)``.  The host adds the chunks of each
+    tensor in chunk order.  Deterministic (fixed block size and tree), but not the
+    CPU's summation order: the norms agree with the CPU backends to rounding."""
+    _prepare()
+    NORMS = config.rule.norms
+    LOAD = scalar_loader(config.rule.Scalars, config.dtype, config.fixed)
+    VIEW = _view_fn(config.dtype)
+    DT = np.dtype(config.dtype).type
+    U0, U1, U2 = (bool(u) for u in config.uses)
+    SC, CL = bool(config.switches[0]), bool(config.switches[1])
+    NT = BLOCK_SIZE
+
+    def norms_kernel(tab, chunks, hyper, part):
+        zero = DT(0)
+        sa = cuda.shared.array(NT, np.float64)
+        sb = cuda.shared.array(NT, np.float64)
+        tid = cuda.threadIdx.x
+        ci = cuda.blockIdx.x
+        while ci < chunks.shape[0]:
+            t = chunks[ci, 0]
+            hi = chunks[ci, 2]
+            P = VIEW(tab[t, 0], hi)
+            G = VIEW(tab[t, 1], hi)
+            A0 = VIEW(tab[t, 2], hi)
+            A1 = VIEW(tab[t, 3], hi)
+            A2 = VIEW(tab[t, 4], hi)
+            c = LOAD(hyper, tab[t, 5])
+            a = 0.0
+            b = 0.0
+            i = chunks[ci, 1] + tid
+            while i < hi:
+                s0 = A0[i] if U0 else zero
+                s1 = A1[i] if U1 else zero
+                s2 = A2[i] if U2 else zero
+                x, y = NORMS(P[i], pre(G[i], c, SC, CL), s0, s1, s2, c)
+                fx = np.float64(x)
+                fy = np.float64(y)
+                a += fx * fx
+                b += fy * fy
+                i += NT
+            sa[tid] = a
+            sb[tid] = b
+            cuda.syncthreads()
+            h = NT // 2
+            while h > 0:
+                if tid < h:
+                    sa[tid] += sa[tid + h]
+                    sb[tid] += sb[tid + h]
+                cuda.syncthreads()
+                h //= 2
+            if tid == 0:
+                part[ci, 0] = sa[0]
+                part[ci, 1] = sb[0]
+            cuda.syncthreads()
+            ci += cuda.gridDim.x
+
+    return cuda.jit(norms_kernel)
+
+
 def make_rows_kernel(config, catch, step):
     """The row kernel of an element-wise rule configuration.
 
@@ -966,7 +1032,8 @@ def make_stored_rowwise_kernel(config):
     return cuda.jit(stored_rowwise_kernel)
 
 
-_FACTORIES = {"dense": make_dense_kernel, "rows": make_rows_kernel,
+_FACTORIES = {"dense": make_dense_kernel, "norms": make_norms_kernel,
+              "rows": make_rows_kernel,
               "renorm": make_renorm_kernel, "rowwise": make_rowwise_kernel,
               "finite": make_count_kernel, "widen": make_widen_kernel,
               "stored_dense": make_stored_dense_kernel,
@@ -995,6 +1062,7 @@ class _DensePlan:
         sizes = [int(np.prod(_describe(p)[0], dtype=np.int64)) for p in work.params]
         self.key = (T, R, NS, CHUNK, tuple(sizes))
         chunks = make_chunks(sizes, CHUNK)
+        self.host_chunks = chunks
         self.nchunks = chunks.shape[0]
         self.chunks = cuda.to_device(chunks) if self.nchunks else None
         self.host = np.zeros(T * TAB_COLS + R * NS, dtype=np.int64)
@@ -1505,6 +1573,25 @@ class CudaBackend(Backend):
         plan.dev.copy_to_device(plan.host)
         kernel = kernel_for("dense", work.config)
         kernel[_blocks(plan.nchunks), BLOCK_SIZE](plan.dtab, plan.chunks, plan.dhyper)
+
+    def run_norms(self, work):
+        """The norm pass of a per-tensor rule over a bucket: one launch, the chunk
+        sums copied back and added per tensor in chunk order (float64)."""
+        out = np.zeros((len(work.params), 2), dtype=np.float64)
+        if not work.nelem:
+            return out
+        plan = _dense_plan(work)
+        plan.tab[:, :TAB_COLS - 1] = work.ptrs
+        plan.hyper[:] = work.hyper
+        plan.dev.copy_to_device(plan.host)
+        part = cuda.device_array((plan.nchunks, 2), dtype=np.float64)
+        kernel_for("norms", work.config)[_blocks(plan.nchunks), BLOCK_SIZE](
+            plan.dtab, plan.chunks, plan.dhyper, part)
+        host = part.copy_to_host()
+        chunks = plan.host_chunks
+        for ci in range(plan.nchunks):           # chunk order
+            out[chunks[ci, 0]] += host[ci]
+        return out
 
     def run_rows(self, work):
         """The row step of one parameter (a row-sparse gradient, a dense step of a

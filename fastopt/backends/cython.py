@@ -201,6 +201,19 @@ class CythonBackend(Backend):
         self._ext.run_dense(*cached[1], work.ptrs, work.chunks, work.hyper, work.hidx,
                             work.nelem, _parallel_min())
 
+    def run_norms(self, work):
+        """The norm pass of a per-tensor rule (``_cy_dense.run_norms``, the twin of
+        :func:`fastopt.backends.numba_norms.make_norms_driver`)."""
+        cfg = work.config
+        out = np.zeros((len(work.params), 2), dtype=np.float64)
+        if work.nelem:
+            u0, u1, u2 = (bool(u) for u in cfg.uses)
+            self._ext.run_norms(self.rule_id(cfg.rule), self._code(cfg.dtype), u0, u1, u2,
+                                self._opts(tuple(cfg.switches)),
+                                work.ptrs, work.chunks, work.hyper, work.hidx, out,
+                                work.nelem, _parallel_min())
+        return out
+
     def run_rows(self, work):
         """One parameter's row step (see :class:`~fastopt.backends.base.RowsWork`).
 

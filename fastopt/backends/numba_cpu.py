@@ -371,6 +371,10 @@ class NumbaBackend(Backend):
                     make_dense_driver, work.config, parallel))
             cached[2](work.ptrs, work.chunks, work.hyper, work.hidx)
 
+    def run_norms(self, work):
+        from .numba_norms import run_norms
+        return run_norms(work, bool(work.nelem >= PARALLEL_MIN) and may_use_threads())
+
     def run_rows(self, work):
         if work.catch is not None and work.catch.coef is None:
             raise ValueError("exact-mode work without its catch-up maps")

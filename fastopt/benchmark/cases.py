@@ -78,12 +78,15 @@ class Case:
 
     def bytes_per_step(self):
         """Bytes a step must move: read p, g and each used slot; write p and slots
-        (a row-wise rule's slots have one value per row)."""
+        (a row-wise rule's slots have one value per row; a per-tensor rule's norm
+        pass first reads p, g and ``rule.norm_reads`` slots)."""
         rule = registry.RULES[self.rule]
         k = sum(rule.uses_slots(self.group()))
         item = np.dtype(self.dtype).itemsize
         if rule.layout == "rowwise":
             return item * (3 * self.elements + 2 * k * (self.elements // ROW_DIM))
+        if rule.per_tensor:      # the norm pass reads p, g and its slots first
+            return self.elements * item * (3 + 2 * k + 2 + rule.norm_reads)
         return self.elements * item * (3 + 2 * k)
 
     def memory(self):

@@ -9,7 +9,8 @@ Dense cases:
   through the same chunked driver: the memory ceiling of this access pattern,
   measured in the same rounds as the contenders;
 * ``torch-forloop``, ``torch-foreach``, ``torch-fused`` where torch is installed and
-  has the rule and mode.
+  has the rule and mode; for LAMB and LARS (not in torch.optim) ``torch-foreach`` is
+  the multi-tensor implementation of :mod:`fastopt.benchmark.torch_peers`.
 
 Sparse cases: the fastopt backends with lazy sparse steps and torch's sparse
 optimizer (``SparseAdam``, sparse ``Adagrad``, ``SGD``), each stepping through the
@@ -32,6 +33,7 @@ from ..backends import numba_cpu
 from ..backends.base import Config
 from ..optimizers import CLASSES
 from ..rules import Rule, scalars_type
+from . import torch_peers
 
 TORCH_MODES = ("forloop", "foreach", "fused")
 TORCH_SPARSE = {"Adam": "SparseAdam", "Adagrad": "Adagrad", "SGD": "SGD"}
@@ -55,6 +57,21 @@ Scalars = scalars_type("CeilingScalars", ())
 CEILING = Rule(name="ceiling", defaults={}, checks={}, slots=(), uses_slots=lambda g: (),
                Scalars=Scalars, host_scalars=lambda g, step, host, fresh: ({}, host),
                math=touch, reference=None)
+
+
+@register_jitable
+def touch_norms(p, g, s0, s1, s2, c):
+    """No-math stand-in for a per-tensor rule's norm pass: every stream it reads is
+    summed (so no load is dropped), nothing is written."""
+    return p + s0 + s1 + s2, g
+
+
+#: the norm pass of the ceiling of per-tensor rules (the same norm-pass driver)
+CEILING_NORMS = Rule(name="ceiling-norms", defaults={}, checks={}, slots=(),
+                     uses_slots=lambda g: (), Scalars=Scalars,
+                     host_scalars=lambda g, step, host, fresh: ({}, host), math=touch,
+                     reference=None, layout="tensor", norms=touch_norms,
+                     tensor_scalars=lambda g, a, b: {})
 
 
 def host_backends():
@@ -127,7 +144,12 @@ def implementations(case, host=None, only=None):
             continue
         if name.startswith("torch-"):
             torch = torch or _torch()
-            if torch is None or not hasattr(torch.optim, case.rule):
+            if torch is None:
+                continue
+            if case.rule in torch_peers.PEERS:      # not in torch.optim: a foreach peer
+                if name != "torch-foreach":
+                    continue
+            elif not hasattr(torch.optim, case.rule):
                 continue
         if name == "fastopt-numpy" and case.elements > REFERENCE_MAX:
             omitted[name] = f"the reference is not timed above {REFERENCE_MAX:,} elements"
@@ -173,8 +195,20 @@ def _ceiling(case):
     keep = (params, grads, slots)
 
     config = Config(rule=CEILING, dtype=np.dtype(case.dtype), uses=tuple(uses))
-    driver = numba_cpu._driver(numba_cpu.make_dense_driver, config,
-                               case.elements >= numba_cpu.PARALLEL_MIN)
+    parallel = case.elements >= numba_cpu.PARALLEL_MIN
+    driver = numba_cpu._driver(numba_cpu.make_dense_driver, config, parallel)
+    if rule.per_tensor:      # the norm pass first: p, g and the slots it reads
+        from ..backends import numba_norms
+        ncfg = Config(rule=CEILING_NORMS, dtype=np.dtype(case.dtype),
+                      uses=tuple(k < rule.norm_reads for k in range(registry.NSLOTS)))
+        norms = numba_norms.make_norms_driver(ncfg, parallel)
+        out = np.zeros((len(params), 2))
+
+        def run():
+            norms(ptrs, chunks, hyper, hidx, out)
+            driver(ptrs, chunks, hyper, hidx)
+            return keep
+        return run
 
     def run():
         driver(ptrs, chunks, hyper, hidx)
@@ -184,6 +218,10 @@ def _ceiling(case):
 
 def _torch_step(torch, case, mode, variant):
     params, grads = case.data()
+    if case.rule in torch_peers.PEERS:
+        rule = registry.RULES[case.rule]
+        return torch_peers.PEERS[case.rule](torch, params, grads,
+                                            rule.check_group({**rule.defaults, **variant}))
     tparams = []
     for p, g in zip(params, grads):
         t = torch.from_numpy(p)

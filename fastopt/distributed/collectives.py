@@ -290,3 +290,30 @@ class Collectives:
             with np.errstate(invalid="ignore"):
                 for a in arrays:
                     np.multiply(a, coef, out=a, casting="same_kind")
+
+    # ------------------------------------------------- per-tensor rules' norms
+    def _reduce_norms(self, indices, sums):
+        """The inner optimizer's ``norm_reducer`` for per-tensor rules (LAMB, LARS):
+        every rank's sums of squares of its pieces, for every tensor of the step (the
+        same buckets in the same order on every rank), all-gathered and added in
+        rank order, so each rank sees the whole tensors' sums, the same on every
+        rank (deterministic; the single process adds its chunks in another order,
+        so the norms agree with it to rounding, not bit for bit)."""
+        t0 = time.perf_counter()
+        counts = [s.shape[0] for s in sums]
+        mine = np.concatenate(sums) if sums else np.zeros((0, 2))
+        allv = np.empty((self._size,) + mine.shape, dtype=np.float64)
+        self._comm.Allgather(np.ascontiguousarray(mine), allv)
+        total = np.zeros_like(mine)
+        for r in range(self._size):          # rank order
+            total += allv[r]
+        st = self.stats
+        st["bytes_sent"] += (self._size - 1) * mine.nbytes
+        st["bytes_received"] += (self._size - 1) * mine.nbytes
+        st["comm_s"] += time.perf_counter() - t0
+        out, k = [], 0
+        for c in counts:
+            out.append(total[k:k + c])
+            k += c
+        return out
+

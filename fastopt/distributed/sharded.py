@@ -131,6 +131,11 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
                 f"ShardedOptimizer runs on host (CPU) arrays; backend {t.backend.name!r} keeps "
                 "them on a device (stage them through host memory, or use a CPU backend)")
         self.rule = t.rule
+        if t.rule.per_tensor and getattr(t.backend, "wants_reference_args", False):
+            raise NotImplementedError(
+                f"ShardedOptimizer: the NumPy reference backend computes {t.rule.name}'s "
+                "norms inside each piece's reference step, not over the whole tensor; use "
+                "backend='numba'")
         self._params = list(t.params)
 
     def _construction_signature(self):
@@ -216,6 +221,9 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
             groups.append(self._inner_group(g, self._pieces[k:k + m]))
             k += m
         self._inner = self._cls(groups, **self._hyper)
+        if self.rule.per_tensor:
+            # the norms of whole tensors: the ranks' parts added (fixed rank order)
+            self._inner.norm_reducer = self._reduce_norms
         self._place_pieces()
         self._spec_seen = None
         self._shard = {}

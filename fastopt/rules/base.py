@@ -56,6 +56,24 @@ def unit_host_check(name, value):
     return None if math.isfinite(v) and 0.0 < v <= 1.0 else "a finite number in (0, 1]"
 
 
+def per_tensor_checks(name):
+    """``cross_check`` and ``low_state_reason`` of a per-tensor rule ``name``: its
+    update runs by whole tensors (a norm pass, then the update pass) over
+    float32/float64 state, so the row renorm ``max_norm`` (a row-driver option) and
+    8/16-bit state are refused, with the reason."""
+    def cross_check(group):
+        if group.get("max_norm") is not None:
+            raise ValueError(f"{name}: max_norm renormalizes rows in the row drivers, and "
+                             f"{name} updates whole tensors (a norm pass, then the update "
+                             "pass); clip with clip_value, or renormalize the rows after "
+                             "the step")
+
+    def low_state_reason(group):
+        return ("its norm pass reads float32/float64 state; 8- and 16-bit state are not "
+                "built for the per-tensor rules yet")
+    return cross_check, low_state_reason
+
+
 @dataclass(frozen=True, eq=False)   # compared and hashed by identity
 class Rule:
     name: str                      # the optimizer class name, e.g. "Adam"
@@ -80,9 +98,23 @@ class Rule:
     catch_up: Callable = None
     #: group -> None when exact mode is possible for it, else the reason
     exact_reason: Callable = lambda group: "no closed form for skipped steps"
-    #: "elementwise" (state has the parameter's shape) or "rowwise" (one state value
-    #: per row of the first axis; such rules run through the row-wise drivers)
+    #: "elementwise" (state has the parameter's shape), "rowwise" (one state value
+    #: per row of the first axis; such rules run through the row-wise drivers) or
+    #: "tensor" (element-wise state, but the update of each element also reads
+    #: per-tensor scalars made from L2 norms of the whole tensor: :attr:`norms`)
     layout: str = "elementwise"
+    #: layout "tensor": the jitable ``norms(p, g, s0, s1, s2, c) -> (x, y)`` giving,
+    #: per element, the two quantities whose L2 norms over the tensor the rule needs
+    #: (LAMB: the parameter and the Adam direction; LARS: the parameter and the
+    #: gradient), computed from the same inputs and in the same dtype as ``math``
+    norms: Callable = None
+    #: layout "tensor": ``(group, norm_x, norm_y) -> {Scalars field: value}``, the
+    #: per-tensor scalars (float64) written into the tensor's own scalar row before
+    #: the update pass
+    tensor_scalars: Callable = None
+    #: layout "tensor": how many state slots (the first ones) the norm pass reads
+    #: (LAMB: m and v; LARS: none); the benchmark counts their bytes
+    norm_reads: int = 0
     #: state slots that are never negative (8-bit state stores them with the unsigned
     #: code, fastopt.storage.codecs)
     nonnegative_slots: Tuple[str, ...] = ()
@@ -104,10 +136,25 @@ class Rule:
         # every rule also takes the fused options (fastopt.rules.fused), off by default
         object.__setattr__(self, "defaults", {**self.defaults, **fused.DEFAULTS})
         object.__setattr__(self, "checks", {**self.checks, **fused.CHECKS})
+        if (self.layout == "tensor") != (self.norms is not None) \
+                or (self.norms is None) != (self.tensor_scalars is None):
+            raise ValueError(f"{self.name}: layout 'tensor' goes with norms and tensor_scalars")
         own = set(self.Scalars._fields) - set(fused.FIELDS)
         for f in self.flags + self.zero_switches:
             if f not in own:
                 raise ValueError(f"{self.name}: {f!r} is not one of its scalar fields")
+
+    @property
+    def per_tensor(self):
+        """Whether each tensor's update reads norms of the whole tensor (layout
+        "tensor": a norm pass, then the update pass with the tensor's own row)."""
+        return self.norms is not None
+
+    def tensor_refusal(self, what):
+        """The message refusing ``what`` (a feature that updates part of a tensor, or
+        stores it in another format) for a per-tensor rule."""
+        return (f"{self.name} scales each tensor's update by norms of the whole tensor "
+                f"(a norm pass, then the update pass); {what} is not supported for it")
 
     @property
     def nscalars(self):
@@ -136,7 +183,11 @@ class Rule:
     def exact_possible(self, variant=None):
         """Whether ``sparse_mode="exact"`` takes the configuration ``variant``
         (hyperparameters over the defaults, fused options included)."""
-        return self.exact_refusal(self.check_group({**self.defaults, **(variant or {})})) is None
+        try:
+            group = self.check_group({**self.defaults, **(variant or {})})
+        except ValueError:           # a configuration the rule refuses outright
+            return False
+        return self.exact_refusal(group) is None
 
     def slot_shape(self, param_shape):
         """Shape of a state slot for a parameter of ``param_shape``."""

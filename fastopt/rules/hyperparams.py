@@ -34,6 +34,14 @@ def non_negative(name, value):
     return value
 
 
+def positive(name, value):
+    """A number > 0."""
+    value = _number(name, value)
+    if not value > 0.0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be > 0)")
+    return value
+
+
 def unit_closed(name, value):
     """A number in [0, 1]."""
     value = _number(name, value)

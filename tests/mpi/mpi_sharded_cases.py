@@ -222,6 +222,20 @@ def test_dense_equals_single_process(name, variant, dtype):
     mine, ref, opt, refopt, _ = run_pair(cls, params, hyper, local, 7,
                                          sharded_kw={"bucket_bytes": 200})
     sd = opt.consolidated_state_dict(to=LAST)
+    if rule.per_tensor:
+        # the norms of whole tensors are the ranks' parts added in rank order: the
+        # same on every rank, equal to the single process's to rounding
+        assert identical_on_every_rank(mine)
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        for a, b in zip(mine, ref):
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+        if ME == LAST:
+            want = refopt.state_dict()
+            for i, st in want["state"].items():
+                for k, v in st.items():
+                    if isinstance(v, np.ndarray):
+                        np.testing.assert_allclose(sd["state"][i][k], v, rtol=tol, atol=tol)
+        return
     assert_same_params(mine, ref)
     if ME == LAST:
         assert_same_state_dict(sd, refopt.state_dict())
@@ -291,6 +305,8 @@ def test_none_gradients_skip_parameters():
 def sparse_cases():
     out = []
     for name, rule in rules.RULES.items():
+        if rule.per_tensor:           # dense gradients only (refused, tests/test_tensor_rules.py)
+            continue
         for dt, tag in ((np.float32, "f32"), (np.float64, "f64")):
             out.append(pytest.param(name, 0, "lazy", dt, id=f"{name}-lazy-{tag}"))
         for k, v in enumerate(rule.variants):
@@ -1508,3 +1524,41 @@ def test_default_timeout_is_finite_and_none_waits_forever():
     assert opt.timeout == DEFAULT_TIMEOUT == 1800.0
     assert forever.timeout is None
     assert opt.step([np.ones(6)]) and forever.step([np.ones(6)])
+
+
+# ------------------------------------------------------------ per-tensor rules
+
+@pytest.mark.parametrize("name", [n for n, r in rules.RULES.items() if r.per_tensor])
+def test_per_tensor_rules_resume_bit_identically(name):
+    """LAMB/LARS sharded: the norms of whole tensors (the ranks' parts added in rank
+    order) are the same on every rank; a consolidated state dict loaded into a new
+    ShardedOptimizer halfway goes on bit for bit as the run that never stopped; and
+    the single process agrees to rounding."""
+    cls = fastopt.CLASSES[name]
+    hyper = dict(rules.RULES[name].variants[1])
+    shapes = [(41, 5), (7,), (), (3, 2, 4)]
+    params = init(shapes, np.float32)
+
+    def local(t, r):
+        return [dense_grad(s, np.float32, t, r, seed=31) for s in shapes]
+
+    mine, ref, opt, refopt, _ = run_pair(cls, params, hyper, local, 3)
+    sd = COMM.bcast(opt.consolidated_state_dict(to=0), root=0)
+    resumed = [p.copy() for p in mine]
+    again = ShardedOptimizer(cls, resumed, **hyper)
+    again.load_state_dict(sd)
+    for t in range(3, 7):
+        g = local(t, ME)
+        opt.step(g)
+        again.step(g)
+        refopt.step(averaged([local(t, r) for r in range(N)], ref))
+    for a, b in zip(mine, resumed):
+        assert same(a, b)
+    assert identical_on_every_rank(mine)
+    for a, b in zip(mine, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_per_tensor_rules_refuse_the_reference_backend():
+    with pytest.raises(NotImplementedError, match="whole tensor"):
+        ShardedOptimizer(fastopt.LAMB, [np.ones(4)], backend="numpy")
