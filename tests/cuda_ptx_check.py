@@ -75,7 +75,7 @@ def main():
         return types.Array(el, 1, "C"), types.Array(el, 2, "C")
 
     def dense(cfg):
-        ptx = ptx_of(cb.make_dense_kernel(cfg), (tab, tab, f64_2d))
+        ptx = ptx_of(cb.make_dense_kernel(cfg), (tab, idx, tab, f64_2d))
         assert "ld.param" in ptx and ("ld.f" in ptx or "ld.global" in ptx), \
             "the dense kernel does not load through the pointer table"
 

@@ -104,11 +104,11 @@ def ptx_main():
                         n += 1
                         continue
                     if not fused:
-                        ptx_of(cb.make_stored_dense_kernel(cfg), (tab, tab, tab, f64_2d))
+                        ptx_of(cb.make_stored_dense_kernel(cfg), (tab, idx, idx, tab, tab, f64_2d))
                         n += 1
                         if st.param == "bfloat16":      # bfloat16 gradients
                             ptx_of(cb.make_stored_dense_kernel(cfg.with_grad("bfloat16")),
-                                   (tab, tab, tab, f64_2d))
+                                   (tab, idx, idx, tab, tab, f64_2d))
                             n += 1
                     flags = [(False, True)]
                     if not fused and rule.exact_refusal(group) is None:
@@ -606,6 +606,34 @@ def test_bf16_state_dict_round_trip(mode, bits):
     back.step(g)
     gpu.step([bf16_device(x) for x in g])
     bf16_same(back, back.param_groups[0]["params"], gpu, gpu_p)
+
+
+def test_stored_tables_are_prepared_once_per_plan(monkeypatch):
+    """Stored-format buckets follow the plain ones' mechanism
+    (``test_dense_tables_are_prepared_once_per_plan``): the tables (pointer, chunk and
+    format tables) go to the device on a bucket's first launch, and a step of the
+    cached plan copies only its gradient addresses, stream keys and scalar rows.
+    Stochastic rounding with 8-bit state: the keys change every step, so a stale key
+    would break the bit-for-bit agreement with the numba backend."""
+    uploads = {}
+    real = cb.launch._upload
+
+    def counting(what, dev_array, host_array):
+        uploads[what] = uploads.get(what, 0) + 1
+        return real(what, dev_array, host_array)
+
+    monkeypatch.setattr(cb.launch, "_upload", counting)
+    params = bf16_params([SHAPE], seed=5)
+    cpu, cpu_p, gpu, gpu_p = bf16_pair("Adam", params, bf16_update="stochastic",
+                                       state_bits=8, lr=0.01, seed=3)
+    for k, gs in enumerate(dense_grads([SHAPE], np.float32, 5, seed=6)):
+        cpu.step(gs)
+        gpu.step([cuda.to_device(g) for g in gs])
+        if k == 1:
+            assert uploads.get("tables", 0) >= 1
+            uploads.clear()
+    assert uploads == {"step": 3}
+    bf16_same(cpu, cpu_p, gpu, gpu_p)
 
 
 def test_bf16_marking_and_refusals():
