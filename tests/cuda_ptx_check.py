@@ -75,7 +75,7 @@ def main():
         return types.Array(el, 1, "C"), types.Array(el, 2, "C")
 
     def dense(cfg):
-        ptx = ptx_of(cb.make_dense_kernel(cfg), (tab, tab, f64_2d))
+        ptx = ptx_of(cb.make_dense_kernel(cfg), (tab, idx, tab, f64_2d))
         assert "ld.param" in ptx and ("ld.f" in ptx or "ld.global" in ptx), \
             "the dense kernel does not load through the pointer table"
 
@@ -93,6 +93,9 @@ def main():
         ptx_of(cb.make_rowwise_kernel(cfg),
                (a2, a1, a2) + (idx,) * 3 + (a2, f64_2d, i64, types.boolean))
 
+    def norms(cfg):
+        ptx_of(cb.make_norms_kernel(cfg), (tab, idx, tab, f64_2d, f64_2d))
+
     def finite(dt):
         a1 = types.Array(fty[np.dtype(dt)], 1, "C")
         ptx_of(cb.make_count_kernel(), (a1, fty[np.dtype(dt)], idx))
@@ -101,7 +104,9 @@ def main():
     jobs = []        # (what, function, arguments)
     for name, rule in rules.RULES.items():
         exact_ok = rule.catch_up is not None
-        for k, variant in enumerate(rule.variants + ({**rule.variants[0], **every_option},)):
+        options = {k: v for k, v in every_option.items()
+                   if not (rule.per_tensor and k == "max_norm")}    # a row option
+        for k, variant in enumerate(rule.variants + ({**rule.variants[0], **options},)):
             fused = k == len(rule.variants)
             group = rule.check_group({**rule.defaults, **variant})
             spec = planner.group_spec(rule, group)
@@ -111,6 +116,10 @@ def main():
                        f"{np.dtype(dt).name}"
                 if rule.layout == "rowwise":
                     jobs.append((f"rowwise {what}", rowwise, (cfg,)))
+                    continue
+                if rule.per_tensor:            # whole tensors: the norm pass and dense
+                    jobs.append((f"norms {what}", norms, (cfg,)))
+                    jobs.append((f"dense {what}", dense, (cfg,)))
                     continue
                 jobs.append((f"rows {what}", rows, (cfg, False, True)))
                 if fused:

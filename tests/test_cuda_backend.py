@@ -283,6 +283,16 @@ def test_every_fused_option_with_grad_scale(name):
     no_max = {k: v for k, v in EVERY_OPTION.items() if k != "max_norm"}
     pa = [2 * p for p in init_params([(9, 4), (6,)], dtype, seed=3)]
     pb = [2 * p for p in init_params([(5, 7), (70,)], dtype, seed=4)]
+    if rule.per_tensor:          # whole tensors: no max_norm, no row-sparse steps
+        cpu, cpu_p, gpu, gpu_p = groups_pair(name, [(pa, {**variant, **no_max}),
+                                                    (pb, {**variant, **no_max})])
+        for grads in awkward_grads([p.shape for p in pa + pb], dtype, 3, seed=5):
+            cpu.step(grads, grad_scale=GRAD_SCALE)
+            gpu.step([dev(g) for g in grads], grad_scale=GRAD_SCALE)
+        assert_pair_close(cpu, cpu_p, gpu, gpu_p)
+        assert_functional_close(*run_functional(rule, {**variant, **no_max}, dtype, (6, 5),
+                                                2, grad_scale=GRAD_SCALE))
+        return
     cpu, cpu_p, gpu, gpu_p = groups_pair(name, [(pa, {**variant, **EVERY_OPTION}),
                                                 (pb, {**variant, **no_max})])
     shapes = [p.shape for p in pa + pb]
@@ -411,7 +421,7 @@ def test_all_finite_on_device_and_host_arrays():
 # ------------------------------------------------------------------ sparse
 
 @pytest.mark.parametrize("shape", [(12, 3), (15,)], ids=["2d", "1d"])
-@pytest.mark.parametrize("name", list(RULES))
+@pytest.mark.parametrize("name", [n for n, r in RULES.items() if not r.per_tensor])
 def test_sparse_lazy_matches_numba(name, shape):
     """Lazy row-sparse steps (duplicates summed in order of appearance) give the
     numba result; rows never touched keep their value and state."""
@@ -552,11 +562,12 @@ def test_exact_mode_flush_only_touches_pending_rows(monkeypatch):
 # --------------------------------------------------------------- launches
 
 class LaunchCounter:
-    """Wraps ``cb.kernel_for`` and counts launches per kernel kind."""
+    """Wraps ``cb.launch.kernel_for`` (every launch gets its kernel there) and counts
+    launches per kernel kind."""
 
     def __init__(self, monkeypatch):
         self.launches = {}
-        real = cb.kernel_for
+        real = cb.launch.kernel_for
 
         def counting(kind, *args):
             kernel = real(kind, *args)
@@ -572,7 +583,7 @@ class LaunchCounter:
                     return call
             return Counted()
 
-        monkeypatch.setattr(cb, "kernel_for", counting)
+        monkeypatch.setattr(cb.launch, "kernel_for", counting)
 
 
 def test_multi_tensor_launch_groups_and_dtypes(monkeypatch):
@@ -615,6 +626,80 @@ def test_max_norm_and_rowwise_launches(monkeypatch):
     fastopt.RowWiseAdagrad([dev(np.ones((4, 3)))], backend="cuda", max_norm=1.0).step(
         [dev(np.ones((4, 3)))])
     assert counter.launches == {"rowwise": 1}
+
+
+class UploadCounter:
+    """Wraps ``cb.launch._upload`` (every copy of a bucket's device tables and of a
+    step's scalars goes through it) and counts the copies of each kind."""
+
+    def __init__(self, monkeypatch):
+        self.counts = {}
+        real = cb.launch._upload
+
+        def counting(what, dev_array, host_array):
+            self.counts[what] = self.counts.get(what, 0) + 1
+            return real(what, dev_array, host_array)
+
+        monkeypatch.setattr(cb.launch, "_upload", counting)
+
+    def take(self):
+        out, self.counts = self.counts, {}
+        return out
+
+
+def test_dense_tables_are_prepared_once_per_plan(monkeypatch):
+    """A bucket's pointer table goes to the device once, on its first launch; a step
+    of an unchanged plan (grad_scale included: its work is a copy of the bucket)
+    copies only the step's gradient addresses and scalar rows, one copy per bucket.
+    A changed plan prepares again: a group's lr edited, a param group added, new state
+    arrays after load_state_dict.  Results follow the numba backend throughout (stale
+    tables would update the old arrays)."""
+    grads = awkward_grads(SHAPES + [(9,)], np.float32, 16, seed=3)
+    params = init_params(SHAPES + [(9,)], np.float32, seed=8)
+    cpu, cpu_p, gpu, gpu_p = groups_pair("Adam", [(params[:2], {"lr": 0.05}),
+                                                  (params[2:3], {"lr": 0.01})])
+    uploads = UploadCounter(monkeypatch)
+    it = iter(grads)
+
+    def steps(n, k=3, **kw):
+        for _ in range(n):
+            gs = next(it)[:k]
+            cpu.step(gs, **kw)
+            gpu.step([dev(g) for g in gs], **kw)
+
+    steps(2)                      # first step: fresh state; then the cached plan
+    assert uploads.take().get("tables", 0) >= 1
+    steps(3)
+    assert uploads.take() == {"step": 3}
+    steps(2, grad_scale=GRAD_SCALE)
+    assert uploads.take() == {"step": 2}
+    assert_pair_close(cpu, cpu_p, gpu, gpu_p)
+
+    for opt in (cpu, gpu):
+        opt.param_groups[1]["lr"] = 0.02
+    steps(1)
+    assert uploads.take() == {"tables": 1, "step": 1}
+    steps(2)
+    assert uploads.take() == {"step": 2}
+
+    extra_c = params[3].copy()
+    extra_d = dev(params[3])
+    cpu.add_param_group({"params": [extra_c], "lr": 0.03})
+    gpu.add_param_group({"params": [extra_d], "lr": 0.03})
+    cpu_p.append(extra_c)
+    gpu_p.append(extra_d)
+    steps(2, k=4)
+    assert uploads.take().get("tables", 0) >= 1
+    steps(2, k=4)
+    assert uploads.take() == {"step": 2}
+    assert_pair_close(cpu, cpu_p, gpu, gpu_p)
+
+    gpu.load_state_dict(cpu.state_dict())          # new device state arrays
+    steps(1, k=4)
+    assert uploads.take() == {"tables": 1, "step": 1}
+    steps(1, k=4)
+    assert uploads.take() == {"step": 1}
+    assert_pair_close(cpu, cpu_p, gpu, gpu_p)
 
 
 def test_dict_params_and_none_gradient_skips():

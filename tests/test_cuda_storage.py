@@ -76,6 +76,8 @@ def ptx_main():
     every = dict(clip_value=0.5, l1=0.01, param_min=-2.0, param_max=2.0, max_norm=1.0)
     n = 0
     for r, (name, rule) in enumerate(rules.RULES.items()):
+        if rule.per_tensor:            # float32/float64 only: no stored kernels
+            continue
         for fused in (False, True):
             group = rule.check_group({**rule.defaults, **rule.variants[-1],
                                       **(every if fused else {})})
@@ -104,11 +106,11 @@ def ptx_main():
                         n += 1
                         continue
                     if not fused:
-                        ptx_of(cb.make_stored_dense_kernel(cfg), (tab, tab, tab, f64_2d))
+                        ptx_of(cb.make_stored_dense_kernel(cfg), (tab, idx, idx, tab, tab, f64_2d))
                         n += 1
                         if st.param == "bfloat16":      # bfloat16 gradients
                             ptx_of(cb.make_stored_dense_kernel(cfg.with_grad("bfloat16")),
-                                   (tab, tab, tab, f64_2d))
+                                   (tab, idx, idx, tab, tab, f64_2d))
                             n += 1
                     flags = [(False, True)]
                     if not fused and rule.exact_refusal(group) is None:
@@ -460,7 +462,8 @@ class _Host:
         return self.d.copy_to_host().view(BF16)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in RULES])
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n, r in RULES.items()
+                                  if not r.per_tensor])    # float32/float64 only
 def test_bf16_dense_matches_numba(name):
     """Dense steps with bfloat16 parameters, every rule (a 0-d tensor for the
     element-wise ones; a 4100-element tensor for 8-bit state): float32 device
@@ -491,7 +494,8 @@ def test_bf16_dense_matches_numba(name):
     bf16_same(cpu, cpu_p, gpu, gpu_p)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in RULES])
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n, r in RULES.items()
+                                  if not r.per_tensor])    # float32/float64 only
 def test_bf16_sparse_matches_numba(name):
     """Row-sparse steps (lazy, duplicate indices) with bfloat16 parameters, every
     rule; 8-bit state on a (16, 300) matrix (two blocks per row)."""
@@ -606,6 +610,34 @@ def test_bf16_state_dict_round_trip(mode, bits):
     back.step(g)
     gpu.step([bf16_device(x) for x in g])
     bf16_same(back, back.param_groups[0]["params"], gpu, gpu_p)
+
+
+def test_stored_tables_are_prepared_once_per_plan(monkeypatch):
+    """Stored-format buckets follow the plain ones' mechanism
+    (``test_dense_tables_are_prepared_once_per_plan``): the tables (pointer, chunk and
+    format tables) go to the device on a bucket's first launch, and a step of the
+    cached plan copies only its gradient addresses, stream keys and scalar rows.
+    Stochastic rounding with 8-bit state: the keys change every step, so a stale key
+    would break the bit-for-bit agreement with the numba backend."""
+    uploads = {}
+    real = cb.launch._upload
+
+    def counting(what, dev_array, host_array):
+        uploads[what] = uploads.get(what, 0) + 1
+        return real(what, dev_array, host_array)
+
+    monkeypatch.setattr(cb.launch, "_upload", counting)
+    params = bf16_params([SHAPE], seed=5)
+    cpu, cpu_p, gpu, gpu_p = bf16_pair("Adam", params, bf16_update="stochastic",
+                                       state_bits=8, lr=0.01, seed=3)
+    for k, gs in enumerate(dense_grads([SHAPE], np.float32, 5, seed=6)):
+        cpu.step(gs)
+        gpu.step([cuda.to_device(g) for g in gs])
+        if k == 1:
+            assert uploads.get("tables", 0) >= 1
+            uploads.clear()
+    assert uploads == {"step": 3}
+    bf16_same(cpu, cpu_p, gpu, gpu_p)
 
 
 def test_bf16_marking_and_refusals():

@@ -153,6 +153,14 @@ class DenseWork:
     #: ``random16(key, base + e)``, so a shard rounds as the whole tensor would
     fmt: np.ndarray = None
     extras: List[list] = None         # per tensor: [aux, scale0, scale1, scale2] or None
+    #: a backend's launch state for this bucket (the CUDA backend: its device tables,
+    #: :class:`fastopt.backends.cuda.launch.DenseTables`), keyed by backend name,
+    #: prepared on the bucket's first launch and kept while the bucket (a cached
+    #: plan) lives; a rebuilt plan is new work items, prepared again.  Address columns
+    #: other than the gradient's (``ptrs`` 0 and 2.., ``fmt``'s addresses) do not
+    #: change in a bucket's life.  The copies :func:`fastopt.planner.fill_bucket` makes
+    #: share this dict.
+    launch: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 FMT_AUX, FMT_SCALE, FMT_N, FMT_ROW, FMT_NB, FMT_NSCALE, FMT_KEY, FMT_BASE = \
