@@ -415,6 +415,24 @@ cdef inline void asgd(floating* p_, floating g, floating* ax_, floating* s1_, fl
     p_[0] = p
 
 
+
+@cython.cdivision(True)
+cdef inline void ademamix(floating* p_, floating g, floating* m1_, floating* m2_,
+                          floating* nu_, const floating* c) noexcept nogil:
+    """rules.ademamix.element."""
+    cdef floating p = p_[0]
+    cdef floating m1 = m1_[0], m2 = m2_[0], nu = nu_[0]
+    m1 = c[ADEMAMIX_BETA1] * m1 + c[ADEMAMIX_ONE_MINUS_BETA1] * g
+    m2 = c[ADEMAMIX_BETA3] * m2 + c[ADEMAMIX_ONE_MINUS_BETA3] * g
+    nu = c[ADEMAMIX_BETA2] * nu + c[ADEMAMIX_ONE_MINUS_BETA2] * g * g
+    p = p * c[ADEMAMIX_DECAY]
+    p = p - c[ADEMAMIX_LR] * ((m1 / c[ADEMAMIX_BC1] + c[ADEMAMIX_ALPHA] * m2)
+                              / (_sqrt(nu) / c[ADEMAMIX_SQRT_BC2] + c[ADEMAMIX_EPS]))
+    p_[0] = p
+    m1_[0] = m1
+    m2_[0] = m2
+    nu_[0] = nu
+
 # ------------------------------------------------------------ row-wise rules
 #
 # A row-wise rule keeps one state value per row and works on a whole row:

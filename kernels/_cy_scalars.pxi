@@ -2,7 +2,7 @@
 # Do not edit: tests/test_layout.py checks it.
 
 cdef enum:
-    NSCALARS = 17
+    NSCALARS = 18
     F_GRAD_SCALE = 0
     F_CLIP_VALUE = 1
     F_L1_THRESHOLD = 2
@@ -97,3 +97,15 @@ cdef enum:
     ASGD_COPY = 9
     ASGD_WEIGHT_DECAY = 10
     ASGD_MAXIMIZE = 11
+    ADEMAMIX_LR = 6
+    ADEMAMIX_BETA1 = 7
+    ADEMAMIX_ONE_MINUS_BETA1 = 8
+    ADEMAMIX_BETA2 = 9
+    ADEMAMIX_ONE_MINUS_BETA2 = 10
+    ADEMAMIX_BETA3 = 11
+    ADEMAMIX_ONE_MINUS_BETA3 = 12
+    ADEMAMIX_ALPHA = 13
+    ADEMAMIX_BC1 = 14
+    ADEMAMIX_SQRT_BC2 = 15
+    ADEMAMIX_EPS = 16
+    ADEMAMIX_DECAY = 17
