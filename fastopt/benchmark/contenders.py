@@ -11,8 +11,9 @@ Dense cases:
 * ``torch-forloop``, ``torch-foreach``, ``torch-fused`` where torch is installed and
   has the rule and mode;
 * ``torch-<package>``: a torch-based peer outside torch.optim (:data:`PEERS`:
-  bitsandbytes' AdEMAMix) where that package is installed; it is a torch row (a
-  peer, never flagged by ``--compare``).
+  bitsandbytes' AdEMAMix, schedulefree's AdamWScheduleFree and SGDScheduleFree, in
+  train mode) where that package is installed; it is a torch row (a peer, never
+  flagged by ``--compare``).
 
 Sparse cases: the fastopt backends with lazy sparse steps and torch's sparse
 optimizer (``SparseAdam``, sparse ``Adagrad``, ``SGD``), each stepping through the
@@ -40,7 +41,9 @@ TORCH_MODES = ("forloop", "foreach", "fused")
 TORCH_SPARSE = {"Adam": "SparseAdam", "Adagrad": "Adagrad", "SGD": "SGD"}
 #: rule -> (package, module, class): torch-based peers outside torch.optim (benchmark
 #: extras, never dependencies), named ``torch-<package>``
-PEERS = {"AdEMAMix": ("bitsandbytes", "bitsandbytes.optim", "AdEMAMix")}
+PEERS = {"AdEMAMix": ("bitsandbytes", "bitsandbytes.optim", "AdEMAMix"),
+         "AdamWScheduleFree": ("schedulefree", "schedulefree", "AdamWScheduleFree"),
+         "SGDScheduleFree": ("schedulefree", "schedulefree", "SGDScheduleFree")}
 #: the NumPy reference is left out of dense cases above this many elements (seconds
 #: per step, and temporaries the size of the tensor)
 REFERENCE_MAX = 10_000_000
@@ -182,6 +185,8 @@ def _peer_step(torch, case, variant):
     kwargs = {**registry.torch_defaults(registry.RULES[case.rule]), **variant}
     try:
         opt = peer(tparams, **kwargs)
+        if hasattr(opt, "train"):      # schedule-free: steps only in train mode
+            opt.train()
         opt.step()
     except (RuntimeError, TypeError, ValueError):
         return None
