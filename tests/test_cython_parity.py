@@ -671,7 +671,7 @@ def test_run_dense_validates_tables():
     for kw, exc in [(dict(rule=99), ValueError), (dict(code=2), ValueError),
                     (dict(opts=bits["max_norm"]), ValueError),      # needs whole rows
                     (dict(opts=1 << 10), ValueError),               # unknown option bit
-                    (dict(hyper=np.zeros((1, 18))), ValueError),    # the old width
+                    (dict(hyper=np.zeros((1, rules.NSCALARS + 2))), ValueError),  # a wrong width
                     (dict(ptrs=ptrs[:, :4].copy()), ValueError),
                     (dict(hidx=np.zeros(2, dtype=np.int64)), ValueError),
                     (dict(hidx=np.ones(1, dtype=np.int64)), IndexError),
@@ -708,7 +708,7 @@ def test_run_rows_validates_plan_and_writes_nothing():
 
     for kw, exc in [(dict(rule=99), ValueError), (dict(dtype_code=2), ValueError),
                     (dict(opts=1 << 10), ValueError),
-                    (dict(hyper=np.zeros((1, 18))), ValueError),
+                    (dict(hyper=np.zeros((1, rules.NSCALARS + 2))), ValueError),
                     (dict(hyper=np.zeros((0, rules.NSCALARS))), ValueError),
                     (dict(addrs=addrs[:3].copy()), ValueError),
                     (dict(nnz=2), ValueError), (dict(seg=i64(0, 3)), ValueError),
