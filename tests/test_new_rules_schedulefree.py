@@ -345,3 +345,51 @@ def test_sharded_world_of_one_switches_modes_like_the_plain_class(name):
     sharded.eval()
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_torch_state_dicts_load_both_ways_with_the_package(name, mode):
+    """The drop-in's state dict loads into the package's class and the package's into
+    the drop-in (saved in either mode; the package keeps k, lr_max, weight_sum per
+    group, fastopt per parameter); both continue on the same trajectory."""
+    import fastopt.torch as ft
+    config = CONFIGS[name][1]
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        gen = torch.Generator().manual_seed(1)
+        init = [torch.randn(s, generator=gen) for s in SHAPES]
+        ours = [torch.nn.Parameter(t.clone()) for t in init]
+        theirs = [torch.nn.Parameter(t.clone()) for t in init]
+        o = getattr(ft, name)(ours, **config)
+        t = getattr(schedulefree, name)(theirs, **config)
+
+        def steps(o, t, n):
+            o.train()
+            t.train()
+            for _ in range(n):
+                for x, y in zip(ours, theirs):
+                    g = torch.randn(x.shape, generator=gen)
+                    x.grad, y.grad = g.clone(), g.clone()
+                o.step()
+                t.step()
+
+        steps(o, t, 12)
+        getattr(o, mode)()
+        getattr(t, mode)()
+        o2 = getattr(schedulefree, name)(ours, **config)
+        o2.load_state_dict(o.state_dict())             # ours -> the package
+        t2 = getattr(ft, name)(theirs, **config)
+        t2.load_state_dict(t.state_dict())             # the package -> ours
+        assert t2.param_groups[0]["train_mode"] is (mode == "train")
+        assert "k" not in t2.param_groups[0]
+        st = t2.state_dict()
+        assert st["state"][0]["step"] == 12 and st["param_groups"][0]["k"] == 12
+        steps(o2, t2, 10)
+        o2.eval()
+        t2.eval()
+        for x, y in zip(ours, theirs):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    finally:
+        torch.set_default_dtype(old)

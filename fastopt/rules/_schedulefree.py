@@ -170,3 +170,51 @@ def methods(beta1_of):
 
     return (train, eval)
 
+
+
+#: the package's per-group entries that fastopt keeps elsewhere (per parameter) or
+#: not at all (``scheduled_lr`` is for logging, ``foreach`` an implementation switch)
+PACKAGE_GROUP_KEYS = ("k", "lr_max", "weight_sum", "scheduled_lr", "foreach")
+
+
+def torch_state_out(sd):
+    """The drop-in's state dict, loadable by the package too: each group also gets
+    the package's ``k``, ``lr_max``, ``weight_sum`` (those of its first parameter
+    with state, which every parameter of the group shares when each had a gradient
+    at every step), ``scheduled_lr`` and ``foreach=True``; the per-parameter entries
+    stay (the package ignores them)."""
+    groups = []
+    for g in sd["param_groups"]:
+        g = dict(g)
+        first = next((sd["state"][k] for k in g["params"] if k in sd["state"]), None)
+        k = int(first["step"]) if first is not None else 0
+        g.update(k=k, lr_max=float(first["lr_max"]) if first is not None else -1.0,
+                 weight_sum=float(first["weight_sum"]) if first is not None else 0.0,
+                 foreach=g.get("foreach", True))
+        warmup = g["warmup_steps"]
+        g["scheduled_lr"] = g["lr"] * (k / warmup if k <= warmup and warmup else 1.0) \
+            if k else 0.0
+        groups.append(g)
+    return {**sd, "param_groups": groups}
+
+
+def torch_state_in(sd):
+    """A state dict of the package (groups with ``k``, ``lr_max``, ``weight_sum``;
+    parameters with ``z``, ``exp_avg_sq`` and no ``step``) in the drop-in's layout:
+    each parameter with state takes its group's ``k`` as its step and the group's
+    ``lr_max``, ``weight_sum``.  The package-only group entries are dropped (a
+    parameter's own ``step``, ``lr_max``, ``weight_sum``, when present, win)."""
+    groups, state = [], dict(sd["state"])
+    for g in sd["param_groups"]:
+        if not isinstance(g, dict):
+            return sd                     # (the drop-in's own checks name the problem)
+        for key in g.get("params", ()):
+            st = state.get(key)
+            if isinstance(st, dict) and st and "k" in g:
+                st = dict(st)
+                st.setdefault("step", g["k"])
+                st.setdefault("lr_max", g.get("lr_max", -1.0))
+                st.setdefault("weight_sum", g.get("weight_sum", 0.0))
+                state[key] = st
+        groups.append({k: v for k, v in g.items() if k not in PACKAGE_GROUP_KEYS})
+    return {**sd, "state": state, "param_groups": groups}

@@ -28,6 +28,12 @@ Choices (documented here, tested in tests/test_new_rules_schedulefree.py):
   values whenever every parameter of a group has a gradient at every step (the
   package advances ``k`` and ``weight_sum`` for the whole group even for a parameter
   without a gradient).
+* **State dicts with the package**: the torch drop-in's ``state_dict()`` also gives
+  each group the package's ``k``, ``lr_max``, ``weight_sum`` (its first stepped
+  parameter's), ``scheduled_lr`` and ``foreach``, so the package's class loads it;
+  a state dict of the package loads into the drop-in (each parameter takes its
+  group's values; ``Rule.torch_state_out`` / ``torch_state_in``).  Both continue on
+  the same trajectory (tested, in either mode).
 * **The mode** is the group entry ``train_mode`` (the package's name), saved and
   loaded with the groups, so a checkpoint resumes in the mode it was saved in and
   ``train()`` / ``eval()`` switch it either way.  fastopt's groups start in train
@@ -145,6 +151,8 @@ RULE = Rule(
     bf16_reason=sf.bf16_reason,
     group_keys={"train_mode": True},
     step_reason=sf.step_reason,
+    torch_state_out=sf.torch_state_out,
+    torch_state_in=sf.torch_state_in,
     methods=sf.methods(_beta1),
     variants=({}, {"lr": 0.01, "betas": (0.8, 0.99), "weight_decay": 1e-2, "warmup_steps": 5,
                    "r": 1.0, "weight_lr_power": 1.0, "eps": 1e-6}),

@@ -108,6 +108,12 @@ class Rule:
     #: ``f(optimizer, ...)`` named by their ``__name__`` (schedule-free's ``train``,
     #: ``eval``)
     methods: Tuple[Callable, ...] = ()
+    #: (state_dict) -> state_dict: the torch drop-in's ``state_dict()`` in the layout of
+    #: the rule's torch-based peer, and a peer's state dict in the drop-in's layout
+    #: before it loads (schedule-free: the package keeps ``k``, ``lr_max``,
+    #: ``weight_sum`` per group); None: torch.optim's layout as it is
+    torch_state_out: Callable = None
+    torch_state_in: Callable = None
     #: configurations that together exercise every option (tests and benchmarks use them)
     variants: Tuple[dict, ...] = ({},)
     #: the optimizer class's docstring: what the rule is (torch's name, paper) and its

@@ -95,6 +95,8 @@ RULE = Rule(
     bf16_reason=sf.bf16_reason,
     group_keys={"train_mode": True},
     step_reason=sf.step_reason,
+    torch_state_out=sf.torch_state_out,
+    torch_state_in=sf.torch_state_in,
     methods=sf.methods(_momentum),
     variants=({}, {"lr": 0.5, "momentum": 0.5, "weight_decay": 1e-2, "warmup_steps": 4,
                    "r": 0.5, "weight_lr_power": 0.0}),
