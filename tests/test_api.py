@@ -151,6 +151,8 @@ def bad_values(check):
         return [(0.9,), (0.9, 1.5), (-0.1, 0.9), (math.nan, 0.9), 0.9]
     if check is rules.hyperparams.real:
         return [math.nan, math.inf, -math.inf, "0.1", None]
+    if check is rules.hyperparams.positive_int_or_none:
+        return [0, -1, 2.5, math.nan, "3", True]
     bad = [-1.0, math.nan, math.inf, -math.inf, "0.1", None]
     if check is rules.hyperparams.unit_closed:
         bad.append(1.5)

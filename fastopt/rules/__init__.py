@@ -13,7 +13,8 @@ functional layer, every backend, the tests and the benchmarks iterate over it.
 """
 
 from . import (adadelta, adagrad, adam, adamax, fused, lion, nadam, radam, rmsprop,
-               rowwise_adagrad, rprop, sgd, asgd)
+               rowwise_adagrad, rprop, sgd, asgd, ademamix, adamw_schedulefree,
+               sgd_schedulefree)
 from .base import NSLOTS, Rule, scalars_type
 
 SGD = sgd.RULE
@@ -29,10 +30,14 @@ RAdam = radam.RULE
 Adadelta = adadelta.RULE
 Rprop = rprop.RULE
 ASGD = asgd.RULE
+AdEMAMix = ademamix.RULE
+AdamWScheduleFree = adamw_schedulefree.RULE
+SGDScheduleFree = sgd_schedulefree.RULE
 
 #: name -> Rule, in a stable order.  Tests and benchmarks iterate over this.
 RULES = {r.name: r for r in (SGD, Adagrad, RMSprop, Adam, AdamW, Adamax, NAdam, Lion,
-                             RowWiseAdagrad, RAdam, Adadelta, Rprop, ASGD)}
+                             RowWiseAdagrad, RAdam, Adadelta, Rprop, ASGD,
+                             AdEMAMix, AdamWScheduleFree, SGDScheduleFree)}
 
 #: width of the float64 scalar table the drivers receive (the widest rule's Scalars;
 #: narrower rules leave the last columns zero)
