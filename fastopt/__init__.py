@@ -28,8 +28,8 @@ from .clip import clip_grad_norm_, clip_grad_value_
 from .optimizer import Optimizer
 from .sparse import RowSparse
 from .optimizers import (CLASSES, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion,
-                         NAdam, RAdam, RMSprop, RowWiseAdagrad, Rprop, ASGD, LAMB,
-                         LARS)
+                         NAdam, RAdam, RMSprop, RowWiseAdagrad, Rprop, ASGD,
+                         AdEMAMix, AdamWScheduleFree, SGDScheduleFree, LAMB, LARS)
 from .rules import fused
 
 
@@ -43,6 +43,7 @@ def available_backends():
 
 __all__ = ["Optimizer", "RowSparse", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax",
            "NAdam", "Lion", "RowWiseAdagrad", "RAdam",
-           "Adadelta", "Rprop", "ASGD", "LAMB", "LARS", "CLASSES", "available_backends", "functional",
+           "Adadelta", "Rprop", "ASGD", "AdEMAMix", "AdamWScheduleFree",
+           "SGDScheduleFree", "LAMB", "LARS", "CLASSES", "available_backends", "functional",
            "rules", "backends", "fused", "lr_scheduler", "init", "checkpoint",
            "clip", "save", "load", "clip_grad_norm_", "clip_grad_value_", "__version__"]

@@ -44,8 +44,9 @@ def _apply(rule, param, grad, slot_arrays, step, host, backend, hyper, grad_scal
             or not 1 <= step <= state_io.MAX_STEP:
         raise ValueError(f"Invalid step: {step!r} (the number of this step, >= 1)")
     for k, v in host.items():
-        if not np.isfinite(v) or not 0.0 < v <= 1.0:
-            raise ValueError(f"Invalid {k}: {v!r} (a finite number in (0, 1])")
+        why = rule.host_check(k, v)       # (the rule's check: NAdam's (0, 1], ASGD's ...)
+        if why is not None:
+            raise ValueError(f"Invalid {k}: {v!r} ({why})")
     bk = backends.resolve(backend, sample=param)
     spec = planner.group_spec(rule, group)
     if rule.layout == "rowwise":

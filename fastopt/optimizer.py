@@ -160,6 +160,8 @@ class Optimizer:
         names = None
         if self._names is not None:
             group, names = self._named_group(group)
+        if self.rule.group_keys and isinstance(group, dict):
+            group = {**self.rule.group_keys, **group}
         added = self._groups.add(group, self._check_params)
         self._fast = None
         if names is not None:
@@ -219,9 +221,10 @@ class Optimizer:
     def _check_params(self, arrays):
         """Storage checks of new parameters (before the group is added)."""
         if any(storage.is_bf16(a.dtype) for a in arrays):
-            if self.rule.per_tensor:
-                raise ValueError(self.rule.tensor_refusal("a bfloat16 parameter"))
             self.backend.require("bfloat16", "bfloat16 parameters")
+            if self.rule.bf16_reason is not None:
+                raise ValueError(f"{self.rule.name}: bfloat16 parameters are not possible: "
+                                 f"{self.rule.bf16_reason()}")
 
     def _check_group(self, group):
         self._check_backend(group)
@@ -284,6 +287,12 @@ class Optimizer:
         was applied, False when skipped.
         """
         with self._lock:
+            if self.rule.step_reason is not None:
+                for gi, g in enumerate(self.param_groups):
+                    why = self.rule.step_reason(g)
+                    if why is not None:
+                        raise RuntimeError(f"{self.rule.name}: param group {gi} cannot "
+                                           f"step: {why}")
             return self._step(grads, grad_scale, skip_nonfinite)
 
     def _step(self, grads, grad_scale, skip_nonfinite):

@@ -50,9 +50,11 @@ def make_class(rule):
     init = ns["__init__"]
     init.__qualname__ = f"{rule.name}.__init__"
     init.__module__ = __name__
-    return type(rule.name, (Optimizer,), {"rule": rule, "__init__": init,
-                                          "__doc__": rule.doc or None,
-                                          "__module__": __name__})
+    ns = {"rule": rule, "__init__": init, "__doc__": rule.doc or None,
+          "__module__": __name__}
+    for fn in rule.methods:                 # rule-specific methods (schedule-free's train)
+        ns[fn.__name__] = fn
+    return type(rule.name, (Optimizer,), ns)
 
 
 #: rule name -> class, for every rule of the registry

@@ -73,7 +73,7 @@ class ParamGroups:
                  keep_objects=False, check_raw=None, watched=()):
         self.rule = rule
         self.fixed_keys = tuple(fixed_keys)
-        self._keys = tuple(rule.checks) + self.fixed_keys + tuple(
+        self._keys = tuple(rule.checks) + tuple(rule.group_keys) + self.fixed_keys + tuple(
             k for k in watched if k not in rule.checks)
         self.backend = backend
         #: the array of a user's parameter object (a store's ``param``)

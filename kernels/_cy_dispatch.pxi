@@ -2,7 +2,7 @@
 # Do not edit: tests/test_layout.py checks it.
 
 # every rule's math (its copy in _cy_rules.pxd, named after its module)
-from _cy_rules cimport sgd, adagrad, rmsprop, adam, adamax, nadam, lion, radam, adadelta, rprop, asgd, lamb, lars, rowwise_adagrad, lamb_norms, lars_norms
+from _cy_rules cimport sgd, adagrad, rmsprop, adam, adamax, nadam, lion, radam, adadelta, rprop, asgd, ademamix, adamw_schedulefree, sgd_schedulefree, lamb, lars, rowwise_adagrad, lamb_norms, lars_norms
 
 # ----------------------------------------------------------------- rule ids
 cdef enum:
@@ -17,14 +17,17 @@ cdef enum:
     R_ADADELTA = 8
     R_RPROP = 9
     R_ASGD = 10
-    R_LAMB = 11
-    R_LARS = 12
-    R_COUNT = 13
+    R_ADEMAMIX = 11
+    R_ADAMW_SCHEDULEFREE = 12
+    R_SGD_SCHEDULEFREE = 13
+    R_LAMB = 14
+    R_LARS = 15
+    R_COUNT = 16
 
 #: rule modules (``fastopt/rules/<name>.py``) whose element math has a copy here; id = index
-MATH_NAMES = ('sgd', 'adagrad', 'rmsprop', 'adam', 'adamax', 'nadam', 'lion', 'radam', 'adadelta', 'rprop', 'asgd', 'lamb', 'lars')
+MATH_NAMES = ('sgd', 'adagrad', 'rmsprop', 'adam', 'adamax', 'nadam', 'lion', 'radam', 'adadelta', 'rprop', 'asgd', 'ademamix', 'adamw_schedulefree', 'sgd_schedulefree', 'lamb', 'lars')
 #: whose ``Scalars`` each of them reads (the prefix of its column constants)
-MATH_SCALARS = ('SGD', 'ADAGRAD', 'RMSPROP', 'ADAM', 'ADAMAX', 'NADAM', 'LION', 'RADAM', 'ADADELTA', 'RPROP', 'ASGD', 'LAMB', 'LARS')
+MATH_SCALARS = ('SGD', 'ADAGRAD', 'RMSPROP', 'ADAM', 'ADAMAX', 'NADAM', 'LION', 'RADAM', 'ADADELTA', 'RPROP', 'ASGD', 'ADEMAMIX', 'ADAMWSCHEDULEFREE', 'SGDSCHEDULEFREE', 'LAMB', 'LARS')
 
 #: row-wise rules (one state value per row; :func:`run_rowwise`); id = index
 ROWWISE_NAMES = ('rowwise_adagrad',)
@@ -56,6 +59,12 @@ cdef struct TRprop:
     char _
 cdef struct TAsgd:
     char _
+cdef struct TAdemamix:
+    char _
+cdef struct TAdamwSchedulefree:
+    char _
+cdef struct TSgdSchedulefree:
+    char _
 cdef struct TLamb:
     char _
 cdef struct TLars:
@@ -73,6 +82,9 @@ ctypedef fused RuleTag:
     TAdadelta
     TRprop
     TAsgd
+    TAdemamix
+    TAdamwSchedulefree
+    TSgdSchedulefree
     TLamb
     TLars
 
@@ -87,6 +99,9 @@ cdef TRadam T_RADAM
 cdef TAdadelta T_ADADELTA
 cdef TRprop T_RPROP
 cdef TAsgd T_ASGD
+cdef TAdemamix T_ADEMAMIX
+cdef TAdamwSchedulefree T_ADAMW_SCHEDULEFREE
+cdef TSgdSchedulefree T_SGD_SCHEDULEFREE
 cdef TLamb T_LAMB
 cdef TLars T_LARS
 
@@ -115,6 +130,12 @@ cdef inline void _math(RuleTag tag, floating* p, floating g, floating* s0, float
         rprop(p, g, s0, s1, s2, c)
     elif RuleTag is TAsgd:
         asgd(p, g, s0, s1, s2, c)
+    elif RuleTag is TAdemamix:
+        ademamix(p, g, s0, s1, s2, c)
+    elif RuleTag is TAdamwSchedulefree:
+        adamw_schedulefree(p, g, s0, s1, s2, c)
+    elif RuleTag is TSgdSchedulefree:
+        sgd_schedulefree(p, g, s0, s1, s2, c)
     elif RuleTag is TLamb:
         lamb(p, g, s0, s1, s2, c)
     else:
@@ -217,6 +238,34 @@ COLUMNS = {
     "ASGD_COPY": K.ASGD_COPY,
     "ASGD_WEIGHT_DECAY": K.ASGD_WEIGHT_DECAY,
     "ASGD_MAXIMIZE": K.ASGD_MAXIMIZE,
+    "ADEMAMIX_LR": K.ADEMAMIX_LR,
+    "ADEMAMIX_BETA1": K.ADEMAMIX_BETA1,
+    "ADEMAMIX_ONE_MINUS_BETA1": K.ADEMAMIX_ONE_MINUS_BETA1,
+    "ADEMAMIX_BETA2": K.ADEMAMIX_BETA2,
+    "ADEMAMIX_ONE_MINUS_BETA2": K.ADEMAMIX_ONE_MINUS_BETA2,
+    "ADEMAMIX_BETA3": K.ADEMAMIX_BETA3,
+    "ADEMAMIX_ONE_MINUS_BETA3": K.ADEMAMIX_ONE_MINUS_BETA3,
+    "ADEMAMIX_ALPHA": K.ADEMAMIX_ALPHA,
+    "ADEMAMIX_BC1": K.ADEMAMIX_BC1,
+    "ADEMAMIX_SQRT_BC2": K.ADEMAMIX_SQRT_BC2,
+    "ADEMAMIX_EPS": K.ADEMAMIX_EPS,
+    "ADEMAMIX_DECAY": K.ADEMAMIX_DECAY,
+    "ADAMWSCHEDULEFREE_LR": K.ADAMWSCHEDULEFREE_LR,
+    "ADAMWSCHEDULEFREE_CKP1": K.ADAMWSCHEDULEFREE_CKP1,
+    "ADAMWSCHEDULEFREE_ONE_MINUS_CKP1": K.ADAMWSCHEDULEFREE_ONE_MINUS_CKP1,
+    "ADAMWSCHEDULEFREE_LERP_HIGH": K.ADAMWSCHEDULEFREE_LERP_HIGH,
+    "ADAMWSCHEDULEFREE_Y_COEF": K.ADAMWSCHEDULEFREE_Y_COEF,
+    "ADAMWSCHEDULEFREE_BETA2": K.ADAMWSCHEDULEFREE_BETA2,
+    "ADAMWSCHEDULEFREE_ONE_MINUS_BETA2": K.ADAMWSCHEDULEFREE_ONE_MINUS_BETA2,
+    "ADAMWSCHEDULEFREE_BC2": K.ADAMWSCHEDULEFREE_BC2,
+    "ADAMWSCHEDULEFREE_EPS": K.ADAMWSCHEDULEFREE_EPS,
+    "ADAMWSCHEDULEFREE_WEIGHT_DECAY": K.ADAMWSCHEDULEFREE_WEIGHT_DECAY,
+    "SGDSCHEDULEFREE_LR": K.SGDSCHEDULEFREE_LR,
+    "SGDSCHEDULEFREE_CKP1": K.SGDSCHEDULEFREE_CKP1,
+    "SGDSCHEDULEFREE_ONE_MINUS_CKP1": K.SGDSCHEDULEFREE_ONE_MINUS_CKP1,
+    "SGDSCHEDULEFREE_LERP_HIGH": K.SGDSCHEDULEFREE_LERP_HIGH,
+    "SGDSCHEDULEFREE_Y_COEF": K.SGDSCHEDULEFREE_Y_COEF,
+    "SGDSCHEDULEFREE_WEIGHT_DECAY": K.SGDSCHEDULEFREE_WEIGHT_DECAY,
     "LAMB_LR_TRUST": K.LAMB_LR_TRUST,
     "LAMB_BETA1": K.LAMB_BETA1,
     "LAMB_ONE_MINUS_BETA1": K.LAMB_ONE_MINUS_BETA1,
@@ -260,6 +309,12 @@ cdef void _by_rule(int rule, int ucode, floating* P, const floating* G, floating
         _by_uses(T_RPROP, ucode, P, G, S0, S1, S2, n, c)
     elif rule == R_ASGD:
         _by_uses(T_ASGD, ucode, P, G, S0, S1, S2, n, c)
+    elif rule == R_ADEMAMIX:
+        _by_uses(T_ADEMAMIX, ucode, P, G, S0, S1, S2, n, c)
+    elif rule == R_ADAMW_SCHEDULEFREE:
+        _by_uses(T_ADAMW_SCHEDULEFREE, ucode, P, G, S0, S1, S2, n, c)
+    elif rule == R_SGD_SCHEDULEFREE:
+        _by_uses(T_SGD_SCHEDULEFREE, ucode, P, G, S0, S1, S2, n, c)
     elif rule == R_LAMB:
         _by_uses(T_LAMB, ucode, P, G, S0, S1, S2, n, c)
     elif rule == R_LARS:

@@ -415,6 +415,66 @@ cdef inline void asgd(floating* p_, floating g, floating* ax_, floating* s1_, fl
     p_[0] = p
 
 
+
+@cython.cdivision(True)
+cdef inline void ademamix(floating* p_, floating g, floating* m1_, floating* m2_,
+                          floating* nu_, const floating* c) noexcept nogil:
+    """rules.ademamix.element."""
+    cdef floating p = p_[0]
+    cdef floating m1 = m1_[0], m2 = m2_[0], nu = nu_[0]
+    m1 = c[ADEMAMIX_BETA1] * m1 + c[ADEMAMIX_ONE_MINUS_BETA1] * g
+    m2 = c[ADEMAMIX_BETA3] * m2 + c[ADEMAMIX_ONE_MINUS_BETA3] * g
+    nu = c[ADEMAMIX_BETA2] * nu + c[ADEMAMIX_ONE_MINUS_BETA2] * g * g
+    p = p * c[ADEMAMIX_DECAY]
+    p = p - c[ADEMAMIX_LR] * ((m1 / c[ADEMAMIX_BC1] + c[ADEMAMIX_ALPHA] * m2)
+                              / (_sqrt(nu) / c[ADEMAMIX_SQRT_BC2] + c[ADEMAMIX_EPS]))
+    p_[0] = p
+    m1_[0] = m1
+    m2_[0] = m2
+    nu_[0] = nu
+
+
+@cython.cdivision(True)
+cdef inline void adamw_schedulefree(floating* p_, floating g, floating* z_, floating* v_,
+                                    floating* s2_, const floating* c) noexcept nogil:
+    """rules.adamw_schedulefree.element."""
+    cdef floating p = p_[0]
+    cdef floating z = z_[0], v = v_[0], gn
+    if z != z:                       # not started: z is the parameter
+        z = p
+    v = v * c[ADAMWSCHEDULEFREE_BETA2] + c[ADAMWSCHEDULEFREE_ONE_MINUS_BETA2] * g * g
+    gn = g / (_sqrt(v / c[ADAMWSCHEDULEFREE_BC2]) + c[ADAMWSCHEDULEFREE_EPS])
+    if c[ADAMWSCHEDULEFREE_WEIGHT_DECAY]:
+        gn = gn + c[ADAMWSCHEDULEFREE_WEIGHT_DECAY] * p
+    if c[ADAMWSCHEDULEFREE_LERP_HIGH]:
+        p = z - (z - p) * c[ADAMWSCHEDULEFREE_ONE_MINUS_CKP1]
+    else:
+        p = p + c[ADAMWSCHEDULEFREE_CKP1] * (z - p)
+    p = p + c[ADAMWSCHEDULEFREE_Y_COEF] * gn
+    z = z - c[ADAMWSCHEDULEFREE_LR] * gn
+    p_[0] = p
+    z_[0] = z
+    v_[0] = v
+
+
+cdef inline void sgd_schedulefree(floating* p_, floating g, floating* z_, floating* s1_,
+                                  floating* s2_, const floating* c) noexcept nogil:
+    """rules.sgd_schedulefree.element."""
+    cdef floating p = p_[0]
+    cdef floating z = z_[0]
+    if z != z:                       # not started: z is the parameter
+        z = p
+    if c[SGDSCHEDULEFREE_WEIGHT_DECAY]:
+        g = g + c[SGDSCHEDULEFREE_WEIGHT_DECAY] * p
+    if c[SGDSCHEDULEFREE_LERP_HIGH]:
+        p = z - (z - p) * c[SGDSCHEDULEFREE_ONE_MINUS_CKP1]
+    else:
+        p = p + c[SGDSCHEDULEFREE_CKP1] * (z - p)
+    p = p + c[SGDSCHEDULEFREE_Y_COEF] * g
+    z = z - c[SGDSCHEDULEFREE_LR] * g
+    p_[0] = p
+    z_[0] = z
+
 # ------------------------------------------------------------ row-wise rules
 #
 # A row-wise rule keeps one state value per row and works on a whole row:

@@ -446,6 +446,8 @@ def _stored_valid(case):
     if not _takes_bits(case):
         return False
     bf = case["param"] == "bf16"
+    if bf and rules.RULES[case["rule"]].bf16_reason is not None:
+        return False                      # the rule refuses bfloat16 parameters
     if (case["update"] is None) == bf:
         return False                      # bf16_update is for bfloat16 parameters only
     if case.get("grad", "same") == "bf16" and not bf:

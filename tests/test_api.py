@@ -151,6 +151,8 @@ def bad_values(check):
         return [(0.9,), (0.9, 1.5), (-0.1, 0.9), (math.nan, 0.9), 0.9]
     if check is rules.hyperparams.real:
         return [math.nan, math.inf, -math.inf, "0.1", None]
+    if check is rules.hyperparams.positive_int_or_none:
+        return [0, -1, 2.5, math.nan, "3", True]
     if getattr(check, "__name__", "") == "_trust_clip":     # None: no clamp
         return [-1.0, 0.0, math.nan, math.inf, "0.1"]
     bad = [-1.0, math.nan, math.inf, -math.inf, "0.1", None]

@@ -940,3 +940,28 @@ def test_benchmark_table_runs():
     text = out.getvalue()
     assert text.startswith("Machine: ") and "| SGD 3x40 float32 | fastopt-cuda |" in text
     assert all(r["gb_per_s"] > 0 and r["of_ceiling"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("name", [n for n, r in RULES.items() if r.methods])
+def test_schedulefree_mode_switch_on_device_arrays(name):
+    """train()/eval() rewrite device parameters (through host memory) as the host
+    optimizer rewrites its arrays; a step in eval mode is refused."""
+    rule = RULES[name]
+    p0 = init_params([(12, 3), (7,)], np.float32, seed=4)
+    cpu, cpu_p, gpu, gpu_p = pair(name, p0, **rule.variants[-1])
+    rng = np.random.default_rng(8)
+    for t in range(6):
+        if t == 3:
+            cpu.eval()
+            gpu.eval()
+            assert_pair_close(cpu, cpu_p, gpu, gpu_p)
+            with pytest.raises(RuntimeError, match="eval mode"):
+                gpu.step([np.ones_like(p) for p in p0])
+            cpu.train()
+            gpu.train()
+        grads = [rng.standard_normal(p.shape).astype(np.float32) for p in p0]
+        cpu.step(grads)
+        gpu.step(grads)
+    cpu.eval()
+    gpu.eval()
+    assert_pair_close(cpu, cpu_p, gpu, gpu_p)

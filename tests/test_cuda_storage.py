@@ -462,8 +462,11 @@ class _Host:
         return self.d.copy_to_host().view(BF16)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n, r in RULES.items()
-                                  if not r.per_tensor])    # float32/float64 only
+#: the rules that take bfloat16 parameters (schedule-free's refuse them, Rule.bf16_reason)
+BF16_RULES = [pytest.param(n, id=n) for n, r in RULES.items() if r.bf16_reason is None]
+
+
+@pytest.mark.parametrize("name", BF16_RULES)
 def test_bf16_dense_matches_numba(name):
     """Dense steps with bfloat16 parameters, every rule (a 0-d tensor for the
     element-wise ones; a 4100-element tensor for 8-bit state): float32 device
@@ -494,8 +497,7 @@ def test_bf16_dense_matches_numba(name):
     bf16_same(cpu, cpu_p, gpu, gpu_p)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n, r in RULES.items()
-                                  if not r.per_tensor])    # float32/float64 only
+@pytest.mark.parametrize("name", BF16_RULES)
 def test_bf16_sparse_matches_numba(name):
     """Row-sparse steps (lazy, duplicate indices) with bfloat16 parameters, every
     rule; 8-bit state on a (16, 300) matrix (two blocks per row)."""

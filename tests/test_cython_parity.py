@@ -141,7 +141,7 @@ def test_compiled_layout_matches_the_scalars_declarations():
     # a stale build (a column moved, a field renamed, another width) is detected
     for change in ({"COLUMNS": {**_cy_dense.COLUMNS, "ADAM_EPS": 7}},
                    {"COLUMNS": {**_cy_dense.COLUMNS, "SGD_GONE": 9}},
-                   {"NSCALARS_BUILT": 18}):
+                   {"NSCALARS_BUILT": rules.NSCALARS + 1}):
         fake = types.SimpleNamespace(**{k: getattr(_cy_dense, k) for k in dir(_cy_dense)
                                         if k.isupper() or k.endswith("_BUILT")})
         for k, v in change.items():
@@ -681,7 +681,7 @@ def test_run_dense_validates_tables():
     for kw, exc in [(dict(rule=99), ValueError), (dict(code=2), ValueError),
                     (dict(opts=bits["max_norm"]), ValueError),      # needs whole rows
                     (dict(opts=1 << 10), ValueError),               # unknown option bit
-                    (dict(hyper=np.zeros((1, 18))), ValueError),    # the old width
+                    (dict(hyper=np.zeros((1, rules.NSCALARS + 2))), ValueError),  # a wrong width
                     (dict(ptrs=ptrs[:, :4].copy()), ValueError),
                     (dict(hidx=np.zeros(2, dtype=np.int64)), ValueError),
                     (dict(hidx=np.ones(1, dtype=np.int64)), IndexError),
@@ -718,7 +718,7 @@ def test_run_rows_validates_plan_and_writes_nothing():
 
     for kw, exc in [(dict(rule=99), ValueError), (dict(dtype_code=2), ValueError),
                     (dict(opts=1 << 10), ValueError),
-                    (dict(hyper=np.zeros((1, 18))), ValueError),
+                    (dict(hyper=np.zeros((1, rules.NSCALARS + 2))), ValueError),
                     (dict(hyper=np.zeros((0, rules.NSCALARS))), ValueError),
                     (dict(addrs=addrs[:3].copy()), ValueError),
                     (dict(nnz=2), ValueError), (dict(seg=i64(0, 3)), ValueError),

@@ -164,7 +164,10 @@ def stored_configurations(draw):
     rule = rules.RULES[name]
     groups = []
     for _ in range(draw(st.integers(1, 2))):
-        bits = draw(st.sampled_from([None, 32, 16, 8]))
+        # the widths some variant of the rule takes (ASGD and schedule-free refuse 8
+        # and 16 bits in every variant)
+        bits = draw(st.sampled_from([b for b in (None, 32, 16, 8) if any(
+            rules.takes_state_bits(rule, v, b) for v in rule.variants)]))
         variants = [v for v in rule.variants if rules.takes_state_bits(rule, v, bits)]
         hyper = dict(draw(st.sampled_from(variants)))
         bound = draw(st.sampled_from(["none", "clamp", "max_norm"]))   # clamp, then
@@ -172,7 +175,7 @@ def stored_configurations(draw):
             hyper.update(param_min=-0.3, param_max=draw(st.sampled_from([0.3, -0.1])))
         elif bound == "max_norm":                                       # a clamp
             hyper["max_norm"] = 0.8
-        bf16 = draw(st.booleans())
+        bf16 = draw(st.booleans()) if rule.bf16_reason is None else False
         group = dict(hyper, state_bits=bits, seed=draw(st.integers(0, 5)))
         if bf16:
             group["bf16_update"] = draw(st.sampled_from(BF16_UPDATES))

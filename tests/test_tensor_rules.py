@@ -248,7 +248,7 @@ def test_refused_options(name):
         opt.step([np.ones(4, np.float32)])
     np.testing.assert_array_equal(p, 1.0)
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    with pytest.raises(ValueError, match="bfloat16 parameter is not supported"):
+    with pytest.raises(ValueError, match="bfloat16 parameters are not possible"):
         cls([np.ones(4, ml_dtypes.bfloat16)], backend="numba")
 
 

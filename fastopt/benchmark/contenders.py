@@ -10,7 +10,11 @@ Dense cases:
   measured in the same rounds as the contenders;
 * ``torch-forloop``, ``torch-foreach``, ``torch-fused`` where torch is installed and
   has the rule and mode; for LAMB and LARS (not in torch.optim) ``torch-foreach`` is
-  the multi-tensor implementation of :mod:`fastopt.benchmark.torch_peers`.
+  the multi-tensor implementation of :mod:`fastopt.benchmark.torch_peers`;
+* ``torch-<package>``: a torch-based peer outside torch.optim (:data:`PEERS`:
+  bitsandbytes' AdEMAMix, schedulefree's AdamWScheduleFree and SGDScheduleFree, in
+  train mode) where that package is installed; it is a torch row (a peer, never
+  flagged by ``--compare``).
 
 Sparse cases: the fastopt backends with lazy sparse steps and torch's sparse
 optimizer (``SparseAdam``, sparse ``Adagrad``, ``SGD``), each stepping through the
@@ -37,6 +41,11 @@ from . import torch_peers
 
 TORCH_MODES = ("forloop", "foreach", "fused")
 TORCH_SPARSE = {"Adam": "SparseAdam", "Adagrad": "Adagrad", "SGD": "SGD"}
+#: rule -> (package, module, class): torch-based peers outside torch.optim (benchmark
+#: extras, never dependencies), named ``torch-<package>``
+PEERS = {"AdEMAMix": ("bitsandbytes", "bitsandbytes.optim", "AdEMAMix"),
+         "AdamWScheduleFree": ("schedulefree", "schedulefree", "AdamWScheduleFree"),
+         "SGDScheduleFree": ("schedulefree", "schedulefree", "SGDScheduleFree")}
 #: the NumPy reference is left out of dense cases above this many elements (seconds
 #: per step, and temporaries the size of the tensor)
 REFERENCE_MAX = 10_000_000
@@ -81,7 +90,8 @@ def host_backends():
 def implementation_names(host=None):
     host = host_backends() if host is None else host
     return ([f"fastopt-{b}" for b in host] + ["ceiling"]
-            + [f"torch-{m}" for m in TORCH_MODES])
+            + [f"torch-{m}" for m in TORCH_MODES]
+            + sorted({f"torch-{package}" for package, _, _ in PEERS.values()}))
 
 
 def available_memory():
@@ -149,7 +159,10 @@ def implementations(case, host=None, only=None):
             if case.rule in torch_peers.PEERS:      # not in torch.optim: a foreach peer
                 if name != "torch-foreach":
                     continue
-            elif not hasattr(torch.optim, case.rule):
+            elif name[len("torch-"):] in TORCH_MODES:
+                if not hasattr(torch.optim, case.rule):
+                    continue
+            elif name != f"torch-{PEERS.get(case.rule, ('',))[0]}":
                 continue
         if name == "fastopt-numpy" and case.elements > REFERENCE_MAX:
             omitted[name] = f"the reference is not timed above {REFERENCE_MAX:,} elements"
@@ -163,11 +176,41 @@ def implementations(case, host=None, only=None):
             out[name] = _bind(opt.step, grads)
         elif name == "ceiling":
             out[name] = _ceiling(case)
-        else:
+        elif name[len("torch-"):] in TORCH_MODES:
             fn = _torch_step(torch, case, name[len("torch-"):], variant)
             if fn is not None:
                 out[name] = fn
+        else:
+            fn = _peer_step(torch, case, variant)
+            if fn is not None:
+                out[name] = fn
     return out, omitted
+
+
+def _peer_step(torch, case, variant):
+    """One step of the rule's torch-based peer (:data:`PEERS`), or None when its
+    package is not installed or refuses the configuration."""
+    import importlib
+    _, module, cls = PEERS[case.rule]
+    try:
+        peer = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError):
+        return None
+    params, grads = case.data()
+    tparams = []
+    for p, g in zip(params, grads):
+        t = torch.from_numpy(p)
+        t.grad = torch.from_numpy(g)
+        tparams.append(t)
+    kwargs = {**registry.torch_defaults(registry.RULES[case.rule]), **variant}
+    try:
+        opt = peer(tparams, **kwargs)
+        if hasattr(opt, "train"):      # schedule-free: steps only in train mode
+            opt.train()
+        opt.step()
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    return opt.step
 
 
 def _bind(step, grads):

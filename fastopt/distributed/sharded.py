@@ -1,6 +1,7 @@
 """The sharded optimizer: construction, param groups and the step (the exchanges,
 the agreement and the checkpoints are mixins of their own modules)."""
 
+import functools
 import numbers
 import threading
 import time
@@ -137,6 +138,8 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
                 "norms inside each piece's reference step, not over the whole tensor; use "
                 "backend='numba'")
         self._params = list(t.params)
+        for fn in self.rule.methods:          # rule-specific methods (schedule-free's train)
+            setattr(self, fn.__name__, functools.partial(self._rule_method, fn))
 
     def _construction_signature(self):
         t = self._template
@@ -261,7 +264,22 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
             self._recv.fill(0)
 
     def _hyper_of(self, group):
-        return {k: group[k] for k in self.rule.checks if k in group}
+        """The hyperparameters of a group and the rule's group entries (schedule-free's
+        ``train_mode``), which the inner optimizer's groups mirror."""
+        return {k: group[k] for k in (*self.rule.checks, *self.rule.group_keys) if k in group}
+
+    def _rule_method(self, fn, *args, **kwargs):
+        """A rule method (:attr:`fastopt.rules.Rule.methods`), collectively: every rank
+        runs it on its shard (the inner optimizer: its rows of each parameter and their
+        state), then every rank gets the full parameters, and the user-visible groups
+        take the inner groups' new entries (schedule-free's ``train_mode``)."""
+        self._sync_groups()
+        out = fn(self._inner, *args, **kwargs)
+        self._gather_all_params()
+        for g, ig in zip(self._template.param_groups, self._inner.param_groups):
+            for k in self.rule.group_keys:
+                g[k] = ig[k]
+        return out
 
     def _hyper_repr(self):
         return [sorted((k, repr(v)) for k, v in self._hyper_of(g).items())

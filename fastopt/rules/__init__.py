@@ -13,7 +13,8 @@ functional layer, every backend, the tests and the benchmarks iterate over it.
 """
 
 from . import (adadelta, adagrad, adam, adamax, fused, lamb, lars, lion, nadam, radam,
-               rmsprop, rowwise_adagrad, rprop, sgd, asgd)
+               rmsprop, rowwise_adagrad, rprop, sgd, asgd, ademamix, adamw_schedulefree,
+               sgd_schedulefree)
 from .base import NSLOTS, Rule, scalars_type
 
 SGD = sgd.RULE
@@ -29,13 +30,16 @@ RAdam = radam.RULE
 Adadelta = adadelta.RULE
 Rprop = rprop.RULE
 ASGD = asgd.RULE
+AdEMAMix = ademamix.RULE
+AdamWScheduleFree = adamw_schedulefree.RULE
+SGDScheduleFree = sgd_schedulefree.RULE
 LAMB = lamb.RULE
 LARS = lars.RULE
 
 #: name -> Rule, in a stable order.  Tests and benchmarks iterate over this.
 RULES = {r.name: r for r in (SGD, Adagrad, RMSprop, Adam, AdamW, Adamax, NAdam, Lion,
                              RowWiseAdagrad, RAdam, Adadelta, Rprop, ASGD,
-                             LAMB, LARS)}
+                             AdEMAMix, AdamWScheduleFree, SGDScheduleFree, LAMB, LARS)}
 
 #: width of the float64 scalar table the drivers receive (the widest rule's Scalars;
 #: narrower rules leave the last columns zero)

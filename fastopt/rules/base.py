@@ -57,10 +57,11 @@ def unit_host_check(name, value):
 
 
 def per_tensor_checks(name):
-    """``cross_check`` and ``low_state_reason`` of a per-tensor rule ``name``: its
-    update runs by whole tensors (a norm pass, then the update pass) over
-    float32/float64 state, so the row renorm ``max_norm`` (a row-driver option) and
-    8/16-bit state are refused, with the reason."""
+    """``cross_check``, ``low_state_reason`` and ``bf16_reason`` of a per-tensor rule
+    ``name``: its update runs by whole tensors (a norm pass, then the update pass)
+    over float32/float64 parameters and state, so the row renorm ``max_norm`` (a
+    row-driver option), 8/16-bit state and bfloat16 parameters are refused, with the
+    reason."""
     def cross_check(group):
         if group.get("max_norm") is not None:
             raise ValueError(f"{name}: max_norm renormalizes rows in the row drivers, and "
@@ -71,7 +72,11 @@ def per_tensor_checks(name):
     def low_state_reason(group):
         return ("its norm pass reads float32/float64 state; 8- and 16-bit state are not "
                 "built for the per-tensor rules yet")
-    return cross_check, low_state_reason
+
+    def bf16_reason():
+        return ("its norm pass reads float32/float64 parameters; the storage formats are "
+                "not built for the per-tensor rules yet")
+    return cross_check, low_state_reason, bf16_reason
 
 
 @dataclass(frozen=True, eq=False)   # compared and hashed by identity
@@ -125,6 +130,27 @@ class Rule:
     #: sound, else the reason (state_bits=8 alone is then refused; checked besides
     #: low_state_reason)
     q8_reason: Callable = lambda group: None
+    #: None when bfloat16 parameters are possible, else the reason (a callable of
+    #: nothing returning it; they are then refused when a group is added)
+    bf16_reason: Callable = None
+    #: per-group entries that are not hyperparameters (state a group carries, saved and
+    #: loaded with the groups), set to these values where a new group lacks them
+    #: (schedule-free's ``train_mode``)
+    group_keys: Dict[str, object] = field(default_factory=dict)
+    #: group -> None when a step of that group is possible now, else the reason (a step
+    #: is then refused before anything changes: schedule-free in eval mode)
+    step_reason: Callable = None
+    #: rule-specific methods of the generated classes (``fastopt.<Name>`` gets each as
+    #: it is, ``fastopt.torch.<Name>`` one that calls it on its engine): functions
+    #: ``f(optimizer, ...)`` named by their ``__name__`` (schedule-free's ``train``,
+    #: ``eval``)
+    methods: Tuple[Callable, ...] = ()
+    #: (state_dict) -> state_dict: the torch drop-in's ``state_dict()`` in the layout of
+    #: the rule's torch-based peer, and a peer's state dict in the drop-in's layout
+    #: before it loads (schedule-free: the package keeps ``k``, ``lr_max``,
+    #: ``weight_sum`` per group); None: torch.optim's layout as it is
+    torch_state_out: Callable = None
+    torch_state_in: Callable = None
     #: configurations that together exercise every option (tests and benchmarks use them)
     variants: Tuple[dict, ...] = ({},)
     #: the optimizer class's docstring: what the rule is (torch's name, paper) and its

@@ -70,6 +70,16 @@ betas_half_open = _pair(unit_half_open)
 betas_closed = _pair(unit_closed)
 
 
+def positive_int_or_none(name, value):
+    """None, or an integer >= 1 (a number of steps: AdEMAMix's warm-ups)."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (expected None or an integer >= 1)")
+    return int(value)
+
+
 def boolean(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")

@@ -108,6 +108,7 @@ RULE = Rule(
     layout="tensor",
     cross_check=_CHECKS[0],
     low_state_reason=_CHECKS[1],
+    bf16_reason=_CHECKS[2],
     norms=norms,
     tensor_scalars=tensor_scalars,
     flags=("nesterov",),

@@ -66,10 +66,26 @@ def make_class(rule):
            f":mod:`fastopt.torch`): the same arguments and defaults, plus the rule's "
            f"fused options and fastopt's ``backend``, ``sparse_mode``, ``state_bits``, "
            f"``bf16_update`` and ``seed``.\n\n" + (optimizers.CLASSES[rule.name].__doc__ or ""))
-    return type(rule.name, (TorchOptimizer,), {
-        "rule": rule, "torch_flags": flags, "stepful": rule.name not in STEPLESS,
-        "eager_state": rule.name in EAGER, "__init__": init, "__doc__": doc,
-        "__module__": "fastopt.torch"})
+    ns = {"rule": rule, "torch_flags": flags, "stepful": rule.name not in STEPLESS,
+          "eager_state": rule.name in EAGER, "__init__": init, "__doc__": doc,
+          "__module__": "fastopt.torch"}
+    for fn in rule.methods:                 # rule-specific methods, run on the engine
+        ns[fn.__name__] = _on_engine(fn)
+    return type(rule.name, (TorchOptimizer,), ns)
+
+
+def _on_engine(fn):
+    """A rule method of the drop-in: ``fn`` on the engine (whose arrays are the
+    tensors' memory), then autograd's version bump of every parameter, as after a
+    step (the method may rewrite parameters in place)."""
+    def method(self, *args, **kwargs):
+        out = fn(self.engine, *args, **kwargs)
+        torch.autograd.graph.increment_version(list(self.engine.param_objects))
+        return out
+    method.__name__ = fn.__name__
+    method.__qualname__ = fn.__name__
+    method.__doc__ = fn.__doc__
+    return method
 
 
 #: rule name -> class

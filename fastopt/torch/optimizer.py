@@ -229,6 +229,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         if isinstance(sd, dict) and isinstance(sd.get("state"), dict):
             sd["state"] = {k: dict(v) if type(v) is ParamState else v
                            for k, v in sd["state"].items()}
+        if self.rule.torch_state_out is not None:   # the peer's layout (schedule-free)
+            sd = self.rule.torch_state_out(sd)
         return sd
 
     def load_state_dict(self, state_dict):
@@ -246,6 +248,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             out = hook(self, state_dict)
             if out is not None:
                 state_dict = out
+        if self.rule.torch_state_in is not None:    # a peer's layout (schedule-free)
+            state_dict = self.rule.torch_state_in(state_dict)
         groups, saved = self.param_groups, state_dict["param_groups"]
         if len(groups) != len(saved):
             raise ValueError("loaded state dict has a different number of parameter groups")

@@ -243,6 +243,47 @@ def test_dense_equals_single_process(name, variant, dtype):
         assert sd is None
 
 
+@pytest.mark.parametrize("name", [n for n, r in rules.RULES.items() if r.methods])
+def test_rule_methods_switch_the_full_parameters(name):
+    """Schedule-free's eval()/train() on a ShardedOptimizer: each rank switches its
+    rows, every rank then holds the full switched parameters, bit-identical to the
+    single process; a step in eval mode is refused on every rank; the mode is in
+    the consolidated state dict's groups."""
+    cls = fastopt.CLASSES[name]
+    rule = rules.RULES[name]
+    hyper = dict(rule.variants[-1])
+    params = init(SHAPES, np.float64)
+    switched, refused = [], []
+
+    def local(t, r):
+        return [dense_grad(s, np.float64, t, r, seed=3) for s in SHAPES]
+
+    def check_each(t, opt, ref):
+        if t == 3:
+            opt.eval()
+            ref.eval()
+            switched.append(all(same(a, b) for a, b in zip(opt.param_groups[0]["params"],
+                                                           ref.param_groups[0]["params"])))
+            try:
+                opt.step(local(t, ME))
+            except RuntimeError as e:
+                refused.append("eval mode" in str(e))
+            opt.train()
+            ref.train()
+
+    mine, ref, opt, refopt, _ = run_pair(cls, params, hyper, local, 7,
+                                         sharded_kw={"bucket_bytes": 200},
+                                         check_each=check_each)
+    opt.eval()
+    refopt.eval()
+    sd = opt.consolidated_state_dict(to=LAST)
+    assert switched == [True] and refused == [True]
+    assert_same_params(mine, ref)
+    if ME == LAST:
+        assert sd["param_groups"][0]["train_mode"] is False
+        assert_same_state_dict(sd, refopt.state_dict())
+
+
 def test_mixed_dtypes_and_default_buckets():
     shapes = [(50, 3), (9,), (4, 4), (), (31,)]
     dts = [np.float32, np.float64, np.float32, np.float64, np.float32]
