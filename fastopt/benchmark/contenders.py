@@ -29,9 +29,11 @@ from numba.extending import register_jitable
 from .. import backends
 from .. import rules as registry
 from ..backends import numba_cpu
-from ..backends.base import Config
+from ..backends.base import FMT_COLS, Config
 from ..optimizers import CLASSES
+from ..planner import fill_fmt
 from ..rules import Rule, scalars_type
+from ..storage import NATIVE
 
 TORCH_MODES = ("forloop", "foreach", "fused")
 TORCH_SPARSE = {"Adam": "SparseAdam", "Adagrad": "Adagrad", "SGD": "SGD"}
@@ -167,17 +169,20 @@ def _ceiling(case):
     for t, (p, g, ss) in enumerate(zip(params, grads, slots)):
         ptrs[t, :2] = p.ctypes.data, g.ctypes.data
         ptrs[t, 2:] = [s.ctypes.data if s is not None else p.ctypes.data for s in ss]
-    chunks = numba_cpu.make_chunks([p.size for p in params])
+    fmt = np.zeros((len(params), FMT_COLS), dtype=np.int64)
+    blocks = [fill_fmt(fmt[t], p, None, NATIVE, backends.resolve("numba"))
+              for t, p in enumerate(params)]
+    chunks = numba_cpu.stored_chunks(blocks, numba_cpu.CHUNK)
     hyper = np.zeros((1, registry.NSCALARS))
     hidx = np.zeros(len(params), dtype=np.int64)
     keep = (params, grads, slots)
 
     config = Config(rule=CEILING, dtype=np.dtype(case.dtype), uses=tuple(uses))
-    driver = numba_cpu._driver(numba_cpu.make_dense_driver, config,
+    driver = numba_cpu._driver(numba_cpu.make_stored_dense_driver, config,
                                case.elements >= numba_cpu.PARALLEL_MIN)
 
     def run():
-        driver(ptrs, chunks, hyper, hidx)
+        driver(ptrs, fmt, chunks, hyper, hidx)
         return keep
     return run
 
