@@ -1,6 +1,7 @@
 """The ``"numba"`` backend: Numba ``njit(parallel=True)`` drivers around the element step.
 
-One driver per loop shape, for every storage format (:mod:`fastopt.storage`):
+One driver per loop shape for every storage format (:mod:`fastopt.storage`), but
+for the rows of float32/float64 parameters (see below):
 float32/float64 parameters and state are the format whose loads and stores are the
 identity (the parameter and its state are updated in place), bfloat16 parameters
 and 16/8-bit state the formats that widen, round or quantize around the same
@@ -28,7 +29,10 @@ of one parameter; duplicates are summed in their order of appearance
 caught up over its skipped steps (or only caught up, for ``flush``); ``max_norm``
 renormalizes each row right after its update, while it is in cache; the rows
 ``PREFETCH_AHEAD`` unique rows ahead are prefetched.  Row-wise rules
-(:func:`make_stored_rowwise_driver`) take whole rows.
+(:func:`make_stored_rowwise_driver`) take whole rows.  Parameters in float32/float64
+with state in their dtype keep row drivers of their own (:func:`make_rows_driver`,
+:func:`make_rowwise_driver`, :func:`run_rows`: 2-D row views, no blocks), the one
+twin whose removal measured slower (docs/backends.md).
 
 Every driver is a closure over the configuration (rule math, format, dtype, used
 slots, fixed scalars, fused switches, serial or parallel), compiled once per
@@ -104,6 +108,148 @@ def _stamp(*fns):
 def _compile(fn, parallel):
     return njit(parallel=parallel, error_model="numpy", cache=True, nogil=True)(fn)
 
+
+# ------------------------------------------------ float32/float64 row drivers
+#
+# The one twin kept: row steps of float32/float64 parameters with state in their
+# dtype have drivers of their own (2-D row views, no block structure).  Measured
+# against the drivers of every format on a lazy sparse Adam step (200K x 64
+# float32 table, 16K Zipf ids, one thread): the format driver's kernel was
+# 1.4-1.8x slower there (docs/backends.md), so the plain row drivers stay (the
+# row-wise one with them, not measured apart); dense steps have one driver for
+# every format.
+
+@register_jitable
+def summed_row(vals, order, a, b, scratch, u):
+    """The gradient of one touched row: ``vals[order[a]]`` or, with duplicates, the
+    sum of ``vals[order[a:b]]`` added in order of appearance (deterministic) into
+    ``scratch[u]`` (only then is ``scratch`` indexed)."""
+    G = vals[order[a]]
+    if b - a > 1:
+        row = scratch[u]
+        row[:] = G
+        for k in range(a + 1, b):
+            more = vals[order[k]]
+            for j in range(row.shape[0]):
+                row[j] += more[j]
+        G = row
+    return G
+
+
+def make_rows_driver(config, parallel, catch, step):
+    """The row driver of an element-wise rule: for each unique touched row, catch up
+    (``catch``), then the element step with the row's summed gradient (``step``),
+    then ``max_norm``.  ``P`` and the slots are (nrows, D) views (unused slots get
+    ``P`` and are never touched); ``vals`` (nnz, D) gradient rows; ``coef`` (nuniq,
+    4) float64 catch-up maps; ``scratch`` (nuniq, D) when rows repeat: the summed
+    rows of the unique rows that repeat (:func:`_sum_duplicates`, run just before),
+    else empty.  The rows ``PREFETCH_AHEAD`` unique rows ahead are prefetched."""
+    STEP = element_step(config.rule.math, config.switches)
+    LOAD = scalar_loader(config.rule.Scalars, config.dtype, config.fixed)
+    DT = np.dtype(config.dtype).type
+    U0, U1, U2 = (bool(u) for u in config.uses)
+    MX = bool(config.switches[5])
+    EPS = DT(RENORM_EPS)
+    CATCH, STEPPING = bool(catch), bool(step)
+    STAMP = _stamp(config.rule.math)
+    PARALLEL = bool(parallel)
+    AHEAD = PREFETCH_AHEAD
+
+    def rows_driver(P, S0, S1, S2, vals, order, seg, uniq, hyper, scratch, coef):
+        stamp = STAMP  # noqa: F841
+        par = PARALLEL  # noqa: F841
+        zero = DT(0)
+        D = P.shape[1]
+        n = uniq.shape[0]
+        # duplicates were summed into scratch (_sum_duplicates) before this call
+        dups = STEPPING and scratch.shape[0] > 0
+        for u in prange(n):
+            # loaded inside the parallel loop: a NamedTuple that crosses into a parfor
+            # cannot be typed by Numba's gufunc builder (and LLVM hoists the loads)
+            c = LOAD(hyper, 0)
+            if u + AHEAD < n:
+                q = uniq[u + AHEAD]
+                prefetch_row(P, q)
+                if U0:
+                    prefetch_row(S0, q)
+                if U1:
+                    prefetch_row(S1, q)
+                if U2:
+                    prefetch_row(S2, q)
+                if STEPPING:
+                    if seg[u + AHEAD + 1] - seg[u + AHEAD] == 1:
+                        prefetch_row(vals, order[seg[u + AHEAD]])
+            r = uniq[u]
+            if CATCH:
+                ca, cb, cc, ce = coef[u, 0], coef[u, 1], coef[u, 2], coef[u, 3]
+                identity = ca == 1.0 and cb == 0.0 and cc == 0.0 and ce == 1.0
+                for j in range(D if not identity else 0):
+                    s = S0[r, j] if U0 else zero
+                    p, s = apply_catch_up(P[r, j], s, ca, cb, cc, ce, DT)
+                    P[r, j] = p
+                    if U0:
+                        S0[r, j] = s
+            if STEPPING:
+                a = seg[u]
+                G = scratch[u] if dups and seg[u + 1] - a > 1 else vals[order[a]]
+                for j in range(D):
+                    s0 = S0[r, j] if U0 else zero
+                    s1 = S1[r, j] if U1 else zero
+                    s2 = S2[r, j] if U2 else zero
+                    p, s0, s1, s2 = STEP(P[r, j], G[j], s0, s1, s2, c, zero)
+                    P[r, j] = p
+                    if U0:
+                        S0[r, j] = s0
+                    if U1:
+                        S1[r, j] = s1
+                    if U2:
+                        S2[r, j] = s2
+                if MX:
+                    renorm_row(P[r], c, zero, EPS)
+
+    return _compile(rows_driver, parallel)
+
+
+def make_rowwise_driver(config, parallel):
+    """The driver of a row-wise rule (one state value per row): parallel over the
+    touched rows; the rule math works on whole rows, the fused options around it
+    (gradient side into a scratch row, parameter side after the row's update)."""
+    MATH = config.rule.math
+    LOAD = scalar_loader(config.rule.Scalars, config.dtype, config.fixed)
+    DT = np.dtype(config.dtype).type
+    SC, CL, L1, LO, HI, MX = (bool(s) for s in config.switches)
+    from ..rules.fused import post, pre
+    PRE = SC or CL
+    POST = L1 or LO or HI
+    EPS = DT(RENORM_EPS)
+    STAMP = _stamp(MATH)
+    PARALLEL = bool(parallel)
+
+    def rowwise_driver(P, S0, vals, order, seg, uniq, hyper, scratch):
+        stamp = STAMP  # noqa: F841
+        par = PARALLEL  # noqa: F841
+        zero = DT(0)
+        inv_d = DT(1) / DT(P.shape[1])
+        for u in prange(uniq.shape[0]):
+            c = LOAD(hyper, 0)        # inside the parallel loop: see rows_driver
+            r = uniq[u]
+            G = summed_row(vals, order, seg[u], seg[u + 1], scratch, u)
+            if PRE:                       # scaled / clipped copy of the gradient row
+                buf = scratch[u]
+                for j in range(G.shape[0]):
+                    buf[j] = pre(G[j], c, SC, CL)
+                G = buf
+            prow = P[r]
+            S0[r] = MATH(prow, G, S0[r], inv_d, zero, c)
+            if POST:
+                for j in range(prow.shape[0]):
+                    prow[j] = post(prow[j], c, zero, L1, LO, HI)
+            if MX:
+                renorm_row(prow, c, zero, EPS)
+
+    return _compile(rowwise_driver, parallel)
+
+
 _DRIVERS = {}
 
 
@@ -116,6 +262,42 @@ def _driver(factory, config, parallel, *extra):
 
 
 _EMPTY_COEF = np.zeros((0, 4), dtype=np.float64)
+def run_rows(work):
+    """Run a :class:`~fastopt.backends.base.RowsWork` on the CPU (serial below
+    PARALLEL_MIN touched elements)."""
+    cfg = work.config
+    p = work.param
+    nrows = p.shape[0]
+    P = p.reshape(nrows, -1)
+    D = P.shape[1]
+    uniq = work.uniq
+    if uniq.shape[0] == 0 or D == 0:
+        return
+    parallel = uniq.shape[0] * D >= PARALLEL_MIN and may_use_threads()
+    dups = work.vals is not None and work.order.shape[0] > uniq.shape[0]
+    if cfg.rule.layout == "rowwise":
+        pre = cfg.switches[0] or cfg.switches[1]
+        scratch = np.empty((uniq.shape[0] if (dups or pre) else 0, D), dtype=p.dtype)
+        _driver(make_rowwise_driver, cfg, parallel)(
+            P, work.slots[0].reshape(nrows), work.vals, work.order, work.seg, uniq,
+            work.hyper, scratch)
+        return
+    S = [s.reshape(nrows, -1) if s is not None else P for s in work.slots]
+    scratch = np.empty((uniq.shape[0] if dups else 0, D), dtype=p.dtype)
+    inverse = np.empty(work.order.shape[0] if dups else 0, dtype=np.int64)
+    catch = work.catch is not None
+    step = work.vals is not None
+    vals = work.vals if step else P
+    order = work.order if step else uniq
+    seg = work.seg if step else uniq
+    coef = work.catch.coef if catch else _EMPTY_COEF
+    parts = numba.get_num_threads() if parallel else 1
+    if dups and step:
+        _sum_duplicates[parallel](vals, order, seg, scratch, inverse, parts)
+    _driver(make_rows_driver, cfg, parallel, catch, step)(
+        P, S[0], S[1], S[2], vals, order, seg, uniq, work.hyper, scratch, coef)
+
+
 def _count_nonfinite_impl(a, scale):
     n = a.shape[0]
     nblocks = (n + CHUNK - 1) // CHUNK
@@ -630,4 +812,7 @@ class NumbaBackend(Backend):
     def run_rows(self, work):
         if work.catch is not None and work.catch.coef is None:
             raise ValueError("exact-mode work without its catch-up maps")
-        run_stored_rows(work)
+        if work.config.storage.native:
+            run_rows(work)
+        else:
+            run_stored_rows(work)
