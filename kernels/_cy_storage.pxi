@@ -235,7 +235,9 @@ cdef void _sblock(floating zero, int rule, int ucode, int opts, const SFmt* f, i
             sp[s] = wk + s * SBLK
             if ucode & (1 << s):
                 _sload_s(sp[s], f, s, lo, m, kb)
-    if k != NULL:          # element.apply_catch_up (every row, identity included)
+    if k != NULL and not (k[0] == 1.0 and k[1] == 0.0 and k[2] == 0.0 and k[3] == 1.0):
+        # element.apply_catch_up; a row whose map is exactly the identity (up to
+        # date) is left as it is, as the numba drivers do (p + 0 would turn -0 into +0)
         a = k[0]
         b = k[1]
         cc = k[2]
