@@ -389,7 +389,8 @@ class Optimizer:
             fast.plan = plan
             fast.lean = not getattr(self.backend, "wants_reference_args", False) \
                 and not self.rule.per_tensor and all(
-                b.fmt is None and not b.config.switches[0] and list(b.pos) == fast.all
+                b.config.storage.native and not b.config.switches[0]
+                and list(b.pos) == fast.all
                 for b in plan[1])
             fast.launch = self._launch_handle(plan, specs, owner) if fast.lean else None
         if not fast.lean:

@@ -85,7 +85,7 @@ def dense_buckets(rule, backend, tensors):
         row_of, row_keys, row_members = {}, [], []
         hidx = np.empty(len(members), dtype=np.int64)
         params, slot_arrays, extra_arrays = [], [], []
-        stored = not cfg.storage.native
+        stored = not cfg.storage.native or not backend.plain_layout
         fmt = np.zeros((len(members), FMT_COLS), dtype=np.int64) if stored else None
         blocks = []
         for t, pos in enumerate(members):
@@ -93,7 +93,7 @@ def dense_buckets(rule, backend, tensors):
             params.append(p)
             extra_arrays.append(extras)
             if stored:
-                blocks.append(_fill_fmt(fmt[t], p, extras, storage, backend))
+                blocks.append(fill_fmt(fmt[t], p, extras, storage, backend))
                 fmt[t, FMT_BASE] = base
             slot_arrays.append(slots)
             ptrs[t, 0] = backend.address(p)
@@ -119,9 +119,10 @@ def dense_buckets(rule, backend, tensors):
     return buckets
 
 
-def _fill_fmt(row, p, extras, storage, backend):
+def fill_fmt(row, p, extras, storage, backend):
     """One tensor's row of a stored bucket's ``fmt`` table; returns (rows, blocks per
     row) of its block layout."""
+    extras = extras if extras is not None else (None,) * (1 + NSLOTS)
     row[FMT_AUX] = backend.address(extras[0]) if extras[0] is not None else backend.address(p)
     for s in range(NSLOTS):
         sc = extras[1 + s]
@@ -146,7 +147,7 @@ def fill_bucket(b, gptr, grads, rows, grad_scale=None, all_active=False, keys=No
         b.hyper[r, :len(row)] = row
     b.grad_scale = grad_scale
     cfg = b.config.with_grad_scale(grad_scale is not None)
-    if b.fmt is not None:
+    if not cfg.storage.native:
         kinds = {grad_kind(cfg.storage, g) for g in b.grads}
         if len(kinds) > 1:            # bfloat16 and float32 gradients in one bucket
             b.grads = [g.astype(np.float32) if g.dtype.itemsize == 2 else g for g in b.grads]

@@ -3,25 +3,32 @@
 # distutils: extra_compile_args = -ffp-contract=off -fno-math-errno -fno-trapping-math
 """Cython drivers (compiled into ``fastopt._cy_dense``): the Numba CPU drivers' twin.
 
-Three entry points, each the twin of a driver of ``fastopt/backends/numba_cpu.py``
-(same tables, same loops, same operations in the same order and dtype, so the
-results are bit-identical):
+Three entry points (``_cy_storage.pxi``), each the twin of a driver of
+``fastopt/backends/numba_cpu.py`` (same tables, same loops, same operations in the
+same order and dtype, so the results are bit-identical), for every storage format:
+float32/float64 parameters and state are the format updated in place, bfloat16
+parameters and 16/8-bit state are loaded into compute-dtype buffers and stored
+back around the same element loop:
 
-* :func:`run_dense` (``make_dense_driver``): a bucket of tensors described by
+* :func:`run_stored_dense` (``make_stored_dense_driver``): a bucket of tensors
+  described by
 
   - ``ptrs``   int64 (T, 2 + NSLOTS): data addresses of param, grad and the state
     slots (an unused slot holds the param's address and is never read or written);
-  - ``chunks`` int64 (C, 3): ``(tensor, start, stop)`` element ranges;
+  - ``fmt``    int64 (T, 10): the format table (aux and 8-bit scale addresses, size,
+    row length, blocks per row, stream key, element base: ``FMT_COLUMNS``);
+  - ``chunks`` int64 (C, 3): ``(tensor, first block, end block)`` block ranges;
   - ``hyper``  float64 (R, NSCALARS): per-step scalars, one row per (group, step),
     columns = the fields of the rule's ``Scalars`` (``_cy_scalars.pxi``);
   - ``hidx``   int64 (T,): the ``hyper`` row of each tensor;
 
-* :func:`run_rows` (``make_rows_driver``): the touched rows of one parameter of an
-  element-wise rule, with duplicate gradient rows summed, optionally caught up
-  first over skipped steps (exact sparse mode) or only caught up (flush), and
-  ``max_norm`` applied to each row right after its update;
-* :func:`run_rowwise` (``make_rowwise_driver``): a row-wise rule (one state value
-  per row) on the rows of a plan.
+* :func:`run_stored_rows` (``make_stored_rows_driver``): the touched rows of one
+  parameter of an element-wise rule, with duplicate gradient rows summed,
+  optionally caught up first over skipped steps (exact sparse mode) or only caught
+  up (flush), and ``max_norm`` applied to each row right after its update; the
+  rows ``PREFETCH_AHEAD`` unique rows ahead are prefetched;
+* :func:`run_stored_rowwise` (``make_stored_rowwise_driver``): a row-wise rule (one
+  state value per row) on the rows of a plan.
 
 Parallelism as in Numba: one OpenMP parallel region (``prange`` over chunks or
 rows, GIL released) at or above ``parallel_min`` elements, a serial loop (GIL
@@ -217,35 +224,7 @@ cdef inline void _load_scalars(floating* c, const double* h) noexcept nogil:
         c[k] = <floating>h[k]
 
 
-# ------------------------------------------------------------- dense driver
-cdef void _chunk(floating zero, int rule, int ucode, int opts, const int64_t* ptrs,
-                 const int64_t* chunk, const double* hyper,
-                 const int64_t* hidx) noexcept nogil:
-    """Run one chunk row ``(tensor, start, stop)``; ``zero`` only selects the dtype."""
-    cdef int64_t t = chunk[0]
-    cdef int64_t lo = chunk[1]
-    cdef Py_ssize_t n = <Py_ssize_t>(chunk[2] - lo)
-    cdef const int64_t* row = ptrs + t * NCOLS
-    cdef floating c[NSCALARS]
-    _load_scalars(c, hyper + hidx[t] * NSCALARS)
-    _step(zero, rule, ucode, opts,
-          (<floating*><intptr_t>row[0]) + lo,
-          (<const floating*><intptr_t>row[1]) + lo,
-          (<floating*><intptr_t>row[2]) + lo,
-          (<floating*><intptr_t>row[3]) + lo,
-          (<floating*><intptr_t>row[4]) + lo,
-          n, c)
-
-
-cdef inline void _run_chunk(int dtype_code, int rule, int ucode, int opts, const int64_t* ptrs,
-                            const int64_t* chunk, const double* hyper,
-                            const int64_t* hidx) noexcept nogil:
-    if dtype_code == 0:
-        _chunk(<float>0, rule, ucode, opts, ptrs, chunk, hyper, hidx)
-    else:
-        _chunk(<double>0, rule, ucode, opts, ptrs, chunk, hyper, hidx)
-
-
+# ------------------------------------------------------------- checks
 cdef int _check_common(str who, int rule_id, int nrules, int dtype_code, int opts,
                        Py_ssize_t ncols, bint rows) except -1:
     if not 0 <= rule_id < nrules:
@@ -255,7 +234,7 @@ cdef int _check_common(str who, int rule_id, int nrules, int dtype_code, int opt
     if opts & ~(OPT_ELEMENT | OPT_MAX_NORM):
         raise ValueError(f"{who}: unknown option bits in {opts:#x}")
     if (opts & OPT_MAX_NORM) and not rows:
-        raise ValueError(f"{who}: max_norm needs whole rows (run_rows)")
+        raise ValueError(f"{who}: max_norm needs whole rows (run_stored_rows)")
     if ncols != NSCALARS:
         raise ValueError(f"{who}: hyper has {ncols} columns, this build reads "
                          f"NSCALARS = {NSCALARS} (rebuild the extension after changing "
@@ -263,76 +242,7 @@ cdef int _check_common(str who, int rule_id, int nrules, int dtype_code, int opt
     return 0
 
 
-def run_dense(int rule_id, int dtype_code, bint uses0, bint uses1, bint uses2, int opts,
-              const int64_t[:, ::1] ptrs, const int64_t[:, ::1] chunks,
-              const double[:, ::1] hyper, const int64_t[::1] hidx,
-              Py_ssize_t nelem, Py_ssize_t parallel_min):
-    """Run rule ``rule_id`` (index in :data:`MATH_NAMES`) over every chunk.
-
-    ``dtype_code``: 0 float32, 1 float64 (:data:`DTYPE_CODES`).  ``uses0..2``: which
-    state slots this bucket's configuration uses.  ``opts``: the element-wise
-    option bits (:data:`OPTION_BITS` but max_norm).  A parallel region (``prange``,
-    static schedule) is used when ``nelem >= parallel_min``, else a serial loop; the
-    GIL is released either way.  The tables are validated (shapes, tensor and row
-    indices, chunk bounds); the addresses in ``ptrs`` are trusted.
-    """
-    cdef Py_ssize_t T = ptrs.shape[0], C = chunks.shape[0], R = hyper.shape[0]
-    cdef Py_ssize_t ci, t, bad = -1
-    cdef int ucode = (1 if uses0 else 0) | (2 if uses1 else 0) | (4 if uses2 else 0)
-    _check_common("run_dense", rule_id, R_COUNT, dtype_code, opts, hyper.shape[1], False)
-    if ptrs.shape[1] != NCOLS or chunks.shape[1] != 3:
-        raise ValueError(f"run_dense: tables must be ptrs (T, {NCOLS}), chunks (C, 3)")
-    if hidx.shape[0] != T:
-        raise ValueError(f"run_dense: hidx has {hidx.shape[0]} rows for {T} tensors")
-    if C == 0:
-        return
-    with nogil:
-        for t in range(T):
-            if not 0 <= hidx[t] < R:
-                bad = t
-                break
-    if bad >= 0:
-        raise IndexError(f"run_dense: hidx[{bad}] = {hidx[bad]} is not a row of hyper "
-                         f"({R} rows)")
-    with nogil:
-        for ci in range(C):
-            if not (0 <= chunks[ci, 0] < T and 0 <= chunks[ci, 1] <= chunks[ci, 2]):
-                bad = ci
-                break
-    if bad >= 0:
-        raise IndexError(f"run_dense: bad chunk row {bad}: "
-                         f"{(chunks[bad, 0], chunks[bad, 1], chunks[bad, 2])} ({T} tensors)")
-
-    cdef const int64_t* pp = &ptrs[0, 0]
-    cdef const int64_t* cp = &chunks[0, 0]
-    cdef const double* hp = &hyper[0, 0]
-    cdef const int64_t* ip = &hidx[0]
-    if nelem >= parallel_min:
-        for ci in prange(C, nogil=True, schedule="static"):
-            _run_chunk(dtype_code, rule_id, ucode, opts, pp, cp + 3 * ci, hp, ip)
-    else:
-        with nogil:
-            for ci in range(C):
-                _run_chunk(dtype_code, rule_id, ucode, opts, pp, cp + 3 * ci, hp, ip)
-
-
-# ------------------------------------------------------- row-sparse driver
-#
-# Twin of ``numba_cpu.make_rows_driver``: one task per unique row ``uniq[u]``:
-#
-# 1. exact mode: catch up over the skipped steps with row ``u`` of ``coef``
-#    (``(a, b, c, e)``, float64): ``p, s0 = DT(a p + b s0), DT(c p + e s0)`` per
-#    element, formed in double with zero-coefficient terms left out (``s0`` is zero,
-#    not stored, when slot 0 is unused), as ``element.apply_catch_up``; a row whose
-#    map is the identity is skipped;
-# 2. the step (not for a flush): the gradient rows ``vals[order[seg[u]:seg[u + 1]]]``
-#    (one used in place; duplicates summed into a scratch row, the first copied and
-#    the others added one by one in order of appearance) through the element loop;
-# 3. ``max_norm``: the row renormalized right after its update, while in cache.
-#
-# Rows are distinct (``uniq`` strictly increasing, checked) and each is written by
-# exactly one thread: no atomics, no dependence on the thread count or schedule.
-# The scratch is one row per thread (not per unique row as in Numba: same values).
+# ------------------------------------------------------- row helpers
 
 cdef inline double _term(double k, double x) noexcept nogil:
     """``element._term``: ``k * x``, where a zero coefficient contributes an exact zero
@@ -340,57 +250,6 @@ cdef inline double _term(double k, double x) noexcept nogil:
     if k == 0.0:
         return 0.0
     return k * x
-
-
-cdef inline void _catch_row(floating* P, floating* S, Py_ssize_t D, const double* k,
-                            bint u0, floating zero) noexcept nogil:
-    """``element.apply_catch_up`` over a row; a row whose map is exactly the identity
-    is left as it is (not rewritten)."""
-    cdef double a = k[0], b = k[1], c = k[2], e = k[3]
-    cdef double p, s
-    cdef Py_ssize_t j
-    if a == 1.0 and b == 0.0 and c == 0.0 and e == 1.0:
-        return
-    if u0:
-        for j in range(D):
-            p = P[j]
-            s = S[j]
-            P[j] = <floating>(_term(a, p) + _term(b, s))
-            S[j] = <floating>(_term(c, p) + _term(e, s))
-    else:
-        s = zero
-        for j in range(D):
-            P[j] = <floating>(_term(a, P[j]) + _term(b, s))
-
-
-cdef inline void _one_row(floating zero, int rule, int ucode, int opts, bint stepping,
-                          floating* P, const floating* V, floating* S0, floating* S1,
-                          floating* S2, Py_ssize_t D, const int64_t* order, const int64_t* seg,
-                          Py_ssize_t u, int64_t r, const double* coef, floating* buf,
-                          const floating* c, floating eps) noexcept nogil:
-    cdef const floating* G
-    cdef const floating* row
-    cdef int64_t k, a, b
-    cdef Py_ssize_t j
-    cdef int64_t off = r * D
-    if coef != NULL:
-        _catch_row(P + off, S0 + off, D, coef + 4 * u, ucode & 1, zero)
-    if not stepping:
-        return
-    a = seg[u]
-    b = seg[u + 1]
-    G = V + order[a] * D
-    if b - a > 1:           # duplicates: sum whole rows, in order of appearance
-        for j in range(D):
-            buf[j] = G[j]
-        for k in range(a + 1, b):
-            row = V + order[k] * D
-            for j in range(D):
-                buf[j] = buf[j] + row[j]
-        G = buf
-    _step(zero, rule, ucode, opts, P + off, G, S0 + off, S1 + off, S2 + off, D, c)
-    if opts & OPT_MAX_NORM:
-        renorm_row(P + off, D, c, zero, eps)
 
 
 cdef extern from *:
@@ -416,62 +275,6 @@ cdef inline void _prefetch_row(const char* row, Py_ssize_t nbytes) noexcept nogi
         off += 64
     if nbytes:
         FASTOPT_PREFETCH(row + nbytes - 1)
-
-
-cdef inline void _prefetch_ahead(floating zero, int ucode, bint stepping, floating* P,
-                                 const floating* V, floating* S0, floating* S1,
-                                 floating* S2, Py_ssize_t D, const int64_t* order,
-                                 const int64_t* seg, const int64_t* uniq, Py_ssize_t u,
-                                 Py_ssize_t nuniq) noexcept nogil:
-    """The twin of the Numba row driver's prefetch: the parameter and used state rows
-    of unique row ``u + PREFETCH_AHEAD``, and its gradient row when it is alone (a
-    hint only: it never faults and changes no value)."""
-    cdef Py_ssize_t v = u + PREFETCH_AHEAD
-    cdef int64_t off
-    cdef Py_ssize_t nbytes = D * sizeof(floating)
-    if v >= nuniq:
-        return
-    off = uniq[v] * D
-    _prefetch_row(<const char*>(P + off), nbytes)
-    if ucode & 1:
-        _prefetch_row(<const char*>(S0 + off), nbytes)
-    if ucode & 2:
-        _prefetch_row(<const char*>(S1 + off), nbytes)
-    if ucode & 4:
-        _prefetch_row(<const char*>(S2 + off), nbytes)
-    if stepping and seg[v + 1] - seg[v] == 1:
-        _prefetch_row(<const char*>(V + order[seg[v]] * D), nbytes)
-
-
-cdef void _rows(floating zero, int rule, int ucode, int opts, bint stepping,
-                const int64_t* addrs, Py_ssize_t D, const int64_t* order, const int64_t* seg,
-                const int64_t* uniq, Py_ssize_t nuniq, const double* h, const double* coef,
-                double renorm_eps, char* scratch, Py_ssize_t stride,
-                bint parallel) noexcept nogil:
-    """All unique rows; ``zero`` only selects the dtype.  ``scratch``: one row of
-    ``stride`` bytes per OpenMP thread (thread 0's row for the serial loop)."""
-    cdef floating* P = <floating*><intptr_t>addrs[0]
-    cdef const floating* V = <const floating*><intptr_t>addrs[1]
-    cdef floating* S0 = <floating*><intptr_t>addrs[2]
-    cdef floating* S1 = <floating*><intptr_t>addrs[3]
-    cdef floating* S2 = <floating*><intptr_t>addrs[4]
-    cdef floating c[NSCALARS]
-    cdef floating eps = <floating>renorm_eps
-    cdef Py_ssize_t u
-    _load_scalars(c, h)
-    if parallel:
-        # dynamic: the rows with many duplicates (hot ids) are adjacent in ``uniq``
-        for u in prange(nuniq, schedule="dynamic", chunksize=16):
-            _prefetch_ahead(zero, ucode, stepping, P, V, S0, S1, S2, D, order, seg, uniq, u,
-                            nuniq)
-            _one_row(zero, rule, ucode, opts, stepping, P, V, S0, S1, S2, D, order, seg, u,
-                     uniq[u], coef, <floating*>(scratch + threadid() * stride), c, eps)
-    else:
-        for u in range(nuniq):
-            _prefetch_ahead(zero, ucode, stepping, P, V, S0, S1, S2, D, order, seg, uniq, u,
-                            nuniq)
-            _one_row(zero, rule, ucode, opts, stepping, P, V, S0, S1, S2, D, order, seg, u,
-                     uniq[u], coef, <floating*>scratch, c, eps)
 
 
 cdef int _check_uniq(str who, Py_ssize_t nrows, const int64_t[::1] uniq) except -1:
@@ -524,185 +327,10 @@ cdef int _check_plan(str who, Py_ssize_t nrows, Py_ssize_t D, Py_ssize_t nnz,
     return 1
 
 
-cdef char* _scratch_rows(str who, int dtype_code, Py_ssize_t D, bint parallel,
-                         Py_ssize_t* stride) except NULL:
-    """One cache-line-aligned row of D elements per OpenMP thread (one when serial);
-    the caller frees it.  ``stride[0]`` receives the row size in bytes."""
-    cdef Py_ssize_t item = 4 if dtype_code == 0 else 8
-    cdef Py_ssize_t nthreads = openmp.omp_get_max_threads() if parallel else 1
-    stride[0] = (D * item + 127) // 128 * 128
-    cdef char* scratch = <char*>malloc(max(nthreads * stride[0], 1))
-    if scratch == NULL:
-        raise MemoryError(f"{who}: no memory for the scratch rows")
-    return scratch
-
-
-def run_rows(int rule_id, int dtype_code, bint uses0, bint uses1, bint uses2, int opts,
-             const int64_t[::1] addrs, Py_ssize_t nrows, Py_ssize_t D, Py_ssize_t nnz,
-             const int64_t[::1] order, const int64_t[::1] seg, const int64_t[::1] uniq,
-             const double[:, ::1] hyper, const double[:, ::1] coef, bint step,
-             double renorm_eps, Py_ssize_t parallel_min):
-    """Row step of element-wise rule ``rule_id`` on the rows ``uniq`` only.
-
-    ``addrs`` int64 (2 + NSLOTS,): data addresses of the parameter viewed as (nrows,
-    D), the gradient rows ``vals`` (nnz, D), and the state slots (an unused slot
-    holds the parameter's address and is never read or written), all C-contiguous
-    in the dtype of ``dtype_code``.  ``order, seg, uniq``: the coalescing plan of
-    ``fastopt.sparse.coalesce_plan``; ``hyper`` row 0: the step's scalars; ``opts``:
-    the option bits (:data:`OPTION_BITS`), ``renorm_eps``: max-norm's epsilon
-    (``fused.RENORM_EPS``, cast to the dtype).  ``coef`` (len(uniq), 4) float64 or
-    None: exact mode's catch-up map of each row, applied first.  ``step=False``:
-    catch-up only (``coef`` required; ``order``, ``seg`` and ``vals`` unused, may be
-    None / any address).  A parallel region (dynamic schedule) is used when
-    ``len(uniq) * D >= parallel_min``, else a serial loop; the GIL is released
-    either way.  The plan is validated (sizes, ``order`` in [0, nnz), non-empty
-    increasing segments, ``uniq`` strictly increasing in [0, nrows)), the
-    addresses are trusted.
-    """
-    cdef Py_ssize_t nuniq = uniq.shape[0]
-    cdef int ucode = (1 if uses0 else 0) | (2 if uses1 else 0) | (4 if uses2 else 0)
-    cdef Py_ssize_t stride
-    cdef char* scratch
-    cdef bint parallel
-    cdef const double* kp = NULL
-    _check_common("run_rows", rule_id, R_COUNT, dtype_code, opts, hyper.shape[1], True)
-    if addrs.shape[0] != NCOLS or hyper.shape[0] < 1:
-        raise ValueError(f"run_rows: addrs must have {NCOLS} entries and hyper at least one row")
-    if coef is not None and (coef.shape[0] != nuniq or coef.shape[1] != 4):
-        raise ValueError(f"run_rows: coef has shape ({coef.shape[0]}, {coef.shape[1]}), "
-                         f"expected ({nuniq}, 4)")
-    if step:
-        if _check_plan("run_rows", nrows, D, nnz, order, seg, uniq) == 0:
-            return
-    else:
-        if coef is None:
-            raise ValueError("run_rows: step=False (catch-up only) needs coef")
-        if nrows < 0 or D < 0:
-            raise ValueError(f"run_rows: negative size (nrows={nrows}, D={D})")
-        if nuniq == 0 or D == 0:
-            return
-        _check_uniq("run_rows", nrows, uniq)
-    if coef is not None:
-        kp = &coef[0, 0]
-    parallel = nuniq * D >= parallel_min
-    scratch = _scratch_rows("run_rows", dtype_code, D, parallel, &stride)
-    cdef const int64_t* ap = &addrs[0]
-    cdef const int64_t* op = &order[0] if step else NULL
-    cdef const int64_t* sp = &seg[0] if step else NULL
-    cdef const int64_t* up = &uniq[0]
-    cdef const double* hp = &hyper[0, 0]
-    try:
-        with nogil:
-            if dtype_code == 0:
-                _rows(<float>0, rule_id, ucode, opts, step, ap, D, op, sp, up, nuniq, hp, kp,
-                      renorm_eps, scratch, stride, parallel)
-            else:
-                _rows(<double>0, rule_id, ucode, opts, step, ap, D, op, sp, up, nuniq, hp, kp,
-                      renorm_eps, scratch, stride, parallel)
-    finally:
-        free(scratch)
-
-
-# --------------------------------------------------------- row-wise driver
-#
-# Twin of ``numba_cpu.make_rowwise_driver``: a row-wise rule keeps one state value
-# per row (``S0`` has ``nrows`` entries) and its math takes the whole row.  The
-# gradient side of the options (``g / grad_scale``, clip) goes into a scratch row
-# (in place over the summed duplicates), the parameter side (L1, clamps) and
-# max-norm follow the row's update.  Same plan, duplicate summation and
-# thread-independence as :func:`run_rows`; dense steps of a row-wise rule come
-# here with every row touched once.
-
-cdef inline void _rowwise_one(floating inv_d, floating zero, int opts, floating* P,
-                              const floating* V, floating* S0, Py_ssize_t D,
-                              const int64_t* order, int64_t a, int64_t b, int64_t r,
-                              floating* buf, const floating* c, floating eps) noexcept nogil:
-    cdef const floating* G = V + order[a] * D
-    cdef const floating* row
-    cdef floating* prow = P + r * D
-    cdef int64_t k
-    cdef Py_ssize_t j
-    if b - a > 1:
-        for j in range(D):
-            buf[j] = G[j]
-        for k in range(a + 1, b):
-            row = V + order[k] * D
-            for j in range(D):
-                buf[j] = buf[j] + row[j]
-        G = buf
-    if opts & OPT_PRE:
-        pre_pass(buf, G, D, c, opts)
-        G = buf
-    S0[r] = rowwise_adagrad(prow, G, S0[r], inv_d, D, c)
-    if opts & OPT_POST:
-        post_pass(prow, D, c, zero, opts)
-    if opts & OPT_MAX_NORM:
-        renorm_row(prow, D, c, zero, eps)
-
-
-cdef void _rowwise(floating zero, int opts, const int64_t* addrs, Py_ssize_t D,
-                   const int64_t* order, const int64_t* seg, const int64_t* uniq,
-                   Py_ssize_t nuniq, const double* h, double renorm_eps, char* scratch,
-                   Py_ssize_t stride, bint parallel) noexcept nogil:
-    cdef floating* P = <floating*><intptr_t>addrs[0]
-    cdef const floating* V = <const floating*><intptr_t>addrs[1]
-    cdef floating* S0 = <floating*><intptr_t>addrs[2]
-    cdef floating c[NSCALARS]
-    cdef floating inv_d = (<floating>1) / (<floating>D)
-    cdef floating eps = <floating>renorm_eps
-    cdef Py_ssize_t u
-    _load_scalars(c, h)
-    if parallel:
-        for u in prange(nuniq, schedule="dynamic", chunksize=16):
-            _rowwise_one(inv_d, zero, opts, P, V, S0, D, order, seg[u], seg[u + 1], uniq[u],
-                         <floating*>(scratch + threadid() * stride), c, eps)
-    else:
-        for u in range(nuniq):
-            _rowwise_one(inv_d, zero, opts, P, V, S0, D, order, seg[u], seg[u + 1], uniq[u],
-                         <floating*>scratch, c, eps)
-
-
-def run_rowwise(int rule_id, int dtype_code, int opts, const int64_t[::1] addrs,
-                Py_ssize_t nrows, Py_ssize_t D, Py_ssize_t nnz, const int64_t[::1] order,
-                const int64_t[::1] seg, const int64_t[::1] uniq,
-                const double[:, ::1] hyper, double renorm_eps, Py_ssize_t parallel_min):
-    """Step of row-wise rule ``rule_id`` (index in :data:`ROWWISE_NAMES`) on the rows
-    of the plan.  ``addrs`` int64 (3,): the parameter viewed as (nrows, D), the
-    gradient rows (nnz, D) and the per-row state (nrows,), all C-contiguous in the
-    dtype of ``dtype_code``.  Options, plan and parallel threshold as :func:`run_rows`."""
-    cdef Py_ssize_t nuniq = uniq.shape[0]
-    cdef Py_ssize_t stride
-    cdef char* scratch
-    cdef bint parallel
-    _check_common("run_rowwise", rule_id, len(ROWWISE_NAMES), dtype_code, opts,
-                  hyper.shape[1], True)
-    if addrs.shape[0] != 3 or hyper.shape[0] < 1:
-        raise ValueError("run_rowwise: addrs must have 3 entries and hyper at least one row")
-    if _check_plan("run_rowwise", nrows, D, nnz, order, seg, uniq) == 0:
-        return
-    parallel = nuniq * D >= parallel_min
-    scratch = _scratch_rows("run_rowwise", dtype_code, D, parallel, &stride)
-    cdef const int64_t* ap = &addrs[0]
-    cdef const int64_t* op = &order[0]
-    cdef const int64_t* sp = &seg[0]
-    cdef const int64_t* up = &uniq[0]
-    cdef const double* hp = &hyper[0, 0]
-    try:
-        with nogil:
-            if dtype_code == 0:
-                _rowwise(<float>0, opts, ap, D, op, sp, up, nuniq, hp, renorm_eps, scratch,
-                         stride, parallel)
-            else:
-                _rowwise(<double>0, opts, ap, D, op, sp, up, nuniq, hp, renorm_eps, scratch,
-                         stride, parallel)
-    finally:
-        free(scratch)
-
-
 # ------------------------------------------------- single elements (tests)
 
 def math_elem(int rule_id, p, g, s0, s1, s2, c, dtype, int opts=0):
-    """One element through the element loop of :func:`run_dense` (rule ``rule_id``,
+    """One element through the element loop of :func:`run_stored_dense` (rule ``rule_id``,
     option bits ``opts``, all slots used, so the given slot values reach the math
     unchanged), in ``dtype`` (float32 or float64): returns ``(new_p, s0, s1, s2)``
     as NumPy scalars.  The inputs and the NSCALARS scalars ``c`` are cast to

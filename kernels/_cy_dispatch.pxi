@@ -29,7 +29,7 @@ MATH_NAMES = ('sgd', 'adagrad', 'rmsprop', 'adam', 'adamax', 'nadam', 'lion', 'r
 #: whose ``Scalars`` each of them reads (the prefix of its column constants)
 MATH_SCALARS = ('SGD', 'ADAGRAD', 'RMSPROP', 'ADAM', 'ADAMAX', 'NADAM', 'LION', 'RADAM', 'ADADELTA', 'RPROP', 'ASGD', 'ADEMAMIX', 'ADAMWSCHEDULEFREE', 'SGDSCHEDULEFREE', 'LAMB', 'LARS')
 
-#: row-wise rules (one state value per row; :func:`run_rowwise`); id = index
+#: row-wise rules (one state value per row; :func:`run_stored_rowwise`); id = index
 ROWWISE_NAMES = ('rowwise_adagrad',)
 ROWWISE_SCALARS = ('ADAGRAD',)
 

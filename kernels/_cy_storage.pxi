@@ -1,11 +1,12 @@
-# Included by _cy_dense.pyx (it uses _step, _load_scalars, the plan checks and the
-# option bits of that module).
+# Included by _cy_dense.pyx (it uses _step, _load_scalars, the plan checks, the
+# prefetch and the option bits of that module).
 #
-# --------------------------------------------------------------- stored formats
+# ------------------------------------------------------------------ the drivers
 #
-# The twin of the Numba CPU drivers of stored formats (``make_stored_dense_driver``,
-# ``make_stored_rows_driver``, ``make_stored_rowwise_driver`` at the end of
-# ``fastopt/backends/numba_cpu.py``): bfloat16 parameters (split / kahan /
+# The twin of the Numba CPU drivers (``make_stored_dense_driver``,
+# ``make_stored_rows_driver``, ``make_stored_rowwise_driver`` in
+# ``fastopt/backends/numba_cpu.py``), for every storage format: float32/float64
+# parameters and state (updated in place), bfloat16 parameters (split / kahan /
 # stochastic / nearest), float32 / bfloat16 / 8-bit state, bfloat16 or float32
 # gradients.  Every element goes through ``load -> fused pre -> rule math -> fused
 # post -> store`` with the same operations in the same order and dtype as Numba:
@@ -13,14 +14,15 @@
 # * the codecs are bit-exact C copies of ``fastopt/storage/codecs.py`` (uint32
 #   integer arithmetic, bit casts through ``memcpy``, ``floorf``/``sqrtf``, float32
 #   arithmetic; the module is compiled with ``-ffp-contract=off`` and no fast-math);
-# * values are loaded into compute-dtype buffers of a block (``SBLK`` elements), the
-#   block goes through the very element loop of the float32/float64 path
+# * values not kept in the compute dtype are loaded into compute-dtype buffers of a
+#   block (``SBLK`` elements), the block goes through the one element loop
 #   (``_step``: pre pass, rule math, post pass), then is stored.  Elements are
 #   independent, so cutting Numba's loop into blocks changes no value;
 # * 8-bit state: a block of ``Q8_BLOCK`` elements of a row; its new values stay in
 #   the buffer, the block's scale is their largest finite magnitude (float32),
 #   ``inv = min(1 / scale, FLT_MAX)``, then every value is encoded;
-# * parameters or state kept in the compute dtype are updated in place.
+# * parameters or state kept in the compute dtype are updated in place (no
+#   buffer).
 #
 # Format codes (the backend maps a ``fastopt.storage.Storage`` to them):
 
@@ -233,7 +235,9 @@ cdef void _sblock(floating zero, int rule, int ucode, int opts, const SFmt* f, i
             sp[s] = wk + s * SBLK
             if ucode & (1 << s):
                 _sload_s(sp[s], f, s, lo, m, kb)
-    if k != NULL:          # element.apply_catch_up (every row, identity included)
+    if k != NULL and not (k[0] == 1.0 and k[1] == 0.0 and k[2] == 0.0 and k[3] == 1.0):
+        # element.apply_catch_up; a row whose map is exactly the identity (up to
+        # date) is left as it is, as the numba drivers do (p + 0 would turn -0 into +0)
         a = k[0]
         b = k[1]
         cc = k[2]
@@ -321,7 +325,8 @@ def run_stored_dense(int rule_id, int dtype_code, int pkind, int gkind, int skin
     ``dtype_code``: the compute dtype (0 float32, 1 float64); ``pkind``, ``gkind``,
     ``skind``: the parameter, gradient and state formats (:data:`PARAM_KINDS`,
     :data:`GRAD_KINDS`, :data:`STATE_KINDS`), ``smask``: the signed 8-bit slots.
-    ``ptrs`` as :func:`run_dense`; ``fmt`` int64 (T, 10): the columns
+    ``ptrs`` int64 (T, 2 + NSLOTS): param, grad and slot addresses; ``fmt`` int64
+    (T, 10): the columns
     :data:`FMT_COLUMNS` (aux address, 3 scale addresses, element count, row length,
     blocks per row, scale count, stream key, element base); ``chunks`` (C, 3): ``(tensor, first
     block, end block)``; block ``k`` is row ``k // nb``, elements ``[(k % nb) * blk,
@@ -454,6 +459,42 @@ cdef void _srow(floating zero, int rule, int ucode, int opts, const SFmt* f, bin
             renorm_row((<floating*>f.P) + off, D, c, zero, eps)
 
 
+cdef inline void _sprefetch_ahead(floating zero, int ucode, bint stepping, const SFmt* f,
+                                  const floating* V, Py_ssize_t D, const int64_t* order,
+                                  const int64_t* seg, const int64_t* uniq, Py_ssize_t u,
+                                  Py_ssize_t nuniq) noexcept nogil:
+    """The twin of the Numba row driver's prefetch: the parameter, aux and used state
+    rows of unique row ``u + PREFETCH_AHEAD`` in their formats, and its gradient row
+    when it is alone (a hint only: it never faults and changes no value)."""
+    cdef Py_ssize_t v = u + PREFETCH_AHEAD
+    cdef int64_t off
+    cdef Py_ssize_t pb = sizeof(floating) if f.pkind == PK_NATIVE else 2
+    cdef Py_ssize_t sb
+    cdef int s
+    if v >= nuniq:
+        return
+    if f.skind == SK_NATIVE:
+        sb = sizeof(floating)
+    elif f.skind == SK_F32:
+        sb = 4
+    elif f.skind == SK_BF16:
+        sb = 2
+    else:
+        sb = 1
+    off = uniq[v] * D
+    _prefetch_row(f.P + off * pb, D * pb)
+    if f.pkind == PK_SPLIT or f.pkind == PK_KAHAN:
+        _prefetch_row(f.A + off * 2, D * 2)
+    if stepping:
+        for s in range(3):
+            if ucode & (1 << s):
+                _prefetch_row(f.S[s] + off * sb, D * sb)
+        if seg[v + 1] - seg[v] == 1:
+            _prefetch_row(<const char*>(V + order[seg[v]] * D), D * sizeof(floating))
+    elif ucode & 1:
+        _prefetch_row(f.S[0] + off * sb, D * sb)
+
+
 cdef void _srows(floating zero, int rule, int ucode, int opts, const SFmt* f, bint stepping,
                  const int64_t* V, Py_ssize_t D, const int64_t* order, const int64_t* seg,
                  const int64_t* uniq, Py_ssize_t nuniq, const double* h, const double* coef,
@@ -466,12 +507,15 @@ cdef void _srows(floating zero, int rule, int ucode, int opts, const SFmt* f, bi
     cdef char* mine
     _load_scalars(c, h)
     if parallel:
+        # dynamic: the rows with many duplicates (hot ids) are adjacent in ``uniq``
         for u in prange(nuniq, schedule="dynamic", chunksize=16):
             mine = scratch + threadid() * 2 * stride
+            _sprefetch_ahead(zero, ucode, stepping, f, Vp, D, order, seg, uniq, u, nuniq)
             _srow(zero, rule, ucode, opts, f, stepping, Vp, D, order, seg, u, uniq[u], coef,
                   <floating*>mine, <floating*>(mine + stride), c, eps)
     else:
         for u in range(nuniq):
+            _sprefetch_ahead(zero, ucode, stepping, f, Vp, D, order, seg, uniq, u, nuniq)
             _srow(zero, rule, ucode, opts, f, stepping, Vp, D, order, seg, u, uniq[u], coef,
                   <floating*>scratch, <floating*>(scratch + stride), c, eps)
 
@@ -488,8 +532,9 @@ def run_stored_rows(int rule_id, int dtype_code, int pkind, int skind, int smask
     its format (bfloat16: uint16 bits), the gradient rows (nnz, D) in the compute
     dtype, the three state slots, the aux array (split/kahan), the three 8-bit
     scale arrays (nrows * ceil(D / Q8_BLOCK) each); unused entries are never read.
-    Codes, plan, ``coef``, ``step``, options and parallel threshold as
-    :func:`run_rows` and :func:`run_stored_dense`; ``key``: the stochastic-rounding
+    ``coef``: float64 (nuniq, 4) catch-up maps (exact mode) or None; ``step``: False
+    for a catch-up alone (flush).  Codes, options and parallel threshold as
+    :func:`run_stored_dense`; the plan is checked; ``key``: the stochastic-rounding
     stream, ``base``: its element base (the index of element 0 in a larger tensor)."""
     cdef Py_ssize_t nuniq = uniq.shape[0]
     cdef int ucode = (1 if uses0 else 0) | (2 if uses1 else 0) | (4 if uses2 else 0)

@@ -39,6 +39,7 @@ import fastopt  # noqa: E402
 from fastopt import functional, planner, rules  # noqa: E402
 from fastopt.backends import FEATURES, capabilities, numba_cpu  # noqa: E402
 from fastopt.backends import cython as cy_backend  # noqa: E402
+from fastopt.backends.base import CHUNK, FMT_COLS  # noqa: E402
 from fastopt.rules import fused  # noqa: E402
 from fastopt.rules.base import NSLOTS  # noqa: E402
 from fastopt.sparse import coalesce_plan  # noqa: E402
@@ -660,33 +661,44 @@ def test_wrong_grad_shape_same_error_as_numba_and_nothing_changes():
 
 
 def _dense_tables(p, g):
+    """The tables of a one-tensor float32 bucket as the planner lays it out for the CPU
+    backends (float32 parameters and state: the format whose loads and stores are the
+    identity): ptrs, fmt, chunks (blocks of CHUNK elements), hyper, hidx."""
     ptrs = np.array([[p.ctypes.data, g.ctypes.data] + [p.ctypes.data] * NSLOTS],
                     dtype=np.int64)
-    return (ptrs, np.array([[0, 0, p.size]], dtype=np.int64), np.zeros((1, rules.NSCALARS)),
+    fmt = np.zeros((1, FMT_COLS), dtype=np.int64)
+    fmt[0, :1 + NSLOTS] = p.ctypes.data
+    fmt[0, 4:8] = (p.size, p.size, 1, 1)       # elements, row length, blocks, "scales"
+    return (ptrs, fmt, np.array([[0, 0, 1]], dtype=np.int64), np.zeros((1, rules.NSCALARS)),
             np.zeros(1, dtype=np.int64))
 
 
 def test_run_dense_validates_tables():
     p = np.zeros(4, dtype=np.float32)
     g = np.ones(4, dtype=np.float32)
-    ptrs, chunks, hyper, hidx = _dense_tables(p, g)
+    ptrs, fmt, chunks, hyper, hidx = _dense_tables(p, g)
     rid = BACKEND.rule_ids["SGD"]
     lr = rules.SGD.Scalars._fields.index("lr")
     bits = dict(zip(fused.SWITCHES, _cy_dense.OPTION_BITS))
+    native = (_cy_dense.PARAM_KINDS["native"], _cy_dense.GRAD_KINDS["native"],
+              _cy_dense.STATE_KINDS["native"], 0)
 
-    def call(rule=rid, code=0, opts=0, ptrs=ptrs, chunks=chunks, hyper=hyper, hidx=hidx):
-        _cy_dense.run_dense(rule, code, False, False, False, opts, ptrs, chunks, hyper, hidx,
-                            4, 0)
+    def call(rule=rid, code=0, opts=0, ptrs=ptrs, fmt=fmt, chunks=chunks, hyper=hyper,
+             hidx=hidx):
+        _cy_dense.run_stored_dense(rule, code, *native, False, False, False, opts, ptrs, fmt,
+                                   chunks, hyper, hidx, CHUNK, 4, 0)
 
     for kw, exc in [(dict(rule=99), ValueError), (dict(code=2), ValueError),
                     (dict(opts=bits["max_norm"]), ValueError),      # needs whole rows
                     (dict(opts=1 << 10), ValueError),               # unknown option bit
                     (dict(hyper=np.zeros((1, rules.NSCALARS + 2))), ValueError),  # a wrong width
                     (dict(ptrs=ptrs[:, :4].copy()), ValueError),
+                    (dict(fmt=fmt[:, :9].copy()), ValueError),
                     (dict(hidx=np.zeros(2, dtype=np.int64)), ValueError),
                     (dict(hidx=np.ones(1, dtype=np.int64)), IndexError),
-                    (dict(chunks=np.array([[1, 0, 4]], dtype=np.int64)), IndexError),
-                    (dict(chunks=np.array([[0, 3, 2]], dtype=np.int64)), IndexError)]:
+                    (dict(chunks=np.array([[1, 0, 1]], dtype=np.int64)), IndexError),
+                    (dict(chunks=np.array([[0, 1, 0]], dtype=np.int64)), IndexError),
+                    (dict(chunks=np.array([[0, 0, 2]], dtype=np.int64)), IndexError)]:
         with pytest.raises(exc):
             call(**kw)
         np.testing.assert_array_equal(p, 0.0)
@@ -703,21 +715,24 @@ def test_run_rows_validates_plan_and_writes_nothing():
     rid = BACKEND.rule_ids["SGD"]
     p = np.zeros((4, 2), dtype=np.float32)
     vals = np.ones((3, 2), dtype=np.float32)
-    addrs = np.array([p.ctypes.data, vals.ctypes.data] + [p.ctypes.data] * NSLOTS,
-                     dtype=np.int64)
+    # parameter, gradient rows, 3 slots, aux, 3 scales (float32: only the first two read)
+    addrs = np.array([p.ctypes.data, vals.ctypes.data] + [p.ctypes.data] * 7, dtype=np.int64)
     hyper = np.zeros((1, rules.NSCALARS))
     hyper[0, rules.SGD.Scalars._fields.index("lr")] = 0.5
     i64 = lambda *v: np.array(v, dtype=np.int64)        # noqa: E731
     good = (i64(0, 2, 1), i64(0, 2, 3), i64(1, 3))      # rows 1 (twice) and 3
     ident = np.array([[1.0, 0, 0, 1]] * 2)
+    native = (_cy_dense.PARAM_KINDS["native"], _cy_dense.STATE_KINDS["native"], 0)
 
     def call(order=good[0], seg=good[1], uniq=good[2], nnz=3, dtype_code=0, rule=rid,
-             coef=None, step=True, opts=0, hyper=hyper, addrs=addrs):
-        _cy_dense.run_rows(rule, dtype_code, False, False, False, opts, addrs, 4, 2, nnz,
-                           order, seg, uniq, hyper, coef, step, fused.RENORM_EPS, 0)
+             coef=None, step=True, opts=0, hyper=hyper, addrs=addrs, kinds=native):
+        _cy_dense.run_stored_rows(rule, dtype_code, *kinds, False, False, False, opts, addrs,
+                                  4, 2, nnz, order, seg, uniq, hyper, coef, step, 0,
+                                  fused.RENORM_EPS, 0)
 
     for kw, exc in [(dict(rule=99), ValueError), (dict(dtype_code=2), ValueError),
                     (dict(opts=1 << 10), ValueError),
+                    (dict(kinds=(99, 0, 0)), ValueError),                   # unknown format
                     (dict(hyper=np.zeros((1, rules.NSCALARS + 2))), ValueError),
                     (dict(hyper=np.zeros((0, rules.NSCALARS))), ValueError),
                     (dict(addrs=addrs[:3].copy()), ValueError),

@@ -9,6 +9,7 @@ import pytest
 
 import fastopt
 from fastopt import RowSparse
+from fastopt.backends.base import FMT_N
 
 from conftest import CPU_BACKENDS
 
@@ -166,3 +167,28 @@ def test_lean_launch_equals_the_full_path_bit_for_bit(name):
     for i in sa:
         for k, v in sa[i].items():
             np.testing.assert_array_equal(np.asarray(v), np.asarray(sb[i][k]))
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "numpy"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lean_launch_runs_the_drivers_of_every_format(backend, dtype):
+    """The CPU backends have one set of drivers for every storage format: a
+    float32/float64 bucket is planned with its format table (chunks count blocks),
+    launched lean, and steps exactly as the NumPy reference does."""
+    rng = np.random.default_rng(3)
+    init = [rng.standard_normal(n).astype(dtype) for n in (7, 300)]
+    ps, ref_ps = [p.copy() for p in init], [p.copy() for p in init]
+    opt = fastopt.Adam(ps, lr=1e-2, backend=backend)
+    ref = fastopt.Adam(ref_ps, lr=1e-2, backend="numpy")
+    for _ in range(6):
+        gs = [rng.standard_normal(p.shape).astype(dtype) for p in ps]
+        opt.step(gs)
+        ref.step(gs)
+    assert opt._fast is not None and opt._fast.lean
+    (b, _), = opt._fast.launch
+    assert b.fmt is not None and b.fmt.shape[0] == 2
+    assert b.fmt[:, FMT_N].tolist() == [7, 300]
+    assert b.chunks.tolist() == [[0, 0, 1], [1, 0, 1]]   # one block each
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    for a, r in zip(ps, ref_ps):
+        np.testing.assert_allclose(a, r, rtol=tol, atol=tol)

@@ -144,7 +144,8 @@ class DenseWork:
     # the reference backend: per tensor (group dict, step, state dict, fresh names)
     ref: list = None
     grad_scale: float = None
-    #: stored formats only (config.storage not native): int64 (T, FMT_COLS), per
+    #: stored formats (config.storage not native), and every bucket of a backend
+    #: without ``plain_layout``: int64 (T, FMT_COLS), per
     #: tensor the addresses of the aux array and the three 8-bit scale arrays, the
     #: element count, row length, blocks per row, scale count, stream key and
     #: element base (columns FMT_*); ``chunks`` then count blocks, not elements.
@@ -211,6 +212,11 @@ class Backend:
     name = None
     memory = "host"
     features = frozenset(FEATURES)
+    #: whether float32/float64 buckets are planned for plain drivers (element
+    #: chunks, no ``fmt`` table); False where one set of drivers runs every
+    #: storage format, float32/float64 as the format whose loads and stores are
+    #: the identity (the CPU backends: ``fmt`` and block chunks for every bucket)
+    plain_layout = True
 
     def supports(self, feature):
         return feature in self.features
@@ -275,6 +281,16 @@ class Backend:
 
     def run_rows(self, work):
         raise NotImplementedError
+
+    @staticmethod
+    def element_chunks(work):
+        """The bucket's chunk table in elements, ``(tensor, start, stop)`` of at most
+        ``CHUNK`` (the norm pass's fixed summation blocks, whatever unit the update
+        pass's ``work.chunks`` counts), made once per bucket (``work.launch``)."""
+        chunks = work.launch.get("element_chunks")
+        if chunks is None:
+            chunks = work.launch["element_chunks"] = make_chunks([p.size for p in work.params])
+        return chunks
 
     def run_norms(self, work):
         """The norm pass of a per-tensor rule (``Rule.norms``) over a

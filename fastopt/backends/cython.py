@@ -6,23 +6,25 @@ same loops and the same operations in the same order and dtype, so its results
 are bit-identical to ``backend="numba"`` for every rule, option and mode.  It has
 every feature of :data:`fastopt.backends.base.FEATURES`.
 
+One set of drivers for every storage format (``fastopt.storage``: float32/float64
+parameters and state, bfloat16 parameters with every ``bf16_update``, float32 /
+bfloat16 / 8-bit state, bfloat16 or float32 gradients), the twins of the Numba
+drivers (``kernels/_cy_storage.pxi``):
+
 * :meth:`CythonBackend.run_dense` runs a :class:`~fastopt.backends.base.DenseWork`
-  bucket through ``_cy_dense.run_dense`` (``make_dense_driver``'s twin): one OpenMP
-  parallel region over the bucket's chunks, or a serial loop below
-  ``numba_cpu.PARALLEL_MIN`` elements;
+  bucket through ``_cy_dense.run_stored_dense`` (``make_stored_dense_driver``'s
+  twin): one OpenMP parallel region over the bucket's chunks, or a serial loop
+  below ``numba_cpu.PARALLEL_MIN`` elements;
 * :meth:`CythonBackend.run_rows` runs a :class:`~fastopt.backends.base.RowsWork`
   (sparse gradient, dense step of a ``max_norm`` group, exact-mode catch-up or
-  flush) through ``_cy_dense.run_rows`` (``make_rows_driver``'s twin), or, for a
-  row-wise rule, ``_cy_dense.run_rowwise`` (``make_rowwise_driver``'s twin).
+  flush) through ``_cy_dense.run_stored_rows`` (``make_stored_rows_driver``'s
+  twin), or, for a row-wise rule, ``_cy_dense.run_stored_rowwise``.
 
-Stored formats (``fastopt.storage``: bfloat16 parameters with every
-``bf16_update``, float32 / bfloat16 / 8-bit state, bfloat16 or float32 gradients)
-run through the twins of the Numba stored drivers, ``_cy_dense.run_stored_dense``,
-``run_stored_rows`` and ``run_stored_rowwise`` (``kernels/_cy_storage.pxi``): the
-codecs are bit-exact C copies of ``fastopt/storage/codecs.py``, and every block of
-elements is loaded into compute-dtype buffers, sent through the same element loop
-as the float32/float64 path, and stored (8-bit: per block of ``Q8_BLOCK``, the scale
-being the block's largest finite magnitude).  The row drivers get the gradient rows
+Parameters and state kept in the compute dtype (float32/float64) are updated in
+place; the others are loaded block by block into compute-dtype buffers, sent
+through the same element loop, and stored (8-bit: per block of ``Q8_BLOCK``, the
+scale being the block's largest finite magnitude); the codecs are bit-exact C
+copies of ``fastopt/storage/codecs.py``.  The row drivers get the gradient rows
 in the compute dtype (converted here, as ``numba_cpu.run_stored_rows`` does).
 
 The per-element math is the Cython copy of each rule module's ``element`` in
@@ -134,6 +136,8 @@ class CythonBackend(Backend):
     as numba); every feature of :data:`fastopt.backends.base.FEATURES`."""
 
     name = "cython"
+    #: every format, float32/float64 included, runs through the one set of drivers
+    plain_layout = False
 
     def __init__(self):
         # (importlib: a missing module is a ModuleNotFoundError naming it, also while
@@ -188,137 +192,47 @@ class CythonBackend(Backend):
 
     # ---------------------------------------------------------------- work
     def run_dense(self, work):
+        """A bucket (``work.chunks`` count blocks of the ``fmt`` table's layout):
+        ``_cy_dense.run_stored_dense`` (the twin of
+        ``numba_cpu.make_stored_dense_driver``)."""
         if not work.nelem:
             return
         cfg = work.config
-        if not cfg.storage.native:
-            return self._run_stored_dense(work)
-        cached = work.__dict__.get("_cython_args")
-        if cached is None or cached[0] is not cfg:
-            u0, u1, u2 = (bool(u) for u in cfg.uses)
-            cached = work._cython_args = (cfg, (self.rule_id(cfg.rule), self._code(cfg.dtype),
-                                                u0, u1, u2, self._opts(tuple(cfg.switches))))
-        self._ext.run_dense(*cached[1], work.ptrs, work.chunks, work.hyper, work.hidx,
-                            work.nelem, _parallel_min())
-
-    def run_norms(self, work):
-        """The norm pass of a per-tensor rule (``_cy_dense.run_norms``, the twin of
-        :func:`fastopt.backends.numba_norms.make_norms_driver`)."""
-        cfg = work.config
-        out = np.zeros((len(work.params), 2), dtype=np.float64)
-        if work.nelem:
-            u0, u1, u2 = (bool(u) for u in cfg.uses)
-            self._ext.run_norms(self.rule_id(cfg.rule), self._code(cfg.dtype), u0, u1, u2,
-                                self._opts(tuple(cfg.switches)),
-                                work.ptrs, work.chunks, work.hyper, work.hidx, out,
-                                work.nelem, _parallel_min())
-        return out
-
-    def run_rows(self, work):
-        """One parameter's row step (see :class:`~fastopt.backends.base.RowsWork`).
-
-        Checks (before anything is written) that the parameter, the used state slots
-        and the gradient rows are C-contiguous arrays of one supported dtype with
-        matching row sizes; the extension checks the plan and the catch-up table.
-        """
-        cfg = work.config
-        if not cfg.storage.native:
-            if work.catch is not None and work.catch.coef is None:
-                raise ValueError("exact-mode work without its catch-up maps")
-            return self._run_stored_rows(work)
-        rule = cfg.rule
-        p = work.param
-        code = self._code(p.dtype)
-        rid = self.rule_id(rule)
-        if p.ndim == 0:
-            raise ValueError("backend 'cython': a 0-d parameter has no rows")
-        catch = work.catch
-        if catch is not None and catch.coef is None:
-            raise ValueError("exact-mode work without its catch-up maps")
-        nrows = p.shape[0]
-        D = int(np.prod(p.shape[1:], dtype=np.int64))
-        if work.uniq.shape[0] == 0 or D == 0:
-            return
-        P = _as_rows(p, p, nrows, D, "parameter")
-        opts = self._opts(tuple(cfg.switches))
-        if rule.layout == "rowwise":
-            return self._run_rowwise(work, rid, code, opts, P, nrows, D)
-        addrs = np.empty(2 + registry.NSLOTS, dtype=np.int64)
-        addrs[0] = self.address(P)
-        for k, (s, used) in enumerate(zip(work.slots, cfg.uses)):
-            if not used:
-                addrs[2 + k] = addrs[0]          # never read or written
-            elif s is None:
-                raise ValueError(f"backend 'cython': state slot {k} is used but missing")
-            else:
-                addrs[2 + k] = self.address(_as_rows(s, p, nrows, D, f"state slot {k}"))
-        step = work.vals is not None
-        if step:
-            vals = self._check_vals(work.vals, p.dtype, D)
-            addrs[1] = self.address(vals)
-            nnz, order, seg = vals.shape[0], _i64(work.order), _i64(work.seg)
-        else:
-            addrs[1] = addrs[0]                  # a flush reads no gradient
-            nnz, order, seg = 0, None, None
-        coef = None if catch is None else np.ascontiguousarray(catch.coef, dtype=np.float64)
-        u0, u1, u2 = (bool(u) for u in cfg.uses)
-        self._ext.run_rows(rid, code, u0, u1, u2, opts, addrs, nrows, D, nnz, order, seg,
-                           _i64(work.uniq), _f64(work.hyper), coef, step, fused.RENORM_EPS,
-                           _parallel_min())
-
-    def _run_rowwise(self, work, rid, code, opts, P, nrows, D):
-        """Row-wise rule (one accumulator per row): ``_cy_dense.run_rowwise``."""
-        rule = work.config.rule
-        if work.catch is not None or work.vals is None:
-            raise ValueError(f"backend 'cython': {rule.name} has no exact sparse mode")
-        acc = work.slots[0]
-        if (not isinstance(acc, np.ndarray) or acc.dtype != P.dtype
-                or acc.shape not in ((nrows,), (nrows, 1)) or not acc.flags.c_contiguous):
-            raise ValueError(f"backend 'cython': the row state of {rule.name} must be a "
-                             f"C-contiguous {P.dtype} array of shape ({nrows},)")
-        vals = self._check_vals(work.vals, P.dtype, D)
-        addrs = np.array([self.address(P), self.address(vals), self.address(acc)],
-                         dtype=np.int64)
-        self._ext.run_rowwise(rid, code, opts, addrs, nrows, D, vals.shape[0],
-                              _i64(work.order), _i64(work.seg), _i64(work.uniq),
-                              _f64(work.hyper), fused.RENORM_EPS, _parallel_min())
-
-
-    # -------------------------------------------------------- stored formats
-    def _formats(self, cfg):
-        """(compute dtype code, param kind, state kind, signed mask) of a stored
-        configuration (``fastopt.storage.Storage``)."""
-        st = cfg.storage
-        ext = self._ext
-        ct = np.dtype(cfg.compute_dtype)
-        pkind = ext.PARAM_KINDS["native" if st.param == "native" else st.update]
-        skind = ext.STATE_KINDS[st.state]
-        smask = 0
-        for k, signed in enumerate(st.signed):
-            if signed:
-                smask |= 1 << k
-        return self._code(ct), pkind, skind, smask
-
-    def _run_stored_dense(self, work):
-        """A stored-format bucket: ``_cy_dense.run_stored_dense`` (the twin of
-        ``numba_cpu.make_stored_dense_driver``); ``work.chunks`` count blocks."""
-        cfg = work.config
-        cached = work.__dict__.get("_cython_args")
+        cached = work.launch.get("cython")      # the launch handle, kept on the bucket
         if cached is None or cached[0] is not cfg:
             code, pkind, skind, smask = self._formats(cfg)
             u0, u1, u2 = (bool(u) for u in cfg.uses)
             blk = storage.Q8_BLOCK if cfg.storage.state == "q8" else base.CHUNK
-            cached = work._cython_args = (cfg, (
+            cached = work.launch["cython"] = (cfg, (
                 self.rule_id(cfg.rule), code, pkind, self._ext.GRAD_KINDS[cfg.grad], skind,
                 smask, u0, u1, u2, self._opts(tuple(cfg.switches))), blk)
         self._ext.run_stored_dense(*cached[1], work.ptrs, work.fmt, work.chunks, work.hyper,
                                    work.hidx, cached[2], work.nelem, _parallel_min())
 
-    def _run_stored_rows(self, work):
-        """A stored-format :class:`~fastopt.backends.base.RowsWork`: the gradient rows
-        converted to the compute dtype (as ``numba_cpu.run_stored_rows``), the arrays
-        checked, then ``_cy_dense.run_stored_rows`` or, for a row-wise rule,
-        ``run_stored_rowwise``."""
+    def run_norms(self, work):
+        """The norm pass of a per-tensor rule (``_cy_dense.run_norms``, the twin of
+        :func:`fastopt.backends.numba_norms.make_norms_driver`), over the bucket's
+        element chunks."""
+        cfg = work.config
+        out = np.zeros((len(work.params), 2), dtype=np.float64)
+        if work.nelem:
+            u0, u1, u2 = (bool(u) for u in cfg.uses)
+            self._ext.run_norms(self.rule_id(cfg.rule), self._code(cfg.dtype), u0, u1, u2,
+                                self._opts(tuple(cfg.switches)), work.ptrs,
+                                self.element_chunks(work), work.hyper, work.hidx, out,
+                                work.nelem, _parallel_min())
+        return out
+
+    def run_rows(self, work):
+        """One parameter's row step (see :class:`~fastopt.backends.base.RowsWork`):
+        the gradient rows converted to the compute dtype (as
+        ``numba_cpu.run_stored_rows``), the parameter, the used state slots and
+        the format's arrays checked (C-contiguous, of the format's dtypes and
+        sizes) before anything is written, then ``_cy_dense.run_stored_rows`` or,
+        for a row-wise rule, ``run_stored_rowwise``; the extension checks the plan
+        and the catch-up table."""
+        if work.catch is not None and work.catch.coef is None:
+            raise ValueError("exact-mode work without its catch-up maps")
         cfg = work.config
         rule = cfg.rule
         rid = self.rule_id(rule)
@@ -333,19 +247,19 @@ class CythonBackend(Backend):
         code, pkind, skind, smask = self._formats(cfg)
         ct = np.dtype(cfg.compute_dtype)
         PDT, _, SDT, ADT = storage.kernel_dtypes(cfg.storage, "native", ct.type)
-        P = _stored(p, PDT, p.size, "parameter")
+        P = _stored(p, PDT, p.shape, "parameter")
         extras = work.extras if work.extras is not None else [None] * 4
         aux = extras[0]
         if cfg.storage.aux is not None:
-            A = self.address(_stored(aux, ADT, p.size, cfg.storage.aux))
+            A = self.address(_stored(aux, ADT, p.shape, cfg.storage.aux))
         else:
             A = self.address(P)
         opts = self._opts(tuple(cfg.switches))
         step = work.vals is not None
         if step:
             vals = work.vals
-            if vals.dtype != ct:
-                vals = vals.astype(ct)
+            if vals.dtype != ct and cfg.storage.param != "native":
+                vals = vals.astype(ct)          # bfloat16 or float32 gradient rows
             vals = self._check_vals(vals, ct, D)
             V, nnz, order, seg = self.address(vals), vals.shape[0], _i64(work.order), \
                 _i64(work.seg)
@@ -355,7 +269,7 @@ class CythonBackend(Backend):
             if work.catch is not None or not step:
                 raise ValueError(f"backend 'cython': {rule.name} has no exact sparse mode")
             sdt = np.dtype(SDT)
-            acc = _stored(work.slots[0], sdt, nrows, "row state")
+            acc = _stored(work.slots[0], sdt, (nrows,), "row state")
             addrs = np.array([self.address(P), V, self.address(acc), A], dtype=np.int64)
             self._ext.run_stored_rowwise(rid, code, pkind, skind, opts, addrs, nrows, D, nnz,
                                          order, seg, _i64(uniq), _f64(work.hyper),
@@ -373,7 +287,7 @@ class CythonBackend(Backend):
                 continue
             if s is None:
                 raise ValueError(f"backend 'cython': state slot {k} is used but missing")
-            addrs[2 + k] = self.address(_stored(s, SDT, p.size, f"state slot {k}"))
+            addrs[2 + k] = self.address(_stored(s, SDT, p.shape, f"state slot {k}"))
             if q8:
                 sc = extras[1 + k]
                 if (not isinstance(sc, np.ndarray) or sc.dtype != np.float32
@@ -390,17 +304,33 @@ class CythonBackend(Backend):
                                   coef, step, int(work.key), fused.RENORM_EPS,
                                   _parallel_min(), int(work.base))
 
+    def _formats(self, cfg):
+        """(compute dtype code, param kind, state kind, signed mask) of a stored
+        configuration (``fastopt.storage.Storage``)."""
+        st = cfg.storage
+        ext = self._ext
+        ct = np.dtype(cfg.compute_dtype)
+        pkind = ext.PARAM_KINDS["native" if st.param == "native" else st.update]
+        skind = ext.STATE_KINDS[st.state]
+        smask = 0
+        for k, signed in enumerate(st.signed):
+            if signed:
+                smask |= 1 << k
+        return self._code(ct), pkind, skind, smask
 
-def _stored(a, dtype, size, what):
-    """``a`` (a C-contiguous array of ``size`` elements whose elements are ``dtype``
-    or, for bfloat16, 2-byte values viewed as uint16) as a flat array of ``dtype``."""
+
+def _stored(a, dtype, shape, what):
+    """``a`` (a C-contiguous array of ``shape``, for the row state of a row-wise rule
+    ``(nrows,)`` or ``(nrows, 1)``, whose elements are ``dtype`` or, for bfloat16,
+    2-byte values viewed as uint16) as a flat array of ``dtype``."""
     dt = np.dtype(dtype)
-    if (not isinstance(a, np.ndarray) or a.size != size or not a.flags.c_contiguous
-            or a.dtype.itemsize != dt.itemsize
+    ok_shape = isinstance(a, np.ndarray) and (
+        a.shape == tuple(shape) or (len(shape) == 1 and a.shape == (shape[0], 1)))
+    if (not ok_shape or not a.flags.c_contiguous or a.dtype.itemsize != dt.itemsize
             or (a.dtype != dt and not (dt == np.uint16 and storage.is_bf16(a.dtype)))):
         raise ValueError(f"backend 'cython': the {what} must be a C-contiguous array of "
-                         f"{size} {dt} elements, got {getattr(a, 'dtype', type(a))} "
-                         f"{getattr(a, 'shape', '')}")
+                         f"shape {tuple(shape)} and {dt} elements, got "
+                         f"{getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}")
     a = a.reshape(-1)
     return a.view(dt) if a.dtype != dt else a
 
@@ -426,15 +356,6 @@ def _i64(a):
 
 def _f64(a):
     return np.ascontiguousarray(a, dtype=np.float64)
-
-
-def _as_rows(a, like, nrows, D, what):
-    """``a`` (shaped like the parameter ``like``) as a C-contiguous (nrows, D) view."""
-    if (not isinstance(a, np.ndarray) or a.dtype != like.dtype or a.shape != like.shape
-            or not a.flags.c_contiguous):
-        raise ValueError(f"backend 'cython': the {what} must be a C-contiguous "
-                         f"{like.dtype} array of shape {like.shape}")
-    return a.reshape(nrows, D)
 
 
 _BACKEND = None

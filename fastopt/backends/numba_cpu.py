@@ -1,25 +1,41 @@
 """The ``"numba"`` backend: Numba ``njit(parallel=True)`` drivers around the element step.
 
-Dense steps (:func:`make_dense_driver`): one parallel region over the tensor-chunks
-of a bucket (:class:`~fastopt.backends.base.DenseWork`):
+One driver per loop shape for every storage format (:mod:`fastopt.storage`), but
+for the rows of float32/float64 parameters (see below):
+float32/float64 parameters and state are the format whose loads and stores are the
+identity (the parameter and its state are updated in place), bfloat16 parameters
+and 16/8-bit state the formats that widen, round or quantize around the same
+element step.  The format's load and store functions are chosen once per
+configuration (:mod:`fastopt.storage.io`), so a format costs no branch in the
+element loop.
+
+Dense steps (:func:`make_stored_dense_driver`): one parallel region over the
+chunks of a bucket (:class:`~fastopt.backends.base.DenseWork`):
 
 * ``ptrs``   int64 (T, 2 + NSLOTS): data addresses of param, grad and state slots
   (unused slots hold the param's address and are never touched);
-* ``chunks`` int64 (C, 3): ``(tensor, start, stop)`` ranges of at most ``CHUNK``
-  elements; ``prange`` runs over chunks, so 1,000 small tensors cost one parallel
-  region, not 1,000 calls;
+* ``fmt``    int64 (T, FMT_COLS): per tensor its aux and 8-bit scale addresses, size,
+  row length, blocks per row, stream key and element base (``base.FMT_*``);
+* ``chunks`` int64 (C, 3): ``(tensor, first block, end block)``; a block is
+  ``CHUNK`` elements (``Q8_BLOCK`` elements of a row with 8-bit state); ``prange``
+  runs over chunks, so 1,000 small tensors cost one parallel region, not 1,000
+  calls;
 * ``hyper``  float64 (R, NSCALARS) scalar rows and ``hidx`` int64 (T,) the row of
   each tensor.
 
-Row steps (:func:`make_rows_driver`): parallel over the unique touched rows of one
-parameter; duplicates are summed in their order of appearance (deterministic);
-in exact sparse mode each row is first caught up over its skipped steps (or only
-caught up, for ``flush``); ``max_norm`` renormalizes each row right after its
-update, while it is in cache.  Row-wise rules (:func:`make_rowwise_driver`) take
-whole rows.
+Row steps (:func:`make_stored_rows_driver`): parallel over the unique touched rows
+of one parameter; duplicates are summed in their order of appearance
+(deterministic, :func:`_sum_duplicates`); in exact sparse mode each row is first
+caught up over its skipped steps (or only caught up, for ``flush``); ``max_norm``
+renormalizes each row right after its update, while it is in cache; the rows
+``PREFETCH_AHEAD`` unique rows ahead are prefetched.  Row-wise rules
+(:func:`make_stored_rowwise_driver`) take whole rows.  Parameters in float32/float64
+with state in their dtype keep row drivers of their own (:func:`make_rows_driver`,
+:func:`make_rowwise_driver`, :func:`run_rows`: 2-D row views, no blocks), the one
+twin whose removal measured slower (docs/backends.md).
 
-Every driver is a closure over the configuration (rule math, dtype, used slots,
-fixed scalars, fused switches, serial or parallel), compiled once per
+Every driver is a closure over the configuration (rule math, format, dtype, used
+slots, fixed scalars, fused switches, serial or parallel), compiled once per
 configuration and cached on disk by Numba (``cache=True``; the closure's cell
 values are part of Numba's cache key, so ``PARALLEL`` and the rule's source stamp
 are kept there: a serial build can never be loaded for a parallel driver).
@@ -47,7 +63,7 @@ from ..rules.fused import RENORM_EPS, renorm_row  # noqa: E402
 from .base import (CHUNK, PARALLEL_MIN, Backend, make_chunks,  # noqa: E402,F401
                    may_use_threads, stored_chunks)
 from .element import apply_catch_up, element_step, scalar_loader  # noqa: E402
-from .prefetch import PREFETCH_AHEAD, prefetch_row  # noqa: E402
+from .prefetch import PREFETCH_AHEAD, prefetch_row, prefetch_span  # noqa: E402
 
 
 @intrinsic
@@ -93,47 +109,15 @@ def _compile(fn, parallel):
     return njit(parallel=parallel, error_model="numpy", cache=True, nogil=True)(fn)
 
 
-def make_dense_driver(config, parallel):
-    """The chunked dense driver of one configuration."""
-    STEP = element_step(config.rule.math, config.switches)
-    LOAD = scalar_loader(config.rule.Scalars, config.dtype, config.fixed)
-    DT = np.dtype(config.dtype).type
-    ITEM = np.dtype(config.dtype).itemsize
-    U0, U1, U2 = (bool(u) for u in config.uses)
-    assert not config.switches[5], "max_norm runs through the row driver"
-    STAMP = _stamp(config.rule.math)
-    PARALLEL = bool(parallel)
-
-    def dense_driver(ptrs, chunks, hyper, hidx):
-        stamp = STAMP  # noqa: F841  (the rule's source hash, in the cache key)
-        par = PARALLEL  # noqa: F841  (serial and parallel builds never share a cache entry)
-        zero = DT(0)
-        for ci in prange(chunks.shape[0]):
-            t = chunks[ci, 0]
-            lo = chunks[ci, 1]
-            n = chunks[ci, 2] - lo
-            c = LOAD(hyper, hidx[t])
-            off = lo * ITEM
-            P = carray(_voidptr(ptrs[t, 0] + off), (n,), DT)
-            G = carray(_voidptr(ptrs[t, 1] + off), (n,), DT)
-            S0 = carray(_voidptr(ptrs[t, 2] + off), (n,), DT)
-            S1 = carray(_voidptr(ptrs[t, 3] + off), (n,), DT)
-            S2 = carray(_voidptr(ptrs[t, 4] + off), (n,), DT)
-            for i in range(n):
-                s0 = S0[i] if U0 else zero
-                s1 = S1[i] if U1 else zero
-                s2 = S2[i] if U2 else zero
-                p, s0, s1, s2 = STEP(P[i], G[i], s0, s1, s2, c, zero)
-                P[i] = p
-                if U0:
-                    S0[i] = s0
-                if U1:
-                    S1[i] = s1
-                if U2:
-                    S2[i] = s2
-
-    return _compile(dense_driver, parallel)
-
+# ------------------------------------------------ float32/float64 row drivers
+#
+# The one twin kept: row steps of float32/float64 parameters with state in their
+# dtype have drivers of their own (2-D row views, no block structure).  Measured
+# against the drivers of every format on a lazy sparse Adam step (200K x 64
+# float32 table, 16K Zipf ids, one thread): the format driver's kernel was
+# 1.4-1.8x slower there (docs/backends.md), so the plain row drivers stay (the
+# row-wise one with them, not measured apart); dense steps have one driver for
+# every format.
 
 @register_jitable
 def summed_row(vals, order, a, b, scratch, u):
@@ -278,8 +262,6 @@ def _driver(factory, config, parallel, *extra):
 
 
 _EMPTY_COEF = np.zeros((0, 4), dtype=np.float64)
-
-
 def run_rows(work):
     """Run a :class:`~fastopt.backends.base.RowsWork` on the CPU (serial below
     PARALLEL_MIN touched elements)."""
@@ -353,46 +335,13 @@ def all_finite(a, grad_scale=None):
     return _first_nonfinite(a, scale) < 0
 
 
-class NumbaBackend(Backend):
-    """Numba CPU drivers; every feature of :data:`fastopt.backends.base.FEATURES`."""
-
-    name = "numba"
-
-    def run_dense(self, work):
-        if work.nelem and not work.config.storage.native:
-            run_stored_dense(work)
-            return
-        if work.nelem:
-            parallel = bool(work.nelem >= PARALLEL_MIN) and may_use_threads()
-            cached = work.__dict__.get("_numba_driver")
-            # identity, not equality: comparing Config dataclasses costs a microsecond
-            if cached is None or cached[0] is not work.config or cached[1] is not parallel:
-                cached = work._numba_driver = (work.config, parallel, _driver(
-                    make_dense_driver, work.config, parallel))
-            cached[2](work.ptrs, work.chunks, work.hyper, work.hidx)
-
-    def run_norms(self, work):
-        from .numba_norms import run_norms
-        return run_norms(work, bool(work.nelem >= PARALLEL_MIN) and may_use_threads())
-
-    def run_rows(self, work):
-        if work.catch is not None and work.catch.coef is None:
-            raise ValueError("exact-mode work without its catch-up maps")
-        if work.config.storage.native:
-            run_rows(work)
-        else:
-            run_stored_rows(work)
-
-
-# ------------------------------------------------------------- stored formats
+# ------------------------------------------------------------- the drivers
 #
-# Drivers for parameters or state not kept in the compute dtype (bfloat16
-# parameters, float32/bfloat16/8-bit state: fastopt.storage).  They loop like the
-# drivers above and call the format's load and store functions around the same
-# element step; 8-bit state is updated a block at a time (the new values of a
-# block are kept in a small buffer, the block's scale is their largest finite
-# magnitude, then they are encoded).  The float32/float64 path keeps the drivers
-# above, which have no block structure at all.
+# The drivers call the format's load and store functions around the element step
+# (for float32/float64 they are plain reads and writes of the arrays, which LLVM
+# vectorizes as it would a loop without them); 8-bit state is updated a block at a
+# time (the new values of a block are kept in a small buffer, the block's scale is
+# their largest finite magnitude, then they are encoded).
 
 def _stored_pieces(config):
     from ..storage import Q8_BLOCK, io
@@ -443,13 +392,16 @@ def _block_loop(config, grad_kind, catch, step, finite):
 
     def block(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, Rb, c0, c1, c2, m, c, zero, key, lo,
               ca, cb, cc, ce):
+        # a row whose catch-up map is exactly the identity (up to date) is not
+        # caught up: p + 0 would turn -0 into +0 (as the float32/float64 row driver)
+        catching = CATCH and not (ca == 1.0 and cb == 0.0 and cc == 0.0 and ce == 1.0)
         for i in range(m):
             old = LP(Pb, Ab, i)
             p = old
             s0 = L0(T0, i, c0) if U0 else zero
             s1 = L1(T1, i, c1) if V1 else zero
             s2 = L2(T2, i, c2) if V2 else zero
-            if CATCH:
+            if catching:
                 p, s0 = apply_catch_up(p, s0, ca, cb, cc, ce, CT)
             if STEPPING:
                 p, s0, s1, s2 = STEP(p, LG(Gb, i), s0, s1, s2, c, zero)
@@ -657,6 +609,7 @@ def make_stored_rows_driver(config, parallel, catch, step):
     NBUF = Q8BLK if Q8 else 1
     CTT = numba.from_dtype(np.dtype(CT))
     HAS_AUX = config.storage.aux is not None
+    AHEAD = PREFETCH_AHEAD
 
     def stored_rows_driver(P, A, S0, S1, S2, C0, C1, C2, vals, order, seg, uniq, hyper,
                            scratch, coef, D, key, base, tasks):
@@ -673,7 +626,22 @@ def make_stored_rows_driver(config, parallel, catch, step):
             b1 = carray(_stack_buffer(NBUF, CTT), (NBUF,))
             b2 = carray(_stack_buffer(NBUF, CTT), (NBUF,))
             prow = np.empty(D if MX else 1, dtype=CT)
-            for u in range(n * t // tasks, n * (t + 1) // tasks):
+            hi = n * (t + 1) // tasks
+            for u in range(n * t // tasks, hi):
+                if u + AHEAD < hi:          # the rows AHEAD unique rows ahead
+                    q = uniq[u + AHEAD] * D
+                    prefetch_span(P, q, D)
+                    if HAS_AUX:
+                        prefetch_span(A, q, D)
+                    if U0:
+                        prefetch_span(S0, q, D)
+                    if V1:
+                        prefetch_span(S1, q, D)
+                    if V2:
+                        prefetch_span(S2, q, D)
+                    if STEPPING:
+                        if seg[u + AHEAD + 1] - seg[u + AHEAD] == 1:
+                            prefetch_row(vals, order[seg[u + AHEAD]])
                 r = uniq[u]
                 G = b0                      # (no gradient when only catching up)
                 if STEPPING:
@@ -771,12 +739,6 @@ def make_stored_rowwise_driver(config, parallel):
     return _compile(stored_rowwise_driver, parallel)
 
 
-def run_stored_dense(work):
-    parallel = work.nelem >= PARALLEL_MIN and may_use_threads()
-    _driver(make_stored_dense_driver, work.config, parallel)(
-        work.ptrs, work.fmt, work.chunks, work.hyper, work.hidx)
-
-
 def _flat_view(a, dtype):
     """A flat view of ``a`` with the kernel's element dtype (bfloat16 -> uint16)."""
     v = a.reshape(-1)
@@ -799,7 +761,8 @@ def run_stored_rows(work):
     threads = numba.get_num_threads() if parallel else 1
     tasks = max(1, min(uniq.shape[0], 4 * threads))
     P = _flat_view(p, PDT)
-    aux = work.extras[0]
+    extras = work.extras if work.extras is not None else (None,) * 4
+    aux = extras[0]
     A = _flat_view(aux, ADT) if aux is not None else np.empty(0, np.uint16)
     step = work.vals is not None
     if step:
@@ -824,9 +787,41 @@ def run_stored_rows(work):
         return
     S = [_flat_view(s, SDT) if s is not None else P for s in work.slots]
     none = np.empty(0, np.float32)
-    C = [c if c is not None else none for c in work.extras[1:]]
+    C = [c if c is not None else none for c in extras[1:]]
     catch = work.catch is not None
     coef = work.catch.coef if catch else _EMPTY_COEF
     _driver(make_stored_rows_driver, cfg, parallel, catch, step)(
         P, A, S[0], S[1], S[2], C[0], C[1], C[2], vals, order, seg, uniq, work.hyper, scratch,
         coef, D, work.key, work.base, tasks)
+
+
+class NumbaBackend(Backend):
+    """Numba CPU drivers; every feature of :data:`fastopt.backends.base.FEATURES`."""
+
+    name = "numba"
+    #: every format, float32/float64 included, runs through the drivers above
+    plain_layout = False
+
+    def run_dense(self, work):
+        if work.nelem:
+            parallel = bool(work.nelem >= PARALLEL_MIN) and may_use_threads()
+            # the launch handle, kept on the bucket (work.launch, as every backend);
+            # identity, not equality: comparing Config dataclasses costs a microsecond
+            cached = work.launch.get("numba")
+            if cached is None or cached[0] is not work.config or cached[1] is not parallel:
+                cached = work.launch["numba"] = (work.config, parallel, _driver(
+                    make_stored_dense_driver, work.config, parallel))
+            cached[2](work.ptrs, work.fmt, work.chunks, work.hyper, work.hidx)
+
+    def run_norms(self, work):
+        from .numba_norms import run_norms
+        return run_norms(work, self.element_chunks(work),
+                         bool(work.nelem >= PARALLEL_MIN) and may_use_threads())
+
+    def run_rows(self, work):
+        if work.catch is not None and work.catch.coef is None:
+            raise ValueError("exact-mode work without its catch-up maps")
+        if work.config.storage.native:
+            run_rows(work)
+        else:
+            run_stored_rows(work)

@@ -74,13 +74,14 @@ def make_norms_driver(config, parallel):
     return _compile(norms_driver, parallel)
 
 
-def run_norms(work, parallel):
-    """The per-tensor sums of squares of a :class:`~fastopt.backends.base.DenseWork`."""
+def run_norms(work, chunks, parallel):
+    """The per-tensor sums of squares of a :class:`~fastopt.backends.base.DenseWork`
+    over its element chunk table ``chunks`` (``Backend.element_chunks``)."""
     out = np.zeros((len(work.params), 2), dtype=np.float64)
     if work.nelem:
         key = (work.config, bool(parallel))
         d = _NORMS.get(key)
         if d is None:
             d = _NORMS[key] = make_norms_driver(work.config, parallel)
-        d(work.ptrs, work.chunks, work.hyper, work.hidx, out)
+        d(work.ptrs, chunks, work.hyper, work.hidx, out)
     return out

@@ -35,23 +35,31 @@ def _prefetch(typingctx, arr, i, j):
     """Prefetch (for writing, into all cache levels) the line holding ``arr[i, j]``."""
     if not (isinstance(arr, types.Array) and arr.ndim == 2):
         return None
-    sig = types.void(arr, i, j)
+    return types.void(arr, i, j), _codegen
 
-    def codegen(context, builder, signature, args):
-        aryty = signature.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        idx = [context.cast(builder, a, t, types.intp)
-               for a, t in zip(args[1:], signature.args[1:])]
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx, wraparound=False)
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, _NAME)
-        # rw = 1 (write), locality = 3 (keep in all levels), cache type = 1 (data)
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(1), i32(3), i32(1)])
-        return context.get_dummy_value()
 
-    return sig, codegen
+@intrinsic
+def _prefetch1(typingctx, arr, i):
+    """Prefetch (for writing, into all cache levels) the line holding ``arr[i]``."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1):
+        return None
+    return types.void(arr, i), _codegen
+
+
+def _codegen(context, builder, signature, args):
+
+    aryty = signature.args[0]
+    ary = context.make_array(aryty)(context, builder, args[0])
+    idx = [context.cast(builder, a, t, types.intp)
+           for a, t in zip(args[1:], signature.args[1:])]
+    ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx, wraparound=False)
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, _NAME)
+    # rw = 1 (write), locality = 3 (keep in all levels), cache type = 1 (data)
+    builder.call(fn, [builder.bitcast(ptr, i8p), i32(1), i32(3), i32(1)])
+    return context.get_dummy_value()
 
 
 @register_jitable
@@ -63,3 +71,13 @@ def prefetch_row(A, r):
         _prefetch(A, r, j)
     if D:
         _prefetch(A, r, D - 1)   # a row that does not start on a line boundary
+
+
+@register_jitable
+def prefetch_span(A, lo, n):
+    """Prefetch every cache line of ``A[lo:lo + n]`` (``A`` 1-D C-contiguous)."""
+    step = max(1, LINE // A.itemsize)
+    for j in range(lo, lo + n, step):
+        _prefetch1(A, j)
+    if n:
+        _prefetch1(A, lo + n - 1)   # a span that does not start on a line boundary

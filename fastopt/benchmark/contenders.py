@@ -34,10 +34,12 @@ from numba.extending import register_jitable
 from .. import backends
 from .. import rules as registry
 from ..backends import numba_cpu
-from ..backends.base import Config
+from ..backends.base import FMT_COLS, Config
 from ..optimizers import CLASSES
+from ..planner import fill_fmt
 from ..rules import Rule, scalars_type
 from . import torch_peers
+from ..storage import NATIVE
 
 TORCH_MODES = ("forloop", "foreach", "fused")
 TORCH_SPARSE = {"Adam": "SparseAdam", "Adagrad": "Adagrad", "SGD": "SGD"}
@@ -232,29 +234,33 @@ def _ceiling(case):
     for t, (p, g, ss) in enumerate(zip(params, grads, slots)):
         ptrs[t, :2] = p.ctypes.data, g.ctypes.data
         ptrs[t, 2:] = [s.ctypes.data if s is not None else p.ctypes.data for s in ss]
-    chunks = numba_cpu.make_chunks([p.size for p in params])
+    fmt = np.zeros((len(params), FMT_COLS), dtype=np.int64)
+    blocks = [fill_fmt(fmt[t], p, None, NATIVE, backends.resolve("numba"))
+              for t, p in enumerate(params)]
+    chunks = numba_cpu.stored_chunks(blocks, numba_cpu.CHUNK)
     hyper = np.zeros((1, registry.NSCALARS))
     hidx = np.zeros(len(params), dtype=np.int64)
     keep = (params, grads, slots)
 
     config = Config(rule=CEILING, dtype=np.dtype(case.dtype), uses=tuple(uses))
     parallel = case.elements >= numba_cpu.PARALLEL_MIN
-    driver = numba_cpu._driver(numba_cpu.make_dense_driver, config, parallel)
+    driver = numba_cpu._driver(numba_cpu.make_stored_dense_driver, config, parallel)
     if rule.per_tensor:      # the norm pass first: p, g and the slots it reads
         from ..backends import numba_norms
         ncfg = Config(rule=CEILING_NORMS, dtype=np.dtype(case.dtype),
                       uses=tuple(k < rule.norm_reads for k in range(registry.NSLOTS)))
         norms = numba_norms.make_norms_driver(ncfg, parallel)
+        elements = numba_cpu.make_chunks([p.size for p in params])
         out = np.zeros((len(params), 2))
 
         def run():
-            norms(ptrs, chunks, hyper, hidx, out)
-            driver(ptrs, chunks, hyper, hidx)
+            norms(ptrs, elements, hyper, hidx, out)
+            driver(ptrs, fmt, chunks, hyper, hidx)
             return keep
         return run
 
     def run():
-        driver(ptrs, chunks, hyper, hidx)
+        driver(ptrs, fmt, chunks, hyper, hidx)
         return keep
     return run
 

@@ -139,7 +139,8 @@ def cython_dispatch_pxi():
               f"MATH_NAMES = {tuple(element)!r}",
               "#: whose ``Scalars`` each of them reads (the prefix of its column constants)",
               f"MATH_SCALARS = {tuple(element.values())!r}", "",
-              "#: row-wise rules (one state value per row; :func:`run_rowwise`); id = index",
+              "#: row-wise rules (one state value per row; :func:`run_stored_rowwise`); "
+              "id = index",
               f"ROWWISE_NAMES = {tuple(rowwise)!r}",
               f"ROWWISE_SCALARS = {tuple(rowwise.values())!r}", "",
               "#: per-tensor rules (a norm pass first; :func:`run_norms`), by module",
