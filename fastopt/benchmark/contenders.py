@@ -65,8 +65,8 @@ def touch(p, g, s0, s1, s2, c):
 #: the ceiling kernel's scalars: only the fused fields, all unused
 Scalars = scalars_type("CeilingScalars", ())
 #: the ceiling as a rule, so that it runs through the same dense driver as every rule
-CEILING = Rule(name="ceiling", defaults={}, checks={}, slots=(), uses_slots=lambda g: (),
-               Scalars=Scalars, host_scalars=lambda g, step, host, fresh: ({}, host),
+CEILING = Rule(name="ceiling", defaults={}, checks={}, slots=(), uses_slots=lambda group: (),
+               Scalars=Scalars, host_scalars=lambda group, step, host, fresh: ({}, host),
                math=touch, reference=None)
 
 
@@ -79,10 +79,10 @@ def touch_norms(p, g, s0, s1, s2, c):
 
 #: the norm pass of the ceiling of per-tensor rules (the same norm-pass driver)
 CEILING_NORMS = Rule(name="ceiling-norms", defaults={}, checks={}, slots=(),
-                     uses_slots=lambda g: (), Scalars=Scalars,
-                     host_scalars=lambda g, step, host, fresh: ({}, host), math=touch,
+                     uses_slots=lambda group: (), Scalars=Scalars,
+                     host_scalars=lambda group, step, host, fresh: ({}, host), math=touch,
                      reference=None, layout="tensor", norms=touch_norms,
-                     tensor_scalars=lambda g, a, b: {})
+                     tensor_scalars=lambda group, a, b: {})
 
 
 def host_backends():

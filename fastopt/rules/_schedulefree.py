@@ -12,15 +12,15 @@ import numpy as np
 from . import hyperparams as hp
 
 
-def schedule(g, step, host):
+def schedule(group, step, host):
     """The package's per-step scalars at ``step`` (its ``k + 1``): ``(lr, ckp1)`` and
     the new host state ``{"lr_max", "weight_sum"}``."""
     k = step - 1
-    warmup = g["warmup_steps"]
+    warmup = group["warmup_steps"]
     sched = (k + 1) / warmup if k < warmup else 1.0
-    lr = g["lr"] * sched
+    lr = group["lr"] * sched
     lr_max = max(lr, host["lr_max"])
-    weight = ((k + 1) ** g["r"]) * (lr_max ** g["weight_lr_power"])
+    weight = ((k + 1) ** group["r"]) * (lr_max ** group["weight_lr_power"])
     weight_sum = host["weight_sum"] + weight
     try:
         ckp1 = weight / weight_sum
@@ -125,17 +125,17 @@ def _switch(opt, to_train, beta1_of):
     of its parameters that has a ``z`` (``w = 1 - beta1`` to train, ``1 - 1/beta1``
     to eval, the package's), then set the group's ``train_mode``."""
     moves = []
-    for g in opt.param_groups:
-        mode = g.get("train_mode", True)
+    for group in opt.param_groups:
+        mode = group.get("train_mode", True)
         if mode not in (True, False):
             raise ValueError(f"param group 'train_mode' must be True or False, got {mode!r}")
         moves.append(mode is not to_train)
     bk = opt.backend
     k = 0
-    for g, move in zip(opt.param_groups, moves):
-        n = len(g["params"])
+    for group, move in zip(opt.param_groups, moves):
+        n = len(group["params"])
         if move:
-            b1 = beta1_of(g)
+            b1 = beta1_of(group)
             w = 1.0 - b1 if to_train else 1.0 - 1.0 / b1
             for i in range(k, k + n):
                 st = opt._state[i]
@@ -149,7 +149,7 @@ def _switch(opt, to_train, beta1_of):
                 else:
                     start_z(p, z)        # (elements never stepped: z = p, x = y = p)
                     lerp(p, z, w)
-            g["train_mode"] = to_train
+            group["train_mode"] = to_train
         k += n
     opt.invalidate()
 
@@ -184,17 +184,17 @@ def torch_state_out(sd):
     at every step), ``scheduled_lr`` and ``foreach=True``; the per-parameter entries
     stay (the package ignores them)."""
     groups = []
-    for g in sd["param_groups"]:
-        g = dict(g)
-        first = next((sd["state"][k] for k in g["params"] if k in sd["state"]), None)
+    for group in sd["param_groups"]:
+        group = dict(group)
+        first = next((sd["state"][k] for k in group["params"] if k in sd["state"]), None)
         k = int(first["step"]) if first is not None else 0
-        g.update(k=k, lr_max=float(first["lr_max"]) if first is not None else -1.0,
+        group.update(k=k, lr_max=float(first["lr_max"]) if first is not None else -1.0,
                  weight_sum=float(first["weight_sum"]) if first is not None else 0.0,
-                 foreach=g.get("foreach", True))
-        warmup = g["warmup_steps"]
-        g["scheduled_lr"] = g["lr"] * (k / warmup if k <= warmup and warmup else 1.0) \
+                 foreach=group.get("foreach", True))
+        warmup = group["warmup_steps"]
+        group["scheduled_lr"] = group["lr"] * (k / warmup if k <= warmup and warmup else 1.0) \
             if k else 0.0
-        groups.append(g)
+        groups.append(group)
     return {**sd, "param_groups": groups}
 
 
@@ -205,16 +205,16 @@ def torch_state_in(sd):
     ``lr_max``, ``weight_sum``.  The package-only group entries are dropped (a
     parameter's own ``step``, ``lr_max``, ``weight_sum``, when present, win)."""
     groups, state = [], dict(sd["state"])
-    for g in sd["param_groups"]:
-        if not isinstance(g, dict):
+    for group in sd["param_groups"]:
+        if not isinstance(group, dict):
             return sd                     # (the drop-in's own checks name the problem)
-        for key in g.get("params", ()):
+        for key in group.get("params", ()):
             st = state.get(key)
-            if isinstance(st, dict) and st and "k" in g:
+            if isinstance(st, dict) and st and "k" in group:
                 st = dict(st)
-                st.setdefault("step", g["k"])
-                st.setdefault("lr_max", g.get("lr_max", -1.0))
-                st.setdefault("weight_sum", g.get("weight_sum", 0.0))
+                st.setdefault("step", group["k"])
+                st.setdefault("lr_max", group.get("lr_max", -1.0))
+                st.setdefault("weight_sum", group.get("weight_sum", 0.0))
                 state[key] = st
-        groups.append({k: v for k, v in g.items() if k not in PACKAGE_GROUP_KEYS})
+        groups.append({k: v for k, v in group.items() if k not in PACKAGE_GROUP_KEYS})
     return {**sd, "state": state, "param_groups": groups}

@@ -27,9 +27,9 @@ Scalars = scalars_type("AdadeltaScalars", (
     "lr", "rho", "one_minus_rho", "eps", "weight_decay", "maximize"))
 
 
-def host_scalars(g, step, host, fresh):
-    return dict(lr=g["lr"], rho=g["rho"], one_minus_rho=1.0 - g["rho"], eps=g["eps"],
-                weight_decay=g["weight_decay"], maximize=g["maximize"]), host
+def host_scalars(group, step, host, fresh):
+    return dict(lr=group["lr"], rho=group["rho"], one_minus_rho=1.0 - group["rho"], eps=group["eps"],
+                weight_decay=group["weight_decay"], maximize=group["maximize"]), host
 
 
 @register_jitable
@@ -82,7 +82,7 @@ RULE = Rule(
                 weight_decay=hp.non_negative, maximize=hp.boolean),
     slots=("square_avg", "acc_delta"),
     nonnegative_slots=("square_avg", "acc_delta"),
-    uses_slots=lambda g: (True, True, False),
+    uses_slots=lambda group: (True, True, False),
     Scalars=Scalars,
     host_scalars=host_scalars,
     math=element,

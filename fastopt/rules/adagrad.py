@@ -28,10 +28,10 @@ CHECKS = dict(lr=hp.non_negative, lr_decay=hp.non_negative, weight_decay=hp.non_
               maximize=hp.boolean)
 
 
-def host_scalars(g, step, host, fresh):
-    clr = g["lr"] / (1.0 + (step - 1) * g["lr_decay"])
-    return dict(clr=clr, weight_decay=g["weight_decay"], eps=g["eps"],
-                maximize=g["maximize"]), host
+def host_scalars(group, step, host, fresh):
+    clr = group["lr"] / (1.0 + (step - 1) * group["lr_decay"])
+    return dict(clr=clr, weight_decay=group["weight_decay"], eps=group["eps"],
+                maximize=group["maximize"]), host
 
 
 @register_jitable
@@ -73,12 +73,12 @@ RULE = Rule(
     checks=CHECKS,
     slots=("sum",),
     nonnegative_slots=("sum",),
-    uses_slots=lambda g: (True, False, False),
+    uses_slots=lambda group: (True, False, False),
     Scalars=Scalars,
     host_scalars=host_scalars,
     math=element,
     reference=reference,
-    slot_init=lambda g, name: g["initial_accumulator_value"],
+    slot_init=lambda group, name: group["initial_accumulator_value"],
     flags=("maximize",),
     zero_switches=("weight_decay",),
     catch_up=identity_catch_up,

@@ -31,14 +31,14 @@ Scalars = scalars_type("AdamScalars", (
 
 
 def _host_scalars_for(decoupled):
-    def host_scalars(g, step, host, fresh):
-        b1, b2 = g["betas"]
-        lr, wd = g["lr"], g["weight_decay"]
+    def host_scalars(group, step, host, fresh):
+        b1, b2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
         l2_, decay = (0.0, 1.0 - lr * wd) if decoupled else (wd, 1.0)
         return dict(step_size=lr / (1.0 - b1 ** step), beta1=b1, one_minus_beta1=1.0 - b1,
-                    beta2=b2, one_minus_beta2=1.0 - b2, eps=g["eps"],
+                    beta2=b2, one_minus_beta2=1.0 - b2, eps=group["eps"],
                     rsqrt_bc2=1.0 / math.sqrt(1.0 - b2 ** step), l2=l2_, decay=decay,
-                    amsgrad=g["amsgrad"], maximize=g["maximize"]), host
+                    amsgrad=group["amsgrad"], maximize=group["maximize"]), host
     return host_scalars
 
 
@@ -98,8 +98,8 @@ CHECKS = dict(lr=hp.non_negative, betas=hp.betas_half_open, eps=hp.non_negative,
 SLOTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def _uses(g):
-    return (True, True, g["amsgrad"])
+def _uses(group):
+    return (True, True, group["amsgrad"])
 
 
 ADAM = Rule(

@@ -22,11 +22,11 @@ Scalars = scalars_type("AdamaxScalars", (
     "clr", "beta1", "one_minus_beta1", "beta2", "eps", "weight_decay", "maximize"))
 
 
-def host_scalars(g, step, host, fresh):
-    b1, b2 = g["betas"]
-    return dict(clr=g["lr"] / (1.0 - b1 ** step), beta1=b1, one_minus_beta1=1.0 - b1,
-                beta2=b2, eps=g["eps"], weight_decay=g["weight_decay"],
-                maximize=g["maximize"]), host
+def host_scalars(group, step, host, fresh):
+    b1, b2 = group["betas"]
+    return dict(clr=group["lr"] / (1.0 - b1 ** step), beta1=b1, one_minus_beta1=1.0 - b1,
+                beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"],
+                maximize=group["maximize"]), host
 
 
 @register_jitable
@@ -60,7 +60,7 @@ RULE = Rule(
                 weight_decay=hp.non_negative, maximize=hp.boolean),
     slots=("exp_avg", "exp_inf"),
     nonnegative_slots=("exp_inf",),
-    uses_slots=lambda g: (True, True, False),
+    uses_slots=lambda group: (True, True, False),
     Scalars=Scalars,
     host_scalars=host_scalars,
     math=element,

@@ -68,11 +68,11 @@ Scalars = scalars_type("AdamWScheduleFreeScalars", (
     "bc2", "eps", "weight_decay"))
 
 
-def host_scalars(g, step, host, fresh):
-    b1, b2 = g["betas"]
-    lr, ckp1, new_host = sf.schedule(g, step, host)
+def host_scalars(group, step, host, fresh):
+    b1, b2 = group["betas"]
+    lr, ckp1, new_host = sf.schedule(group, step, host)
     return dict(lr=lr, y_coef=lr * (b1 * (1 - ckp1) - 1), beta2=b2, one_minus_beta2=1.0 - b2,
-                bc2=1.0 - b2 ** step, eps=g["eps"], weight_decay=g["weight_decay"],
+                bc2=1.0 - b2 ** step, eps=group["eps"], weight_decay=group["weight_decay"],
                 **sf.lerp_scalars(ckp1)), new_host
 
 
@@ -138,12 +138,12 @@ RULE = Rule(
                 weight_lr_power=hp.non_negative),
     slots=("z", "exp_avg_sq"),
     nonnegative_slots=("exp_avg_sq",),
-    uses_slots=lambda g: (True, True, False),
+    uses_slots=lambda group: (True, True, False),
     Scalars=Scalars,
     host_scalars=host_scalars,
     math=element,
     reference=reference,
-    host_init=lambda g: {"lr_max": -1.0, "weight_sum": 0.0},
+    host_init=lambda group: {"lr_max": -1.0, "weight_sum": 0.0},
     host_check=sf.host_check,
     slot_init=lambda group, name: float("nan") if name == "z" else 0.0,
     zero_switches=("weight_decay",),

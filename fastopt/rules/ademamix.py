@@ -62,13 +62,13 @@ def schedules(group, step):
     return alpha, b3
 
 
-def host_scalars(g, step, host, fresh):
-    b1, b2, _ = g["betas"]
-    lr, wd = g["lr"], g["weight_decay"]
-    alpha, b3 = schedules(g, step)
+def host_scalars(group, step, host, fresh):
+    b1, b2, _ = group["betas"]
+    lr, wd = group["lr"], group["weight_decay"]
+    alpha, b3 = schedules(group, step)
     return dict(lr=lr, beta1=b1, one_minus_beta1=1.0 - b1, beta2=b2, one_minus_beta2=1.0 - b2,
                 beta3=b3, one_minus_beta3=1.0 - b3, alpha=alpha, bc1=1.0 - b1 ** step,
-                sqrt_bc2=math.sqrt(1.0 - b2 ** step), eps=g["eps"],
+                sqrt_bc2=math.sqrt(1.0 - b2 ** step), eps=group["eps"],
                 decay=1.0 - lr * wd if wd > 0.0 else 1.0), host
 
 
@@ -154,7 +154,7 @@ RULE = Rule(
                 eps=hp.non_negative, weight_decay=hp.non_negative),
     slots=("m1", "m2", "nu"),
     nonnegative_slots=("nu",),
-    uses_slots=lambda g: (True, True, True),
+    uses_slots=lambda group: (True, True, True),
     Scalars=Scalars,
     host_scalars=host_scalars,
     math=element,

@@ -39,18 +39,18 @@ Scalars = scalars_type("ASGDScalars", (
     "eta", "decay", "mu", "copy", "weight_decay", "maximize"))
 
 
-def next_host(g, step):
+def next_host(group, step):
     """``eta`` and ``mu`` after ``step`` (torch's formulas)."""
-    lr = g["lr"]
-    return {"eta": lr / ((1.0 + g["lambd"] * lr * step) ** g["alpha"]),
-            "mu": 1.0 / max(1.0, step - g["t0"])}
+    lr = group["lr"]
+    return {"eta": lr / ((1.0 + group["lambd"] * lr * step) ** group["alpha"]),
+            "mu": 1.0 / max(1.0, step - group["t0"])}
 
 
-def host_scalars(g, step, host, fresh):
+def host_scalars(group, step, host, fresh):
     eta, mu = host["eta"], host["mu"]
-    return (dict(eta=eta, decay=1.0 - g["lambd"] * eta, mu=mu, copy=mu == 1.0,
-                 weight_decay=g["weight_decay"], maximize=g["maximize"]),
-            next_host(g, step))
+    return (dict(eta=eta, decay=1.0 - group["lambd"] * eta, mu=mu, copy=mu == 1.0,
+                 weight_decay=group["weight_decay"], maximize=group["maximize"]),
+            next_host(group, step))
 
 
 @register_jitable
@@ -117,12 +117,12 @@ RULE = Rule(
     checks=dict(lr=hp.non_negative, lambd=hp.non_negative, alpha=hp.real, t0=hp.real,
                 weight_decay=hp.non_negative, maximize=hp.boolean),
     slots=("ax",),
-    uses_slots=lambda g: (True, False, False),
+    uses_slots=lambda group: (True, False, False),
     Scalars=Scalars,
     host_scalars=host_scalars,
     math=element,
     reference=reference,
-    host_init=lambda g: {"eta": g["lr"], "mu": 1.0},
+    host_init=lambda group: {"eta": group["lr"], "mu": 1.0},
     host_check=host_check,
     flags=("maximize",),
     zero_switches=("weight_decay",),

@@ -38,11 +38,11 @@ Scalars = scalars_type("LAMBScalars", (
     "eps", "weight_decay"))
 
 
-def host_scalars(g, step, host, fresh):
-    b1, b2 = g["betas"]
-    return dict(lr_trust=g["lr"], beta1=b1, one_minus_beta1=1.0 - b1, beta2=b2,
+def host_scalars(group, step, host, fresh):
+    b1, b2 = group["betas"]
+    return dict(lr_trust=group["lr"], beta1=b1, one_minus_beta1=1.0 - b1, beta2=b2,
                 one_minus_beta2=1.0 - b2, bc1=1.0 - b1 ** step, bc2=1.0 - b2 ** step,
-                eps=g["eps"], weight_decay=g["weight_decay"]), host
+                eps=group["eps"], weight_decay=group["weight_decay"]), host
 
 
 def trust_ratio(p_norm, u_norm, trust_clip):
@@ -53,8 +53,8 @@ def trust_ratio(p_norm, u_norm, trust_clip):
     return r
 
 
-def tensor_scalars(g, p_norm, u_norm):
-    return {"lr_trust": g["lr"] * trust_ratio(p_norm, u_norm, g["trust_clip"])}
+def tensor_scalars(group, p_norm, u_norm):
+    return {"lr_trust": group["lr"] * trust_ratio(p_norm, u_norm, group["trust_clip"])}
 
 
 @register_jitable
@@ -121,7 +121,7 @@ RULE = Rule(
                 weight_decay=hp.non_negative, trust_clip=_trust_clip),
     slots=("exp_avg", "exp_avg_sq"),
     nonnegative_slots=("exp_avg_sq",),
-    uses_slots=lambda g: (True, True, False),
+    uses_slots=lambda group: (True, True, False),
     Scalars=Scalars,
     host_scalars=host_scalars,
     math=element,

@@ -33,22 +33,22 @@ Scalars = scalars_type("LARSScalars", (
     "lr", "momentum", "weight_decay", "local", "nesterov"))
 
 
-def host_scalars(g, step, host, fresh):
-    return dict(lr=g["lr"], momentum=g["momentum"], weight_decay=g["weight_decay"],
-                local=1.0, nesterov=g["nesterov"]), host
+def host_scalars(group, step, host, fresh):
+    return dict(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
+                local=1.0, nesterov=group["nesterov"]), host
 
 
-def local_lr(g, p_norm, g_norm):
+def local_lr(group, p_norm, g_norm):
     """``trust_coefficient * ||p|| / (||g|| + weight_decay ||p|| + eps)`` when both
     norms are > 0, else 1."""
     if p_norm > 0.0 and g_norm > 0.0:
-        return g["trust_coefficient"] * p_norm / (
-            g_norm + g["weight_decay"] * p_norm + g["eps"])
+        return group["trust_coefficient"] * p_norm / (
+            g_norm + group["weight_decay"] * p_norm + group["eps"])
     return 1.0
 
 
-def tensor_scalars(g, p_norm, g_norm):
-    return {"local": local_lr(g, p_norm, g_norm)}
+def tensor_scalars(group, p_norm, g_norm):
+    return {"local": local_lr(group, p_norm, g_norm)}
 
 
 @register_jitable
@@ -100,7 +100,7 @@ RULE = Rule(
     checks=dict(lr=hp.non_negative, momentum=hp.non_negative, weight_decay=hp.non_negative,
                 trust_coefficient=hp.non_negative, eps=hp.non_negative, nesterov=hp.boolean),
     slots=("momentum_buffer",),
-    uses_slots=lambda g: (True, False, False),
+    uses_slots=lambda group: (True, False, False),
     Scalars=Scalars,
     host_scalars=host_scalars,
     math=element,

@@ -25,11 +25,11 @@ Scalars = scalars_type("LionScalars", (
     "zero"))
 
 
-def host_scalars(g, step, host, fresh):
-    b1, b2 = g["betas"]
-    return dict(lr=g["lr"], beta1=b1, one_minus_beta1=1.0 - b1, beta2=b2,
-                one_minus_beta2=1.0 - b2, decay=1.0 - g["lr"] * g["weight_decay"],
-                maximize=g["maximize"], one=1.0, zero=0.0), host
+def host_scalars(group, step, host, fresh):
+    b1, b2 = group["betas"]
+    return dict(lr=group["lr"], beta1=b1, one_minus_beta1=1.0 - b1, beta2=b2,
+                one_minus_beta2=1.0 - b2, decay=1.0 - group["lr"] * group["weight_decay"],
+                maximize=group["maximize"], one=1.0, zero=0.0), host
 
 
 @register_jitable
@@ -63,7 +63,7 @@ RULE = Rule(
     checks=dict(lr=hp.non_negative, betas=hp.betas_closed, weight_decay=hp.non_negative,
                 maximize=hp.boolean),
     slots=("exp_avg",),
-    uses_slots=lambda g: (True, False, False),
+    uses_slots=lambda group: (True, False, False),
     Scalars=Scalars,
     host_scalars=host_scalars,
     math=element,

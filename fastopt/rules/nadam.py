@@ -35,19 +35,19 @@ def mu(beta1, momentum_decay, step):
     return beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
 
 
-def host_scalars(g, step, host, fresh):
-    b1, b2 = g["betas"]
-    lr, wd, psi = g["lr"], g["weight_decay"], g["momentum_decay"]
+def host_scalars(group, step, host, fresh):
+    b1, b2 = group["betas"]
+    lr, wd, psi = group["lr"], group["weight_decay"], group["momentum_decay"]
     mu_t = mu(b1, psi, step)
     mu_next = mu(b1, psi, step + 1)
     mu_product = host["mu_product"] * mu_t
     mu_product_next = mu_product * mu_next
-    l2_, decay = (0.0, 1.0 - lr * wd) if g["decoupled_weight_decay"] else (wd, 1.0)
+    l2_, decay = (0.0, 1.0 - lr * wd) if group["decoupled_weight_decay"] else (wd, 1.0)
     return (dict(cg=lr * (1.0 - mu_t) / (1.0 - mu_product),
                  cm=lr * mu_next / (1.0 - mu_product_next), beta1=b1,
-                 one_minus_beta1=1.0 - b1, beta2=b2, one_minus_beta2=1.0 - b2, eps=g["eps"],
+                 one_minus_beta1=1.0 - b1, beta2=b2, one_minus_beta2=1.0 - b2, eps=group["eps"],
                  rsqrt_bc2=1.0 / math.sqrt(1.0 - b2 ** step), l2=l2_, decay=decay,
-                 maximize=g["maximize"]),
+                 maximize=group["maximize"]),
             {"mu_product": mu_product})
 
 
@@ -99,12 +99,12 @@ RULE = Rule(
                 decoupled_weight_decay=hp.boolean, maximize=hp.boolean),
     slots=("exp_avg", "exp_avg_sq"),
     nonnegative_slots=("exp_avg_sq",),
-    uses_slots=lambda g: (True, True, False),
+    uses_slots=lambda group: (True, True, False),
     Scalars=Scalars,
     host_scalars=host_scalars,
     math=element,
     reference=reference,
-    host_init=lambda g: {"mu_product": 1.0},
+    host_init=lambda group: {"mu_product": 1.0},
     flags=("maximize",),
     zero_switches=("l2",),
     variants=({}, {"weight_decay": 1e-2}, {"weight_decay": 1e-2, "decoupled_weight_decay": True,

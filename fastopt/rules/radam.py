@@ -48,10 +48,10 @@ def rectification(beta2, step):
     return False, 0.0
 
 
-def host_scalars(g, step, host, fresh):
-    b1, b2 = g["betas"]
-    lr, wd = g["lr"], g["weight_decay"]
-    l2_, decay = (0.0, 1.0 - lr * wd) if g["decoupled_weight_decay"] else (wd, 1.0)
+def host_scalars(group, step, host, fresh):
+    b1, b2 = group["betas"]
+    lr, wd = group["lr"], group["weight_decay"]
+    l2_, decay = (0.0, 1.0 - lr * wd) if group["decoupled_weight_decay"] else (wd, 1.0)
     adaptive, rect = rectification(b2, step)
     bc1 = 1.0 - b1 ** step
     if adaptive:
@@ -59,8 +59,8 @@ def host_scalars(g, step, host, fresh):
     else:
         step_size = lr / bc1
     return dict(step_size=step_size, beta1=b1, one_minus_beta1=1.0 - b1, beta2=b2,
-                one_minus_beta2=1.0 - b2, eps=g["eps"], l2=l2_, decay=decay,
-                adaptive=adaptive, maximize=g["maximize"]), host
+                one_minus_beta2=1.0 - b2, eps=group["eps"], l2=l2_, decay=decay,
+                adaptive=adaptive, maximize=group["maximize"]), host
 
 
 @register_jitable
@@ -123,7 +123,7 @@ RULE = Rule(
                 maximize=hp.boolean),
     slots=("exp_avg", "exp_avg_sq"),
     nonnegative_slots=("exp_avg_sq",),
-    uses_slots=lambda g: (True, True, False),
+    uses_slots=lambda group: (True, True, False),
     Scalars=Scalars,
     host_scalars=host_scalars,
     math=element,

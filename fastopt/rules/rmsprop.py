@@ -29,11 +29,11 @@ Scalars = scalars_type("RMSpropScalars", (
     "has_momentum", "maximize"))
 
 
-def host_scalars(g, step, host, fresh):
-    a = g["alpha"]
-    return dict(lr=g["lr"], weight_decay=g["weight_decay"], alpha=a, one_minus_alpha=1.0 - a,
-                eps=g["eps"], momentum=g["momentum"], centered=g["centered"],
-                has_momentum=g["momentum"] > 0.0, maximize=g["maximize"]), host
+def host_scalars(group, step, host, fresh):
+    a = group["alpha"]
+    return dict(lr=group["lr"], weight_decay=group["weight_decay"], alpha=a, one_minus_alpha=1.0 - a,
+                eps=group["eps"], momentum=group["momentum"], centered=group["centered"],
+                has_momentum=group["momentum"] > 0.0, maximize=group["maximize"]), host
 
 
 @register_jitable
@@ -115,7 +115,7 @@ RULE = Rule(
                 centered=hp.boolean, maximize=hp.boolean),
     slots=("square_avg", "grad_avg", "momentum_buffer"),
     nonnegative_slots=("square_avg",),
-    uses_slots=lambda g: (True, g["centered"], g["momentum"] > 0.0),
+    uses_slots=lambda group: (True, group["centered"], group["momentum"] > 0.0),
     Scalars=Scalars,
     host_scalars=host_scalars,
     math=element,

@@ -121,7 +121,7 @@ RULE = Rule(
     checks=dict(adagrad.CHECKS),
     slots=("sum",),
     nonnegative_slots=("sum",),
-    uses_slots=lambda g: (True, False, False),
+    uses_slots=lambda group: (True, False, False),
     Scalars=Scalars,
     host_scalars=adagrad.host_scalars,
     math=element_row,
@@ -129,7 +129,7 @@ RULE = Rule(
     layout="rowwise",
     # no compiled-in flags: they are tested once per row, and constant-folding
     # weight_decay = 0 made LLVM vectorize the partial sums 4x slower (measured)
-    slot_init=lambda g, name: g["initial_accumulator_value"],
+    slot_init=lambda group, name: group["initial_accumulator_value"],
     variants=({}, {"lr_decay": 0.01, "weight_decay": 1e-2, "initial_accumulator_value": 0.1},
               {"maximize": True, "eps": 1e-6}),
 )

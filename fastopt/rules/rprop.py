@@ -42,11 +42,11 @@ Scalars = scalars_type("RpropScalars", (
     "etaminus", "etaplus", "step_size_min", "step_size_max", "one", "zero", "maximize"))
 
 
-def host_scalars(g, step, host, fresh):
-    etaminus, etaplus = g["etas"]
-    lo, hi = g["step_sizes"]
+def host_scalars(group, step, host, fresh):
+    etaminus, etaplus = group["etas"]
+    lo, hi = group["step_sizes"]
     return dict(etaminus=etaminus, etaplus=etaplus, step_size_min=lo, step_size_max=hi,
-                one=1.0, zero=0.0, maximize=g["maximize"]), host
+                one=1.0, zero=0.0, maximize=group["maximize"]), host
 
 
 @register_jitable
@@ -152,7 +152,7 @@ RULE = Rule(
                 maximize=hp.boolean),
     slots=("prev", "step_size"),
     nonnegative_slots=("step_size",),
-    uses_slots=lambda g: (True, True, False),
+    uses_slots=lambda group: (True, True, False),
     slot_init=lambda group, name: group["lr"] if name == "step_size" else 0.0,
     Scalars=Scalars,
     host_scalars=host_scalars,

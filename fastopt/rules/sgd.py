@@ -36,11 +36,11 @@ Scalars = scalars_type("SGDScalars", (
     "first", "has_momentum"))
 
 
-def host_scalars(g, step, host, fresh):
-    return dict(lr=g["lr"], weight_decay=g["weight_decay"], momentum=g["momentum"],
-                one_minus_dampening=1.0 - g["dampening"], nesterov=g["nesterov"],
-                maximize=g["maximize"], first="momentum_buffer" in fresh,
-                has_momentum=g["momentum"] != 0.0), host
+def host_scalars(group, step, host, fresh):
+    return dict(lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
+                one_minus_dampening=1.0 - group["dampening"], nesterov=group["nesterov"],
+                maximize=group["maximize"], first="momentum_buffer" in fresh,
+                has_momentum=group["momentum"] != 0.0), host
 
 
 @register_jitable
@@ -93,11 +93,11 @@ def catch_up(k, first, h):
     return ra * fa + rb * wd, 0.0, rc * fa + re * wd, 0.0
 
 
-def _cross_check(g):
-    if g["nesterov"] and (g["momentum"] <= 0.0 or g["dampening"] != 0.0):
+def _cross_check(group):
+    if group["nesterov"] and (group["momentum"] <= 0.0 or group["dampening"] != 0.0):
         raise ValueError(
-            f"Invalid nesterov=True with momentum={g['momentum']!r}, "
-            f"dampening={g['dampening']!r}: Nesterov momentum requires a momentum "
+            f"Invalid nesterov=True with momentum={group['momentum']!r}, "
+            f"dampening={group['dampening']!r}: Nesterov momentum requires a momentum "
             "and zero dampening")
 
 
@@ -116,7 +116,7 @@ RULE = Rule(
     checks=dict(lr=hp.non_negative, momentum=hp.non_negative, dampening=hp.unit_closed,
                 weight_decay=hp.non_negative, nesterov=hp.boolean, maximize=hp.boolean),
     slots=("momentum_buffer",),
-    uses_slots=lambda g: (g["momentum"] != 0.0, False, False),
+    uses_slots=lambda group: (group["momentum"] != 0.0, False, False),
     Scalars=Scalars,
     host_scalars=host_scalars,
     math=element,

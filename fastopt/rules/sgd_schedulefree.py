@@ -25,10 +25,10 @@ Scalars = scalars_type("SGDScheduleFreeScalars", (
     "lr", "ckp1", "one_minus_ckp1", "lerp_high", "y_coef", "weight_decay"))
 
 
-def host_scalars(g, step, host, fresh):
-    lr, ckp1, new_host = sf.schedule(g, step, host)
-    return dict(lr=lr, y_coef=lr * (g["momentum"] * (1 - ckp1) - 1),
-                weight_decay=g["weight_decay"], **sf.lerp_scalars(ckp1)), new_host
+def host_scalars(group, step, host, fresh):
+    lr, ckp1, new_host = sf.schedule(group, step, host)
+    return dict(lr=lr, y_coef=lr * (group["momentum"] * (1 - ckp1) - 1),
+                weight_decay=group["weight_decay"], **sf.lerp_scalars(ckp1)), new_host
 
 
 @register_jitable
@@ -82,12 +82,12 @@ RULE = Rule(
                 weight_decay=hp.non_negative, warmup_steps=sf.non_negative_int, r=hp.real,
                 weight_lr_power=hp.non_negative),
     slots=("z",),
-    uses_slots=lambda g: (True, False, False),
+    uses_slots=lambda group: (True, False, False),
     Scalars=Scalars,
     host_scalars=host_scalars,
     math=element,
     reference=reference,
-    host_init=lambda g: {"lr_max": -1.0, "weight_sum": 0.0},
+    host_init=lambda group: {"lr_max": -1.0, "weight_sum": 0.0},
     host_check=sf.host_check,
     slot_init=lambda group, name: float("nan"),
     zero_switches=("weight_decay",),
