@@ -15,7 +15,6 @@ honoured by both or by neither (there is no second place that builds work):
   sparse mode, the catch-up maps from the rule's closed form.
 """
 
-import math
 from typing import NamedTuple
 
 import numpy as np
@@ -175,12 +174,13 @@ def tensor_scalars(rule, backend, works, groups, reduce=None):
     sums = [backend.run_norms(w) for w in works]
     if reduce is not None:
         sums = reduce(sums)
-    fields = rule.Scalars._fields
+    col = {name: k for k, name in enumerate(rule.Scalars._fields)}
     for w, s, gs in zip(works, sums, groups):
-        for t in range(s.shape[0]):
-            own = rule.tensor_scalars(gs[t], math.sqrt(s[t, 0]), math.sqrt(s[t, 1]))
-            for name, value in own.items():
-                w.hyper[w.hidx[t], fields.index(name)] = value
+        norms = np.sqrt(s).tolist()
+        for t, (x, y) in enumerate(norms):
+            row = w.hyper[w.hidx[t]]
+            for name, value in rule.tensor_scalars(gs[t], x, y).items():
+                row[col[name]] = value
 
 
 _IDENTITY_CACHE = {}

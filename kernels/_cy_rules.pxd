@@ -548,7 +548,7 @@ cdef inline void _lamb_direction(floating p, floating g, floating* m, floating* 
     """rules.lamb.direction: the new moments and the direction ``u``."""
     m[0] = c[LAMB_BETA1] * m[0] + c[LAMB_ONE_MINUS_BETA1] * g
     v[0] = c[LAMB_BETA2] * v[0] + c[LAMB_ONE_MINUS_BETA2] * g * g
-    u[0] = (m[0] / c[LAMB_BC1]) / (_sqrt(v[0] / c[LAMB_BC2]) + c[LAMB_EPS])
+    u[0] = (m[0] * c[LAMB_RBC1]) / (_sqrt(v[0]) * c[LAMB_RSQRT_BC2] + c[LAMB_EPS])
     if c[LAMB_WEIGHT_DECAY]:
         u[0] = u[0] + c[LAMB_WEIGHT_DECAY] * p
 

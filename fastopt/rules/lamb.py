@@ -22,7 +22,10 @@ added in chunk order, so the result does not depend on the thread count) and the
 update pass (:func:`element`), whose ``lr_trust`` scalar (``lr * r``, formed in
 float64) is the tensor's own.  The norm pass reads p, g, m, v (16 bytes per float32
 element); the update pass reads them and writes p, m, v (28 bytes).  Storing ``u``
-in the first pass would save its recomputation but not bytes.
+in the first pass would save its recomputation but not bytes.  The bias
+corrections are per-step scalars formed on the host in float64, ``1 / (1 - beta1^t)``
+and ``1 / sqrt(1 - beta2^t)``, and multiplied in (as Adam's), so an element costs one
+division and one square root: the norm pass is bound by them, not by memory.
 """
 
 import math
@@ -34,14 +37,15 @@ from . import hyperparams as hp
 from .base import Rule, per_tensor_checks, scalars_type
 
 Scalars = scalars_type("LAMBScalars", (
-    "lr_trust", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "bc1", "bc2",
-    "eps", "weight_decay"))
+    "lr_trust", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "rbc1",
+    "rsqrt_bc2", "eps", "weight_decay"))
 
 
 def host_scalars(group, step, host, fresh):
     b1, b2 = group["betas"]
     return dict(lr_trust=group["lr"], beta1=b1, one_minus_beta1=1.0 - b1, beta2=b2,
-                one_minus_beta2=1.0 - b2, bc1=1.0 - b1 ** step, bc2=1.0 - b2 ** step,
+                one_minus_beta2=1.0 - b2, rbc1=1.0 / (1.0 - b1 ** step),
+                rsqrt_bc2=1.0 / math.sqrt(1.0 - b2 ** step),
                 eps=group["eps"], weight_decay=group["weight_decay"]), host
 
 
@@ -62,7 +66,7 @@ def direction(p, g, m, v, c):
     """The new moments and the update direction ``u`` of one element."""
     m = c.beta1 * m + c.one_minus_beta1 * g
     v = c.beta2 * v + c.one_minus_beta2 * g * g
-    u = (m / c.bc1) / (np.sqrt(v / c.bc2) + c.eps)
+    u = (m * c.rbc1) / (np.sqrt(v) * c.rsqrt_bc2 + c.eps)
     if c.weight_decay:
         u = u + c.weight_decay * p
     return m, v, u
