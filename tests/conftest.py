@@ -16,8 +16,6 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "boundscheck: among the cases bash .ci/run's boundscheck lanes run "
         "(NUMBA_BOUNDSCHECK=1): together they drive every driver kind with every option")
-    config.addinivalue_line(   # pytest-xdist's; declared here for runs without xdist
-        "markers", "xdist_group(name): under --dist loadgroup, one worker runs the group")
     if getattr(config.option, "numprocesses", None) and not os.environ.get(
             "PYTEST_XDIST_WORKER"):
         # pytest-xdist runs one worker per core: OpenBLAS's own threads in every worker
