@@ -486,6 +486,11 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
     def _check_step(self, local_grads, grad_scale, skip_nonfinite):
         digest = self._sync_groups()
         t = self._template
+        if t.rule.step_reason is not None:       # schedule-free in eval mode: refused
+            for gi, g in enumerate(t.param_groups):   # before any communication
+                why = t.rule.step_reason(g)
+                if why is not None:
+                    raise RuntimeError(f"{t.rule.name}: param group {gi} cannot step: {why}")
         grads = t.align_grads(local_grads)
         if skip_nonfinite not in (True, False):
             raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
