@@ -4,10 +4,20 @@
 # Per chunk ``(tensor, start, stop)`` of a dense bucket: each element's gradient
 # through the element-wise ``pre`` options (blocks of BLOCK, as _step), then the
 # rule's ``<rule>_norms`` (the copy in _cy_rules.pxd), whose two values are squared
-# and summed in double, in element order; the chunk sums are then added per tensor
-# in chunk order, serially.  The same operations in the same order as Numba's
+# and summed in double in NORM_LANES fixed lanes (element i of the chunk to lane
+# i % NORM_LANES, each lane in element order), the lanes added in a fixed tree at
+# the chunk's end (_lane_total); the chunk sums are then added per tensor in chunk
+# order, serially.  The same operations in the same order as Numba's
 # driver: bit for bit its result, for any thread count.  Nothing is written but
 # ``out``.
+
+cdef enum:
+    NORM_LANES = 8         # fastopt.backends.numba_norms.LANES
+
+
+cdef inline double _lane_total(const double* l) noexcept nogil:
+    """The chunk's sum from its eight lanes, in numba_norms.lane_total's tree."""
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
 
 
 cdef void _norms_chunk(floating zero, int rule, int ucode, int opts, const int64_t* ptrs,
@@ -26,8 +36,12 @@ cdef void _norms_chunk(floating zero, int rule, int ucode, int opts, const int64
     cdef const floating* S2 = (<const floating*><intptr_t>row[4]) + lo
     cdef const floating* g
     cdef floating x, y, s0, s1, s2
-    cdef double a = 0.0, b = 0.0
-    cdef Py_ssize_t i = 0, j, m
+    cdef double la[NORM_LANES]
+    cdef double lb[NORM_LANES]
+    cdef Py_ssize_t i = 0, j, m, k
+    for k in range(NORM_LANES):
+        la[k] = 0.0
+        lb[k] = 0.0
     _load_scalars(c, hyper + hidx[t] * NSCALARS)
     x = zero
     y = zero
@@ -42,11 +56,12 @@ cdef void _norms_chunk(floating zero, int rule, int ucode, int opts, const int64
             s1 = S1[i + j] if ucode & 2 else zero
             s2 = S2[i + j] if ucode & 4 else zero
             _norms_by_rule(rule, P[i + j], g[j], s0, s1, s2, c, &x, &y)
-            a = a + <double>x * <double>x
-            b = b + <double>y * <double>y
+            k = j % NORM_LANES            # BLOCK % NORM_LANES == 0: lane (i + j) % 8
+            la[k] = la[k] + <double>x * <double>x
+            lb[k] = lb[k] + <double>y * <double>y
         i += m
-    part[0] = a
-    part[1] = b
+    part[0] = _lane_total(la)
+    part[1] = _lane_total(lb)
 
 
 cdef inline void _run_norms_chunk(int dtype_code, int rule, int ucode, int opts,

@@ -6,20 +6,41 @@ Numba CPU backend.
 pre-processing of the gradient (``grad_scale``, ``clip_value``) and the rule's
 ``norms`` function, which returns the two quantities whose L2 norms the rule needs
 (computed from the same inputs, in the same dtype, as its update).  Their squares
-are summed in float64, per chunk in element order; the chunk sums are then added
+are summed in float64 in :data:`LANES` fixed lanes per chunk (element ``i`` of a
+chunk goes to lane ``i % LANES``; each lane in element order), the lanes added in a
+fixed tree at the chunk's end (:func:`lane_total`); the chunk sums are then added
 per tensor in chunk order, serially: the result is the same whatever the number of
-threads.  Nothing is written but the (tensors, 2) float64 result.
+threads, and the Cython copy (kernels/_cy_norms.pxi) gives the same bits.  Nothing
+is written but the (tensors, 2) float64 result.
+
+Why lanes: one sequential float64 sum per chunk is a chain the compiler may not
+reassociate, so the rule's per-element math (LAMB's division and square root) ran
+one element at a time; eight independent lanes, written out, let LLVM's SLP
+vectorizer run eight elements per instruction (measured in docs/benchmarks.md,
+"Per-tensor rules").
 """
 
 import numpy as np
 
 from numba import carray, prange
+from numba.extending import register_jitable
 
 from ..rules.fused import pre
 from .element import scalar_loader
 from .numba_cpu import _compile, _stamp, _voidptr
 
 _NORMS = {}
+
+#: the fixed lanes of a chunk's sums (kernels/_cy_norms.pxi has the same)
+LANES = 8
+#: elements whose squares are computed (vectorized) before they are added to the lanes
+BUF = 512
+
+
+@register_jitable
+def lane_total(l0, l1, l2, l3, l4, l5, l6, l7):
+    """The chunk's sum from its eight lanes, in a fixed tree."""
+    return ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
 
 
 def make_norms_driver(config, parallel):
@@ -34,12 +55,23 @@ def make_norms_driver(config, parallel):
     STAMP = _stamp(NORMS)
     PARALLEL = bool(parallel)
 
+    @register_jitable
+    def SQ(P, G, S0, S1, S2, i, c):
+        """The squares (float64) of element ``i``'s two norm quantities."""
+        zero = DT(0)
+        s0 = S0[i] if U0 else zero
+        s1 = S1[i] if U1 else zero
+        s2 = S2[i] if U2 else zero
+        x, y = NORMS(P[i], pre(G[i], c, SC, CL), s0, s1, s2, c)
+        fx = np.float64(x)
+        fy = np.float64(y)
+        return fx * fx, fy * fy
+
     def norms_driver(ptrs, chunks, hyper, hidx, out):
         stamp = STAMP  # noqa: F841  (the rule's source hash, in the cache key)
         par = PARALLEL  # noqa: F841
         nc = chunks.shape[0]
         part = np.zeros((nc, 2), dtype=np.float64)
-        zero = DT(0)
         for ci in prange(nc):
             t = chunks[ci, 0]
             lo = chunks[ci, 1]
@@ -51,18 +83,31 @@ def make_norms_driver(config, parallel):
             S0 = carray(_voidptr(ptrs[t, 2] + off), (n,), DT)
             S1 = carray(_voidptr(ptrs[t, 3] + off), (n,), DT)
             S2 = carray(_voidptr(ptrs[t, 4] + off), (n,), DT)
-            a = 0.0
-            b = 0.0
-            for i in range(n):
-                s0 = S0[i] if U0 else zero
-                s1 = S1[i] if U1 else zero
-                s2 = S2[i] if U2 else zero
-                g = pre(G[i], c, SC, CL)
-                x, y = NORMS(P[i], g, s0, s1, s2, c)
-                fx = np.float64(x)
-                fy = np.float64(y)
-                a += fx * fx
-                b += fy * fy
+            ax = np.zeros(LANES, dtype=np.float64)
+            ay = np.zeros(LANES, dtype=np.float64)
+            tx = np.empty(BUF, dtype=np.float64)
+            ty = np.empty(BUF, dtype=np.float64)
+            for k in range(0, n, BUF):
+                m = min(BUF, n - k)
+                Pk = P[k:k + m]
+                Gk = G[k:k + m]
+                S0k = S0[k:k + m]
+                S1k = S1[k:k + m]
+                S2k = S2[k:k + m]
+                for j in range(m):        # the rule's math, vectorized: squares stored
+                    x, y = SQ(Pk, Gk, S0k, S1k, S2k, j, c)
+                    tx[j] = x
+                    ty[j] = y
+                top = (m + LANES - 1) // LANES * LANES
+                for j in range(m, top):   # a partial last block: +0.0 changes no lane
+                    tx[j] = 0.0           # (its terms are squares: >= +0.0 or NaN)
+                    ty[j] = 0.0
+                for j in range(0, top, LANES):   # each lane in element order
+                    for q in range(LANES):
+                        ax[q] += tx[j + q]
+                        ay[q] += ty[j + q]
+            a = lane_total(ax[0], ax[1], ax[2], ax[3], ax[4], ax[5], ax[6], ax[7])
+            b = lane_total(ay[0], ay[1], ay[2], ay[3], ay[4], ay[5], ay[6], ay[7])
             part[ci, 0] = a
             part[ci, 1] = b
         out[:, :] = 0.0
