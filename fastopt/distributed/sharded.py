@@ -111,6 +111,13 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
                 and optimizer_class.rule is not None):
             raise TypeError(f"optimizer_class must be a fastopt optimizer class (e.g. "
                             f"fastopt.Adam), got {optimizer_class!r}")
+        if optimizer_class.rule.matrix is not None:
+            raise NotImplementedError(
+                f"ShardedOptimizer({optimizer_class.rule.name}) is not built: "
+                f"{optimizer_class.rule.name} orthogonalizes whole matrices, and the sharded "
+                "optimizer splits every tensor by rows over the ranks. Run "
+                f"fastopt.{optimizer_class.rule.name} on every rank with all-reduced "
+                "gradients instead (the same update everywhere)")
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, numbers.Integral) \
                 or bucket_bytes < 8:
             raise ValueError(f"Invalid bucket_bytes: {bucket_bytes!r} (an integer >= 8)")
