@@ -119,6 +119,8 @@ def newton_schulz(u, coefficients, steps, eps, dtype):
     """The orthogonalization of every matrix of ``u`` (``[..., M, N]``), computed in
     ``dtype``; returns a new array of ``dtype`` and ``u``'s shape."""
     a, b, c = (dtype.type(x) for x in coefficients)
+    if u.size == 0:
+        return np.zeros(u.shape, dtype=dtype)
     m, n = u.shape[-2:]
     tall = m > n
     src = u.reshape(-1, m, n)
