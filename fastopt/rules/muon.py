@@ -129,6 +129,9 @@ def newton_schulz(u, coefficients, steps, eps, dtype):
     for k in range(src.shape[0]):
         x = np.array(src[k].T if tall else src[k], dtype=dtype, order="C")
         norm = np.linalg.norm(x)
+        if not np.isfinite(norm) and np.isfinite(x).all():   # the squares overflowed
+            amax = np.abs(x).max()
+            norm = amax * np.linalg.norm(x / amax)
         x /= norm if not norm < eps else eps       # a NaN norm stays NaN (torch's clamp)
         for _ in range(steps):
             gram = x @ x.T                          # NumPy calls ?syrk for this
