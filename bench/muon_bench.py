@@ -11,6 +11,7 @@ per round, the order rotating), so load on a shared machine hits all alike:
 * ``gemm``: NumPy float32 ``A @ B`` of 1024x1024 by 1024x4096 (8.6 GFLOP), the
   machine's GEMM rate (GFLOP/s) through the BLAS NumPy links;
 * ``fastopt``: ``fastopt.Muon.step`` (numba backend, ns_dtype None: float32);
+* ``fastopt-bf16``: the same with ``ns_dtype="bfloat16"`` (torch's bfloat16 GEMM);
 * ``torch-bf16``: ``torch.optim.Muon.step`` as shipped (Newton-Schulz in bfloat16);
 * ``torch-f32``: the same with its Newton-Schulz kept in float32 (the comparison of
   equal work).
@@ -73,6 +74,10 @@ def main(argv=None):
     contenders = {"gemm": lambda: a @ b, "fastopt": lambda: fo.step(g)}
     try:
         import torch
+        fb = fastopt.Muon([p.copy() for p in params], lr=0.02, backend="numba",
+                          ns_dtype="bfloat16")
+        fb.step(g)
+        contenders["fastopt-bf16"] = lambda: fb.step(g)
         import torch.optim._muon as tm
         shipped = tm._zeropower_via_newtonschulz
 

@@ -154,7 +154,7 @@ def bad_values(check):
     if check is rules.hyperparams.positive_int_or_none:
         return [0, -1, 2.5, math.nan, "3", True]
     if getattr(check, "__name__", "") in ("_adjust_lr_fn", "_ns_dtype"):  # None: valid
-        return ["bad", 1.0, "bfloat16"]
+        return ["bad", 1.0, "float16"]
     if getattr(check, "__name__", "") == "_ns_steps":
         return [0, 100, -1, 2.5, True, None]
     if getattr(check, "__name__", "") == "_coefficients":

@@ -29,9 +29,10 @@ Choices (where fastopt differs from torch, and why):
 * **dtype of the orthogonalization** (``ns_dtype``): torch casts U to bfloat16 and
   runs the iterations there.  fastopt runs them in the parameter's dtype by default
   (``ns_dtype=None``: float32 for float32 parameters, float64 for float64), or in
-  the dtype named (``"float32"``, ``"float64"``).  ``"bfloat16"`` is refused: NumPy
-  and SciPy's BLAS have no bfloat16 GEMM, and emulating one would be slower than
-  float32 for no gain in accuracy.
+  the dtype named (``"float32"``, ``"float64"``).  ``"bfloat16"`` runs torch's own
+  iterations through torch's bfloat16 GEMM (CPU; :func:`newton_schulz_bf16`), the
+  one bfloat16 GEMM at hand: NumPy and SciPy's BLAS have none, so without torch it
+  is refused (emulating one would be slower than float32).
 * **batched matrices**: a parameter of shape ``[..., M, N]`` (``ndim >= 2``) is a
   stack of matrices, each orthogonalized on its own, with ``r`` from ``(M, N)``.
   Parameters with ``ndim < 2`` are refused (use :func:`fastopt.muon_param_groups`
@@ -72,7 +73,8 @@ Scalars = scalars_type("MuonScalars", (
     "lr", "decay", "momentum", "one_minus_momentum", "nesterov"))
 
 DEFAULT_COEFFICIENTS = (3.4445, -4.775, 2.0315)
-NS_DTYPES = {None: None, "float32": np.float32, "float64": np.float64}
+NS_DTYPES = {None: None, "float32": np.float32, "float64": np.float64,
+             "bfloat16": np.float32}      # bfloat16: torch's GEMM, widened to float32
 
 
 def host_scalars(group, step, host, fresh):
@@ -150,11 +152,40 @@ def newton_schulz(u, coefficients, steps, eps, dtype):
     return out.reshape(u.shape)
 
 
+def newton_schulz_bf16(u, coefficients, steps, eps):
+    """:func:`newton_schulz` in bfloat16 through torch's bfloat16 GEMM (CPU), the
+    operations of ``torch.optim._muon._zeropower_via_newtonschulz`` (torch 2.13);
+    returns float32 (bfloat16 values widened)."""
+    import torch
+    a, b, c = coefficients
+    if u.size == 0:
+        return np.zeros(u.shape, dtype=np.float32)
+    m, n = u.shape[-2:]
+    tall = m > n
+    src = torch.from_numpy(np.ascontiguousarray(u).reshape(-1, m, n))
+    out = np.empty((src.shape[0], m, n), dtype=np.float32)
+    for k in range(src.shape[0]):
+        x = src[k].bfloat16()
+        if tall:
+            x = x.T
+        x.div_(x.norm().clamp(min=eps))
+        for _ in range(steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        if tall:
+            x = x.T
+        out[k] = x.float().numpy()
+    return out.reshape(u.shape)
+
+
 def orthogonalized(u, group, dtype):
     """What phase 2 reads in the gradient's place: ``r * NS(U)`` in ``dtype`` (the
     parameter's), with ``r`` the shape's learning-rate ratio (formed in float64)."""
-    o = newton_schulz(u, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                      ns_dtype(group, dtype))
+    if group["ns_dtype"] == "bfloat16":
+        o = newton_schulz_bf16(u, group["ns_coefficients"], group["ns_steps"], group["eps"])
+    else:
+        o = newton_schulz(u, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                          ns_dtype(group, dtype))
     r = adjust_ratio(group["adjust_lr_fn"], u.shape)
     out = o.astype(dtype, copy=False)          # o is ours: scaled in place
     if r != 1.0:
@@ -203,12 +234,17 @@ def _adjust_lr_fn(name, value):
 
 def _ns_dtype(name, value):
     if value == "bfloat16":
-        raise ValueError(f"Invalid {name}: 'bfloat16' is not supported: NumPy and SciPy's "
-                         "BLAS have no bfloat16 GEMM (use None, 'float32' or 'float64')")
+        import importlib.util
+        if importlib.util.find_spec("torch") is None:
+            raise ValueError(f"Invalid {name}: 'bfloat16' needs a bfloat16 GEMM: torch "
+                             "(CPU) has one, and is not installed; NumPy and SciPy's BLAS "
+                             "have none (use None, 'float32' or 'float64')")
+        return value
     if isinstance(value, type) or isinstance(value, np.dtype):
         value = np.dtype(value).name
     if value not in NS_DTYPES:
-        raise ValueError(f"Invalid {name}: {value!r} (expected None, 'float32' or 'float64')")
+        raise ValueError(f"Invalid {name}: {value!r} (expected None, 'float32', 'float64' "
+                         "or 'bfloat16')")
     return value
 
 
@@ -258,7 +294,8 @@ RULE = Rule(
         when tall); ``p *= 1 - lr weight_decay``; ``p -= lr r O`` with
         ``r = sqrt(max(1, M / N))`` (``adjust_lr_fn`` None or ``"original"``) or
         ``0.2 sqrt(max(M, N))`` (``"match_rms_adamw"``).  ``ns_dtype``: the dtype of the
-        iterations (None: the parameter's; ``"float32"``, ``"float64"``).  Parameters of
+        iterations (None: the parameter's; ``"float32"``, ``"float64"``; ``"bfloat16"``,
+        torch's iterations through torch's bfloat16 GEMM, when torch is installed).  Parameters of
         ndim >= 2 only (split a model with :func:`fastopt.muon_param_groups`), dense
         gradients, float32/float64 parameters and state.
         """,
