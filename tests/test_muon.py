@@ -535,11 +535,24 @@ def test_cuda_refuses_muon_by_capability():
         require_features(bk, RULE, RULE.check_group(RULE.defaults), "lazy")
 
 
-def test_sharded_optimizer_refuses_muon():
+def test_sharded_optimizer_world_of_one_is_the_single_process():
+    """ShardedOptimizer(fastopt.Muon): every matrix owned whole by one rank
+    (tests/mpi/mpi_sharded_cases.py runs it under mpiexec -n 2 and -n 3, bit for bit
+    against one process); here a world of one."""
     pytest.importorskip("mpi4py")
     from fastopt.distributed import ShardedOptimizer
-    with pytest.raises(Exception, match="orthogonalizes whole matrices"):
-        ShardedOptimizer(fastopt.Muon, [np.ones((4, 4))])
+    rng = np.random.default_rng(11)
+    shapes = [(9, 5), (2, 4, 3)]
+    a = [rng.standard_normal(s) for s in shapes]
+    b = [p.copy() for p in a]
+    so = ShardedOptimizer(fastopt.Muon, a, lr=0.05)
+    ref = fastopt.Muon(b, lr=0.05)
+    for t in range(4):
+        gs = [awkward(rng, s, np.float64, t) for s in shapes]
+        so.step([g.copy() for g in gs])
+        ref.step(gs)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
 
 
 # -------------------------------------------------------- muon_param_groups
