@@ -594,3 +594,13 @@ def test_param_groups_from_arrays():
     fastopt.Muon(m and [x for _, x in m])
     with pytest.raises(ValueError, match="min_ndim"):
         fastopt.muon_param_groups([w], min_ndim=1)
+
+
+def test_fastopt_bench_points_to_the_muon_benchmark(capsys):
+    """Muon is compute-bound: ``fastopt bench`` (memory-bound cases against a STREAM
+    ceiling) leaves it out and ``--rules Muon`` says where it is measured."""
+    from fastopt import benchmark
+    from fastopt.__main__ import main
+    assert "Muon" not in {c.rule for c in benchmark.default_cases()}
+    assert main(["bench", "--rules", "Muon"]) == 2
+    assert "bench/muon_bench.py" in capsys.readouterr().err
