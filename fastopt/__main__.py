@@ -109,7 +109,12 @@ def main(argv=None):
     if args.rules:
         wanted = [r.strip() for r in args.rules.split(",")]
         for r in wanted:
-            registry.get(r)
+            if registry.get(r).matrix is not None:
+                print(f"fastopt bench: {r} is compute-bound (its steps are matrix "
+                      "products), so it is measured against the GEMM rate by "
+                      "bench/muon_bench.py (docs/benchmarks.md), not here",
+                      file=sys.stderr)
+                return 2
         cases = [c for c in cases if c.rule in wanted]
         # a named rule outside the (quick) table still gets its one-tensor row
         size = 1_000_000 if args.quick else 10_000_000

@@ -62,6 +62,11 @@ def _apply(rule, param, grad, slot_arrays, step, host, backend, hyper, grad_scal
     if gs is not None:
         bk.require("grad_scale")
         fused.check_grad_scale_dtypes(gs, [p.dtype])
+    if rule.param_reason is not None and rule.param_reason(p.shape) is not None:
+        raise ValueError(rule.param_reason(p.shape))
+    if gs is not None and rule.matrix is not None:
+        raise ValueError(f"{rule.name}: grad_scale is not supported: the update pass reads "
+                         "the orthogonalized matrix in the gradient's place")
     if rule.layout == "rowwise" and p.ndim == 0:
         raise ValueError(f"{rule.name} needs a parameter with at least one dimension")
     slots = []
@@ -78,10 +83,12 @@ def _apply(rule, param, grad, slot_arrays, step, host, backend, hyper, grad_scal
         slots.append(a)
     refuse_overlaps([p] + [s for s in slots if s is not None], bk, "array (param, state...)")
     sparse = is_sparse(grad) and not isinstance(grad, np.ndarray)
-    if sparse and rule.per_tensor:
+    if sparse and rule.whole_tensor:
         raise ValueError("grad: " + rule.tensor_refusal("a row-sparse gradient"))
     if rule.per_tensor:
         bk.require("tensor_norms", f"the per-tensor rule {rule.name}")
+    if rule.matrix is not None:
+        bk.require("matrix", f"the matrix rule {rule.name}")
     if sparse:
         bk.require("sparse_lazy")
         idx, vals = checked_rows(grad, p, "grad")
@@ -111,6 +118,9 @@ def _apply(rule, param, grad, slot_arrays, step, host, backend, hyper, grad_scal
     work.ref = [ref]
     if rule.per_tensor and not getattr(bk, "wants_reference_args", False):
         planner.tensor_scalars(rule, bk, [work], [[group]])
+    if rule.matrix is not None and not getattr(bk, "wants_reference_args", False):
+        from . import matrix_phase
+        matrix_phase.run(bk, [work], [[group]])
     bk.run_dense(work)
     return new_host
 

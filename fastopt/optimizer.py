@@ -24,7 +24,7 @@ from struct import pack_into
 
 import numpy as np
 
-from . import backends, planner, state_io, storage
+from . import backends, matrix_phase, planner, state_io, storage
 from .exact_mode import ExactTracker
 from .param_groups import ParamGroups
 from .state_store import ArrayStore
@@ -220,6 +220,11 @@ class Optimizer:
 
     def _check_params(self, arrays):
         """Storage checks of new parameters (before the group is added)."""
+        if self.rule.param_reason is not None:
+            for a in arrays:
+                why = self.rule.param_reason(a.shape)
+                if why is not None:
+                    raise ValueError(why)
         if any(storage.is_bf16(a.dtype) for a in arrays):
             self.backend.require("bfloat16", "bfloat16 parameters")
             if self.rule.bf16_reason is not None:
@@ -320,6 +325,10 @@ class Optimizer:
             raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
         gs = fused.check_grad_scale(grad_scale)
         if gs is not None:
+            if self.rule.matrix is not None:
+                raise ValueError(f"{self.rule.name}: step(grad_scale=...) is not supported: "
+                                 "the update pass reads the orthogonalized matrix in the "
+                                 "gradient's place (unscale the gradients before the step)")
             bk.require("grad_scale", "step(grad_scale=...)")
             fused.check_grad_scale_dtypes(gs, {storage.compute_dtype(params[i].dtype)
                                                for i in dense_i + sparse_i})
@@ -388,7 +397,7 @@ class Optimizer:
         if fast.plan is not plan:
             fast.plan = plan
             fast.lean = not getattr(self.backend, "wants_reference_args", False) \
-                and not self.rule.per_tensor and all(
+                and not self.rule.whole_tensor and all(
                 b.config.storage.native and not b.config.switches[0]
                 and list(b.pos) == fast.all
                 for b in plan[1])
@@ -453,8 +462,9 @@ class Optimizer:
         count it), so the state is created, the step count advances and, in exact
         mode, every row falls one step behind."""
         out = []
-        if sparse_i and self.rule.per_tensor:
+        if sparse_i and self.rule.whole_tensor:
             raise ValueError(f"gradient {sparse_i[0]}: " + self.rule.tensor_refusal(
+                "a row-sparse gradient" if self.rule.matrix is not None else
                 "a row-sparse gradient (it would update some rows with norms of others)"))
         for i in sparse_i:
             idx, vals = checked_rows(grads[i], self._params[i], f"gradient {i}")
@@ -592,6 +602,9 @@ class Optimizer:
                 [[specs[owner[i]].group for i in m] for m in members],
                 None if self.norm_reducer is None else
                 lambda sums: self.norm_reducer(members, sums))
+        if self.rule.matrix is not None and not ref:
+            matrix_phase.run(self.backend, works, [[specs[owner[active[k]]].group
+                                                    for k in b.pos] for b in plan[1]])
         for work in works:
             self.backend.run_dense(work)
         if everyone:
@@ -919,6 +932,8 @@ def require_features(bk, rule, group, sparse_mode):
         bk.require("rowwise", f"the row-wise rule {rule.name}")
     if rule.per_tensor:
         bk.require("tensor_norms", f"the per-tensor rule {rule.name}")
+    if rule.matrix is not None:
+        bk.require("matrix", f"the matrix rule {rule.name}")
     if any(fused.flags(group)[1:]):
         bk.require("fused_options")
     bk.require("sparse_exact" if sparse_mode == "exact" else "sparse_lazy")

@@ -2,7 +2,7 @@
 # Do not edit: tests/test_layout.py checks it.
 
 # every rule's math (its copy in _cy_rules.pxd, named after its module)
-from _cy_rules cimport sgd, adagrad, rmsprop, adam, adamax, nadam, lion, radam, adadelta, rprop, asgd, ademamix, adamw_schedulefree, sgd_schedulefree, lamb, lars, rowwise_adagrad, lamb_norms, lars_norms
+from _cy_rules cimport sgd, adagrad, rmsprop, adam, adamax, nadam, lion, radam, adadelta, rprop, asgd, ademamix, adamw_schedulefree, sgd_schedulefree, lamb, lars, muon, rowwise_adagrad, lamb_norms, lars_norms
 
 # ----------------------------------------------------------------- rule ids
 cdef enum:
@@ -22,12 +22,13 @@ cdef enum:
     R_SGD_SCHEDULEFREE = 13
     R_LAMB = 14
     R_LARS = 15
-    R_COUNT = 16
+    R_MUON = 16
+    R_COUNT = 17
 
 #: rule modules (``fastopt/rules/<name>.py``) whose element math has a copy here; id = index
-MATH_NAMES = ('sgd', 'adagrad', 'rmsprop', 'adam', 'adamax', 'nadam', 'lion', 'radam', 'adadelta', 'rprop', 'asgd', 'ademamix', 'adamw_schedulefree', 'sgd_schedulefree', 'lamb', 'lars')
+MATH_NAMES = ('sgd', 'adagrad', 'rmsprop', 'adam', 'adamax', 'nadam', 'lion', 'radam', 'adadelta', 'rprop', 'asgd', 'ademamix', 'adamw_schedulefree', 'sgd_schedulefree', 'lamb', 'lars', 'muon')
 #: whose ``Scalars`` each of them reads (the prefix of its column constants)
-MATH_SCALARS = ('SGD', 'ADAGRAD', 'RMSPROP', 'ADAM', 'ADAMAX', 'NADAM', 'LION', 'RADAM', 'ADADELTA', 'RPROP', 'ASGD', 'ADEMAMIX', 'ADAMWSCHEDULEFREE', 'SGDSCHEDULEFREE', 'LAMB', 'LARS')
+MATH_SCALARS = ('SGD', 'ADAGRAD', 'RMSPROP', 'ADAM', 'ADAMAX', 'NADAM', 'LION', 'RADAM', 'ADADELTA', 'RPROP', 'ASGD', 'ADEMAMIX', 'ADAMWSCHEDULEFREE', 'SGDSCHEDULEFREE', 'LAMB', 'LARS', 'MUON')
 
 #: row-wise rules (one state value per row; :func:`run_stored_rowwise`); id = index
 ROWWISE_NAMES = ('rowwise_adagrad',)
@@ -69,6 +70,8 @@ cdef struct TLamb:
     char _
 cdef struct TLars:
     char _
+cdef struct TMuon:
+    char _
 
 ctypedef fused RuleTag:
     TSgd
@@ -87,6 +90,7 @@ ctypedef fused RuleTag:
     TSgdSchedulefree
     TLamb
     TLars
+    TMuon
 
 cdef TSgd T_SGD
 cdef TAdagrad T_ADAGRAD
@@ -104,6 +108,7 @@ cdef TAdamwSchedulefree T_ADAMW_SCHEDULEFREE
 cdef TSgdSchedulefree T_SGD_SCHEDULEFREE
 cdef TLamb T_LAMB
 cdef TLars T_LARS
+cdef TMuon T_MUON
 
 
 cdef inline void _math(RuleTag tag, floating* p, floating g, floating* s0, floating* s1,
@@ -138,8 +143,10 @@ cdef inline void _math(RuleTag tag, floating* p, floating g, floating* s0, float
         sgd_schedulefree(p, g, s0, s1, s2, c)
     elif RuleTag is TLamb:
         lamb(p, g, s0, s1, s2, c)
-    else:
+    elif RuleTag is TLars:
         lars(p, g, s0, s1, s2, c)
+    else:
+        muon(p, g, s0, s1, s2, c)
 
 #: the column of every scalar constant the math reads, as compiled (from
 #: ``_cy_scalars.pxi``); the backend checks them against the ``Scalars`` declarations
@@ -280,6 +287,11 @@ COLUMNS = {
     "LARS_WEIGHT_DECAY": K.LARS_WEIGHT_DECAY,
     "LARS_LOCAL": K.LARS_LOCAL,
     "LARS_NESTEROV": K.LARS_NESTEROV,
+    "MUON_LR": K.MUON_LR,
+    "MUON_DECAY": K.MUON_DECAY,
+    "MUON_MOMENTUM": K.MUON_MOMENTUM,
+    "MUON_ONE_MINUS_MOMENTUM": K.MUON_ONE_MINUS_MOMENTUM,
+    "MUON_NESTEROV": K.MUON_NESTEROV,
 }
 
 
@@ -319,6 +331,8 @@ cdef void _by_rule(int rule, int ucode, floating* P, const floating* G, floating
         _by_uses(T_LAMB, ucode, P, G, S0, S1, S2, n, c)
     elif rule == R_LARS:
         _by_uses(T_LARS, ucode, P, G, S0, S1, S2, n, c)
+    elif rule == R_MUON:
+        _by_uses(T_MUON, ucode, P, G, S0, S1, S2, n, c)
 
 
 cdef inline void _norms_by_rule(int rule, floating p, floating g, floating s0, floating s1,

@@ -595,3 +595,10 @@ cdef inline void lars_norms(floating p, floating g, floating buf, floating s1, f
     """rules.lars.norms: the parameter and the gradient."""
     x[0] = p
     y[0] = g
+
+
+cdef inline void muon(floating* p_, floating o, floating* buf_, floating* s1_, floating* s2_,
+                      const floating* c) noexcept nogil:
+    """rules.muon.element (phase 2: ``o`` is r * NS(U), in the gradient's place; the
+    momentum buffer was updated by the matrix phase and passes through)."""
+    p_[0] = p_[0] * c[MUON_DECAY] - c[MUON_LR] * o

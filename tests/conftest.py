@@ -43,6 +43,52 @@ DTYPES = [np.float32, np.float64]
 SHAPES = [(7,), (33, 17), (70_001,), (0,)]
 
 
+def shape_for(name, shape):
+    """The shape a test gives rule ``name`` for its usual ``shape``: a matrix rule
+    (Muon) takes parameters of ndim >= 2 only, so a vector ``(n,)`` becomes the
+    matrix ``(d, n // d)`` with the largest divisor ``d <= sqrt(n)`` (``(0,)`` becomes
+    ``(0, 3)``, ``()`` ``(1, 1)``); other rules keep ``shape``."""
+    shape = tuple(shape)
+    if rules.RULES[name].layout != "matrix" or len(shape) >= 2:
+        return shape
+    n = shape[0] if shape else 1
+    if n == 0:
+        return (0, 3)
+    d = max(k for k in range(1, int(n ** 0.5) + 1) if n % k == 0)
+    return (d, n // d)
+
+
+def shapes_for(name, shapes):
+    """:func:`shape_for` of each shape."""
+    return [shape_for(name, s) for s in shapes]
+
+
+def torch_ns_same_dtype(grad, ns_coefficients, ns_steps, eps):
+    """torch.optim's ``_zeropower_via_newtonschulz`` (torch 2.13) without its cast to
+    bfloat16: the same operations in the gradient's dtype.  Tests monkeypatch it in
+    (``torch.optim._muon._zeropower_via_newtonschulz``) to compare fastopt.Muon with
+    torch.optim.Muon in float64 and float32."""
+    import torch
+    if ns_steps >= 100:
+        raise ValueError("Number of steps must be less than 100 for computational efficiency")
+    if len(grad.shape) != 2:
+        raise ValueError("Input tensor gradient must be a 2D matrix")
+    if len(ns_coefficients) != 3:
+        raise ValueError("Coefficients must be a tuple of exactly 3 values")
+    a, b, c = ns_coefficients
+    ortho_grad = grad.clone()
+    if grad.size(0) > grad.size(1):
+        ortho_grad = ortho_grad.T
+    ortho_grad.div_(ortho_grad.norm().clamp(min=eps))
+    for _ in range(ns_steps):
+        gram_matrix = ortho_grad @ ortho_grad.T
+        gram_update = torch.addmm(gram_matrix, gram_matrix, gram_matrix, beta=b, alpha=c)
+        ortho_grad = torch.addmm(ortho_grad, gram_update, ortho_grad, beta=a)
+    if grad.size(0) > grad.size(1):
+        ortho_grad = ortho_grad.T
+    return ortho_grad
+
+
 def rule_cases():
     """(rule name, variant index) for every registry variant."""
     return [pytest.param(name, k, id=f"{name}-v{k}")

@@ -9,7 +9,7 @@ import pytest
 import fastopt
 from fastopt import rules
 
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, shape_for
 
 
 def _state(opt):
@@ -153,6 +153,12 @@ def bad_values(check):
         return [math.nan, math.inf, -math.inf, "0.1", None]
     if check is rules.hyperparams.positive_int_or_none:
         return [0, -1, 2.5, math.nan, "3", True]
+    if getattr(check, "__name__", "") in ("_adjust_lr_fn", "_ns_dtype"):  # None: valid
+        return ["bad", 1.0, "float16"]
+    if getattr(check, "__name__", "") == "_ns_steps":
+        return [0, 100, -1, 2.5, True, None]
+    if getattr(check, "__name__", "") == "_coefficients":
+        return [(1.0, 2.0), (1.0, math.nan, 2.0), None, 3.0]
     if getattr(check, "__name__", "") == "_trust_clip":     # None: no clamp
         return [-1.0, 0.0, math.nan, math.inf, "0.1"]
     bad = [-1.0, math.nan, math.inf, -math.inf, "0.1", None]
@@ -173,21 +179,22 @@ def hyper_cases():
 @pytest.mark.parametrize("name,key,bad", hyper_cases())
 def test_bad_hyperparameters_raise_naming_the_value(name, key, bad):
     with pytest.raises(ValueError, match=key):
-        fastopt.CLASSES[name]([np.ones(3)], **{key: bad})
+        fastopt.CLASSES[name]([np.ones(shape_for(name, (3,)))], **{key: bad})
 
 
 @pytest.mark.parametrize("name", list(rules.RULES))
 def test_bad_hyperparameter_set_between_steps_changes_nothing(name):
-    params = [np.ones(4)]
+    shape = shape_for(name, (4,))
+    params = [np.ones(shape)]
     opt = fastopt.CLASSES[name](params)
-    opt.step([np.full(4, 0.5)])
+    opt.step([np.full(shape, 0.5)])
     snap = snapshot(opt, params)
     opt.param_groups[0]["lr"] = -1.0
     with pytest.raises(ValueError, match="lr"):
-        opt.step([np.full(4, 0.5)])
+        opt.step([np.full(shape, 0.5)])
     assert_unchanged(opt, params, snap)
     opt.param_groups[0]["lr"] = 1e-3
-    opt.step([np.full(4, 0.5)])
+    opt.step([np.full(shape, 0.5)])
 
 
 def test_nesterov_needs_momentum_and_no_dampening():
@@ -223,15 +230,16 @@ def test_functional_matches_class(name):
     group = rule.check_group({**rule.defaults, **variant})
     uses = rule.uses_slots(group)
     rng = np.random.default_rng(3)
-    p_cls = rng.standard_normal(50)
+    shape = shape_for(name, (50,))
+    p_cls = rng.standard_normal(shape)
     p_fn = p_cls.copy()
     opt = fastopt.CLASSES[name]([p_cls], **variant)
-    slots = [np.full(rule.slot_shape((50,)), rule.slot_init(group, s)) if u else None
+    slots = [np.full(rule.slot_shape(shape), rule.slot_init(group, s)) if u else None
              for s, u in zip(rule.slots, uses)]
     host = rule.host_init(group)
     fn = getattr(fastopt.functional, fastopt.functional._fname(rule))
     for t in range(1, 6):
-        g = rng.standard_normal(50)
+        g = rng.standard_normal(shape)
         opt.step([g])
         out = fn(p_fn, g, *slots, step=t, **variant, **host)
         if host:       # one host scalar comes back alone, several as a dict (ASGD)

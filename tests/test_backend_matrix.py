@@ -36,6 +36,13 @@ def option_cases():
         # per-tensor rules update whole tensors: max_norm (a row option) is refused
         opts = {k: v for k, v in ALL_OPTIONS.items() if k != "max_norm"} \
             if rule.per_tensor else ALL_OPTIONS
+        if rule.matrix is not None:
+            # Muon: the options on the parameter (clip_value, max_norm and grad_scale
+            # are refused: the update pass reads the orthogonalized matrix)
+            opts = {k: v for k, v in ALL_OPTIONS.items() if k in ("l1", "param_min",
+                                                                  "param_max")}
+            cases.append(pytest.param(name, opts, None, id=f"{name}-post"))
+            continue
         cases.append(pytest.param(name, opts, 64.0, id=f"{name}-all-scaled"))
     for name in ONE_OPTION_RULES:
         for opt in ONE_OPTION:
@@ -116,7 +123,7 @@ def test_functional_options_match_reference(backend, name, options, grad_scale, 
         with pytest.raises(NotImplementedError):
             _run_functional(name, backend, options, grad_scale, sparse)
         return
-    if sparse and rules.RULES[name].per_tensor:
+    if sparse and rules.RULES[name].whole_tensor:
         with pytest.raises(ValueError, match="row-sparse gradient"):
             _run_functional(name, backend, options, grad_scale, sparse)
         return
@@ -192,6 +199,8 @@ def test_missing_feature_is_refused_before_writing(backend, feature):
         "state8": lambda: fastopt.SGD([p], lr=0.1, momentum=0.9, state_bits=8,
                                       backend=backend).step([np.ones_like(p)]),
         "tensor_norms": lambda: fastopt.LAMB([p], lr=0.1, backend=backend).step(
+            [np.ones_like(p)]),
+        "matrix": lambda: fastopt.Muon([p], lr=0.1, backend=backend).step(
             [np.ones_like(p)]),
     }
     if bk.supports(feature):

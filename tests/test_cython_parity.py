@@ -45,6 +45,7 @@ from fastopt.rules.base import NSLOTS  # noqa: E402
 from fastopt.sparse import coalesce_plan  # noqa: E402
 
 from cases import CY_EXACT, CY_SPARSE, CY_STEPS, same, same_optimizers  # noqa: E402
+from conftest import shapes_for  # noqa: E402
 
 # the extension is built: from here on, a backend that does not load is a failure
 BACKEND = cy_backend.register_backend()
@@ -220,9 +221,10 @@ def test_element_math_bit_identical(name, k, dtype):
     dt = np.dtype(dtype).type
     rng = np.random.default_rng(1000 + 10 * k)
     rows = _inputs(rng, dtype, 120)
-    variant = {**rule.variants[k], **ELEMENT_OPTS}
+    opts_ok = rule.matrix is None       # Muon refuses clip_value and grad_scale
+    variant = {**rule.variants[k], **(ELEMENT_OPTS if opts_ok else {})}
     checked = 0
-    for switches in (fused.OFF, (True,) * 5 + (False,)):
+    for switches in (fused.OFF,) + (((True,) * 5 + (False,)),) * opts_ok:
         step = element_step(rule.math, switches)
         opts = cy_backend.option_mask(_cy_dense, switches)
         for label, row64 in _scalar_rows(rule, variant, 4.0 if switches[0] else None):
@@ -238,7 +240,7 @@ def test_element_math_bit_identical(name, k, dtype):
                     same(dt(w), v, f"{name} v{k} {label} opts {opts:#x} {what}: "
                                    f"inputs {r.tolist()}")
                 checked += 1
-    assert checked == 2 * 2 * len(rows)
+    assert checked == (2 if opts_ok else 1) * 2 * len(rows)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
@@ -328,7 +330,8 @@ def test_dense_steps_bit_identical_to_numba(variant_id, dtype, options):
     name, k = variant_id
     hyper, gs = OPTION_SETS[options]
     variant = {**rules.RULES[name].variants[k], **hyper}
-    on, oc = both(lambda b: run_classes(b, name, variant, dtype, DENSE_SHAPES, 7, gs, seed=k))
+    on, oc = both(lambda b: run_classes(b, name, variant, dtype, shapes_for(name, DENSE_SHAPES),
+                                        7, gs, seed=k))
     same_optimizers(on, oc)
     if hyper:                                   # the options did run: the clamps hold
         p = np.concatenate([q.ravel() for q in oc._params])
@@ -532,12 +535,14 @@ def test_sparse_exact_bit_identical_to_numba(variant_id, dtype, scaled):
 @pytest.mark.parametrize("name", list(rules.RULES))
 def test_serial_and_parallel_drivers_agree(name, monkeypatch):
     """The same steps with every driver serial, and every driver parallel."""
-    variant = {**rules.RULES[name].variants[-1], **ELEMENT_OPTS}
+    opts_ok = rules.RULES[name].matrix is None      # Muon: no clip_value, grad_scale
+    variant = {**rules.RULES[name].variants[-1], **(ELEMENT_OPTS if opts_ok else {})}
 
     def run(parallel_min):
         monkeypatch.setattr(numba_cpu, "PARALLEL_MIN", parallel_min)
-        dense = run_classes("cython", name, variant, np.float32, [(70_001,), (9, 3)], 4, 2.0)
-        if rules.RULES[name].per_tensor:          # whole tensors only: no row steps
+        dense = run_classes("cython", name, variant, np.float32,
+                            shapes_for(name, [(70_001,), (9, 3)]), 4, 2.0 if opts_ok else None)
+        if rules.RULES[name].whole_tensor:        # whole tensors only: no row steps
             return (dense,)
         sparse = run_classes("cython", name, {**variant, "max_norm": 1.0}, np.float64,
                              [(500, 8)], 3, sparse=_zipf_sparse(900))
@@ -557,15 +562,19 @@ opts = dict(clip_value=0.5, l1=0.1, param_min=-1.0, param_max=1.0)
 for name in rules.RULES:
     for dt in (np.float32, np.float64):
         rng = np.random.default_rng(0)
-        dense = rng.standard_normal(3 * 32768 + 777).astype(dt)
+        mat = rules.RULES[name].matrix is not None   # Muon: matrices, no clip/grad_scale
+        dense = rng.standard_normal((300, 331) if mat else 3 * 32768 + 777).astype(dt)
         table = rng.standard_normal((20_000, 8)).astype(dt)
         kw = dict(rules.RULES[name].variants[-1], **opts)
+        if mat:
+            del kw["clip_value"]
         a = fastopt.CLASSES[name]([dense], backend="cython", **kw)
-        rows = not rules.RULES[name].per_tensor   # per-tensor rules: whole tensors only
+        rows = not rules.RULES[name].whole_tensor   # whole tensors only: LAMB, LARS, Muon
         b = fastopt.CLASSES[name]([table], backend="cython", **kw,
                                   **({"max_norm": 1.5} if rows else {}))
         for _ in range(2):
-            a.step([rng.standard_normal(dense.shape).astype(dt)], grad_scale=2.0)
+            a.step([rng.standard_normal(dense.shape).astype(dt)],
+                   grad_scale=None if mat else 2.0)
             idx = np.minimum(rng.zipf(1.2, 30_000) - 1, table.shape[0] - 1)
             vals = rng.standard_normal((30_000, 8)).astype(dt)
             if rows:

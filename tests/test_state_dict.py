@@ -10,7 +10,7 @@ import pytest
 import fastopt
 from fastopt import rules
 
-from conftest import CPU_BACKENDS, awkward_grads, init_params, rule_cases
+from conftest import CPU_BACKENDS, awkward_grads, init_params, rule_cases, shapes_for
 
 SHAPES = [(40,), (6, 7)]
 
@@ -20,12 +20,13 @@ SHAPES = [(40,), (6, 7)]
 def test_resume_is_bit_identical_to_never_stopping(name, k, backend):
     variant = rules.RULES[name].variants[k]
     cls = fastopt.CLASSES[name]
-    grads = awkward_grads(SHAPES, np.float32, 20, seed=5)
-    straight = init_params(SHAPES, np.float32)
+    shapes = shapes_for(name, SHAPES)
+    grads = awkward_grads(shapes, np.float32, 20, seed=5)
+    straight = init_params(shapes, np.float32)
     opt = cls(straight, backend=backend, **variant)
     for gs in grads:
         opt.step(gs)
-    resumed = init_params(SHAPES, np.float32)
+    resumed = init_params(shapes, np.float32)
     first = cls(resumed, backend=backend, **variant)
     for gs in grads[:9]:
         first.step(gs)
@@ -90,14 +91,15 @@ def test_load_refuses_foreign_or_mismatched_state():
 @pytest.mark.parametrize("name", list(rules.RULES))
 def test_thread_count_does_not_change_results(name):
     """The parallel driver gives bit-identical results with 1 and 2 threads."""
+    a, b = shapes_for(name, [(300_000,), (1000,)])      # Muon: (500, 600), (25, 40)
     code = f"""
 import sys, numpy as np, numba, fastopt
 numba.set_num_threads(int(sys.argv[1]))
 rng = np.random.default_rng(0)
-p = [rng.standard_normal(300_000).astype(np.float32), rng.standard_normal(1000)]
+p = [rng.standard_normal({a}).astype(np.float32), rng.standard_normal({b})]
 opt = fastopt.{name}(p, backend='numba')
 for _ in range(3):
-    opt.step([rng.standard_normal(300_000).astype(np.float32), rng.standard_normal(1000)])
+    opt.step([rng.standard_normal({a}).astype(np.float32), rng.standard_normal({b})])
 sys.stdout.buffer.write(p[0].tobytes() + p[1].tobytes())
 """
     outs = [subprocess.run([sys.executable, "-c", code, str(n)], capture_output=True,

@@ -119,7 +119,8 @@ def capability_table():
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for rule in rules.RULES.values():
         row = ["rowwise"] if rule.layout == "rowwise" else \
-            ["tensor_norms"] if rule.per_tensor else []
+            ["tensor_norms"] if rule.per_tensor else \
+            ["matrix"] if rule.layout == "matrix" else []
         state = [_code(s) for s in rule.slots] + [_code(k) + " (host)"
                                                   for k in rule.host_init(rule.defaults)]
         if rule.catch_up is None:
@@ -143,12 +144,18 @@ def capability_table():
             low += note(f"{rule.name}, `state_bits=8`: {w}")
         lines.append("| " + " | ".join([
             f"`fastopt.{rule.name}`" + (" (row-wise)" if rule.layout == "rowwise" else
-                                        " (per-tensor)" if rule.per_tensor else ""),
+                                        " (per-tensor)" if rule.per_tensor else
+                                        " (matrix)" if rule.layout == "matrix" else ""),
             ", ".join(state),
             who(["dense"] + row),
             "—" + note(f"{rule.name}: " + rule.tensor_refusal("a row-sparse gradient"))
-            if rule.per_tensor else who(["sparse_lazy"] + row),
+            if rule.whole_tensor else who(["sparse_lazy"] + row),
             exact,
+            ("l1, param_min, param_max, skip_nonfinite: " + who(
+                ["fused_options", "skip_nonfinite"] + row) + note(
+                f"{rule.name}: clip_value, max_norm and grad_scale are refused (the update "
+                "pass reads the orthogonalized matrix in the gradient's place)"))
+            if rule.layout == "matrix" else
             who(["fused_options", "grad_scale", "skip_nonfinite"] + row),
             who(["float32", "float64"] + row),
             (("—" + note(f"{rule.name}, bfloat16 parameters: {rule.bf16_reason()}"))

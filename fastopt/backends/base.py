@@ -68,6 +68,8 @@ FEATURES = {
     "rowwise": "row-wise rules (one state value per row)",
     "tensor_norms": "per-tensor rules (LAMB, LARS): a norm pass over each tensor, then the "
                     "update pass",
+    "matrix": "matrix rules (Muon): a phase on whole matrices (Newton-Schulz through BLAS) "
+              "between the element phases",
     "fused_options": "clip_value, l1, param_min, param_max, max_norm in the update pass",
     "grad_scale": "step(grad_scale=...) divides gradients inside the update pass",
     "skip_nonfinite": "step(skip_nonfinite=True) skips a step with an Inf/NaN gradient",
@@ -291,6 +293,13 @@ class Backend:
         if chunks is None:
             chunks = work.launch["element_chunks"] = make_chunks([p.size for p in work.params])
         return chunks
+
+    def run_matrix(self, work, groups):
+        """The matrix phase of a matrix rule (``Rule.matrix``) over a
+        :class:`DenseWork` bucket, ``groups[t]`` the param group of tensor ``t``
+        (:mod:`fastopt.matrix_phase`); host arrays: :mod:`.matrix_cpu`."""
+        from .matrix_cpu import run_matrix
+        run_matrix(work, groups)
 
     def run_norms(self, work):
         """The norm pass of a per-tensor rule (``Rule.norms``) over a

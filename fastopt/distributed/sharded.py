@@ -183,11 +183,18 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
     def _granules(self, first=0):
         """Per parameter from ``first``: the rows its cuts are multiples of (the 8-bit
         blocks of a 1-D parameter with 8-bit state, else 1).  The storage format is
-        the whole parameter's (as the single process chooses it)."""
+        the whole parameter's (as the single process chooses it).  A matrix rule
+        (Muon) orthogonalizes whole matrices: a 2-D parameter is never cut (one rank
+        owns it, the others get an empty piece), a stack ``[B, ..., M, N]`` only
+        between its matrices (the first axis), so every rank's pieces are whole
+        matrices and each is computed as the single process computes it."""
         out, k = [], 0
+        matrix = self.rule.matrix is not None
         for g in self._template.param_groups:
             for p in g["params"]:
-                if k >= first:
+                if k >= first and matrix:
+                    out.append(max(1, p.shape[0]) if p.ndim == 2 else 1)
+                elif k >= first:
                     stg = storage.storage_for(self.rule, p, g["state_bits"], g["bf16_update"])
                     out.append(storage.Q8_BLOCK if stg.state == "q8" and p.ndim == 1 else 1)
                 k += 1

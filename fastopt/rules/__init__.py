@@ -14,7 +14,7 @@ functional layer, every backend, the tests and the benchmarks iterate over it.
 
 from . import (adadelta, adagrad, adam, adamax, fused, lamb, lars, lion, nadam, radam,
                rmsprop, rowwise_adagrad, rprop, sgd, asgd, ademamix, adamw_schedulefree,
-               sgd_schedulefree)
+               sgd_schedulefree, muon)
 from .base import NSLOTS, Rule, scalars_type
 
 SGD = sgd.RULE
@@ -35,11 +35,12 @@ AdamWScheduleFree = adamw_schedulefree.RULE
 SGDScheduleFree = sgd_schedulefree.RULE
 LAMB = lamb.RULE
 LARS = lars.RULE
+Muon = muon.RULE
 
 #: name -> Rule, in a stable order.  Tests and benchmarks iterate over this.
 RULES = {r.name: r for r in (SGD, Adagrad, RMSprop, Adam, AdamW, Adamax, NAdam, Lion,
                              RowWiseAdagrad, RAdam, Adadelta, Rprop, ASGD,
-                             AdEMAMix, AdamWScheduleFree, SGDScheduleFree, LAMB, LARS)}
+                             AdEMAMix, AdamWScheduleFree, SGDScheduleFree, LAMB, LARS, Muon)}
 
 #: width of the float64 scalar table the drivers receive (the widest rule's Scalars;
 #: narrower rules leave the last columns zero)

@@ -106,7 +106,9 @@ class Rule:
     #: "elementwise" (state has the parameter's shape), "rowwise" (one state value
     #: per row of the first axis; such rules run through the row-wise drivers) or
     #: "tensor" (element-wise state, but the update of each element also reads
-    #: per-tensor scalars made from L2 norms of the whole tensor: :attr:`norms`)
+    #: per-tensor scalars made from L2 norms of the whole tensor: :attr:`norms`) or
+    #: "matrix" (element-wise state; :attr:`phase1`, then a phase on whole matrices,
+    #: :attr:`matrix`, then the update pass :attr:`math`)
     layout: str = "elementwise"
     #: layout "tensor": the jitable ``norms(p, g, s0, s1, s2, c) -> (x, y)`` giving,
     #: per element, the two quantities whose L2 norms over the tensor the rule needs
@@ -120,6 +122,17 @@ class Rule:
     #: layout "tensor": how many state slots (the first ones) the norm pass reads
     #: (LAMB: m and v; LARS: none); the benchmark counts their bytes
     norm_reads: int = 0
+    #: layout "matrix" (Muon): ``(u, group, dtype) -> o``, the matrix phase between
+    #: the element phases: ``u`` (``[..., M, N]``, from :attr:`phase1`) to the array
+    #: the update pass (:attr:`math`) reads in the gradient's place, in ``dtype``
+    #: (run by :mod:`fastopt.matrix_phase`)
+    matrix: Callable = None
+    #: layout "matrix": the jitable ``phase1(g, s0, c) -> (s0, u)`` (element-wise; the
+    #: matrix phase calls it on whole arrays)
+    phase1: Callable = None
+    #: ``shape -> None`` when a parameter of that shape is possible, else the reason
+    #: (refused when the parameter is added: Muon's vectors)
+    param_reason: Callable = None
     #: state slots that are never negative (8-bit state stores them with the unsigned
     #: code, fastopt.storage.codecs)
     nonnegative_slots: Tuple[str, ...] = ()
@@ -165,6 +178,9 @@ class Rule:
         if (self.layout == "tensor") != (self.norms is not None) \
                 or (self.norms is None) != (self.tensor_scalars is None):
             raise ValueError(f"{self.name}: layout 'tensor' goes with norms and tensor_scalars")
+        if (self.layout == "matrix") != (self.matrix is not None) \
+                or (self.matrix is None) != (self.phase1 is None):
+            raise ValueError(f"{self.name}: layout 'matrix' goes with matrix and phase1")
         own = set(self.Scalars._fields) - set(fused.FIELDS)
         for f in self.flags + self.zero_switches:
             if f not in own:
@@ -176,9 +192,18 @@ class Rule:
         "tensor": a norm pass, then the update pass with the tensor's own row)."""
         return self.norms is not None
 
+    @property
+    def whole_tensor(self):
+        """Whether each tensor is updated as a whole (layouts "tensor" and "matrix"):
+        no row steps (sparse gradients, max_norm), no stored formats."""
+        return self.norms is not None or self.matrix is not None
+
     def tensor_refusal(self, what):
         """The message refusing ``what`` (a feature that updates part of a tensor, or
-        stores it in another format) for a per-tensor rule."""
+        stores it in another format) for a per-tensor or matrix rule."""
+        if self.matrix is not None:
+            return (f"{self.name} orthogonalizes each matrix as a whole (a matrix phase "
+                    f"between its element phases); {what} is not supported for it")
         return (f"{self.name} scales each tensor's update by norms of the whole tensor "
                 f"(a norm pass, then the update pass); {what} is not supported for it")
 

@@ -199,6 +199,9 @@ def shared_dir():
 
 SHAPES = [(7,), (33, 17), (0,), (), (40, 3), (5, 2, 3)]
 ROW_SHAPES = [(7,), (33, 17), (0, 4), (40, 3), (5, 2, 3)]
+#: matrix rules (Muon): matrices, stacks of them, one without rows; each 2-D one is
+#: owned whole by one rank, stacks are cut between their matrices
+MATRIX_SHAPES = [(7, 3), (33, 17), (0, 4), (40, 3), (5, 2, 3), (3, 4, 6)]
 
 
 #: the reference rule: every variant in both dtypes, in small buckets
@@ -231,7 +234,8 @@ def variant_cases():
 def test_dense_equals_single_process(name, variant, dtype, cut):
     cls = fastopt.CLASSES[name]
     rule = rules.RULES[name]
-    shapes = ROW_SHAPES if rule.layout == "rowwise" else SHAPES
+    shapes = ROW_SHAPES if rule.layout == "rowwise" else \
+        MATRIX_SHAPES if rule.layout == "matrix" else SHAPES
     hyper = dict(rule.variants[variant])
     params = init(shapes, dtype)
 
@@ -368,7 +372,7 @@ def test_none_gradients_skip_parameters():
 def sparse_cases():
     out = []
     for name, rule in rules.RULES.items():
-        if rule.per_tensor:           # dense gradients only (refused, tests/test_tensor_rules.py)
+        if rule.whole_tensor:         # dense gradients only (refused, test_tensor_rules.py, test_muon.py)
             continue
         for dt, tag in ((np.float32, "f32"), (np.float64, "f64")):
             out.append(pytest.param(name, 0, "lazy", dt, id=f"{name}-lazy-{tag}"))

@@ -128,7 +128,8 @@ class CudaBackend(Backend):
     name = "cuda"
     #: every feature; bfloat16 parameters are uint16 device arrays marked with
     #: :func:`bfloat16` (see "Stored formats" in the module docstring)
-    features = frozenset(FEATURES)
+    # no matrix phase on device arrays (Muon): refused with the capability table
+    features = frozenset(FEATURES) - {"matrix"}
     memory = "device"
 
     def __init__(self):
