@@ -123,12 +123,14 @@ class CudaBackend(Backend):
     """Runs optimizer steps on device arrays with ``cuda.jit`` kernels; provides the
     array methods of :class:`fastopt.backends.base.Backend` for device arrays.  Every
     feature of :data:`fastopt.backends.base.FEATURES` (bfloat16 parameters: uint16
-    device arrays marked with :func:`bfloat16`)."""
+    device arrays marked with :func:`bfloat16`), except ``factored`` (Adafactor is
+    refused on CUDA)."""
 
     name = "cuda"
-    #: every feature; bfloat16 parameters are uint16 device arrays marked with
-    #: :func:`bfloat16` (see "Stored formats" in the module docstring)
-    features = frozenset(FEATURES)
+    #: every feature but ``factored`` (Adafactor's passes have no CUDA kernels yet);
+    #: bfloat16 parameters are uint16 device arrays marked with :func:`bfloat16`
+    #: (see "Stored formats" in the module docstring)
+    features = frozenset(FEATURES) - {"factored"}
     memory = "device"
 
     def __init__(self):
