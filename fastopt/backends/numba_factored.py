@@ -24,7 +24,8 @@ import numpy as np
 from numba import prange
 
 from ..rules.adafactor import FACTOR_ROWS, apply, factored_v, lerp, sq, update
-from .base import CHUNK, PARALLEL_MIN, may_use_threads
+from . import numba_cpu
+from .base import CHUNK, may_use_threads
 from .numba_cpu import _compile, _stamp
 
 _DRIVERS = {}
@@ -157,7 +158,7 @@ _FNS = _make()
 
 
 def _driver(name, n):
-    parallel = bool(n >= PARALLEL_MIN) and may_use_threads()
+    parallel = bool(n >= numba_cpu.PARALLEL_MIN) and may_use_threads()
     key = (name, parallel)
     d = _DRIVERS.get(key)
     if d is None:
