@@ -57,8 +57,13 @@ from fastopt import rules
 #: every registry variant, as (rule name, variant index)
 VARIANTS = [(name, k) for name, rule in rules.RULES.items() for k in range(len(rule.variants))]
 #: the variants of rules that take row steps (sparse gradients, max_norm, stored
-#: formats): every rule but the per-tensor ones (LAMB, LARS: whole tensors only)
-ROW_VARIANTS = [v for v in VARIANTS if not rules.RULES[v[0]].per_tensor]
+#: formats): every rule but the per-tensor ones (LAMB, LARS: whole tensors only) and
+#: the factored ones (Adafactor: whole tensors, float32/float64 only)
+ROW_VARIANTS = [v for v in VARIANTS
+                if not (rules.RULES[v[0]].per_tensor or rules.RULES[v[0]].factored)]
+#: the variants of rules that take the fused options (every rule but the factored
+#: ones: Adafactor refuses them, tests/test_adafactor.py checks how)
+FUSED_VARIANTS = [v for v in VARIANTS if not rules.RULES[v[0]].factored]
 DTYPES = [np.float32, np.float64]
 #: every backend that runs on host arrays here
 CPU_BACKENDS = [b for b in fastopt.available_backends() if b != "cuda"]
@@ -352,9 +357,11 @@ OPTION_SETS = ["none", "all", "element"]
 #: tests/test_cython_parity.py (c): dense multi-tensor steps, numba vs cython
 CY_STEPS = case_set("cython-dense-steps", {"variant": VARIANTS, "dtype": DTYPES,
                                            "options": OPTION_SETS},
-                    # "all" has max_norm (row steps), which per-tensor rules refuse
+                    # "all" has max_norm (row steps), which per-tensor rules refuse;
+                    # factored rules take no fused options
                     valid=lambda c: not (c["options"] == "all"
-                                         and rules.RULES[c["variant"][0]].per_tensor))
+                                         and rules.RULES[c["variant"][0]].per_tensor)
+                    and (c["options"] == "none" or c["variant"] in FUSED_VARIANTS))
 #: (d): lazy row-sparse steps, without options and with all of them; extends the
 #: dense cases (with max_norm a dense step runs the same row driver)
 CY_SPARSE = case_set("cython-sparse-lazy",
@@ -392,7 +399,8 @@ SPARSE_LAZY = case_set("sparse-lazy", {"variant": ROW_VARIANTS, "backend": SPARS
 
 #: tests/test_fused.py: the last variant of each rule (the fused options wrap the
 #: rule math, whose every variant the suites above run) x option set x dtype
-FUSED = case_set("fused", {"rule": list(rules.RULES), "options": [0, 1, 2, 3],
+FUSED = case_set("fused", {"rule": [n for n, r in rules.RULES.items() if not r.factored],
+                           "options": [0, 1, 2, 3],
                            "dtype": DTYPES})
 
 
@@ -441,7 +449,7 @@ def _takes_bits(case):
 
 
 def _stored_valid(case):
-    if rules.RULES[rule_of(case)].per_tensor:
+    if rules.RULES[rule_of(case)].per_tensor or rules.RULES[rule_of(case)].factored:
         return False                      # float32/float64 only (a refusal test checks)
     if not _takes_bits(case):
         return False
@@ -461,7 +469,8 @@ def _stored_valid(case):
 #: NumPy reference, tests/test_cython_storage.py numba against cython bit for bit,
 #: so the second file finds every stored driver it needs compiled.
 STORED = case_set("stored",
-                  {"rule": [n for n, r in rules.RULES.items() if not r.per_tensor],
+                  {"rule": [n for n, r in rules.RULES.items()
+                            if not (r.per_tensor or r.factored)],
                    "pick": ["last", "first"],
                    "param": STORED_PARAMS, "bits": STATE_BITS, "update": BF16_UPDATES,
                    "grad": ["same", "bf16"], "options": ["none", "element", "max_norm"]},
@@ -492,7 +501,10 @@ STORED_EXACT = case_set("stored-exact",
 #: tests/test_cuda_backend.py: dense steps on device arrays against numba, through
 #: the optimizer class or the functional layer: every variant x dtype, variant x
 #: API and dtype x API pair; Adam in full
-CUDA_DENSE = case_set("cuda-dense", {"variant": VARIANTS, "dtype": DTYPES,
+#: (factored rules are refused on CUDA: no kernels yet)
+CUDA_DENSE = case_set("cuda-dense", {"variant": [v for v in VARIANTS
+                                                 if not rules.RULES[v[0]].factored],
+                                     "dtype": DTYPES,
                                      "api": ["class", "functional"]})
 #: tests/test_cuda_storage.py: 16- and 8-bit state of every element-wise rule,
 #: dense or row-sparse (lazy) steps: every rule x state width, rule x step kind and

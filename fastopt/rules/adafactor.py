@@ -298,5 +298,5 @@ RULE = Rule(
     bf16_reason=_bf16_reason,
     flags=("maximize",),
     variants=({}, {"lr": 0.05, "weight_decay": 0.1, "maximize": True},
-              {"beta2_decay": -0.5, "eps": (1e-30, 1e-2), "d": 2.0, "lr": 0.1}),
+              {"beta2_decay": -0.5, "eps": (1e-5, 1e-2), "d": 2.0, "lr": 0.1}),
 )
