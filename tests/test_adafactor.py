@@ -372,3 +372,18 @@ def test_torch_dropin_matches_torch_float32():
     for x, y in zip(a, b):
         torch.testing.assert_close(y, x, rtol=2e-5, atol=2e-6)
     assert hashlib  # (imported for the determinism script's twin)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_nonfinite_skips_the_whole_step(backend):
+    ps = [np.ones((4, 3)), np.ones(3)]
+    opt = fastopt.Adafactor(ps, backend=backend)
+    assert opt.step([np.ones((4, 3)), np.ones(3)], skip_nonfinite=True) is True
+    before = [p.copy() for p in ps], copy.deepcopy(opt.state)
+    bad = np.ones(3)
+    bad[1] = np.inf
+    assert opt.step([np.ones((4, 3)), bad], skip_nonfinite=True) is False
+    for x, y in zip(before[0], ps):
+        assert x.tobytes() == y.tobytes()
+    assert opt.state[0]["step"] == 1
+    assert opt.state[0]["row_var"].tobytes() == before[1][0]["row_var"].tobytes()
