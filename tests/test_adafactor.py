@@ -387,3 +387,4 @@ def test_skip_nonfinite_skips_the_whole_step(backend):
         assert x.tobytes() == y.tobytes()
     assert opt.state[0]["step"] == 1
     assert opt.state[0]["row_var"].tobytes() == before[1][0]["row_var"].tobytes()
+

@@ -76,7 +76,7 @@ def ptx_main():
     every = dict(clip_value=0.5, l1=0.01, param_min=-2.0, param_max=2.0, max_norm=1.0)
     n = 0
     for r, (name, rule) in enumerate(rules.RULES.items()):
-        if rule.per_tensor:            # float32/float64 only: no stored kernels
+        if rule.per_tensor or rule.factored:    # float32/float64 only: no stored kernels
             continue
         for fused in (False, True):
             group = rule.check_group({**rule.defaults, **rule.variants[-1],
