@@ -3,10 +3,11 @@
 # below is the deliberate second copy of fastopt/rules/adafactor.py (sq, lerp,
 # factored_v, update, apply).
 #
-# The same operations in the same order and dtype as Numba's drivers: per row the
-# float64 sums of G^2 and p^2 in element order; per block of FACTOR_ROWS rows the
-# column partial sums, added block by block in order; per vector chunk of CHUNK
-# elements, the chunks in order.  Every order is fixed by the shape, so the result
+# The same operations in the same order and dtype as Numba's drivers: per row (and
+# per vector chunk of CHUNK elements) the float64 sums in AF_LANES lanes (element j
+# to lane j % 8 over the first C - C % 8 elements), the lanes added in order, then
+# the tail in element order; per block of FACTOR_ROWS rows the column partial sums,
+# added block by block in order; the rows and chunks added in order.  Every order is fixed by the shape, so the result
 # is the same for any thread count, bit for bit Numba's.
 
 from libc.math cimport fabs, sqrt
@@ -16,6 +17,7 @@ FACTOR_ROWS_BUILT = 64
 cdef enum:
     AF_ROWS = 64
     AF_CHUNK = 32768
+    AF_LANES = 8        # float64 accumulators: element j to lane j % 8 (numba's LANES)
 
 
 cdef inline floating _af_lerp(floating a, floating b, floating w, floating omw) noexcept nogil:
@@ -46,16 +48,32 @@ cdef void _af_sums_block(const floating* P, const floating* G, Py_ssize_t R, Py_
     cdef Py_ssize_t b = k // nb
     cdef Py_ssize_t r0 = (k % nb) * AF_ROWS
     cdef Py_ssize_t r1 = min(R, r0 + AF_ROWS)
-    cdef Py_ssize_t r, j, base
+    cdef Py_ssize_t r, j, j0, j0b, q, base, body = C - C % AF_LANES
     cdef double s, sp, x, y
+    cdef double acc[AF_LANES]
+    cdef double accp[AF_LANES]
     cdef double* pc = part + k * C
     for j in range(C):
         pc[j] = 0.0
     for r in range(r0, r1):
         base = (b * R + r) * C
+        for q in range(AF_LANES):
+            acc[q] = 0.0
+            accp[q] = 0.0
+        for j0b in range(body // AF_LANES):
+            j0 = j0b * AF_LANES
+            for q in range(AF_LANES):
+                x = <double>G[base + j0 + q] * <double>G[base + j0 + q]
+                acc[q] = acc[q] + x
+                pc[j0 + q] = pc[j0 + q] + x
+                y = <double>P[base + j0 + q]
+                accp[q] = accp[q] + y * y
         s = 0.0
         sp = 0.0
-        for j in range(C):
+        for q in range(AF_LANES):
+            s = s + acc[q]
+            sp = sp + accp[q]
+        for j in range(body, C):
             x = <double>G[base + j] * <double>G[base + j]
             s = s + x
             pc[j] = pc[j] + x
@@ -108,10 +126,22 @@ def factored_sums(const floating[::1] P, const floating[::1] G, Py_ssize_t B, Py
 cdef void _af_usq_row(const floating* G, const floating* rv, const floating* cv,
                       const floating* m, Py_ssize_t R, Py_ssize_t C, Py_ssize_t k,
                       floating e2, floating sign, floating one, double* rows) noexcept nogil:
-    cdef Py_ssize_t b = k // R, j, base = k * C
+    cdef Py_ssize_t b = k // R, j, j0, j0b, q, base = k * C, body = C - C % AF_LANES
     cdef floating r = rv[k], mb = m[b], u
     cdef double s = 0.0, x
-    for j in range(C):
+    cdef double acc[AF_LANES]
+    for q in range(AF_LANES):
+        acc[q] = 0.0
+    for j0b in range(body // AF_LANES):
+        j0 = j0b * AF_LANES
+        for q in range(AF_LANES):
+            u = _af_update(G[base + j0 + q] * sign, _af_v(r, cv[b * C + j0 + q], mb), e2,
+                           one)
+            x = <double>u
+            acc[q] = acc[q] + x * x
+    for q in range(AF_LANES):
+        s = s + acc[q]
+    for j in range(body, C):
         u = _af_update(G[base + j] * sign, _af_v(r, cv[b * C + j], mb), e2, one)
         x = <double>u
         s = s + x * x
@@ -187,10 +217,23 @@ def factored_apply(floating[::1] P, const floating[::1] G, const floating[::1] r
 cdef void _af_vsums_chunk(const floating* P, const floating* G, floating* V, Py_ssize_t n,
                           Py_ssize_t k, floating w, floating omw, floating sign,
                           double* part) noexcept nogil:
-    cdef Py_ssize_t lo = k * AF_CHUNK, hi = min(n, lo + AF_CHUNK), i
+    cdef Py_ssize_t lo = k * AF_CHUNK, hi = min(n, lo + AF_CHUNK), i, i0, i0b, q
+    cdef Py_ssize_t body = hi - (hi - lo) % AF_LANES
     cdef floating g
     cdef double sp = 0.0, y
-    for i in range(lo, hi):
+    cdef double acc[AF_LANES]
+    for q in range(AF_LANES):
+        acc[q] = 0.0
+    for i0b in range((body - lo) // AF_LANES):
+        i0 = lo + i0b * AF_LANES
+        for q in range(AF_LANES):
+            g = G[i0 + q] * sign
+            V[i0 + q] = _af_lerp(V[i0 + q], g * g, w, omw)
+            y = <double>P[i0 + q]
+            acc[q] = acc[q] + y * y
+    for q in range(AF_LANES):
+        sp = sp + acc[q]
+    for i in range(body, hi):
         g = G[i] * sign
         V[i] = _af_lerp(V[i], g * g, w, omw)
         y = <double>P[i]
@@ -228,9 +271,20 @@ def vector_sums(const floating[::1] P, const floating[::1] G, floating[::1] V, f
 cdef void _af_vusq_chunk(const floating* G, const floating* V, Py_ssize_t n, Py_ssize_t k,
                          floating e2, floating sign, floating one,
                          double* part) noexcept nogil:
-    cdef Py_ssize_t lo = k * AF_CHUNK, hi = min(n, lo + AF_CHUNK), i
+    cdef Py_ssize_t lo = k * AF_CHUNK, hi = min(n, lo + AF_CHUNK), i, i0, i0b, q
+    cdef Py_ssize_t body = hi - (hi - lo) % AF_LANES
     cdef double s = 0.0, x
-    for i in range(lo, hi):
+    cdef double acc[AF_LANES]
+    for q in range(AF_LANES):
+        acc[q] = 0.0
+    for i0b in range((body - lo) // AF_LANES):
+        i0 = lo + i0b * AF_LANES
+        for q in range(AF_LANES):
+            x = <double>_af_update(G[i0 + q] * sign, V[i0 + q], e2, one)
+            acc[q] = acc[q] + x * x
+    for q in range(AF_LANES):
+        s = s + acc[q]
+    for i in range(body, hi):
         x = <double>_af_update(G[i] * sign, V[i], e2, one)
         s = s + x * x
     part[k] = s

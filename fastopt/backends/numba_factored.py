@@ -28,29 +28,52 @@ from . import numba_cpu
 from .base import CHUNK, may_use_threads
 from .numba_cpu import _compile, _stamp
 
+#: float64 accumulators per row (or chunk): element j goes to lane j % LANES over
+#: the row's first ``C - C % LANES`` elements; the lanes are then added in order,
+#: then the tail in element order (independent chains, so the sums are not bound by
+#: the latency of one chain of additions; the order is fixed by the shape)
+LANES = 8
 _DRIVERS = {}
 
 
-def _make():
-    """The driver functions, closures over ``STAMP`` (the rule math's source hash: a
-    closure cell is part of Numba's on-disk cache key, so a change of the math
-    recompiles)."""
+def _make(parallel):
+    """The driver functions, closures over ``STAMP`` (the rule math's source hash) and
+    ``PARALLEL``: closure cells are part of Numba's on-disk cache key, so a change of
+    the math recompiles and the serial and parallel drivers are cached apart."""
     STAMP = _stamp(apply, factored_v, lerp, sq, update)
+    PARALLEL = bool(parallel)
 
     def _sums(P, G, B, R, C, rows, prow, part):
         stamp = STAMP  # noqa: F841  (the rule math's source hash, in the cache key)
+        par = PARALLEL  # noqa: F841
         nb = (R + FACTOR_ROWS - 1) // FACTOR_ROWS
+        body = C - C % LANES
         for k in prange(B * nb):
             b = k // nb
             r0 = (k % nb) * FACTOR_ROWS
             r1 = min(R, r0 + FACTOR_ROWS)
+            acc = np.empty(LANES, dtype=np.float64)
+            accp = np.empty(LANES, dtype=np.float64)
             for j in range(C):
                 part[k, j] = 0.0
             for r in range(r0, r1):
                 base = (b * R + r) * C
+                for q in range(LANES):
+                    acc[q] = 0.0
+                    accp[q] = 0.0
+                for j0 in range(0, body, LANES):
+                    for q in range(LANES):
+                        x = sq(G[base + j0 + q])
+                        acc[q] += x
+                        part[k, j0 + q] += x
+                        y = np.float64(P[base + j0 + q])
+                        accp[q] += y * y
                 s = 0.0
                 sp = 0.0
-                for j in range(C):
+                for q in range(LANES):
+                    s += acc[q]
+                    sp += accp[q]
+                for j in range(body, C):
                     x = sq(G[base + j])
                     s += x
                     part[k, j] += x
@@ -71,18 +94,29 @@ def _make():
             tot += prow[r]
         return cols, tot
 
-
     def _usq(G, rv, cv, m, B, R, C, e2, sign, one, rows):
         stamp = STAMP  # noqa: F841
+        par = PARALLEL  # noqa: F841
+        body = C - C % LANES
         for k in prange(B * R):
             b = k // R
             r = rv[k]
             mb = m[b]
             base = k * C
-            s = 0.0
+            cb = b * C
+            ub = np.empty(C, dtype=G.dtype)          # the row of U, in the dtype
             for j in range(C):
-                u = update(G[base + j] * sign, factored_v(r, cv[b * C + j], mb), e2, one)
-                x = np.float64(u)
+                ub[j] = update(G[base + j] * sign, factored_v(r, cv[cb + j], mb), e2, one)
+            acc = np.zeros(LANES, dtype=np.float64)
+            for j0 in range(0, body, LANES):
+                for q in range(LANES):
+                    x = np.float64(ub[j0 + q])
+                    acc[q] += x * x
+            s = 0.0
+            for q in range(LANES):
+                s += acc[q]
+            for j in range(body, C):
+                x = np.float64(ub[j])
                 s += x * x
             rows[k] = s
         tot = 0.0
@@ -90,9 +124,9 @@ def _make():
             tot += rows[k]
         return tot
 
-
     def _apply(P, G, rv, cv, m, B, R, C, e2, sign, one, decay, step):
         stamp = STAMP  # noqa: F841
+        par = PARALLEL  # noqa: F841
         for k in prange(B * R):
             b = k // R
             r = rv[k]
@@ -102,16 +136,26 @@ def _make():
                 u = update(G[base + j] * sign, factored_v(r, cv[b * C + j], mb), e2, one)
                 P[base + j] = apply(P[base + j], u, decay, step)
 
-
     def _vsums(P, G, V, w, omw, sign, part):
         stamp = STAMP  # noqa: F841
+        par = PARALLEL  # noqa: F841
         n = P.shape[0]
         nc = (n + CHUNK - 1) // CHUNK
         for k in prange(nc):
             lo = k * CHUNK
             hi = min(n, lo + CHUNK)
+            body = lo + (hi - lo) - (hi - lo) % LANES
+            acc = np.zeros(LANES, dtype=np.float64)
+            for i0 in range(lo, body, LANES):
+                for q in range(LANES):
+                    g = G[i0 + q] * sign
+                    V[i0 + q] = lerp(V[i0 + q], g * g, w, omw)
+                    y = np.float64(P[i0 + q])
+                    acc[q] += y * y
             sp = 0.0
-            for i in range(lo, hi):
+            for q in range(LANES):
+                sp += acc[q]
+            for i in range(body, hi):
                 g = G[i] * sign
                 V[i] = lerp(V[i], g * g, w, omw)
                 y = np.float64(P[i])
@@ -122,17 +166,29 @@ def _make():
             tot += part[k]
         return tot
 
-
     def _vusq(G, V, e2, sign, one, part):
         stamp = STAMP  # noqa: F841
+        par = PARALLEL  # noqa: F841
         n = G.shape[0]
         nc = (n + CHUNK - 1) // CHUNK
         for k in prange(nc):
             lo = k * CHUNK
             hi = min(n, lo + CHUNK)
+            m = hi - lo
+            body = m - m % LANES
+            ub = np.empty(m, dtype=G.dtype)          # the chunk of U, in the dtype
+            for i in range(m):
+                ub[i] = update(G[lo + i] * sign, V[lo + i], e2, one)
+            acc = np.zeros(LANES, dtype=np.float64)
+            for i0 in range(0, body, LANES):
+                for q in range(LANES):
+                    x = np.float64(ub[i0 + q])
+                    acc[q] += x * x
             s = 0.0
-            for i in range(lo, hi):
-                x = np.float64(update(G[i] * sign, V[i], e2, one))
+            for q in range(LANES):
+                s += acc[q]
+            for i in range(body, m):
+                x = np.float64(ub[i])
                 s += x * x
             part[k] = s
         tot = 0.0
@@ -140,9 +196,9 @@ def _make():
             tot += part[k]
         return tot
 
-
     def _vapply(P, G, V, e2, sign, one, decay, step):
         stamp = STAMP  # noqa: F841
+        par = PARALLEL  # noqa: F841
         n = P.shape[0]
         nc = (n + CHUNK - 1) // CHUNK
         for k in prange(nc):
@@ -154,7 +210,7 @@ def _make():
     return {f.__name__: f for f in (_sums, _usq, _apply, _vsums, _vusq, _vapply)}
 
 
-_FNS = _make()
+_FNS = {False: _make(False), True: _make(True)}
 
 
 def _driver(name, n):
@@ -162,7 +218,7 @@ def _driver(name, n):
     key = (name, parallel)
     d = _DRIVERS.get(key)
     if d is None:
-        d = _DRIVERS[key] = _compile(_FNS[name], parallel)
+        d = _DRIVERS[key] = _compile(_FNS[parallel][name], parallel)
     return d
 
 
