@@ -101,8 +101,10 @@ def test_matches_torch(backend, dtype, foreach, vi):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_large_tensors_match_torch(backend):
-    """Tensors above the parallel threshold (several row blocks and chunks)."""
+def test_large_tensors_match_torch(backend, monkeypatch):
+    """Several row blocks and chunks, through the parallel drivers."""
+    import fastopt.factored
+    monkeypatch.setattr(fastopt.factored, "PARALLEL_MIN", 0)
     shapes = [(300, 250), (70000,), (2, 130, 140)]
     tp, topt, fp, fopt = _run_pair(backend, shapes, np.float64, {"weight_decay": 0.01},
                                    False, steps=5)
@@ -138,9 +140,11 @@ _SCRIPT = r"""
 import hashlib, sys
 import numpy as np
 import fastopt
+import fastopt.factored
 shapes = [(333, 201), (3, 70, 190), (100003,)]
 out = []
-for backend in ("numba", "cython"):
+for backend, pmin in (("numba", 0), ("cython", 0), ("numba", 1 << 40), ("cython", 1 << 40)):
+    fastopt.factored.PARALLEL_MIN = pmin      # the parallel drivers, then the serial ones
     for dtype in (np.float32, np.float64):
         rng = np.random.default_rng(3)
         ps = [rng.standard_normal(s).astype(dtype) for s in shapes]
@@ -173,8 +177,9 @@ def _hashes(nthreads):
 @pytest.mark.skipif("cython" not in BACKENDS, reason="the Cython extension is not built")
 def test_same_bits_with_one_and_two_threads_and_cython_equals_numba():
     one, two = _hashes(1), _hashes(2)
-    assert one == two                    # numba f32, f64, cython f32, f64
-    assert one[:2] == one[2:]            # Cython == Numba, bit for bit
+    assert one == two                    # (numba f32, f64, cython f32, f64) x (par, serial)
+    assert one[:2] == one[2:4]           # Cython == Numba, bit for bit
+    assert one[:4] == one[4:]            # parallel drivers == serial drivers
 
 
 # ------------------------------------------- (d) state_dict, checkpoint, functional

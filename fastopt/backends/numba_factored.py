@@ -24,7 +24,6 @@ import numpy as np
 from numba import prange
 
 from ..rules.adafactor import FACTOR_ROWS, apply, factored_v, lerp, sq, update
-from . import numba_cpu
 from .base import CHUNK, may_use_threads
 from .numba_cpu import _compile, _stamp
 
@@ -214,7 +213,8 @@ _FNS = {False: _make(False), True: _make(True)}
 
 
 def _driver(name, n):
-    parallel = bool(n >= numba_cpu.PARALLEL_MIN) and may_use_threads()
+    from .. import factored
+    parallel = bool(n >= factored.PARALLEL_MIN) and may_use_threads()
     key = (name, parallel)
     d = _DRIVERS.get(key)
     if d is None:
