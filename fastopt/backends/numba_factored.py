@@ -23,6 +23,7 @@ import numpy as np
 
 from numba import prange
 
+from .._jit import register_jitable
 from ..rules.adafactor import FACTOR_ROWS, apply, factored_v, lerp, sq, update
 from .base import CHUNK, may_use_threads
 from .numba_cpu import _compile, _stamp
@@ -35,11 +36,77 @@ LANES = 8
 _DRIVERS = {}
 
 
+@register_jitable
+def _row_sums(Gr, Pr, body, n):
+    """``(sum G^2, sum p^2)`` of one row in float64: element j to lane j % 8 over the
+    first ``body`` elements, the lanes added in order, then the tail (scalar lanes:
+    with lanes in an array Numba kept them in memory)."""
+    a0, a1, a2, a3, a4, a5, a6, a7 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    b0, b1, b2, b3, b4, b5, b6, b7 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    for j0 in range(0, body, 8):
+        x = sq(Gr[j0 + 0])
+        a0 += x
+        y = np.float64(Pr[j0 + 0])
+        b0 += y * y
+        x = sq(Gr[j0 + 1])
+        a1 += x
+        y = np.float64(Pr[j0 + 1])
+        b1 += y * y
+        x = sq(Gr[j0 + 2])
+        a2 += x
+        y = np.float64(Pr[j0 + 2])
+        b2 += y * y
+        x = sq(Gr[j0 + 3])
+        a3 += x
+        y = np.float64(Pr[j0 + 3])
+        b3 += y * y
+        x = sq(Gr[j0 + 4])
+        a4 += x
+        y = np.float64(Pr[j0 + 4])
+        b4 += y * y
+        x = sq(Gr[j0 + 5])
+        a5 += x
+        y = np.float64(Pr[j0 + 5])
+        b5 += y * y
+        x = sq(Gr[j0 + 6])
+        a6 += x
+        y = np.float64(Pr[j0 + 6])
+        b6 += y * y
+        x = sq(Gr[j0 + 7])
+        a7 += x
+        y = np.float64(Pr[j0 + 7])
+        b7 += y * y
+    s = 0.0
+    sp = 0.0
+    s += a0
+    sp += b0
+    s += a1
+    sp += b1
+    s += a2
+    sp += b2
+    s += a3
+    sp += b3
+    s += a4
+    sp += b4
+    s += a5
+    sp += b5
+    s += a6
+    sp += b6
+    s += a7
+    sp += b7
+    for j in range(body, n):
+        x = sq(Gr[j])
+        s += x
+        y = np.float64(Pr[j])
+        sp += y * y
+    return s, sp
+
+
 def _make(parallel):
     """The driver functions, closures over ``STAMP`` (the rule math's source hash) and
     ``PARALLEL``: closure cells are part of Numba's on-disk cache key, so a change of
     the math recompiles and the serial and parallel drivers are cached apart."""
-    STAMP = _stamp(apply, factored_v, lerp, sq, update)
+    STAMP = _stamp(apply, factored_v, lerp, sq, update, _row_sums)
     PARALLEL = bool(parallel)
 
     def _sums(P, G, B, R, C, rows, prow, part):
@@ -51,8 +118,6 @@ def _make(parallel):
             b = k // nb
             r0 = (k % nb) * FACTOR_ROWS
             r1 = min(R, r0 + FACTOR_ROWS)
-            acc = np.empty(LANES, dtype=np.float64)
-            accp = np.empty(LANES, dtype=np.float64)
             pc = part[k]
             for j in range(C):
                 pc[j] = 0.0
@@ -60,27 +125,9 @@ def _make(parallel):
                 base = (b * R + r) * C
                 Gr = G[base:base + C]            # row views vectorize (see _apply)
                 Pr = P[base:base + C]
-                for q in range(LANES):
-                    acc[q] = 0.0
-                    accp[q] = 0.0
-                for j0 in range(0, body, LANES):
-                    for q in range(LANES):
-                        x = sq(Gr[j0 + q])
-                        acc[q] += x
-                        pc[j0 + q] += x
-                        y = np.float64(Pr[j0 + q])
-                        accp[q] += y * y
-                s = 0.0
-                sp = 0.0
-                for q in range(LANES):
-                    s += acc[q]
-                    sp += accp[q]
-                for j in range(body, C):
-                    x = sq(Gr[j])
-                    s += x
-                    pc[j] += x
-                    y = np.float64(Pr[j])
-                    sp += y * y
+                for j in range(C):
+                    pc[j] += sq(Gr[j])
+                s, sp = _row_sums(Gr, Pr, body, C)
                 rows[b * R + r] = s
                 prow[b * R + r] = sp
         cols = np.empty(B * C, dtype=np.float64)
