@@ -102,11 +102,41 @@ def _row_sums(Gr, Pr, body, n):
     return s, sp
 
 
+@register_jitable
+def _lane_sumsq(x, n):
+    """The float64 sum of ``x[:n]**2``: element i to lane i % 8 over the first
+    ``n - n % 8`` elements, the lanes added in order, then the tail in order."""
+    body = n - n % 8
+    a0, a1, a2, a3, a4, a5, a6, a7 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    for i0 in range(0, body, 8):
+        y = np.float64(x[i0])
+        a0 += y * y
+        y = np.float64(x[i0 + 1])
+        a1 += y * y
+        y = np.float64(x[i0 + 2])
+        a2 += y * y
+        y = np.float64(x[i0 + 3])
+        a3 += y * y
+        y = np.float64(x[i0 + 4])
+        a4 += y * y
+        y = np.float64(x[i0 + 5])
+        a5 += y * y
+        y = np.float64(x[i0 + 6])
+        a6 += y * y
+        y = np.float64(x[i0 + 7])
+        a7 += y * y
+    s = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7
+    for i in range(body, n):
+        y = np.float64(x[i])
+        s += y * y
+    return s
+
+
 def _make(parallel):
     """The driver functions, closures over ``STAMP`` (the rule math's source hash) and
     ``PARALLEL``: closure cells are part of Numba's on-disk cache key, so a change of
     the math recompiles and the serial and parallel drivers are cached apart."""
-    STAMP = _stamp(apply, factored_v, lerp, sq, update, _row_sums)
+    STAMP = _stamp(apply, factored_v, lerp, sq, update, _row_sums, _lane_sumsq)
     PARALLEL = bool(parallel)
 
     def _sums(P, G, B, R, C, rows, prow, part):
@@ -146,14 +176,12 @@ def _make(parallel):
     def _usq(G, rv, cv, m, B, R, C, e2, sign, one, rows):
         stamp = STAMP  # noqa: F841
         par = PARALLEL  # noqa: F841
-        body = C - C % LANES
         nb = (R + FACTOR_ROWS - 1) // FACTOR_ROWS
         for kb in prange(B * nb):          # blocks of rows: scratch made once per block
             b = kb // nb
             r0 = (kb % nb) * FACTOR_ROWS
             r1 = min(R, r0 + FACTOR_ROWS)
             ub = np.empty(C, dtype=G.dtype)          # a row of U, in the dtype
-            acc = np.empty(LANES, dtype=np.float64)
             mb = m[b]
             cb = b * C
             cr = cv[cb:cb + C]
@@ -163,19 +191,7 @@ def _make(parallel):
                 Gr = G[k * C:(k + 1) * C]        # row views vectorize (see _apply)
                 for j in range(C):
                     ub[j] = update(Gr[j] * sign, factored_v(r, cr[j], mb), e2, one)
-                for q in range(LANES):
-                    acc[q] = 0.0
-                for j0 in range(0, body, LANES):
-                    for q in range(LANES):
-                        x = np.float64(ub[j0 + q])
-                        acc[q] += x * x
-                s = 0.0
-                for q in range(LANES):
-                    s += acc[q]
-                for j in range(body, C):
-                    x = np.float64(ub[j])
-                    s += x * x
-                rows[k] = s
+                rows[k] = _lane_sumsq(ub, C)
         tot = 0.0
         for k in range(B * R):
             tot += rows[k]
@@ -205,23 +221,13 @@ def _make(parallel):
         for k in prange(nc):
             lo = k * CHUNK
             hi = min(n, lo + CHUNK)
-            body = lo + (hi - lo) - (hi - lo) % LANES
-            acc = np.zeros(LANES, dtype=np.float64)
-            for i0 in range(lo, body, LANES):
-                for q in range(LANES):
-                    g = G[i0 + q] * sign
-                    V[i0 + q] = lerp(V[i0 + q], g * g, w, omw)
-                    y = np.float64(P[i0 + q])
-                    acc[q] += y * y
-            sp = 0.0
-            for q in range(LANES):
-                sp += acc[q]
-            for i in range(body, hi):
-                g = G[i] * sign
-                V[i] = lerp(V[i], g * g, w, omw)
-                y = np.float64(P[i])
-                sp += y * y
-            part[k] = sp
+            Pc = P[lo:hi]                # chunk views vectorize (see _apply)
+            Gc = G[lo:hi]
+            Vc = V[lo:hi]
+            for i in range(hi - lo):
+                g = Gc[i] * sign
+                Vc[i] = lerp(Vc[i], g * g, w, omw)
+            part[k] = _lane_sumsq(Pc, hi - lo)
         tot = 0.0
         for k in range(nc):
             tot += part[k]
@@ -235,23 +241,12 @@ def _make(parallel):
         for k in prange(nc):
             lo = k * CHUNK
             hi = min(n, lo + CHUNK)
-            m = hi - lo
-            body = m - m % LANES
-            ub = np.empty(m, dtype=G.dtype)          # the chunk of U, in the dtype
-            for i in range(m):
-                ub[i] = update(G[lo + i] * sign, V[lo + i], e2, one)
-            acc = np.zeros(LANES, dtype=np.float64)
-            for i0 in range(0, body, LANES):
-                for q in range(LANES):
-                    x = np.float64(ub[i0 + q])
-                    acc[q] += x * x
-            s = 0.0
-            for q in range(LANES):
-                s += acc[q]
-            for i in range(body, m):
-                x = np.float64(ub[i])
-                s += x * x
-            part[k] = s
+            Gc = G[lo:hi]                # chunk views vectorize (see _apply)
+            Vc = V[lo:hi]
+            ub = np.empty(hi - lo, dtype=G.dtype)    # the chunk of U, in the dtype
+            for i in range(hi - lo):
+                ub[i] = update(Gc[i] * sign, Vc[i], e2, one)
+            part[k] = _lane_sumsq(ub, hi - lo)
         tot = 0.0
         for k in range(nc):
             tot += part[k]
@@ -265,8 +260,11 @@ def _make(parallel):
         for k in prange(nc):
             lo = k * CHUNK
             hi = min(n, lo + CHUNK)
-            for i in range(lo, hi):
-                P[i] = apply(P[i], update(G[i] * sign, V[i], e2, one), decay, step)
+            Pc = P[lo:hi]
+            Gc = G[lo:hi]
+            Vc = V[lo:hi]
+            for i in range(hi - lo):
+                Pc[i] = apply(Pc[i], update(Gc[i] * sign, Vc[i], e2, one), decay, step)
 
     return {f.__name__: f for f in (_sums, _usq, _apply, _vsums, _vusq, _vapply)}
 
