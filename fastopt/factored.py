@@ -18,7 +18,8 @@ planner and its buckets stay as they are:
   step size), or, on the NumPy reference backend, the rule's ``reference``;
 * :func:`refusal` says what a factored rule refuses before anything is written.
 
-Every sum is float64 in an order fixed by the shape (per row in element order; the
+Every sum is float64 in an order fixed by the shape (per row in 8 lanes, element j
+to lane j % 8, the lanes then the tail added in order; the
 column sums per block of ``FACTOR_ROWS`` rows, the blocks added in order; vectors
 per chunk of ``CHUNK`` elements, the chunks in order), so the result does not
 depend on the thread count, and Numba and Cython give the same bits.

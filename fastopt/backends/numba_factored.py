@@ -4,8 +4,8 @@ Numba CPU backend; :mod:`fastopt.factored` runs them, the host work in between.
 Tensors of 2 or more dimensions are seen as ``B`` matrices of ``R x C`` (the
 leading dimensions flattened, C-contiguous):
 
-* :func:`factored_sums`: per row, the float64 sums of ``G^2`` and ``p^2`` in element
-  order (``prange`` over blocks of ``FACTOR_ROWS`` rows); per block, the column
+* :func:`factored_sums`: per row, the float64 sums of ``G^2`` and ``p^2`` in 8 lanes
+  (``LANES``; ``prange`` over blocks of ``FACTOR_ROWS`` rows); per block, the column
   partial sums of ``G^2``; then the column sums, the blocks added in order, and the
   sum of ``p^2``, the rows added in order (serially);
 * :func:`factored_usq`: the float64 sum of ``U^2`` (per row, the rows in order);

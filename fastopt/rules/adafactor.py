@@ -34,7 +34,8 @@ Each tensor of two or more dimensions takes three passes, each a parallel driver
 (Numba, its Cython twin), with small host work between them:
 
 1. the *sums pass* (:func:`sq`) reads p and G: per row the sum of ``G^2`` and of
-   ``p^2`` (float64, in element order) and, per block of ``FACTOR_ROWS`` rows,
+   ``p^2`` (float64, in 8 lanes: element j to lane j % 8, the lanes then the tail
+   added in order) and, per block of ``FACTOR_ROWS`` rows,
    column partial sums of ``G^2`` (float64), added block by block in order: every
    sum has a fixed order that depends on the shape only, never on the thread count;
 2. host: the means, the lerps of ``row_var`` and ``col_var`` (in the parameter's
