@@ -29,7 +29,8 @@ from .optimizer import Optimizer
 from .sparse import RowSparse
 from .optimizers import (CLASSES, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion,
                          NAdam, RAdam, RMSprop, RowWiseAdagrad, Rprop, ASGD,
-                         AdEMAMix, AdamWScheduleFree, SGDScheduleFree, LAMB, LARS, Muon)
+                         AdEMAMix, AdamWScheduleFree, SGDScheduleFree, LAMB, LARS, Muon,
+                         Adafactor)
 from .muon_groups import muon_param_groups
 from .rules import fused
 
@@ -45,6 +46,7 @@ def available_backends():
 __all__ = ["Optimizer", "RowSparse", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax",
            "NAdam", "Lion", "RowWiseAdagrad", "RAdam",
            "Adadelta", "Rprop", "ASGD", "AdEMAMix", "AdamWScheduleFree",
-           "SGDScheduleFree", "LAMB", "LARS", "Muon", "muon_param_groups", "CLASSES", "available_backends", "functional",
+           "SGDScheduleFree", "LAMB", "LARS", "Muon", "Adafactor", "muon_param_groups",
+           "CLASSES", "available_backends", "functional",
            "rules", "backends", "fused", "lr_scheduler", "init", "checkpoint",
            "clip", "save", "load", "clip_grad_norm_", "clip_grad_value_", "__version__"]

@@ -32,7 +32,7 @@ import inspect
 
 import numpy as np
 
-from . import backends, planner, rules, state_io
+from . import backends, factored, planner, rules, state_io
 from .param_groups import refuse_overlaps
 from .rules import fused
 from .sparse import checked_rows, is_sparse
@@ -69,6 +69,8 @@ def _apply(rule, param, grad, slot_arrays, step, host, backend, hyper, grad_scal
                          "the orthogonalized matrix in the gradient's place")
     if rule.layout == "rowwise" and p.ndim == 0:
         raise ValueError(f"{rule.name} needs a parameter with at least one dimension")
+    if rule.factored:
+        return _apply_factored(rule, bk, group, p, grad, slot_arrays, step, gs)
     slots = []
     for name, used, arr in zip(rule.slots, spec.uses, slot_arrays):
         if not used:
@@ -123,6 +125,40 @@ def _apply(rule, param, grad, slot_arrays, step, host, backend, hyper, grad_scal
         matrix_phase.run(bk, [work], [[group]])
     bk.run_dense(work)
     return new_host
+
+
+def _apply_factored(rule, bk, group, p, grad, slot_arrays, step, gs):
+    """A factored rule (Adafactor): the slots the parameter's shape has (torch's
+    keepdim shapes), checked, then :func:`fastopt.factored.run_tensor`."""
+    bk.require("factored", f"the factored rule {rule.name}")
+    mine = rule.slots_of(p.shape)
+    state = {}
+    for name, arr in zip(rule.slots, slot_arrays):
+        if name not in mine:
+            if arr is not None:
+                raise ValueError(f"{rule.name}: a parameter of shape {p.shape} has no state "
+                                 f"{name!r} (it has {', '.join(mine)})")
+            continue
+        if arr is None:
+            raise ValueError(f"{rule.name}: state {name!r} is required for a parameter of "
+                             f"shape {p.shape}")
+        a = bk.as_param(arr, name)
+        shape = rule.slot_shape(p.shape, name)
+        if a.shape != shape or a.dtype != p.dtype:
+            raise ValueError(f"state {name!r} has shape {a.shape} and dtype {a.dtype}; "
+                             f"expected {shape} and {p.dtype}")
+        state[name] = a
+    refuse_overlaps([p] + list(state.values()), bk, "array (param, state...)")
+    if is_sparse(grad) and not isinstance(grad, np.ndarray):
+        raise ValueError("grad: " + factored.refusal(rule, "a row-sparse gradient"))
+    if gs is not None:
+        raise ValueError(factored.refusal(rule, "grad_scale"))
+    (g,), _ = bk.check_grads([grad], [p], ["grad"])
+    if g.size and any(_shares(bk, g, a) for a in [p] + list(state.values())):
+        raise ValueError("grad shares memory with the parameter or a state array; pass a "
+                         "separate gradient array (e.g. grad.copy())")
+    factored.run_tensor(bk, rule, group, int(step), p, g, state)
+    return {}
 
 
 def _shares(bk, a, b):

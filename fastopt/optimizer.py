@@ -24,7 +24,7 @@ from struct import pack_into
 
 import numpy as np
 
-from . import backends, matrix_phase, planner, state_io, storage
+from . import backends, factored, matrix_phase, planner, state_io, storage
 from .exact_mode import ExactTracker
 from .param_groups import ParamGroups
 from .state_store import ArrayStore
@@ -334,6 +334,8 @@ class Optimizer:
                                                for i in dense_i + sparse_i})
         if skip_nonfinite:
             bk.require("skip_nonfinite", "step(skip_nonfinite=True)")
+        if self.rule.factored:
+            factored.check_step(self.rule, gs, sparse_i)
         rows = self._check_sparse(grads, sparse_i)
         for i in dense_i:
             if specs[owner[i]].by_rows:
@@ -551,6 +553,8 @@ class Optimizer:
                              fused_row)
 
     def _step_dense(self, active, dense, gptr, specs, owner, gs, everyone):
+        if self.rule.factored:                 # its own passes (fastopt/factored.py)
+            return factored.step(self, active, dense, specs, owner)
         if self._exact:
             for i in active:
                 self._flush_param(i)
@@ -822,10 +826,11 @@ class Optimizer:
                 st.setdefault(k, v)
             stg = self._storage[i]
             p = self._params[i]
+            mine = rule.slots_of(p.shape)
             for name, used in zip(rule.slots, spec.uses):
-                if used and name not in st:
+                if used and name not in st and name in mine:
                     if stg.native:
-                        st[name] = self.backend.full(rule.slot_shape(p.shape),
+                        st[name] = self.backend.full(rule.slot_shape(p.shape, name),
                                                      rule.slot_init(spec.group, name), p.dtype)
                     else:
                         st.update(storage.initial_arrays(rule, stg, spec.group, p.shape,
@@ -934,6 +939,8 @@ def require_features(bk, rule, group, sparse_mode):
         bk.require("tensor_norms", f"the per-tensor rule {rule.name}")
     if rule.matrix is not None:
         bk.require("matrix", f"the matrix rule {rule.name}")
+    if rule.factored:
+        bk.require("factored", f"the factored rule {rule.name}")
     if any(fused.flags(group)[1:]):
         bk.require("fused_options")
     bk.require("sparse_exact" if sparse_mode == "exact" else "sparse_lazy")

@@ -218,11 +218,11 @@ def load_state_dict(opt, sd):
                                      f"dtype {v.dtype}, expected {tuple(shp)} and {dt} (the "
                                      f"optimizer's storage format; fastopt never casts state)")
                 out[name] = v
-            elif name in allowed and stg.native:
+            elif name in allowed and stg.native and name in rule.slots_of(p.shape):
                 v = np.asarray(v)
-                if v.shape != rule.slot_shape(p.shape):
+                if v.shape != rule.slot_shape(p.shape, name):
                     raise ValueError(f"state {name!r} of parameter {i} has shape {v.shape}, "
-                                     f"expected {rule.slot_shape(p.shape)}")
+                                     f"expected {rule.slot_shape(p.shape, name)}")
                 if v.dtype != p.dtype:
                     raise ValueError(f"state {name!r} of parameter {i} has dtype {v.dtype}, "
                                      f"expected {p.dtype} (fastopt never casts state)")
@@ -242,7 +242,9 @@ def load_state_dict(opt, sd):
                               v, lambda: opt.backend.to_host(p))
         if step > 0:
             spec = specs[owner[i]]
-            need = [n for n, u in zip(rule.slots, spec.uses) if u] + sorted(host_keys)
+            mine = rule.slots_of(p.shape)
+            need = [n for n, u in zip(rule.slots, spec.uses) if u and n in mine] \
+                + sorted(host_keys)
             need += [k for k in expect if k not in need]
             missing = [n for n in need if n not in out]
             if missing:

@@ -404,3 +404,4 @@ def openmp_max_threads():
 
 include "_cy_storage.pxi"
 include "_cy_norms.pxi"
+include "_cy_factored.pxi"

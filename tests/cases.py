@@ -57,16 +57,22 @@ from fastopt import rules
 #: every registry variant, as (rule name, variant index)
 VARIANTS = [(name, k) for name, rule in rules.RULES.items() for k in range(len(rule.variants))]
 #: the variants of rules that take row steps (sparse gradients, max_norm, stored
-#: formats): every rule but the per-tensor ones (LAMB, LARS) and the matrix ones (Muon):
-#: whole tensors only
+#: formats): every rule but the whole-tensor ones (per-tensor LAMB, LARS; matrix Muon;
+#: factored Adafactor)
 ROW_VARIANTS = [v for v in VARIANTS if not rules.RULES[v[0]].whole_tensor]
 
 
 def takes_options(name):
     """Whether rule ``name`` takes the fused options on the gradient (clip_value,
     grad_scale) and max_norm: not the matrix rules (Muon's update pass reads the
-    orthogonalized matrix in the gradient's place; tests/test_muon.py)."""
-    return rules.RULES[name].matrix is None
+    orthogonalized matrix in the gradient's place; tests/test_muon.py) nor the
+    factored ones (Adafactor refuses every fused option; tests/test_adafactor.py)."""
+    rule = rules.RULES[name]
+    return rule.matrix is None and not rule.factored
+
+
+#: the variants of rules that take the fused options
+FUSED_VARIANTS = [v for v in VARIANTS if takes_options(v[0])]
 DTYPES = [np.float32, np.float64]
 #: every backend that runs on host arrays here
 CPU_BACKENDS = [b for b in fastopt.available_backends() if b != "cuda"]
@@ -360,7 +366,8 @@ OPTION_SETS = ["none", "all", "element"]
 #: tests/test_cython_parity.py (c): dense multi-tensor steps, numba vs cython
 CY_STEPS = case_set("cython-dense-steps", {"variant": VARIANTS, "dtype": DTYPES,
                                            "options": OPTION_SETS},
-                    # "all" has max_norm (row steps), which per-tensor rules refuse
+                    # "all" has max_norm (row steps), which per-tensor rules refuse;
+                    # factored rules take no fused options
                     valid=lambda c: not (c["options"] == "all"
                                          and rules.RULES[c["variant"][0]].per_tensor)
                     and (c["options"] == "none" or takes_options(c["variant"][0])))
@@ -502,8 +509,10 @@ STORED_EXACT = case_set("stored-exact",
 #: tests/test_cuda_backend.py: dense steps on device arrays against numba, through
 #: the optimizer class or the functional layer: every variant x dtype, variant x
 #: API and dtype x API pair; Adam in full
+#: (matrix and factored rules are refused on CUDA: no kernels)
 CUDA_DENSE = case_set("cuda-dense", {"variant": [v for v in VARIANTS
-                                                 if rules.RULES[v[0]].matrix is None],
+                                                 if rules.RULES[v[0]].matrix is None
+                                                 and not rules.RULES[v[0]].factored],
                                      "dtype": DTYPES,
                                      "api": ["class", "functional"]})
 #: tests/test_cuda_storage.py: 16- and 8-bit state of every element-wise rule,

@@ -128,8 +128,8 @@ def reference_run(rule, variant, params, grads_seq):
     params = [p.copy() for p in params]
     states = []
     for p in params:
-        st = {n: np.full(rule.slot_shape(p.shape), rule.slot_init(group, n), dtype=p.dtype)
-              for n, u in zip(rule.slots, uses) if u}
+        st = {n: np.full(rule.slot_shape(p.shape, n), rule.slot_init(group, n), dtype=p.dtype)
+              for n, u in zip(rule.slots, uses) if u and n in rule.slots_of(p.shape)}
         st.update(rule.host_init(group))
         states.append(st)
     with np.errstate(all="ignore"):

@@ -103,7 +103,7 @@ def main():
     every_option = dict(clip_value=0.5, l1=0.01, param_min=-2.0, param_max=2.0, max_norm=1.0)
     jobs = []        # (what, function, arguments)
     for name, rule in rules.RULES.items():
-        if rule.matrix is not None:    # matrix rules (Muon): refused on CUDA ('matrix')
+        if rule.matrix is not None or rule.factored:   # refused on CUDA: no kernels
             continue
         exact_ok = rule.catch_up is not None
         options = {k: v for k, v in every_option.items()

@@ -161,6 +161,10 @@ def bad_values(check):
         return [(1.0, 2.0), (1.0, math.nan, 2.0), None, 3.0]
     if getattr(check, "__name__", "") == "_trust_clip":     # None: no clamp
         return [-1.0, 0.0, math.nan, math.inf, "0.1"]
+    if getattr(check, "__name__", "") == "_beta2_decay":    # Adafactor's: <= 0
+        return [0.5, math.nan, math.inf, "0.1", None]
+    if getattr(check, "__name__", "") == "_d":              # Adafactor's: >= 1
+        return [0.5, -1.0, math.nan, math.inf, "0.1", None]
     bad = [-1.0, math.nan, math.inf, -math.inf, "0.1", None]
     if check is rules.hyperparams.unit_closed:
         bad.append(1.5)
@@ -234,7 +238,8 @@ def test_functional_matches_class(name):
     p_cls = rng.standard_normal(shape)
     p_fn = p_cls.copy()
     opt = fastopt.CLASSES[name]([p_cls], **variant)
-    slots = [np.full(rule.slot_shape(shape), rule.slot_init(group, s)) if u else None
+    slots = [np.full(rule.slot_shape(shape, s), rule.slot_init(group, s))
+             if u and s in rule.slots_of(shape) else None
              for s, u in zip(rule.slots, uses)]
     host = rule.host_init(group)
     fn = getattr(fastopt.functional, fastopt.functional._fname(rule))

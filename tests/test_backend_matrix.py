@@ -33,6 +33,8 @@ ONE_OPTION_RULES = ["SGD", "Adam", "RowWiseAdagrad"]
 def option_cases():
     cases = []
     for name, rule in rules.RULES.items():
+        if rule.factored:     # no fused options (tests/test_adafactor.py checks the refusal)
+            continue
         # per-tensor rules update whole tensors: max_norm (a row option) is refused
         opts = {k: v for k, v in ALL_OPTIONS.items() if k != "max_norm"} \
             if rule.per_tensor else ALL_OPTIONS

@@ -35,6 +35,10 @@ def test_bytes_per_step_counts_used_slots(name):
         assert case.bytes_per_step() == 4 * (3 * 640 + 2 * 10)
         with pytest.raises(ValueError, match="rows of"):
             case.shape(10)
+    elif rule.factored:                 # 1-D: the vector path, three passes
+        case = benchmark.Case(name, (10,), "float32")
+        assert case.bytes_per_step() == 10 * 4 * 10
+        assert case.memory() == 10 * 4 * 3
     else:
         case = benchmark.Case(name, (10,), "float32")
         uses = rule.uses_slots(case.group())

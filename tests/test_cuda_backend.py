@@ -271,8 +271,10 @@ def test_dense_matches_numba(variant_id, dtype, api):
 
 # ------------------------------------------------------------ fused options
 
-# (matrix rules, Muon, are refused on CUDA: tests/test_muon.py)
-@pytest.mark.parametrize("name", [n for n, r in RULES.items() if r.matrix is None])
+# (matrix rules, Muon, and factored rules, Adafactor, are refused on CUDA:
+# tests/test_muon.py, tests/test_adafactor.py)
+@pytest.mark.parametrize("name", [n for n, r in RULES.items()
+                                  if r.matrix is None and not r.factored])
 def test_every_fused_option_with_grad_scale(name):
     """Every fused option at once, with grad_scale, for every rule: a group with
     max_norm (dense steps through the rows kernels and the renorm kernel), a group

@@ -74,7 +74,8 @@ def rule_cases(pred=lambda rule, variant: True):
 
 
 def elementwise(rule, variant):
-    return rule.layout != "rowwise"
+    # (factored rules have no element math of this form: tests/test_adafactor.py)
+    return rule.layout not in ("rowwise", "factored")
 
 
 # ----------------------------------------------------------------- helpers
@@ -155,6 +156,8 @@ def test_compiled_layout_matches_the_scalars_declarations():
 def test_every_registry_rule_has_a_cython_copy():
     assert list(BACKEND.rule_ids) == list(rules.RULES)
     for name, rule in rules.RULES.items():
+        if rule.factored:      # passes of their own (_cy_factored.pxi; test_adafactor.py)
+            continue
         rid = BACKEND.rule_id(rule)
         if rule.layout == "rowwise":
             names, prefixes = _cy_dense.ROWWISE_NAMES, _cy_dense.ROWWISE_SCALARS
@@ -244,7 +247,7 @@ def test_element_math_bit_identical(name, k, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("name,k", rule_cases(lambda r, v: not elementwise(r, v)))
+@pytest.mark.parametrize("name,k", rule_cases(lambda r, v: r.layout == "rowwise"))
 def test_row_math_bit_identical(name, k, dtype):
     """Row-wise rules: whole rows (lengths 1..33, awkward values) through the Cython
     copy and the Python function, bit for bit (row and accumulator)."""
@@ -532,8 +535,9 @@ def test_sparse_exact_bit_identical_to_numba(variant_id, dtype, scaled):
 
 # ------------------------------------------ (f) serial/parallel, OpenMP threads
 
-@pytest.mark.parametrize("name", list(rules.RULES))
+@pytest.mark.parametrize("name", [n for n, r in rules.RULES.items() if not r.factored])
 def test_serial_and_parallel_drivers_agree(name, monkeypatch):
+    # (factored rules take no fused options: tests/test_adafactor.py runs 1 and 2 threads)
     """The same steps with every driver serial, and every driver parallel."""
     opts_ok = rules.RULES[name].matrix is None      # Muon: no clip_value, grad_scale
     variant = {**rules.RULES[name].variants[-1], **(ELEMENT_OPTS if opts_ok else {})}
@@ -559,7 +563,7 @@ import fastopt
 from fastopt import _cy_dense, rules
 print("threads", _cy_dense.openmp_max_threads())
 opts = dict(clip_value=0.5, l1=0.1, param_min=-1.0, param_max=1.0)
-for name in rules.RULES:
+for name in [n for n, r in rules.RULES.items() if not r.factored]:   # (test_adafactor.py)
     for dt in (np.float32, np.float64):
         rng = np.random.default_rng(0)
         mat = rules.RULES[name].matrix is not None   # Muon: matrices, no clip/grad_scale
@@ -607,7 +611,7 @@ def test_same_bits_with_one_and_two_openmp_threads():
         lines = res.stdout.splitlines()
         assert lines[0] == f"threads {nthreads}"
         outs[nthreads] = lines[1:]
-    assert len(outs[1]) == 2 * len(rules.RULES) + 1
+    assert len(outs[1]) == 2 * sum(not r.factored for r in rules.RULES.values()) + 1
     assert outs[1] == outs[2]
 
 

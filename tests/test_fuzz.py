@@ -40,6 +40,8 @@ def configurations(draw):
     for key, values in OPTION_VALUES.items():
         if key == "max_norm" and rule.per_tensor:    # a row option: refused for them
             continue
+        if rule.factored:        # Adafactor: no fused options (test_adafactor.py: refused)
+            continue
         if draw(st.booleans()) and draw(st.booleans()):
             hyper[key] = draw(st.sampled_from(values))
     if "param_min" in hyper and "param_max" in hyper and hyper["param_min"] > hyper["param_max"]:
@@ -51,9 +53,9 @@ def configurations(draw):
     steps = []
     for _ in range(draw(st.integers(1, 4))):
         kinds = [draw(st.sampled_from(["dense", "sparse", "none"]
-                                      if len(s) and not rule.per_tensor else
-                                      ["dense", "none"])) for s in shapes]
-        scale = draw(st.sampled_from([None, None, 8.0]))
+                                      if len(s) and not (rule.per_tensor or rule.factored)
+                                      else ["dense", "none"])) for s in shapes]
+        scale = None if rule.factored else draw(st.sampled_from([None, None, 8.0]))
         lr_edit = draw(st.sampled_from([None, None, 0.5]))
         steps.append((kinds, scale, lr_edit, draw(st.integers(0, 2 ** 16))))
     backend = draw(st.sampled_from(COMPILED))

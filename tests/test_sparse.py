@@ -90,7 +90,7 @@ def test_lazy_matches_oracle(variant_id, backend, dtype):
 @pytest.mark.parametrize("name", list(rules.RULES))
 def test_all_rows_touched_equals_dense(name, backend):
     rule = rules.RULES[name]
-    if rule.whole_tensor:         # refused (tests/test_tensor_rules.py, test_muon.py)
+    if rule.whole_tensor:         # refused (tests/test_tensor_rules.py, test_muon.py, test_adafactor.py)
         with pytest.raises(ValueError, match="row-sparse gradient"):
             fastopt.CLASSES[name]([np.ones((6, 4))], backend=backend).step(
                 [fastopt.RowSparse(np.arange(6), np.ones((6, 4)))])

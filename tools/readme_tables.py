@@ -97,6 +97,7 @@ def _variant_reasons(rule, reason_of):
 def capability_table():
     """The README's rule x backend x feature table (Markdown, no trailing newline)."""
     from fastopt import rules
+    from fastopt.factored import refusal as factored_refusal
     from fastopt.rules import fused
 
     classes = backend_classes()
@@ -120,7 +121,8 @@ def capability_table():
     for rule in rules.RULES.values():
         row = ["rowwise"] if rule.layout == "rowwise" else \
             ["tensor_norms"] if rule.per_tensor else \
-            ["matrix"] if rule.layout == "matrix" else []
+            ["matrix"] if rule.layout == "matrix" else \
+            ["factored"] if rule.factored else []
         state = [_code(s) for s in rule.slots] + [_code(k) + " (host)"
                                                   for k in rule.host_init(rule.defaults)]
         if rule.catch_up is None:
@@ -145,9 +147,12 @@ def capability_table():
         lines.append("| " + " | ".join([
             f"`fastopt.{rule.name}`" + (" (row-wise)" if rule.layout == "rowwise" else
                                         " (per-tensor)" if rule.per_tensor else
-                                        " (matrix)" if rule.layout == "matrix" else ""),
+                                        " (matrix)" if rule.layout == "matrix" else
+                                        " (factored)" if rule.factored else ""),
             ", ".join(state),
             who(["dense"] + row),
+            "—" + note(f"{rule.name}: " + factored_refusal(rule, "a row-sparse gradient"))
+            if rule.factored else
             "—" + note(f"{rule.name}: " + rule.tensor_refusal("a row-sparse gradient"))
             if rule.whole_tensor else who(["sparse_lazy"] + row),
             exact,
@@ -156,6 +161,10 @@ def capability_table():
                 f"{rule.name}: clip_value, max_norm and grad_scale are refused (the update "
                 "pass reads the orthogonalized matrix in the gradient's place)"))
             if rule.layout == "matrix" else
+            ("`skip_nonfinite`: " + who(["skip_nonfinite"] + row) + note(
+                f"{rule.name}: the fused options and `grad_scale` are refused (its update "
+                "runs by whole tensors: row and column sums, then the RMS of the update, "
+                "then the update pass)")) if rule.factored else
             who(["fused_options", "grad_scale", "skip_nonfinite"] + row),
             who(["float32", "float64"] + row),
             (("—" + note(f"{rule.name}, bfloat16 parameters: {rule.bf16_reason()}"))

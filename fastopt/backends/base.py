@@ -70,6 +70,8 @@ FEATURES = {
                     "update pass",
     "matrix": "matrix rules (Muon): a phase on whole matrices (Newton-Schulz through BLAS) "
               "between the element phases",
+    "factored": "factored rules (Adafactor): row and column sums of each tensor, then the "
+                "RMS of the update, then the update pass",
     "fused_options": "clip_value, l1, param_min, param_max, max_norm in the update pass",
     "grad_scale": "step(grad_scale=...) divides gradients inside the update pass",
     "skip_nonfinite": "step(skip_nonfinite=True) skips a step with an Inf/NaN gradient",
@@ -300,6 +302,29 @@ class Backend:
         (:mod:`fastopt.matrix_phase`); host arrays: :mod:`.matrix_cpu`."""
         from .matrix_cpu import run_matrix
         run_matrix(work, groups)
+    # factored rules (fastopt/factored.py): one tensor's passes, float64 sums in an
+    # order fixed by the shape; B matrices of R x C, or a vector
+    def factored_sums(self, P, G, B, R, C):
+        """``(row sums of G^2 (B, R), column sums of G^2 (B, C), sum of p^2)``."""
+        raise NotImplementedError
+
+    def factored_usq(self, G, rv, cv, m, B, R, C, e2, sign, one):
+        """The sum of ``U^2``, ``U = sign G rsqrt(max(rv cv / m, e2))``."""
+        raise NotImplementedError
+
+    def factored_apply(self, P, G, rv, cv, m, B, R, C, e2, sign, one, decay, step):
+        """``P = P decay + step U``."""
+        raise NotImplementedError
+
+    def vector_sums(self, P, G, V, w, omw, sign):
+        """``V = lerp(V, G^2, w)`` in place; returns the sum of ``p^2``."""
+        raise NotImplementedError
+
+    def vector_usq(self, G, V, e2, sign, one):
+        raise NotImplementedError
+
+    def vector_apply(self, P, G, V, e2, sign, one, decay, step):
+        raise NotImplementedError
 
     def run_norms(self, work):
         """The norm pass of a per-tensor rule (``Rule.norms``) over a

@@ -209,6 +209,40 @@ class CythonBackend(Backend):
         self._ext.run_stored_dense(*cached[1], work.ptrs, work.fmt, work.chunks, work.hyper,
                                    work.hidx, cached[2], work.nelem, _parallel_min())
 
+    # the passes of factored rules (``kernels/_cy_factored.pxi``, the twin of
+    # fastopt/backends/numba_factored.py; fastopt/factored.py runs them)
+    def factored_sums(self, P, G, B, R, C):
+        nb = -(-R // self._ext.FACTOR_ROWS_BUILT)
+        rows = np.empty(B * R, dtype=np.float64)
+        prow = np.empty(B * R, dtype=np.float64)
+        cols = np.empty(B * C, dtype=np.float64)
+        part = np.empty((B * nb, C), dtype=np.float64)
+        psq = self._ext.factored_sums(P, G, B, R, C, rows, prow, part, cols,
+                                      _factored_parallel_min())
+        return rows.reshape(B, R), cols.reshape(B, C), psq
+
+    def factored_usq(self, G, rv, cv, m, B, R, C, e2, sign, one):
+        rows = np.empty(B * R, dtype=np.float64)
+        return self._ext.factored_usq(G, rv, cv, m, B, R, C, e2, sign, one, rows,
+                                      _factored_parallel_min())
+
+    def factored_apply(self, P, G, rv, cv, m, B, R, C, e2, sign, one, decay, step):
+        self._ext.factored_apply(P, G, rv, cv, m, B, R, C, e2, sign, one, decay, step,
+                                 _factored_parallel_min())
+
+    def vector_sums(self, P, G, V, w, omw, sign):
+        part = np.empty(-(-P.size // base.CHUNK), dtype=np.float64)
+        return self._ext.vector_sums(P, G, V, w, omw, sign, part,
+                                     _factored_parallel_min())
+
+    def vector_usq(self, G, V, e2, sign, one):
+        part = np.empty(-(-G.size // base.CHUNK), dtype=np.float64)
+        return self._ext.vector_usq(G, V, e2, sign, one, part, _factored_parallel_min())
+
+    def vector_apply(self, P, G, V, e2, sign, one, decay, step):
+        self._ext.vector_apply(P, G, V, e2, sign, one, decay, step,
+                               _factored_parallel_min())
+
     def run_norms(self, work):
         """The norm pass of a per-tensor rule (``_cy_dense.run_norms``, the twin of
         :func:`fastopt.backends.numba_norms.make_norms_driver`), over the bucket's
@@ -333,6 +367,13 @@ def _stored(a, dtype, shape, what):
                          f"{getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}")
     a = a.reshape(-1)
     return a.view(dt) if a.dtype != dt else a
+
+
+def _factored_parallel_min():
+    """The threshold of the factored rules' passes (``fastopt.factored.PARALLEL_MIN``),
+    or never parallel in a forked child (as :func:`_parallel_min`)."""
+    from .. import factored
+    return factored.PARALLEL_MIN if may_use_threads() else sys.maxsize
 
 
 def _parallel_min():

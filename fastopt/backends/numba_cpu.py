@@ -813,6 +813,31 @@ class NumbaBackend(Backend):
                     make_stored_dense_driver, work.config, parallel))
             cached[2](work.ptrs, work.fmt, work.chunks, work.hyper, work.hidx)
 
+    # the passes of factored rules (fastopt/backends/numba_factored.py)
+    def factored_sums(self, *a):
+        from . import numba_factored
+        return numba_factored.factored_sums(*a)
+
+    def factored_usq(self, *a):
+        from . import numba_factored
+        return numba_factored.factored_usq(*a)
+
+    def factored_apply(self, *a):
+        from . import numba_factored
+        numba_factored.factored_apply(*a)
+
+    def vector_sums(self, *a):
+        from . import numba_factored
+        return numba_factored.vector_sums(*a)
+
+    def vector_usq(self, *a):
+        from . import numba_factored
+        return numba_factored.vector_usq(*a)
+
+    def vector_apply(self, *a):
+        from . import numba_factored
+        numba_factored.vector_apply(*a)
+
     def run_norms(self, work):
         from .numba_norms import run_norms
         return run_norms(work, self.element_chunks(work),

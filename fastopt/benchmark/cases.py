@@ -87,12 +87,18 @@ class Case:
             return item * (3 * self.elements + 2 * k * (self.elements // ROW_DIM))
         if rule.per_tensor:      # the norm pass reads p, g and its slots first
             return self.elements * item * (3 + 2 * k + 2 + rule.norm_reads)
+        if rule.factored:        # 1-D: its vector path (bench/adafactor_bench.py: matrices)
+            # sums pass: p, g, variance read, variance written; RMS pass: g, variance;
+            # update pass: p, g, variance read, p written
+            return self.elements * item * 10
         return self.elements * item * (3 + 2 * k)
 
     def memory(self):
         """Bytes one contender holds (param, grad, state)."""
         rule = registry.RULES[self.rule]
         k = sum(rule.uses_slots(self.group()))
+        if rule.factored:        # 1-D: one slot (variance) of the parameter's shape
+            k = len(rule.slots_of(self.shape(self.sizes[0])))
         state = self.elements // ROW_DIM if rule.layout == "rowwise" else self.elements
         return np.dtype(self.dtype).itemsize * (2 * self.elements + k * state)
 

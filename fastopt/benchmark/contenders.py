@@ -228,6 +228,9 @@ def _ceiling(case):
     uses = rule.uses_slots(case.group())
     if rule.layout == "rowwise":
         uses = (False,) * registry.NSLOTS
+    if rule.factored:        # 1-D: the update pass reads variance (its one slot there)
+        uses = tuple(n in rule.slots_of(case.shape(1)) for n in
+                     rule.slots + (None,) * (registry.NSLOTS - len(rule.slots)))
     params, grads = case.data()
     slots = [[np.zeros_like(p) if u else None for u in uses] for p in params]
     ptrs = np.zeros((len(params), 2 + registry.NSLOTS), dtype=np.int64)

@@ -125,6 +125,13 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         # the full optimizer on every rank: it validates everything as the single
         # process would, holds the user-visible param_groups, never steps and never
         # holds state (except transiently inside load_state_dict)
+        rule = getattr(optimizer_class, "rule", None)
+        if rule is not None and rule.factored:
+            raise NotImplementedError(
+                f"ShardedOptimizer does not support {rule.name} yet: its factored state "
+                "(row_var, col_var) needs row and column sums of whole matrices, and the "
+                "flat element shards cut matrices at arbitrary points; use the optimizer "
+                "on one process")
         self._template = optimizer_class(params, **hyper)
         t = self._template
         if t.backend.memory != "host":

@@ -12,7 +12,7 @@ max-norm) are in :mod:`fastopt.rules.fused`.
 functional layer, every backend, the tests and the benchmarks iterate over it.
 """
 
-from . import (adadelta, adagrad, adam, adamax, fused, lamb, lars, lion, nadam, radam,
+from . import (adadelta, adafactor, adagrad, adam, adamax, fused, lamb, lars, lion, nadam, radam,
                rmsprop, rowwise_adagrad, rprop, sgd, asgd, ademamix, adamw_schedulefree,
                sgd_schedulefree, muon)
 from .base import NSLOTS, Rule, scalars_type
@@ -36,11 +36,13 @@ SGDScheduleFree = sgd_schedulefree.RULE
 LAMB = lamb.RULE
 LARS = lars.RULE
 Muon = muon.RULE
+Adafactor = adafactor.RULE
 
 #: name -> Rule, in a stable order.  Tests and benchmarks iterate over this.
 RULES = {r.name: r for r in (SGD, Adagrad, RMSprop, Adam, AdamW, Adamax, NAdam, Lion,
                              RowWiseAdagrad, RAdam, Adadelta, Rprop, ASGD,
-                             AdEMAMix, AdamWScheduleFree, SGDScheduleFree, LAMB, LARS, Muon)}
+                             AdEMAMix, AdamWScheduleFree, SGDScheduleFree, LAMB, LARS, Muon,
+                             Adafactor)}
 
 #: width of the float64 scalar table the drivers receive (the widest rule's Scalars;
 #: narrower rules leave the last columns zero)
@@ -121,6 +123,8 @@ def cython_dispatch_pxi():
     element, rowwise = {}, {}
     tensor = []
     for rule in RULES.values():
+        if rule.factored:         # its own passes (kernels/_cy_factored.pxi), no element math
+            continue
         into = rowwise if rule.layout == "rowwise" else element
         into.setdefault(_math_module(rule), _scalars_prefix(rule))
         if rule.per_tensor and _math_module(rule) not in tensor:

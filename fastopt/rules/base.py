@@ -110,6 +110,12 @@ class Rule:
     #: "matrix" (element-wise state; :attr:`phase1`, then a phase on whole matrices,
     #: :attr:`matrix`, then the update pass :attr:`math`)
     layout: str = "elementwise"
+    #: layout "factored" (Adafactor): ``shape -> slot names`` a parameter of that shape
+    #: has (factored state for 2 or more dimensions, full state for fewer), and
+    #: ``(shape, name) -> shape`` of each (torch's keepdim shapes); the steps run
+    #: through :mod:`fastopt.factored`
+    param_slots: Callable = None
+    factored_shape: Callable = None
     #: layout "tensor": the jitable ``norms(p, g, s0, s1, s2, c) -> (x, y)`` giving,
     #: per element, the two quantities whose L2 norms over the tensor the rule needs
     #: (LAMB: the parameter and the Adam direction; LARS: the parameter and the
@@ -181,10 +187,27 @@ class Rule:
         if (self.layout == "matrix") != (self.matrix is not None) \
                 or (self.matrix is None) != (self.phase1 is None):
             raise ValueError(f"{self.name}: layout 'matrix' goes with matrix and phase1")
+        if (self.layout == "factored") != (self.param_slots is not None) \
+                or (self.param_slots is None) != (self.factored_shape is None):
+            raise ValueError(f"{self.name}: layout 'factored' goes with param_slots and "
+                             "factored_shape")
         own = set(self.Scalars._fields) - set(fused.FIELDS)
         for f in self.flags + self.zero_switches:
             if f not in own:
                 raise ValueError(f"{self.name}: {f!r} is not one of its scalar fields")
+
+    @property
+    def factored(self):
+        """Whether the rule runs by whole tensors through :mod:`fastopt.factored`
+        (layout "factored": state whose shapes are not the parameter's)."""
+        return self.param_slots is not None
+
+    def slots_of(self, param_shape):
+        """The state slots a parameter of ``param_shape`` has (all of them, except
+        for a factored rule)."""
+        if self.param_slots is None:
+            return self.slots
+        return self.param_slots(tuple(param_shape))
 
     @property
     def per_tensor(self):
@@ -194,9 +217,9 @@ class Rule:
 
     @property
     def whole_tensor(self):
-        """Whether each tensor is updated as a whole (layouts "tensor" and "matrix"):
-        no row steps (sparse gradients, max_norm), no stored formats."""
-        return self.norms is not None or self.matrix is not None
+        """Whether each tensor is updated as a whole (layouts "tensor", "matrix" and
+        "factored"): no row steps (sparse gradients, max_norm), no stored formats."""
+        return self.norms is not None or self.matrix is not None or self.factored
 
     def tensor_refusal(self, what):
         """The message refusing ``what`` (a feature that updates part of a tensor, or
@@ -240,8 +263,11 @@ class Rule:
             return False
         return self.exact_refusal(group) is None
 
-    def slot_shape(self, param_shape):
-        """Shape of a state slot for a parameter of ``param_shape``."""
+    def slot_shape(self, param_shape, name=None):
+        """Shape of a state slot (``name``: needed by a factored rule, whose slots
+        differ) for a parameter of ``param_shape``."""
+        if self.factored_shape is not None:
+            return tuple(self.factored_shape(tuple(param_shape), name))
         if self.layout == "rowwise":
             return tuple(param_shape[:1])
         return tuple(param_shape)

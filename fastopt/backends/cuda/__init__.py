@@ -123,13 +123,15 @@ class CudaBackend(Backend):
     """Runs optimizer steps on device arrays with ``cuda.jit`` kernels; provides the
     array methods of :class:`fastopt.backends.base.Backend` for device arrays.  Every
     feature of :data:`fastopt.backends.base.FEATURES` (bfloat16 parameters: uint16
-    device arrays marked with :func:`bfloat16`)."""
+    device arrays marked with :func:`bfloat16`), except ``factored`` (Adafactor is
+    refused on CUDA)."""
 
     name = "cuda"
-    #: every feature; bfloat16 parameters are uint16 device arrays marked with
+    #: every feature but ``matrix`` (no matrix phase on device arrays: Muon) and
+    #: ``factored`` (Adafactor's passes have no CUDA kernels yet), refused through the
+    #: capability table; bfloat16 parameters are uint16 device arrays marked with
     #: :func:`bfloat16` (see "Stored formats" in the module docstring)
-    # no matrix phase on device arrays (Muon): refused with the capability table
-    features = frozenset(FEATURES) - {"matrix"}
+    features = frozenset(FEATURES) - {"matrix", "factored"}
     memory = "device"
 
     def __init__(self):
