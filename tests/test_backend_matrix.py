@@ -204,6 +204,8 @@ def test_missing_feature_is_refused_before_writing(backend, feature):
             [np.ones_like(p)]),
         "matrix": lambda: fastopt.Muon([p], lr=0.1, backend=backend).step(
             [np.ones_like(p)]),
+        "factored": lambda: fastopt.Adafactor([p], lr=0.1, backend=backend).step(
+            [np.ones_like(p)]),
     }
     if bk.supports(feature):
         assert calls[feature]() is True
