@@ -81,16 +81,7 @@ def main(argv=None):
         import torch.optim._muon as tm
         shipped = tm._zeropower_via_newtonschulz
 
-        def same_dtype(grad, ns_coefficients, ns_steps, eps):
-            ca, cb, cc = ns_coefficients
-            x = grad.clone()
-            if grad.size(0) > grad.size(1):
-                x = x.T
-            x.div_(x.norm().clamp(min=eps))
-            for _ in range(ns_steps):
-                gram = x @ x.T
-                x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=cb, alpha=cc), x, beta=ca)
-            return x.T if grad.size(0) > grad.size(1) else x
+        from fastopt.benchmark.torch_peers import newton_schulz_same_dtype as same_dtype
 
         def torch_opt():
             tp = [torch.tensor(p.copy(), requires_grad=True) for p in params]

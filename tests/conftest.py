@@ -7,6 +7,7 @@ import pytest
 
 import fastopt
 from fastopt import rules
+from fastopt.benchmark.torch_peers import newton_schulz_same_dtype
 
 def pytest_configure(config):
     config.addinivalue_line(
@@ -63,30 +64,9 @@ def shapes_for(name, shapes):
     return [shape_for(name, s) for s in shapes]
 
 
-def torch_ns_same_dtype(grad, ns_coefficients, ns_steps, eps):
-    """torch.optim's ``_zeropower_via_newtonschulz`` (torch 2.13) without its cast to
-    bfloat16: the same operations in the gradient's dtype.  Tests monkeypatch it in
-    (``torch.optim._muon._zeropower_via_newtonschulz``) to compare fastopt.Muon with
-    torch.optim.Muon in float64 and float32."""
-    import torch
-    if ns_steps >= 100:
-        raise ValueError("Number of steps must be less than 100 for computational efficiency")
-    if len(grad.shape) != 2:
-        raise ValueError("Input tensor gradient must be a 2D matrix")
-    if len(ns_coefficients) != 3:
-        raise ValueError("Coefficients must be a tuple of exactly 3 values")
-    a, b, c = ns_coefficients
-    ortho_grad = grad.clone()
-    if grad.size(0) > grad.size(1):
-        ortho_grad = ortho_grad.T
-    ortho_grad.div_(ortho_grad.norm().clamp(min=eps))
-    for _ in range(ns_steps):
-        gram_matrix = ortho_grad @ ortho_grad.T
-        gram_update = torch.addmm(gram_matrix, gram_matrix, gram_matrix, beta=b, alpha=c)
-        ortho_grad = torch.addmm(ortho_grad, gram_update, ortho_grad, beta=a)
-    if grad.size(0) > grad.size(1):
-        ortho_grad = ortho_grad.T
-    return ortho_grad
+#: torch.optim.Muon's Newton-Schulz without its cast to bfloat16 (tests monkeypatch it
+#: into torch.optim._muon to compare fastopt.Muon with torch in float64 and float32)
+torch_ns_same_dtype = newton_schulz_same_dtype
 
 
 def rule_cases():

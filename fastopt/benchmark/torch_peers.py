@@ -74,3 +74,30 @@ def make_lars(torch, params, grads, group):
 
 #: rule name -> maker
 PEERS = {"LAMB": make_lamb, "LARS": make_lars}
+
+
+def newton_schulz_same_dtype(grad, ns_coefficients, ns_steps, eps):
+    """torch.optim's ``_zeropower_via_newtonschulz`` (torch 2.13) without its cast to
+    bfloat16: the same operations in the gradient's dtype.  Monkeypatched into
+    ``torch.optim._muon`` it makes ``torch.optim.Muon`` the peer of fastopt.Muon's
+    float32/float64 iterations (tests/test_muon.py compares them; bench/muon_bench.py
+    times it as equal work)."""
+    import torch
+    if ns_steps >= 100:
+        raise ValueError("Number of steps must be less than 100 for computational efficiency")
+    if len(grad.shape) != 2:
+        raise ValueError("Input tensor gradient must be a 2D matrix")
+    if len(ns_coefficients) != 3:
+        raise ValueError("Coefficients must be a tuple of exactly 3 values")
+    a, b, c = ns_coefficients
+    ortho_grad = grad.clone()
+    if grad.size(0) > grad.size(1):
+        ortho_grad = ortho_grad.T
+    ortho_grad.div_(ortho_grad.norm().clamp(min=eps))
+    for _ in range(ns_steps):
+        gram_matrix = ortho_grad @ ortho_grad.T
+        gram_update = torch.addmm(gram_matrix, gram_matrix, gram_matrix, beta=b, alpha=c)
+        ortho_grad = torch.addmm(ortho_grad, gram_update, ortho_grad, beta=a)
+    if grad.size(0) > grad.size(1):
+        ortho_grad = ortho_grad.T
+    return ortho_grad
