@@ -76,6 +76,9 @@ def run_tensor(bk, rule, group, step, p, g, state):
         with np.errstate(all="ignore"):     # NaN/Inf propagate silently, as in the kernels
             rule.reference(p, g, state, group, step)
         return
+    if getattr(bk, "memory", "host") == "device":   # the state is on the device: the
+        bk.factored_tensor(rule, group, step, p, g, state)  # host work runs there too
+        return
     sc, _ = rule.host_scalars(group, step, {}, ())
     dt = p.dtype.type
     eps1 = eps1_of(group, p.dtype)

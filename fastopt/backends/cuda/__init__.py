@@ -106,7 +106,7 @@ def _load():
 from ...arrays import FLOAT_DTYPES, as_grad  # noqa: E402
 from ...storage import bf16, is_bf16  # noqa: E402
 from ..base import FEATURES, Backend  # noqa: E402
-from . import arrays, bf16_arrays, kernels, launch, stored  # noqa: E402,F401
+from . import arrays, bf16_arrays, factored, kernels, launch, matrix, stored  # noqa: E402,F401
 from .arrays import _address, _describe, _import_device, _packed, is_device  # noqa: E402
 from .bf16_arrays import _BF16Param, _mark_bf16, _widen, bfloat16, is_bf16_state  # noqa: E402,F401
 from .kernels import (TAB_COLS, make_count_kernel, make_dense_kernel,  # noqa: E402,F401
@@ -131,7 +131,7 @@ class CudaBackend(Backend):
     #: ``factored`` (Adafactor's passes have no CUDA kernels yet), refused through the
     #: capability table; bfloat16 parameters are uint16 device arrays marked with
     #: :func:`bfloat16` (see "Stored formats" in the module docstring)
-    features = frozenset(FEATURES) - {"matrix", "factored"}
+    features = frozenset(FEATURES)
     memory = "device"
 
     def __init__(self):
@@ -346,6 +346,37 @@ class CudaBackend(Backend):
         """The norm pass of a per-tensor rule over a bucket: one launch, the chunk
         sums added on the host (:func:`fastopt.backends.cuda.launch.run_norms`)."""
         return launch.run_norms(work)
+
+    def run_matrix(self, work, groups):
+        """The matrix phase of a matrix rule (Muon) over a bucket on the device: element
+        phase 1, then Newton-Schulz batched per tensor
+        (:func:`fastopt.backends.cuda.matrix.run_matrix`)."""
+        matrix.run_matrix(work, groups)
+
+    # the passes of factored rules (Adafactor; fastopt/factored.py): device arrays,
+    # :mod:`fastopt.backends.cuda.factored`
+    def factored_tensor(self, rule, group, step, p, g, state):
+        """One tensor's step of a factored rule, every pass and the work between them
+        on the device (:func:`fastopt.backends.cuda.factored.run_tensor`)."""
+        factored.run_tensor(rule, group, step, p, g, state)
+
+    def factored_sums(self, *a):
+        return factored.factored_sums(*a)
+
+    def factored_usq(self, *a):
+        return factored.factored_usq(*a)
+
+    def factored_apply(self, *a):
+        factored.factored_apply(*a)
+
+    def vector_sums(self, *a):
+        return factored.vector_sums(*a)
+
+    def vector_usq(self, *a):
+        return factored.vector_usq(*a)
+
+    def vector_apply(self, *a):
+        factored.vector_apply(*a)
 
     def run_rows(self, work):
         """The row step of one parameter (a row-sparse gradient, a dense step of a
