@@ -509,7 +509,8 @@ STORED_EXACT = case_set("stored-exact",
 #: tests/test_cuda_backend.py: dense steps on device arrays against numba, through
 #: the optimizer class or the functional layer: every variant x dtype, variant x
 #: API and dtype x API pair; Adam in full
-#: (matrix and factored rules are refused on CUDA: no kernels)
+#: (matrix and factored rules: their own passes, tests/test_muon_cuda.py and
+#: tests/test_adafactor_cuda.py)
 CUDA_DENSE = case_set("cuda-dense", {"variant": [v for v in VARIANTS
                                                  if rules.RULES[v[0]].matrix is None
                                                  and not rules.RULES[v[0]].factored],

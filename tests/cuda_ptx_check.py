@@ -20,6 +20,8 @@ Compiles, with the argument types the backend launches them with:
   dtype: the rows kernel with the catch-up, stepping and flush-only;
 * the ``skip_nonfinite`` counting kernel for both dtypes, and the benchmark's
   no-math ceiling kernel;
+* the factored passes of Adafactor and the matrix phase of Muon (element phase 1
+  per variant, the Newton-Schulz kernels with the tiled GEMM) for both dtypes;
 
 and checks that the PTX has no approximate square root or division and that the
 dense kernel loads through the pointer table.
@@ -103,7 +105,7 @@ def main():
     every_option = dict(clip_value=0.5, l1=0.01, param_min=-2.0, param_max=2.0, max_norm=1.0)
     jobs = []        # (what, function, arguments)
     for name, rule in rules.RULES.items():
-        if rule.matrix is not None or rule.factored:   # refused on CUDA: no kernels
+        if rule.matrix is not None or rule.factored:   # their own kernels: below
             continue
         exact_ok = rule.catch_up is not None
         options = {k: v for k, v in every_option.items()
@@ -136,6 +138,7 @@ def main():
                         jobs.append((f"rows flush {what}", rows, (cfg, True, False)))
     for dt in (np.float32, np.float64):
         jobs.append((f"finite {np.dtype(dt).name}", finite, (dt,)))
+    jobs += factored_jobs(types, ptx_of) + matrix_jobs(types, ptx_of)
     jobs.append(("ceiling", dense, (Config(rule=benchmark.CEILING, dtype=np.dtype(np.float32),
                                            uses=(True, True, True)),)))
     for what, fn, args in jobs:
@@ -146,6 +149,71 @@ def main():
             return 1
     print(f"compiled {len(jobs)} kernels to PTX")
     return 0
+
+
+def factored_jobs(types, ptx_of):
+    """The factored passes (Adafactor, :mod:`fastopt.backends.cuda.factored`) for both
+    dtypes, with the argument kinds of its ``SIGNATURES``."""
+    import numpy as np
+    from fastopt.backends.cuda import factored
+    jobs = []
+    for dt in (np.float32, np.float64):
+        el = types.float32 if dt == np.float32 else types.float64
+        kinds = {"a": types.Array(el, 1, "C"), "d": types.Array(types.float64, 1, "C"),
+                 "s": el, "i": types.int64}
+        for kind, sig in factored.SIGNATURES.items():
+            k = factored.kernel(kind, dt)
+            jobs.append((f"factored {kind} {np.dtype(dt).name}",
+                         lambda k=k, sig=sig: ptx_of(k, tuple(kinds[c] for c in sig)), ()))
+    return jobs
+
+
+def matrix_jobs(types, ptx_of):
+    """The matrix phase (Muon, :mod:`fastopt.backends.cuda.matrix`): element phase 1
+    for the planner's configurations of every variant, and the Newton-Schulz kernels
+    (load, norm, divide, tiled GEMM, store) for both iteration and parameter dtypes."""
+    import numpy as np
+    from fastopt import planner, rules
+    from fastopt.backends.cuda import matrix
+    i64, f64 = types.int64, types.float64
+    jobs = []
+    for name, rule in rules.RULES.items():
+        if rule.matrix is None:
+            continue
+        for variant in rule.variants:
+            group = rule.check_group({**rule.defaults, **variant})
+            spec = planner.group_spec(rule, group)
+            for dt in (np.float32, np.float64):
+                cfg = planner.config(rule, dt, spec)
+                a1 = types.Array(types.float32 if dt == np.float32 else f64, 1, "C")
+                k = matrix.kernel("phase1", rule, np.dtype(dt).type, tuple(cfg.fixed))
+                jobs.append((f"matrix phase1 {name} {variant} {np.dtype(dt).name}",
+                             lambda k=k, a1=a1: ptx_of(
+                                 k, (a1, a1, a1, types.Array(f64, 2, "C"), i64)), ()))
+    for dt in (np.float32, np.float64):
+        el = types.float32 if dt == np.float32 else f64
+        a1 = types.Array(el, 1, "C")
+        t = np.dtype(dt).type
+        nm = np.dtype(dt).name
+        for other in (np.float32, np.float64):      # the other side of the casts
+            o1 = types.Array(types.float32 if other == np.float32 else f64, 1, "C")
+            jobs.append((f"matrix load {nm} from {np.dtype(other).name}",
+                         lambda t=t, a1=a1, o1=o1: ptx_of(
+                             matrix.kernel("load", t), (o1, a1, i64, i64, types.boolean, i64)),
+                         ()))
+            jobs.append((f"matrix store {nm} from {np.dtype(other).name}",
+                         lambda t=t, a1=a1, o1=o1, el=el: ptx_of(
+                             matrix.kernel("store", t), (o1, a1, i64, i64, types.boolean, el)),
+                         ()))
+        jobs.append((f"matrix sumsq {nm}", lambda t=t, a1=a1: ptx_of(
+            matrix.kernel("sumsq", t, matrix.REDUCE_THREADS),
+            (a1, i64, i64, f64, types.Array(f64, 2, "C"))), ()))
+        jobs.append((f"matrix divide {nm}", lambda t=t, a1=a1: ptx_of(
+            matrix.kernel("divide", t), (a1, i64, a1)), ()))
+        jobs.append((f"matrix gemm {nm}", lambda t=t, a1=a1, el=el: ptx_of(
+            matrix.kernel("gemm", t, matrix.TILE),
+            (a1,) * 4 + (i64,) * 9 + (el, el)), ()))
+    return jobs
 
 
 if __name__ == "__main__":

@@ -340,9 +340,10 @@ def test_exact_mode_low_state_and_bfloat16_refused():
         fastopt.Adafactor([np.ones((3, 3), ml_dtypes.bfloat16)], backend="numba")
 
 
-def test_cuda_backend_lacks_the_factored_feature():
+def test_every_backend_class_has_the_factored_feature():
+    """CUDA included (its kernels: tests/test_adafactor_cuda.py, in the simulator)."""
     from fastopt.backends.cuda import CudaBackend
-    assert "factored" not in CudaBackend.features
+    assert "factored" in CudaBackend.features
     assert set(backends.capable("factored")) >= {"numba", "numpy"}
 
 

@@ -232,12 +232,12 @@ def assert_functional_close(got, want):
 # ------------------------------------------------------------- capabilities
 
 def test_every_feature_is_declared():
-    """The capability table lists every feature for cuda but the matrix phase (Muon)
-    and the factored passes (Adafactor), which have no CUDA kernels (refused: the
-    rules' tests check how); bfloat16 parameters are uint16 device arrays marked with
-    fastopt.backends.cuda.bfloat16, see tests/test_cuda_storage.py; the optimizer
-    accepts each declared feature (nothing is refused)."""
-    assert set(backends.capabilities()["cuda"]) == set(FEATURES) - {"matrix", "factored"}
+    """The capability table lists every feature for cuda, the matrix phase (Muon:
+    tests/test_muon_cuda.py) and the factored passes (Adafactor:
+    tests/test_adafactor_cuda.py) included; bfloat16 parameters are uint16 device
+    arrays marked with fastopt.backends.cuda.bfloat16, see tests/test_cuda_storage.py;
+    the optimizer accepts each declared feature (nothing is refused)."""
+    assert set(backends.capabilities()["cuda"]) == set(FEATURES)
     assert backends.capable("sparse_exact").count("cuda") == 1
     d = dev(np.zeros((4, 3), np.float32))
     opt = fastopt.SGD([d], backend="cuda", sparse_mode="exact", lr=0.1, momentum=0.9)
@@ -272,8 +272,8 @@ def test_dense_matches_numba(variant_id, dtype, api):
 
 # ------------------------------------------------------------ fused options
 
-# (matrix rules, Muon, and factored rules, Adafactor, are refused on CUDA:
-# tests/test_muon.py, tests/test_adafactor.py)
+# (matrix rules, Muon, and factored rules, Adafactor, take their own kernels and
+# refuse most fused options: tests/test_muon_cuda.py, tests/test_adafactor_cuda.py)
 @pytest.mark.parametrize("name", [n for n, r in RULES.items()
                                   if r.matrix is None and not r.factored])
 def test_every_fused_option_with_grad_scale(name):

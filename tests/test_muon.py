@@ -524,15 +524,14 @@ def test_bfloat16_parameters_refused():
         fastopt.Muon([np.ones((4, 4), storage.BF16)])
 
 
-def test_cuda_refuses_muon_by_capability():
-    """No matrix phase on device arrays: the CUDA backend class does not declare
-    'matrix', so the optimizer refuses Muon there at construction."""
+def test_cuda_declares_the_matrix_phase():
+    """The CUDA backend class declares 'matrix' (its kernels: tests/test_muon_cuda.py,
+    in the simulator), so the optimizer accepts Muon there."""
     from fastopt.backends.cuda import CudaBackend
-    assert "matrix" not in CudaBackend.features
+    assert "matrix" in CudaBackend.features
     from fastopt.optimizer import require_features
     bk = CudaBackend.__new__(CudaBackend)
-    with pytest.raises(NotImplementedError, match="matrix rule Muon"):
-        require_features(bk, RULE, RULE.check_group(RULE.defaults), "lazy")
+    require_features(bk, RULE, RULE.check_group(RULE.defaults), "lazy")
 
 
 def test_sharded_optimizer_world_of_one_is_the_single_process():

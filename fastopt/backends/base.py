@@ -68,8 +68,8 @@ FEATURES = {
     "rowwise": "row-wise rules (one state value per row)",
     "tensor_norms": "per-tensor rules (LAMB, LARS): a norm pass over each tensor, then the "
                     "update pass",
-    "matrix": "matrix rules (Muon): a phase on whole matrices (Newton-Schulz through BLAS) "
-              "between the element phases",
+    "matrix": "matrix rules (Muon): a phase on whole matrices (Newton-Schulz: BLAS on the "
+              "CPU, a GEMM kernel on CUDA) between the element phases",
     "factored": "factored rules (Adafactor): row and column sums of each tensor, then the "
                 "RMS of the update, then the update pass",
     "fused_options": "clip_value, l1, param_min, param_max, max_norm in the update pass",

@@ -265,8 +265,8 @@ def _make(kind, dtype, NT):
 #: dtype, "d": 1-D float64 array, "s": scalar of the dtype, "i": int64)
 SIGNATURES = {
     "sums": "aaiidd", "cols": "aiiid", "factors": "ddaassii", "mean": "aiisa",
-    "usq": "aaaaiiisssd", "apply": "aaaaaiissssss", "vsums": "aaasssid",
-    "vusq": "aasssid", "vapply": "aaassss",
+    "usq": "aaaaiiisssd", "apply": "aaaaaiisssss", "vsums": "aaasssid",
+    "vusq": "aasssid", "vapply": "aaasssss",
 }
 
 

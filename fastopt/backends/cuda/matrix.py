@@ -171,7 +171,10 @@ def _make(kind, key):
                 cuda.syncthreads()
             if i < M and j < N:
                 o = z * M * N + i * N + j
-                Out[o] = alpha * acc + beta * Cin[o]
+                if beta == zero:         # BLAS: Cin is not read (it may be garbage)
+                    Out[o] = alpha * acc
+                else:
+                    Out[o] = alpha * acc + beta * Cin[o]
         return cuda.jit(gemm)
 
     if kind == "store":
@@ -212,7 +215,8 @@ def _grid(n):
 
 
 def gemm(A, B, Cin, Out, M, N, K, a_strides, b_strides, nmat, alpha, beta):
-    """``Out[z] = alpha A[z] B[z] + beta Cin[z]`` for ``z < nmat``: flat device arrays;
+    """``Out[z] = alpha A[z] B[z] + beta Cin[z]`` for ``z < nmat`` (``Cin`` not read when
+    ``beta`` is 0, as in BLAS): flat device arrays;
     ``a_strides = (row, k, matrix)`` and ``b_strides = (k, column, matrix)`` in
     elements; ``Out`` and ``Cin`` contiguous ``M x N`` per matrix."""
     ts = int(TILE)
