@@ -133,3 +133,42 @@ def test_functional_and_host_gradients():
         functional.muon_(dp, g, db, step=t, lr=0.02, backend="cuda")
     _close(dp.copy_to_host() - p0, hp - p0, 1e-9, "parameter")
     np.testing.assert_allclose(db.copy_to_host(), hb, rtol=1e-12)
+
+
+def _numpy_lib():
+    """The array-library path with NumPy standing in for torch / CuPy: in the
+    simulator a device array is host memory, so NumPy can view it without a copy."""
+    from numpy.lib.stride_tricks import as_strided
+
+    def view(d, shape, strides):
+        a = d._ary
+        return as_strided(a, shape, tuple(s * a.itemsize for s in strides))
+    return cb.matrix.ArrayLib("numpy", view, lambda a, b, o: np.matmul(a, b, out=o))
+
+
+@pytest.mark.skipif(not cb._load() or not cb._SIM, reason="NumPy views need the simulator")
+@pytest.mark.parametrize("shape", [(16, 24), (2, 9, 5)])
+def test_array_library_products_match_cpu(monkeypatch, shape):
+    """The products through an array library (the path torch and CuPy, i.e. cuBLAS,
+    take: strided views of the device buffers, transposes without copies) give the
+    CPU's result: NumPy stands in for the library and, doing the CPU's operations in
+    the CPU's order, gives its bits up to the norm's summation order."""
+    monkeypatch.setattr(cb.matrix, "GEMM", _numpy_lib())
+    u = np.random.default_rng(2).standard_normal(shape)
+    group = _group()
+    want = muon.orthogonalized(u.copy(), group, u.dtype)
+    got = cb.matrix.orthogonalize(cuda.to_device(u.reshape(-1)), shape, group, u.dtype)
+    _close(got.copy_to_host().reshape(shape), want, 1e-12, str(shape))
+
+
+def test_library_choice(monkeypatch):
+    """"kernel" and, in the simulator, "auto" run the gemm kernel; an ArrayLib is used
+    as given."""
+    monkeypatch.setattr(cb.matrix, "GEMM", "kernel")
+    assert cb.matrix.library() is None
+    lib = _numpy_lib()
+    monkeypatch.setattr(cb.matrix, "GEMM", lib)
+    assert cb.matrix.library() is lib
+    if cb._SIM:
+        monkeypatch.setattr(cb.matrix, "GEMM", "auto")
+        assert cb.matrix.library() is None

@@ -22,6 +22,10 @@ Per tensor ``[..., M, N]`` of a bucket (``Bt`` matrices of ``M x N``):
 3. element phase 2 is the bucket's dense kernel with ``O``'s address in the
    gradient column (``work.ptrs[:, 1]``), which the dense launch copies every step.
 
+The products go through the caller's array library when the process has imported
+one (:data:`GEMM` ``"auto"``: torch seeing a GPU, else CuPy; their batched matmul is
+cuBLAS) on strided views of the same device buffers (:class:`ArrayLib`, the CPU's
+operations in the CPU's order), and otherwise through the tiled ``gemm`` kernel.
 ``gemm`` computes ``Out = alpha (A B) + beta Cin`` for each matrix of a batch
 (``blockIdx.z``), ``A`` and ``B`` read through strides (so ``X^T`` is ``X`` with its
 strides swapped, no copy), one ``TILE x TILE`` output tile per block, the ``K``
@@ -29,7 +33,8 @@ dimension in shared-memory tiles of ``TILE``; each output element sums its produ
 in ``k`` order in the iteration dtype (as BLAS accumulates, not in BLAS's order, so
 results agree with the CPU backends to rounding).  It is deterministic and fits any
 GPU, at a fraction of cuBLAS's rate: Muon's matrix phase on a GPU is bound by these
-products.  ``ns_dtype="bfloat16"`` runs the rule's own torch bfloat16 iterations
+products.  The library adapters are tested in the simulator with NumPy standing in
+for the library (tests/test_muon_cuda.py); no GPU has run the torch or CuPy ones.  ``ns_dtype="bfloat16"`` runs the rule's own torch bfloat16 iterations
 (:func:`~fastopt.rules.muon.newton_schulz_bf16`) on a host copy (torch on the CPU:
 correct and slow).
 """
@@ -214,9 +219,87 @@ def _grid(n):
     return _blocks(n, bs), bs
 
 
+class ArrayLib:
+    """The Newton-Schulz products through an array library (cuBLAS behind torch or
+    CuPy): ``view(d, shape, strides)`` is the library's array over the memory of the
+    flat numba device array ``d`` (no copy; ``strides`` in elements), ``matmul(a, b,
+    out)`` writes the batched product ``a @ b`` into ``out``, ``sync()`` waits for the
+    library's current stream (the products are ordered after the kernels by
+    :func:`orthogonalize`'s device synchronization, and the kernels after them by
+    this)."""
+
+    def __init__(self, name, view, matmul, sync=lambda: None):
+        self.name, self.view, self.matmul, self.sync = name, view, matmul, sync
+
+    def gemm(self, A, B, Cin, Out, M, N, K, a_strides, b_strides, nmat, alpha, beta):
+        """:func:`gemm` as the CPU forms it: ``Out = A B``, then ``Out *= alpha``,
+        then ``Out += beta Cin`` (Python floats: the libraries compute in the arrays'
+        dtype)."""
+        sam, sak, sab = a_strides
+        sbk, sbn, sbb = b_strides
+        o = self.view(Out, (nmat, M, N), (M * N, N, 1))
+        self.matmul(self.view(A, (nmat, M, K), (sab, sam, sak)),
+                    self.view(B, (nmat, K, N), (sbb, sbk, sbn)), o)
+        if alpha != 1:
+            o *= float(alpha)
+        if beta != 0:
+            o += float(beta) * self.view(Cin, (nmat, M, N), (M * N, N, 1))
+
+
+def _torch():
+    import torch
+
+    def view(d, shape, strides):
+        return torch.as_tensor(d, device="cuda").as_strided(shape, strides)
+    return ArrayLib("torch", view, lambda a, b, o: torch.matmul(a, b, out=o),
+                    lambda: torch.cuda.current_stream().synchronize())
+
+
+def _cupy():
+    import cupy
+    from cupy.lib.stride_tricks import as_strided
+
+    def view(d, shape, strides):
+        x = cupy.asarray(d)
+        return as_strided(x, shape, tuple(s * x.itemsize for s in strides))
+    return ArrayLib("cupy", view, lambda a, b, o: cupy.matmul(a, b, out=o),
+                    lambda: cupy.cuda.get_current_stream().synchronize())
+
+
+#: where the Newton-Schulz products run: ``"auto"`` (the caller's array library,
+#: i.e. cuBLAS: torch when the process has imported it and it sees a GPU, else CuPy
+#: when imported; otherwise, and always in the simulator, the ``gemm`` kernel),
+#: ``"kernel"``, ``"torch"``, ``"cupy"``, or an :class:`ArrayLib`
+GEMM = "auto"
+_LIBS = {}
+
+
+def library():
+    """The :class:`ArrayLib` the products go through, or None for the ``gemm`` kernel
+    (read at every step: :data:`GEMM`)."""
+    import sys
+    choice = GEMM
+    if isinstance(choice, ArrayLib):
+        return choice
+    if choice == "kernel" or (choice == "auto" and _pkg._SIM):
+        return None
+    if choice == "auto":
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            choice = "torch"
+        elif sys.modules.get("cupy") is not None:
+            choice = "cupy"
+        else:
+            return None
+    lib = _LIBS.get(choice)
+    if lib is None:
+        lib = _LIBS[choice] = {"torch": _torch, "cupy": _cupy}[choice]()
+    return lib
+
+
 def gemm(A, B, Cin, Out, M, N, K, a_strides, b_strides, nmat, alpha, beta):
     """``Out[z] = alpha A[z] B[z] + beta Cin[z]`` for ``z < nmat`` (``Cin`` not read when
-    ``beta`` is 0, as in BLAS): flat device arrays;
+    ``beta`` is 0, as in BLAS) by the tiled ``gemm`` kernel: flat device arrays;
     ``a_strides = (row, k, matrix)`` and ``b_strides = (k, column, matrix)`` in
     elements; ``Out`` and ``Cin`` contiguous ``M x N`` per matrix."""
     ts = int(TILE)
@@ -270,14 +353,20 @@ def orthogonalize(U, shape, group, pdt):
     d = np.where(norms < e, e, norms).astype(ndt)     # a NaN norm stays NaN
     kernel("divide", ndt.type)[_grid(nmat * L)](X, L, cuda_.to_device(d))
     a, b, c = group["ns_coefficients"]
+    lib = library()
+    mm = gemm if lib is None else lib.gemm
+    if lib is not None:
+        cuda_.synchronize()          # the kernels above, before the library's stream
     for _ in range(group["ns_steps"]):
         # A = X X^T (m x m): A[i, j] = sum_k X[i, k] X[j, k]
-        gemm(X, X, gram, gram, m, m, n, (n, 1, L), (1, n, L), nmat, 1.0, 0.0)
+        mm(X, X, gram, gram, m, m, n, (n, 1, L), (1, n, L), nmat, 1.0, 0.0)
         # P = c A A + b A
-        gemm(gram, gram, gram, P, m, m, m, (m, 1, m * m), (m, 1, m * m), nmat, c, b)
+        mm(gram, gram, gram, P, m, m, m, (m, 1, m * m), (m, 1, m * m), nmat, c, b)
         # X = P X + a X
-        gemm(P, X, X, X2, m, n, m, (m, 1, m * m), (n, 1, L), nmat, 1.0, a)
+        mm(P, X, X, X2, m, n, m, (m, 1, m * m), (n, 1, L), nmat, 1.0, a)
         X, X2 = X2, X
+    if lib is not None:
+        lib.sync()                   # the products, before the kernels below
     kernel("store", pdt.type)[_grid(n_el)](X, out, M, N, tall, pdt.type(r))
     return out
 
