@@ -172,3 +172,28 @@ def test_library_choice(monkeypatch):
     if cb._SIM:
         monkeypatch.setattr(cb.matrix, "GEMM", "auto")
         assert cb.matrix.library() is None
+
+
+def test_parameter_side_options_and_skip_nonfinite():
+    """l1, param_min and param_max (compiled into phase 2's dense kernel) and
+    skip_nonfinite (a NaN gradient skips the step, state untouched) as on the numba
+    backend."""
+    opts = dict(lr=0.05, l1=0.01, param_min=-0.5, param_max=0.6)
+    rng = np.random.default_rng(4)
+    p0 = [rng.standard_normal(s) for s in [(6, 10), (2, 3, 4)]]
+    cpu_p = [p.copy() for p in p0]
+    cpu = fastopt.Muon(cpu_p, backend="numba", **opts)
+    dev_p = [cuda.to_device(p) for p in p0]
+    gpu = fastopt.Muon(dev_p, backend="cuda", **opts)
+    bad = [rng.standard_normal(p.shape) for p in p0]
+    bad[1][0, 1, 2] = np.nan
+    assert gpu.step([cuda.to_device(g) for g in bad], skip_nonfinite=True) is False
+    for d, p in zip(dev_p, p0):
+        assert np.array_equal(d.copy_to_host(), p)
+    for _ in range(2):
+        grads = [rng.standard_normal(p.shape) for p in p0]
+        cpu.step(grads)
+        assert gpu.step([cuda.to_device(g) for g in grads], skip_nonfinite=True) is True
+    for d, c in zip(dev_p, cpu_p):
+        np.testing.assert_allclose(d.copy_to_host(), c, rtol=1e-12, atol=1e-15)
+        assert c.max() <= 0.6 and c.min() >= -0.5

@@ -1,7 +1,8 @@
 """The ``"cuda"`` backend: optimizer steps on NVIDIA GPUs with Numba ``cuda.jit`` kernels.
 
 Every feature of :data:`fastopt.backends.base.FEATURES`: dense multi-tensor steps,
-row-sparse steps (lazy and exact), row-wise rules, the fused options (clipping, L1,
+row-sparse steps (lazy and exact), row-wise rules, per-tensor rules, Muon's matrix
+phase and Adafactor's factored passes, the fused options (clipping, L1,
 clamps, max-norm), ``grad_scale`` and ``skip_nonfinite``, float32 and float64, and
 the stored formats of :mod:`fastopt.storage` (``state_bits=16`` and ``8``; float32
 state of float64 parameters; bfloat16 parameters, uint16 device arrays marked with
@@ -21,6 +22,11 @@ The package, one concern a module:
   widen);
 * :mod:`~fastopt.backends.cuda.stored`: their stored-format twins (bfloat16
   parameters, 16- and 8-bit state);
+* :mod:`~fastopt.backends.cuda.factored`: Adafactor's passes (row and column sums,
+  the factors, the ``U^2`` sum, the update; the vector path), the work between them
+  on the device too;
+* :mod:`~fastopt.backends.cuda.matrix`: Muon's matrix phase (element phase 1,
+  Newton-Schulz through a tiled GEMM kernel or the caller's torch / CuPy matmul);
 * :mod:`~fastopt.backends.cuda.launch`: the kernel cache (:func:`kernel_for`),
   launch geometry, and the device tables of a bucket, prepared once per work item
   and launched per step with one copy of the step's gradient addresses and scalars.
@@ -123,14 +129,13 @@ class CudaBackend(Backend):
     """Runs optimizer steps on device arrays with ``cuda.jit`` kernels; provides the
     array methods of :class:`fastopt.backends.base.Backend` for device arrays.  Every
     feature of :data:`fastopt.backends.base.FEATURES` (bfloat16 parameters: uint16
-    device arrays marked with :func:`bfloat16`), except ``factored`` (Adafactor is
-    refused on CUDA)."""
+    device arrays marked with :func:`bfloat16`), Muon's matrix phase and Adafactor's
+    factored passes included."""
 
     name = "cuda"
-    #: every feature but ``matrix`` (no matrix phase on device arrays: Muon) and
-    #: ``factored`` (Adafactor's passes have no CUDA kernels yet), refused through the
-    #: capability table; bfloat16 parameters are uint16 device arrays marked with
-    #: :func:`bfloat16` (see "Stored formats" in the module docstring)
+    #: every feature (``matrix``: :mod:`.matrix`; ``factored``: :mod:`.factored`);
+    #: bfloat16 parameters are uint16 device arrays marked with :func:`bfloat16` (see
+    #: "Stored formats" in the module docstring)
     features = frozenset(FEATURES)
     memory = "device"
 
