@@ -193,3 +193,22 @@ def test_cuda_refuses_what_adafactor_refuses():
     with pytest.raises((TypeError, ValueError, NotImplementedError)):
         fastopt.Adafactor([cb.bfloat16(cuda.to_device(np.zeros((4, 3), np.uint16)))],
                           backend="cuda")
+
+
+@pytest.mark.skipif(not cb._SIM, reason="bit-identity holds in the simulator (a GPU's "
+                    "compiler contracts a += x * x into an FMA)")
+def test_column_sums_take_the_cpu_order():
+    """The column sums (blocks of FACTOR_ROWS rows, the blocks in order) and the sum
+    of p^2 (rows in order) are the numba driver's bits; the row sums agree to
+    rounding (a fixed tree here, 8 lanes there)."""
+    from fastopt.backends import numba_factored
+    from fastopt.rules.adafactor import FACTOR_ROWS
+    rng = np.random.default_rng(12)
+    B, R, C = 2, FACTOR_ROWS + 6, 3          # two row blocks per matrix, one partial
+    P, G = rng.standard_normal(B * R * C), rng.standard_normal(B * R * C) * 1e3
+    rows, cols, psq = cb.factored.factored_sums(cuda.to_device(P), cuda.to_device(G),
+                                                B, R, C)
+    hr, hc, hp = numba_factored.factored_sums(P, G, B, R, C)
+    assert np.array_equal(cols.copy_to_host(), hc.reshape(-1))
+    assert psq == hp
+    np.testing.assert_allclose(rows.copy_to_host(), hr.reshape(-1), rtol=1e-14)

@@ -7,7 +7,9 @@ of the factors and the mean of ``row_var``), since the state lives on the device
 A tensor of 2 or more dimensions is ``B`` matrices of ``R x C`` (C-contiguous)::
 
     sums    (one block per row k)   rows[k] = sum_j G[k,j]^2,  prow[k] = sum_j p[k,j]^2
-    cols    (one thread per column) cols[b,j] = sum_r G[b,r,j]^2, r = 0 .. R-1 in order
+    colpart (one thread per column and block of FACTOR_ROWS rows) the block's
+            partial column sums of G^2, its rows in order
+    colsum  (one thread per column) cols[b,j] = its blocks' partial sums in order
     factors (one thread per factor) row_var[k] = lerp(row_var[k], n_k^2 / C, w),
             n_k = sqrt(rows[k]) in the dtype (torch's norm, squared and divided);
             col_var likewise with R
@@ -16,8 +18,7 @@ A tensor of 2 or more dimensions is ``B`` matrices of ``R x C`` (C-contiguous)::
             U = sign G rsqrt(max(row_var col_var / m, eps1^2))  (U in the dtype)
     apply   (grid-stride)           p = p decay + step U
 
-and the host adds ``prow`` and ``urow`` (copied back, float64, ``np.sum``: an order
-fixed by the length) and forms ``alpha`` and the divisor with the rule's
+and the host adds ``prow`` and ``urow`` (copied back, float64, in row order) and forms ``alpha`` and the divisor with the rule's
 :func:`~fastopt.rules.adafactor.alpha_of` / :func:`~fastopt.rules.adafactor.divisor_of`.
 Vectors (and 0-d tensors): ``vsums`` (one block per chunk of :data:`VCHUNK`
 elements: lerps ``variance`` in place, sums ``p^2``), ``vusq`` and ``vapply``.
@@ -27,20 +28,23 @@ The element math is the rule's (:mod:`fastopt.rules.adafactor`: ``sq``, ``lerp``
 element drivers compile the rules' math.
 
 Determinism: every sum has an order fixed by the shape and :data:`REDUCE_THREADS`
-(thread ``t`` of a block sums elements ``t, t + T, ...`` in order, then the block adds
-the threads' sums in a fixed tree in shared memory; column sums row by row in
-order), never by the grid or the scheduling, and no atomics: a CUDA step gives the
-same bits run to run.  The order is not the CPU drivers' (8 lanes per row, column
-blocks of ``FACTOR_ROWS`` rows), so CUDA and CPU results agree to rounding, not bit
-for bit (float64: within 1e-12 relative in the tests).
+(a row: thread ``t`` of a block sums elements ``t, t + T, ...`` in order, then the
+block adds the threads' sums in a fixed tree in shared memory), never by the grid or
+the scheduling, and there are no atomics: a CUDA step gives the same bits run to
+run.  The column sums and the totals of ``p^2`` and ``U^2`` over the rows take the
+CPU drivers' order (blocks of ``FACTOR_ROWS`` rows, the blocks in order; rows in
+order); the row sums do not (the CPU adds a row in 8 lanes, in one thread), nor the
+mean of ``row_var`` (NumPy's pairwise sum on the CPU), so CUDA and CPU results
+agree to rounding, not bit for bit (float64: within 1e-9 of the update in the
+tests, in practice 1e-15; on a GPU the compiler's FMA contraction differs too).
 """
 
 import math
 
 import numpy as np
 
-from ...rules.adafactor import (alpha_of, apply, divisor_of, eps1_of, factored_v, lerp, sq,
-                                update)
+from ...rules.adafactor import (FACTOR_ROWS, alpha_of, apply, divisor_of, eps1_of,
+                                factored_v, lerp, sq, update)
 from .. import cuda as _pkg
 from .arrays import _flat
 
@@ -93,19 +97,37 @@ def _make(kind, dtype, NT):
                 k += cuda.gridDim.x
         return cuda.jit(sums)
 
-    if kind == "cols":
-        def cols(G, R, C, ncols, out):
+    if kind == "colpart":
+        def colpart(G, R, C, nb, units, part):
+            # unit (matrix b, block of FACTOR_ROWS rows blk, column j): the partial
+            # column sum over the block's rows in order (the CPU drivers' blocks)
+            q = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+            while q < units:
+                kb = q // C
+                j = q - kb * C
+                b = kb // nb
+                r0 = (kb - b * nb) * FACTOR_ROWS
+                r1 = min(R, r0 + FACTOR_ROWS)
+                a = 0.0
+                for r in range(r0, r1):
+                    a += sq(G[(b * R + r) * C + j])
+                part[q] = a
+                q += cuda.gridDim.x * cuda.blockDim.x
+        return cuda.jit(colpart)
+
+    if kind == "colsum":
+        def colsum(part, C, nb, ncols, out):
+            # column (b, j): its blocks' partial sums added in block order
             q = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
             while q < ncols:
                 b = q // C
                 j = q - b * C
-                base = b * R * C + j
                 a = 0.0
-                for r in range(R):
-                    a += sq(G[base + r * C])
+                for blk in range(nb):
+                    a += part[(b * nb + blk) * C + j]
                 out[q] = a
                 q += cuda.gridDim.x * cuda.blockDim.x
-        return cuda.jit(cols)
+        return cuda.jit(colsum)
 
     if kind == "factors":
         def factors(rows, cols, rv, cv, w, omw, R, C):
@@ -264,7 +286,7 @@ def _make(kind, dtype, NT):
 #: the kernels, for the PTX check: kind -> argument kinds ("a": 1-D array of the
 #: dtype, "d": 1-D float64 array, "s": scalar of the dtype, "i": int64)
 SIGNATURES = {
-    "sums": "aaiidd", "cols": "aiiid", "factors": "ddaassii", "mean": "aiisa",
+    "sums": "aaiidd", "colpart": "aiiiid", "colsum": "diiid", "factors": "ddaassii", "mean": "aiisa",
     "usq": "aaaaiiisssd", "apply": "aaaaaiisssss", "vsums": "aaasssid",
     "vusq": "aasssid", "vapply": "aaasssss",
 }
@@ -290,18 +312,29 @@ def _dev_f64(n):
     return _pkg.cuda.device_array(int(n), dtype=np.float64)
 
 
+def _in_order(d):
+    """The float64 sum of device array ``d``'s elements in index order (copied back;
+    ``cumsum`` adds sequentially, as the CPU drivers add their rows and chunks)."""
+    h = d.copy_to_host()
+    return float(np.cumsum(h)[-1]) if h.size else 0.0
+
+
 # ------------------------------------------------ the Backend's factored methods
 def factored_sums(P, G, B, R, C):
     """``(row sums of G^2, column sums of G^2, sum of p^2)``: the first two float64
     device arrays (B * R,) and (B * C,), the last a float (the rows' sums of ``p^2``
-    copied back and added by ``np.sum``)."""
+    copied back and added in row order)."""
     dt = P.dtype
     nrows, ncols = B * R, B * C
     rows, prow, cols = _dev_f64(nrows), _dev_f64(nrows), _dev_f64(ncols)
     kernel("sums", dt)[_grid(nrows, 1), int(REDUCE_THREADS)](P, G, C, nrows, rows, prow)
     bs = _pkg.BLOCK_SIZE
-    kernel("cols", dt)[_grid(ncols, bs), bs](G, R, C, ncols, cols)
-    return rows, cols, float(np.sum(prow.copy_to_host()))
+    nb = -(-R // FACTOR_ROWS)
+    units = B * nb * C
+    part = _dev_f64(units)
+    kernel("colpart", dt)[_grid(units, bs), bs](G, R, C, nb, units, part)
+    kernel("colsum", dt)[_grid(ncols, bs), bs](part, C, nb, ncols, cols)
+    return rows, cols, _in_order(prow)
 
 
 def factored_factors(rows, cols, rv, cv, w, omw, B, R, C, eps1):
@@ -323,7 +356,7 @@ def factored_usq(G, rv, cv, m, B, R, C, e2, sign, one):
     out = _dev_f64(nrows)
     kernel("usq", G.dtype)[_grid(nrows, 1), int(REDUCE_THREADS)](
         G, rv, cv, m, R, C, nrows, e2, sign, one, out)
-    return float(np.sum(out.copy_to_host()))
+    return _in_order(out)
 
 
 def factored_apply(P, G, rv, cv, m, B, R, C, e2, sign, one, decay, step):
@@ -339,7 +372,7 @@ def vector_sums(P, G, V, w, omw, sign):
     part = _dev_f64(nc)
     kernel("vsums", P.dtype)[_grid(nc, 1), int(REDUCE_THREADS)](
         P, G, V, w, omw, sign, VCHUNK, part)
-    return float(np.sum(part.copy_to_host()))
+    return _in_order(part)
 
 
 def vector_usq(G, V, e2, sign, one):
@@ -347,7 +380,7 @@ def vector_usq(G, V, e2, sign, one):
     part = _dev_f64(nc)
     kernel("vusq", G.dtype)[_grid(nc, 1), int(REDUCE_THREADS)](
         G, V, e2, sign, one, VCHUNK, part)
-    return float(np.sum(part.copy_to_host()))
+    return _in_order(part)
 
 
 def vector_apply(P, G, V, e2, sign, one, decay, step):
