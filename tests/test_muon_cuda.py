@@ -197,3 +197,16 @@ def test_parameter_side_options_and_skip_nonfinite():
     for d, c in zip(dev_p, cpu_p):
         np.testing.assert_allclose(d.copy_to_host(), c, rtol=1e-12, atol=1e-15)
         assert c.max() <= 0.6 and c.min() >= -0.5
+
+
+def test_reproducible_whatever_the_grid(monkeypatch):
+    """The matrix phase has no atomics and fixed summation orders: the same bits with
+    one block or several (grid-stride loops wrapping or not)."""
+    u = np.random.default_rng(6).standard_normal((2, 9, 5)).astype(np.float32)
+    group = _group(ns_steps=2)
+    out = []
+    for blocks in (1, 3):
+        monkeypatch.setattr(cb, "MAX_BLOCKS", blocks)
+        out.append(cb.matrix.orthogonalize(cuda.to_device(u.reshape(-1)), u.shape, group,
+                                           u.dtype).copy_to_host())
+    assert np.array_equal(out[0], out[1])
