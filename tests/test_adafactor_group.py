@@ -1,8 +1,10 @@
-"""Adafactor's grouped step (fastopt/backends/numba_factored_group.py): one driver call
+"""Adafactor's grouped step (fastopt/backends/numba_factored_group.py, its Cython twin in
+kernels/_cy_factored.pxi): one driver call
 for the small tensors of a step gives the bits of the per-tensor path
 (fastopt.factored.run_tensor with the Backend's per-tensor passes).
 
-(a) grouped == per-tensor, bit for bit: mixed shapes (matrices, batched, (N, 1),
+(a) grouped == per-tensor, bit for bit, on numba and cython (and Cython's grouped
+    step == Numba's): mixed shapes (matrices, batched, (N, 1),
     (1, N), vectors, 0-d, empty, a float32 ``row_var`` longer than NumPy's cast
     buffer), float32 and float64 in one optimizer, two param groups with their own
     hyperparameters, tensors at different step counts (gradients left out), NaN and
@@ -20,7 +22,17 @@ from fastopt import factored
 pytest.importorskip("numba")
 from numba import njit  # noqa: E402
 
+from fastopt import backends  # noqa: E402
 from fastopt.backends import numba_cpu, numba_factored, numba_factored_group  # noqa: E402
+
+BACKENDS = [b for b in ("numba", "cython") if b in backends.available()]
+
+
+def _backend_class(name):
+    if name == "cython":
+        from fastopt.backends import cython
+        return cython.CythonBackend
+    return numba_cpu.NumbaBackend
 
 
 @njit
@@ -45,10 +57,10 @@ def _data(shapes, dtypes, seed, steps):
     return ps, gs
 
 
-def _run(monkeypatch, grouped, make, steps_of):
+def _run(monkeypatch, grouped, make, steps_of, backend="numba"):
     with monkeypatch.context() as m:
         if not grouped:
-            m.delattr(numba_cpu.NumbaBackend, "factored_group")
+            m.delattr(_backend_class(backend), "factored_group")
         ps, opt = make()
         for gs in steps_of:
             opt.step(gs)
@@ -65,10 +77,11 @@ def _assert_same(a, b):
         assert oa.state.get(i, {}).get("step") == ob.state.get(i, {}).get("step")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", [{}, {"lr": 0.05, "weight_decay": 0.1, "maximize": True},
                                      {"beta2_decay": -0.5, "eps": (1e-5, 1e-2), "d": 2.0,
                                       "lr": 0.1}])
-def test_grouped_equals_per_tensor(monkeypatch, variant):
+def test_grouped_equals_per_tensor(monkeypatch, backend, variant):
     dtypes = [np.float32 if k % 3 else np.float64 for k in range(len(SHAPES))]
     ps0, gs = _data(SHAPES, dtypes, 0, 4)
     gs[1][0] = None                       # tensor 0 one step behind the others
@@ -78,11 +91,17 @@ def test_grouped_equals_per_tensor(monkeypatch, variant):
 
     def make():
         ps = [p.copy() for p in ps0]
-        return ps, fastopt.Adafactor(ps, backend="numba", **variant)
-    _assert_same(_run(monkeypatch, True, make, gs), _run(monkeypatch, False, make, gs))
+        return ps, fastopt.Adafactor(ps, backend=backend, **variant)
+    grouped = _run(monkeypatch, True, make, gs, backend)
+    _assert_same(grouped, _run(monkeypatch, False, make, gs, backend))
+    if backend != "numba":                  # and the Cython twin gives Numba's bits
+        _assert_same(grouped, _run(monkeypatch, True, lambda: (
+            lambda ps: (ps, fastopt.Adafactor(ps, backend="numba", **variant)))(
+                [p.copy() for p in ps0]), gs))
 
 
-def test_grouped_two_groups_and_big_tensors(monkeypatch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_two_groups_and_big_tensors(monkeypatch, backend):
     monkeypatch.setattr(factored, "PARALLEL_MIN", 600)     # (70, 131) and (3, 9000, 2)
     dtypes = [np.float32] * len(SHAPES)
     ps0, gs = _data(SHAPES, dtypes, 1, 3)
@@ -91,8 +110,9 @@ def test_grouped_two_groups_and_big_tensors(monkeypatch):
         ps = [p.copy() for p in ps0]
         return ps, fastopt.Adafactor(
             [{"params": ps[:6], "lr": 0.02, "weight_decay": 0.05},
-             {"params": ps[6:], "eps": (1e-4, 1e-3), "maximize": True}], backend="numba")
-    _assert_same(_run(monkeypatch, True, make, gs), _run(monkeypatch, False, make, gs))
+             {"params": ps[6:], "eps": (1e-4, 1e-3), "maximize": True}], backend=backend)
+    _assert_same(_run(monkeypatch, True, make, gs, backend),
+                 _run(monkeypatch, False, make, gs, backend))
 
 
 def test_plan_follows_load_state_dict_and_new_groups(monkeypatch):
