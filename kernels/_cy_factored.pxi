@@ -6,11 +6,16 @@
 # The same operations in the same order and dtype as Numba's drivers: per row (and
 # per vector chunk of CHUNK elements) the float64 sums in AF_LANES lanes (element j
 # to lane j % 8 over the first C - C % 8 elements), the lanes added in order, then
-# the tail in element order; per block of FACTOR_ROWS rows the column partial sums,
+# the tail in element order (the lanes: kernels/fastopt_af_lanes.h, one vector loop);
+# per block of FACTOR_ROWS rows the column partial sums,
 # added block by block in order; the rows and chunks added in order.  Every order is fixed by the shape, so the result
 # is the same for any thread count, bit for bit Numba's.
 
 from libc.math cimport fabs, sqrt
+
+cdef extern from "fastopt_af_lanes.h" nogil:
+    void fastopt_af_lanes_f32(const float* x, Py_ssize_t nvec, double* acc)
+    void fastopt_af_lanes_f64(const double* x, Py_ssize_t nvec, double* acc)
 
 #: rows per block of the column partial sums (fastopt.rules.adafactor.FACTOR_ROWS)
 FACTOR_ROWS_BUILT = 64
@@ -18,6 +23,16 @@ cdef enum:
     AF_ROWS = 64
     AF_CHUNK = 32768
     AF_LANES = 8        # float64 accumulators: element j to lane j % 8 (numba's LANES)
+    AF_UBUF = 256       # elements of U per buffer of the RMS passes (a multiple of 8)
+
+
+cdef inline void _af_lanes(const floating* x, Py_ssize_t nvec, double* acc) noexcept nogil:
+    """acc[q] += x[8 i + q]^2 in float64 for i < nvec, in order (the C helper's
+    vector loop; numba: _sq_lanes)."""
+    if floating is float:
+        fastopt_af_lanes_f32(x, nvec, acc)
+    else:
+        fastopt_af_lanes_f64(x, nvec, acc)
 
 
 cdef inline floating _af_lerp(floating a, floating b, floating w, floating omw) noexcept nogil:
@@ -57,17 +72,14 @@ cdef void _af_sums_block(const floating* P, const floating* G, Py_ssize_t R, Py_
         pc[j] = 0.0
     for r in range(r0, r1):
         base = (b * R + r) * C
+        for j in range(C):
+            x = <double>G[base + j] * <double>G[base + j]
+            pc[j] = pc[j] + x
         for q in range(AF_LANES):
             acc[q] = 0.0
             accp[q] = 0.0
-        for j0b in range(body // AF_LANES):
-            j0 = j0b * AF_LANES
-            for q in range(AF_LANES):
-                x = <double>G[base + j0 + q] * <double>G[base + j0 + q]
-                acc[q] = acc[q] + x
-                pc[j0 + q] = pc[j0 + q] + x
-                y = <double>P[base + j0 + q]
-                accp[q] = accp[q] + y * y
+        _af_lanes(G + base, body // AF_LANES, acc)
+        _af_lanes(P + base, body // AF_LANES, accp)
         s = 0.0
         sp = 0.0
         for q in range(AF_LANES):
@@ -76,7 +88,6 @@ cdef void _af_sums_block(const floating* P, const floating* G, Py_ssize_t R, Py_
         for j in range(body, C):
             x = <double>G[base + j] * <double>G[base + j]
             s = s + x
-            pc[j] = pc[j] + x
             y = <double>P[base + j]
             sp = sp + y * y
         rows[b * R + r] = s
@@ -126,19 +137,21 @@ def factored_sums(const floating[::1] P, const floating[::1] G, Py_ssize_t B, Py
 cdef void _af_usq_row(const floating* G, const floating* rv, const floating* cv,
                       const floating* m, Py_ssize_t R, Py_ssize_t C, Py_ssize_t k,
                       floating e2, floating sign, floating one, double* rows) noexcept nogil:
-    cdef Py_ssize_t b = k // R, j, j0, j0b, q, base = k * C, body = C - C % AF_LANES
+    cdef Py_ssize_t b = k // R, j, j0, cnt, q, base = k * C, body = C - C % AF_LANES
     cdef floating r = rv[k], mb = m[b], u
     cdef double s = 0.0, x
     cdef double acc[AF_LANES]
+    cdef floating ub[AF_UBUF]
     for q in range(AF_LANES):
         acc[q] = 0.0
-    for j0b in range(body // AF_LANES):
-        j0 = j0b * AF_LANES
-        for q in range(AF_LANES):
-            u = _af_update(G[base + j0 + q] * sign, _af_v(r, cv[b * C + j0 + q], mb), e2,
-                           one)
-            x = <double>u
-            acc[q] = acc[q] + x * x
+    j0 = 0
+    while j0 < body:
+        cnt = min(<Py_ssize_t>AF_UBUF, body - j0)
+        for j in range(cnt):
+            ub[j] = _af_update(G[base + j0 + j] * sign, _af_v(r, cv[b * C + j0 + j], mb),
+                               e2, one)
+        _af_lanes(ub, cnt // AF_LANES, acc)
+        j0 = j0 + cnt
     for q in range(AF_LANES):
         s = s + acc[q]
     for j in range(body, C):
@@ -222,20 +235,15 @@ cdef void _af_vsums_chunk(const floating* P, const floating* G, floating* V, Py_
     cdef floating g
     cdef double sp = 0.0, y
     cdef double acc[AF_LANES]
+    for i in range(lo, hi):
+        g = G[i] * sign
+        V[i] = _af_lerp(V[i], g * g, w, omw)
     for q in range(AF_LANES):
         acc[q] = 0.0
-    for i0b in range((body - lo) // AF_LANES):
-        i0 = lo + i0b * AF_LANES
-        for q in range(AF_LANES):
-            g = G[i0 + q] * sign
-            V[i0 + q] = _af_lerp(V[i0 + q], g * g, w, omw)
-            y = <double>P[i0 + q]
-            acc[q] = acc[q] + y * y
+    _af_lanes(P + lo, (body - lo) // AF_LANES, acc)
     for q in range(AF_LANES):
         sp = sp + acc[q]
     for i in range(body, hi):
-        g = G[i] * sign
-        V[i] = _af_lerp(V[i], g * g, w, omw)
         y = <double>P[i]
         sp = sp + y * y
     part[k] = sp
@@ -275,13 +283,17 @@ cdef void _af_vusq_chunk(const floating* G, const floating* V, Py_ssize_t n, Py_
     cdef Py_ssize_t body = hi - (hi - lo) % AF_LANES
     cdef double s = 0.0, x
     cdef double acc[AF_LANES]
+    cdef floating ub[AF_UBUF]
+    cdef Py_ssize_t cnt
     for q in range(AF_LANES):
         acc[q] = 0.0
-    for i0b in range((body - lo) // AF_LANES):
-        i0 = lo + i0b * AF_LANES
-        for q in range(AF_LANES):
-            x = <double>_af_update(G[i0 + q] * sign, V[i0 + q], e2, one)
-            acc[q] = acc[q] + x * x
+    i0 = lo
+    while i0 < body:
+        cnt = min(<Py_ssize_t>AF_UBUF, body - i0)
+        for i in range(cnt):
+            ub[i] = _af_update(G[i0 + i] * sign, V[i0 + i], e2, one)
+        _af_lanes(ub, cnt // AF_LANES, acc)
+        i0 = i0 + cnt
     for q in range(AF_LANES):
         s = s + acc[q]
     for i in range(body, hi):
