@@ -63,7 +63,7 @@ cdef void _af_sums_block(const floating* P, const floating* G, Py_ssize_t R, Py_
     cdef Py_ssize_t b = k // nb
     cdef Py_ssize_t r0 = (k % nb) * AF_ROWS
     cdef Py_ssize_t r1 = min(R, r0 + AF_ROWS)
-    cdef Py_ssize_t r, j, j0, j0b, q, base, body = C - C % AF_LANES
+    cdef Py_ssize_t r, j, q, base, body = C - C % AF_LANES
     cdef double s, sp, x, y
     cdef double acc[AF_LANES]
     cdef double accp[AF_LANES]
@@ -230,7 +230,7 @@ def factored_apply(floating[::1] P, const floating[::1] G, const floating[::1] r
 cdef void _af_vsums_chunk(const floating* P, const floating* G, floating* V, Py_ssize_t n,
                           Py_ssize_t k, floating w, floating omw, floating sign,
                           double* part) noexcept nogil:
-    cdef Py_ssize_t lo = k * AF_CHUNK, hi = min(n, lo + AF_CHUNK), i, i0, i0b, q
+    cdef Py_ssize_t lo = k * AF_CHUNK, hi = min(n, lo + AF_CHUNK), i, q
     cdef Py_ssize_t body = hi - (hi - lo) % AF_LANES
     cdef floating g
     cdef double sp = 0.0, y
@@ -279,7 +279,7 @@ def vector_sums(const floating[::1] P, const floating[::1] G, floating[::1] V, f
 cdef void _af_vusq_chunk(const floating* G, const floating* V, Py_ssize_t n, Py_ssize_t k,
                          floating e2, floating sign, floating one,
                          double* part) noexcept nogil:
-    cdef Py_ssize_t lo = k * AF_CHUNK, hi = min(n, lo + AF_CHUNK), i, i0, i0b, q
+    cdef Py_ssize_t lo = k * AF_CHUNK, hi = min(n, lo + AF_CHUNK), i, i0, q
     cdef Py_ssize_t body = hi - (hi - lo) % AF_LANES
     cdef double s = 0.0, x
     cdef double acc[AF_LANES]
