@@ -113,35 +113,115 @@ def _lane_sumsq(x, n):
     return s
 
 
+# --------------------------------------------- the bodies (per-tensor and grouped)
+# One block of rows, one row, one chunk: the per-tensor drivers below run them in
+# parallel loops, the grouped step (numba_factored_group) serially per tensor; row
+# and chunk views, as with plain indexing into P and G Numba's parallel loop bodies
+# did not vectorize (the update pass 7x slower than the serial driver, 16x for
+# vectors).
+@register_jitable
+def sums_block(P, G, R, C, b, r0, r1, pc, rows, prow):
+    """Rows ``r0:r1`` of matrix ``b``: ``pc`` (C) the column partial sums of ``G^2``,
+    ``rows`` and ``prow`` (B R) the rows' sums of ``G^2`` and ``p^2``."""
+    body = C - C % LANES
+    for j in range(C):
+        pc[j] = 0.0
+    for r in range(r0, r1):
+        base = (b * R + r) * C
+        Gr = G[base:base + C]
+        Pr = P[base:base + C]
+        for j in range(C):
+            pc[j] += sq(Gr[j])
+        s, sp = _row_sums(Gr, Pr, body, C)
+        rows[b * R + r] = s
+        prow[b * R + r] = sp
+
+
+@register_jitable
+def usq_row(G, rv, cv, m, R, C, k, e2, sign, one, ub):
+    """The float64 sum of ``U^2`` over row ``k`` (``ub``: a row of scratch)."""
+    b = k // R
+    r = rv[k]
+    mb = m[b]
+    cr = cv[b * C:(b + 1) * C]
+    Gr = G[k * C:(k + 1) * C]
+    for j in range(C):
+        ub[j] = update(Gr[j] * sign, factored_v(r, cr[j], mb), e2, one)
+    return _lane_sumsq(ub, C)
+
+
+@register_jitable
+def apply_row(P, G, rv, cv, m, R, C, k, e2, sign, one, decay, step):
+    """The update of row ``k``."""
+    b = k // R
+    r = rv[k]
+    mb = m[b]
+    Pr = P[k * C:(k + 1) * C]
+    Gr = G[k * C:(k + 1) * C]
+    cr = cv[b * C:(b + 1) * C]
+    for j in range(C):
+        u = update(Gr[j] * sign, factored_v(r, cr[j], mb), e2, one)
+        Pr[j] = apply(Pr[j], u, decay, step)
+
+
+@register_jitable
+def vsums_chunk(P, G, V, n, k, w, omw, sign):
+    """Chunk ``k`` of a vector: ``V = lerp(V, G^2, w)``; returns its sum of ``p^2``."""
+    lo = k * CHUNK
+    hi = min(n, lo + CHUNK)
+    Pc = P[lo:hi]
+    Gc = G[lo:hi]
+    Vc = V[lo:hi]
+    for i in range(hi - lo):
+        g = Gc[i] * sign
+        Vc[i] = lerp(Vc[i], g * g, w, omw)
+    return _lane_sumsq(Pc, hi - lo)
+
+
+@register_jitable
+def vusq_chunk(G, V, n, k, e2, sign, one, ub):
+    """Chunk ``k`` of a vector: its sum of ``U^2`` (``ub``: a chunk of scratch)."""
+    lo = k * CHUNK
+    hi = min(n, lo + CHUNK)
+    Gc = G[lo:hi]
+    Vc = V[lo:hi]
+    for i in range(hi - lo):
+        ub[i] = update(Gc[i] * sign, Vc[i], e2, one)
+    return _lane_sumsq(ub, hi - lo)
+
+
+@register_jitable
+def vapply_chunk(P, G, V, n, k, e2, sign, one, decay, step):
+    """Chunk ``k`` of a vector: the update."""
+    lo = k * CHUNK
+    hi = min(n, lo + CHUNK)
+    Pc = P[lo:hi]
+    Gc = G[lo:hi]
+    Vc = V[lo:hi]
+    for i in range(hi - lo):
+        Pc[i] = apply(Pc[i], update(Gc[i] * sign, Vc[i], e2, one), decay, step)
+
+
+#: the bodies' sources, in the drivers' cache key
+BODIES = (apply, factored_v, lerp, sq, update, _row_sums, _lane_sumsq, _sq_lanes._defn,
+          sums_block, usq_row, apply_row, vsums_chunk, vusq_chunk, vapply_chunk)
+
+
 def _make(parallel):
     """The driver functions, closures over ``STAMP`` (the rule math's source hash) and
     ``PARALLEL``: closure cells are part of Numba's on-disk cache key, so a change of
     the math recompiles and the serial and parallel drivers are cached apart."""
-    STAMP = _stamp(apply, factored_v, lerp, sq, update, _row_sums, _lane_sumsq,
-                   _sq_lanes._defn)
+    STAMP = _stamp(*BODIES)
     PARALLEL = bool(parallel)
 
     def _sums(P, G, B, R, C, rows, prow, part):
         stamp = STAMP  # noqa: F841  (the rule math's source hash, in the cache key)
         par = PARALLEL  # noqa: F841
         nb = (R + FACTOR_ROWS - 1) // FACTOR_ROWS
-        body = C - C % LANES
         for k in prange(B * nb):
-            b = k // nb
             r0 = (k % nb) * FACTOR_ROWS
-            r1 = min(R, r0 + FACTOR_ROWS)
-            pc = part[k]
-            for j in range(C):
-                pc[j] = 0.0
-            for r in range(r0, r1):
-                base = (b * R + r) * C
-                Gr = G[base:base + C]            # row views vectorize (see _apply)
-                Pr = P[base:base + C]
-                for j in range(C):
-                    pc[j] += sq(Gr[j])
-                s, sp = _row_sums(Gr, Pr, body, C)
-                rows[b * R + r] = s
-                prow[b * R + r] = sp
+            sums_block(P, G, R, C, k // nb, r0, min(R, r0 + FACTOR_ROWS), part[k], rows,
+                       prow)
         cols = np.empty(B * C, dtype=np.float64)
         for q in prange(B * C):
             b = q // C
@@ -164,16 +244,8 @@ def _make(parallel):
             r0 = (kb % nb) * FACTOR_ROWS
             r1 = min(R, r0 + FACTOR_ROWS)
             ub = np.empty(C, dtype=G.dtype)          # a row of U, in the dtype
-            mb = m[b]
-            cb = b * C
-            cr = cv[cb:cb + C]
             for rr in range(r0, r1):
-                k = b * R + rr
-                r = rv[k]
-                Gr = G[k * C:(k + 1) * C]        # row views vectorize (see _apply)
-                for j in range(C):
-                    ub[j] = update(Gr[j] * sign, factored_v(r, cr[j], mb), e2, one)
-                rows[k] = _lane_sumsq(ub, C)
+                rows[b * R + rr] = usq_row(G, rv, cv, m, R, C, b * R + rr, e2, sign, one, ub)
         tot = 0.0
         for k in range(B * R):
             tot += rows[k]
@@ -183,17 +255,7 @@ def _make(parallel):
         stamp = STAMP  # noqa: F841
         par = PARALLEL  # noqa: F841
         for k in prange(B * R):
-            b = k // R
-            r = rv[k]
-            mb = m[b]
-            # row views: with plain indexing into P and G Numba's parallel loop body
-            # did not vectorize (7x slower than the serial driver)
-            Pr = P[k * C:(k + 1) * C]
-            Gr = G[k * C:(k + 1) * C]
-            cr = cv[b * C:(b + 1) * C]
-            for j in range(C):
-                u = update(Gr[j] * sign, factored_v(r, cr[j], mb), e2, one)
-                Pr[j] = apply(Pr[j], u, decay, step)
+            apply_row(P, G, rv, cv, m, R, C, k, e2, sign, one, decay, step)
 
     def _vsums(P, G, V, w, omw, sign, part):
         stamp = STAMP  # noqa: F841
@@ -201,15 +263,7 @@ def _make(parallel):
         n = P.shape[0]
         nc = (n + CHUNK - 1) // CHUNK
         for k in prange(nc):
-            lo = k * CHUNK
-            hi = min(n, lo + CHUNK)
-            Pc = P[lo:hi]                # chunk views vectorize (see _apply)
-            Gc = G[lo:hi]
-            Vc = V[lo:hi]
-            for i in range(hi - lo):
-                g = Gc[i] * sign
-                Vc[i] = lerp(Vc[i], g * g, w, omw)
-            part[k] = _lane_sumsq(Pc, hi - lo)
+            part[k] = vsums_chunk(P, G, V, n, k, w, omw, sign)
         tot = 0.0
         for k in range(nc):
             tot += part[k]
@@ -221,14 +275,8 @@ def _make(parallel):
         n = G.shape[0]
         nc = (n + CHUNK - 1) // CHUNK
         for k in prange(nc):
-            lo = k * CHUNK
-            hi = min(n, lo + CHUNK)
-            Gc = G[lo:hi]                # chunk views vectorize (see _apply)
-            Vc = V[lo:hi]
-            ub = np.empty(hi - lo, dtype=G.dtype)    # the chunk of U, in the dtype
-            for i in range(hi - lo):
-                ub[i] = update(Gc[i] * sign, Vc[i], e2, one)
-            part[k] = _lane_sumsq(ub, hi - lo)
+            ub = np.empty(min(CHUNK, n - k * CHUNK), dtype=G.dtype)  # the chunk of U
+            part[k] = vusq_chunk(G, V, n, k, e2, sign, one, ub)
         tot = 0.0
         for k in range(nc):
             tot += part[k]
@@ -240,13 +288,7 @@ def _make(parallel):
         n = P.shape[0]
         nc = (n + CHUNK - 1) // CHUNK
         for k in prange(nc):
-            lo = k * CHUNK
-            hi = min(n, lo + CHUNK)
-            Pc = P[lo:hi]
-            Gc = G[lo:hi]
-            Vc = V[lo:hi]
-            for i in range(hi - lo):
-                Pc[i] = apply(Pc[i], update(Gc[i] * sign, Vc[i], e2, one), decay, step)
+            vapply_chunk(P, G, V, n, k, e2, sign, one, decay, step)
 
     return {f.__name__: f for f in (_sums, _usq, _apply, _vsums, _vusq, _vapply)}
 

@@ -44,10 +44,11 @@ from numba import carray, prange
 from numba.extending import overload
 
 from .._jit import register_jitable
-from ..rules.adafactor import FACTOR_ROWS, apply, factored_v, lerp, sq, update
+from ..rules.adafactor import FACTOR_ROWS, lerp
 from .base import CHUNK, may_use_threads
 from .numba_cpu import _compile, _stamp, _voidptr
-from .numba_factored import LANES, _lane_sumsq, _row_sums, _sq_lanes
+from .numba_factored import (BODIES, apply_row, sums_block, usq_row, vapply_chunk,
+                             vsums_chunk, vusq_chunk)
 
 #: columns of the scalar table
 SC_W, SC_RHO, SC_DECAY, SC_EPS1, SC_EPS2, SC_D, SC_MAX = range(7)
@@ -172,7 +173,6 @@ def _py_max(a, b):
 def _matrix_step(P, G, rv, cv, B, R, C, sqn, sc, bufsize):
     """One tensor of ``B`` matrices of ``R x C``: its whole step (module doc)."""
     one = _as(1.0, P[0])
-    zero = np.float64(0.0)
     w = _as(sc[SC_W], one)
     omw = one - w
     eps1 = _as(sc[SC_EPS1], one)
@@ -184,71 +184,41 @@ def _matrix_step(P, G, rv, cv, B, R, C, sqn, sc, bufsize):
     dC = _as(C, one)
     dR = _as(R, one)
     nb = (R + FACTOR_ROWS - 1) // FACTOR_ROWS
-    body = C - C % LANES
-    rows = np.empty(R, dtype=np.float64)
+    rows = np.empty(B * R, dtype=np.float64)
+    prow = np.empty(B * R, dtype=np.float64)
     part = np.empty((nb, C), dtype=np.float64)
-    cols = np.empty(C, dtype=np.float64)
     ub = np.empty(C, dtype=P.dtype)
     m = np.empty(B, dtype=P.dtype)
     # pass 1 and the factors, matrix by matrix (each matrix's sums are its own)
-    psq = zero
     for b in range(B):
         for blk in range(nb):
             r0 = blk * FACTOR_ROWS
-            r1 = min(R, r0 + FACTOR_ROWS)
-            pc = part[blk]
-            for j in range(C):
-                pc[j] = 0.0
-            for r in range(r0, r1):
-                base = (b * R + r) * C
-                Gr = G[base:base + C]
-                Pr = P[base:base + C]
-                for j in range(C):
-                    pc[j] += sq(Gr[j])
-                s, sp = _row_sums(Gr, Pr, body, C)
-                rows[r] = s
-                psq += sp
+            sums_block(P, G, R, C, b, r0, min(R, r0 + FACTOR_ROWS), part[blk], rows, prow)
+        rb = rv[b * R:(b + 1) * R]
+        cb = cv[b * C:(b + 1) * C]
+        for r in range(R):
+            x = _as(np.sqrt(rows[b * R + r]), one)
+            rb[r] = lerp(rb[r], x * x / dC, w, omw)
         for j in range(C):
             a = 0.0
             for blk in range(nb):
                 a += part[blk, j]
-            cols[j] = a
-        rb = rv[b * R:(b + 1) * R]
-        cb = cv[b * C:(b + 1) * C]
-        for r in range(R):
-            x = _as(np.sqrt(rows[r]), one)
-            rb[r] = lerp(rb[r], x * x / dC, w, omw)
-        for j in range(C):
-            x = _as(np.sqrt(cols[j]), one)
+            x = _as(np.sqrt(a), one)
             cb[j] = lerp(cb[j], x * x / dR, w, omw)
         mb = _as(_np_sum(rv, b * R, R, bufsize) / np.float64(R), one)
         if mb < eps1:
             mb = eps1
         m[b] = mb
+    psq = 0.0
+    for k in range(B * R):
+        psq += prow[k]
     alpha = _py_max(sc[SC_EPS2], math.sqrt(psq) / sqn) * sc[SC_RHO]
-    # pass 3: the sum of U^2
-    usq = zero
+    usq = 0.0
     for k in range(B * R):
-        b = k // R
-        r = rv[k]
-        mb = m[b]
-        cr = cv[b * C:(b + 1) * C]
-        Gr = G[k * C:(k + 1) * C]
-        for j in range(C):
-            ub[j] = update(Gr[j] * sign, factored_v(r, cr[j], mb), e2, one)
-        usq += _lane_sumsq(ub, C)
+        usq += usq_row(G, rv, cv, m, R, C, k, e2, sign, one, ub)
     step = _as(-alpha / _py_max(1.0, math.sqrt(usq) / (sqn * sc[SC_D])), one)
-    # pass 4: the update
     for k in range(B * R):
-        b = k // R
-        r = rv[k]
-        mb = m[b]
-        Pr = P[k * C:(k + 1) * C]
-        Gr = G[k * C:(k + 1) * C]
-        cr = cv[b * C:(b + 1) * C]
-        for j in range(C):
-            u = update(Gr[j] * sign, factored_v(r, cr[j], mb), e2, one)
-            Pr[j] = apply(Pr[j], u, decay, step)
+        apply_row(P, G, rv, cv, m, R, C, k, e2, sign, one, decay, step)
 
 
 @register_jitable
@@ -265,43 +235,22 @@ def _vector_step(P, G, V, n, sqn, sc):
     nc = (n + CHUNK - 1) // CHUNK
     psq = 0.0
     for k in range(nc):
-        lo = k * CHUNK
-        hi = min(n, lo + CHUNK)
-        Pc = P[lo:hi]
-        Gc = G[lo:hi]
-        Vc = V[lo:hi]
-        for i in range(hi - lo):
-            g = Gc[i] * sign
-            Vc[i] = lerp(Vc[i], g * g, w, omw)
-        psq += _lane_sumsq(Pc, hi - lo)
+        psq += vsums_chunk(P, G, V, n, k, w, omw, sign)
     alpha = _py_max(sc[SC_EPS2], math.sqrt(psq) / sqn) * sc[SC_RHO]
     ub = np.empty(min(n, CHUNK), dtype=P.dtype)
     usq = 0.0
     for k in range(nc):
-        lo = k * CHUNK
-        hi = min(n, lo + CHUNK)
-        Gc = G[lo:hi]
-        Vc = V[lo:hi]
-        for i in range(hi - lo):
-            ub[i] = update(Gc[i] * sign, Vc[i], e2, one)
-        usq += _lane_sumsq(ub, hi - lo)
+        usq += vusq_chunk(G, V, n, k, e2, sign, one, ub)
     step = _as(-alpha / _py_max(1.0, math.sqrt(usq) / (sqn * sc[SC_D])), one)
     for k in range(nc):
-        lo = k * CHUNK
-        hi = min(n, lo + CHUNK)
-        Pc = P[lo:hi]
-        Gc = G[lo:hi]
-        Vc = V[lo:hi]
-        for i in range(hi - lo):
-            Pc[i] = apply(Pc[i], update(Gc[i] * sign, Vc[i], e2, one), decay, step)
+        vapply_chunk(P, G, V, n, k, e2, sign, one, decay, step)
 
 
 def _make(dtype, parallel):
     """The group driver for parameters of ``dtype``, a closure over ``STAMP`` (the
     math's source hash), ``DT`` and ``PARALLEL`` (closure cells are part of Numba's
     on-disk cache key)."""
-    STAMP = _stamp(apply, factored_v, lerp, sq, update, _row_sums, _lane_sumsq,
-                   _sq_lanes._defn, _pw_leaf, _pairwise, _np_sum, _matrix_step, _vector_step)
+    STAMP = _stamp(*BODIES, _pw_leaf, _pairwise, _np_sum, _matrix_step, _vector_step)
     DT = np.dtype(dtype).type
     PARALLEL = bool(parallel)
 
