@@ -14,9 +14,10 @@ A plan is a table of ``T`` tensors of one dtype:
   (resolved for the dtype), ``eps2``, ``d``, ``maximize``.
 
 Each tensor is stepped by one thread from start to end (``prange`` over the
-tensors), with the same passes, in the same orders, as the per-tensor path
-(:mod:`.numba_factored` with :func:`fastopt.factored.run_tensor`'s host work), so
-the bits are the per-tensor path's and do not depend on the thread count:
+tensors), with the per-tensor drivers' own bodies (:mod:`.numba_factored`:
+``sums_block``, ``usq_row``, ``apply_row`` and the vector chunks) and
+:func:`fastopt.factored.run_tensor`'s host work compiled in between, so the bits are
+the per-tensor path's and do not depend on the thread count:
 
 1. per row the float64 sums of ``G^2`` and ``p^2`` in 8 lanes, per block of
    ``FACTOR_ROWS`` rows the column partial sums, the blocks added in order, the rows'
