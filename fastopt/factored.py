@@ -16,7 +16,13 @@ planner and its buckets stay as they are:
   :mod:`fastopt.backends.numba_factored`, cython: ``kernels/_cy_factored.pxi``)
   with the host work between them (the lerps of the small factors, the means, the
   step size), or, on the NumPy reference backend, the rule's ``reference``;
-* :func:`refusal` says what a factored rule refuses before anything is written.
+* :func:`refusal` says what a factored rule refuses before anything is written;
+* :func:`group_plan` / :class:`GroupPlan`: on a backend with the optional grouped
+  capability (``factored_group``: numba, :mod:`fastopt.backends.numba_factored_group`)
+  the tensors below :data:`PARALLEL_MIN` elements of one dtype take one driver call
+  per step, each tensor's passes and host work compiled and run by one thread
+  (``prange`` over the tensors), the same bits as :func:`run_tensor`; the larger
+  tensors take :func:`run_tensor` (parallel within the tensor).
 
 Every sum is float64 in an order fixed by the shape (per row in 8 lanes, element j
 to lane j % 8, the lanes then the tail added in order; the
@@ -27,6 +33,7 @@ depend on the thread count, and Numba and Cython give the same bits.
 
 import numpy as np
 
+from ._py_util import data_address
 from .rules.adafactor import alpha_of, divisor_of, eps1_of, lerp_host
 
 #: a tensor of at least this many elements runs the parallel drivers of the passes
@@ -55,16 +62,114 @@ def check_step(rule, grad_scale, sparse_i):
                          "before the step")
 
 
-def step(opt, active, dense, specs, owner):
+def step(opt, active, dense, specs, owner, gptr=None):
     """One step of the parameters ``active`` (indices) with dense gradients
-    ``dense`` (aligned with ``active``), for :class:`fastopt.Optimizer`."""
+    ``dense`` (aligned with ``active``; ``gptr`` their addresses, as the engine's
+    gradient check gave them), for :class:`fastopt.Optimizer`.
+
+    On a backend with the grouped capability (``Backend.factored_group``) the
+    tensors below :data:`PARALLEL_MIN` elements take one driver call per dtype
+    (:func:`group_plan`, cached with the engine's plan key); the others, and every
+    tensor on other backends, :func:`run_tensor` one by one.  The bits are the same
+    either way."""
     opt._allocate_state(active, specs, owner)
     bk = opt.backend
     params, states, steps = opt._params, opt._state, opt._steps
-    for i, g in zip(active, dense):
-        run_tensor(bk, opt.rule, specs[owner[i]].group, int(steps[i]) + 1, params[i], g,
-                   states[i])
+    grouped = getattr(bk, "factored_group", None)
+    rest = range(len(active))
+    if grouped is not None and gptr is not None:
+        key = (tuple(active), opt._plan_version, opt._groups.spec_version)
+        plan = getattr(opt, "_factored_plan", None)
+        if plan is None or plan[0] != key:
+            plan = opt._factored_plan = (key, group_plan(opt, active, specs, owner))
+        subplans, rest = plan[1]
+        for sp in subplans:
+            sp.ptrs[:, 1] = gptr[sp.pos]
+            sidx, scal = sp.scalars(steps, specs)
+            grouped(sp.ptrs, sp.dims, sp.sqn, sidx, scal, sp.dtype)
+    for k in rest:
+        i = active[k]
+        run_tensor(bk, opt.rule, specs[owner[i]].group, int(steps[i]) + 1, params[i],
+                   dense[k], states[i])
     steps[active] += 1
+
+
+class GroupPlan:
+    """The tensors of one dtype stepped by one grouped driver call: positions
+    ``pos`` in the step's active list, parameter indices ``idx``, their param groups
+    ``gown``, and the tables ``ptrs`` (param, grad, two state addresses), ``dims``
+    (``B, R, C, n``; ``B = 0`` for a vector) and ``sqn`` (``n ** 0.5``) of
+    :mod:`fastopt.backends.numba_factored_group`."""
+
+    def __init__(self, rule, dtype, pos, idx, gown, ptrs, dims, sqn):
+        self.rule, self.dtype, self.pos, self.idx, self.gown = rule, dtype, pos, idx, gown
+        self.ptrs, self.dims, self.sqn = ptrs, dims, sqn
+
+    def scalars(self, steps, specs):
+        """This step's ``(sidx, scal)``: one float64 row per (param group, step
+        number) among the tensors (``w, rho, decay, eps1, eps2, d, maximize``, the
+        host scalars of :func:`run_tensor`), ``sidx`` each tensor's row."""
+        t = steps[self.idx].astype(np.int64) + 1
+        keys = self.gown * (int(t.max()) + 1) + t
+        uniq, sidx = np.unique(keys, return_inverse=True)
+        scal = np.empty((len(uniq), 7), dtype=np.float64)
+        for r, kk in enumerate(uniq):
+            k = int(np.argmax(keys == kk))
+            group = specs[int(self.gown[k])].group
+            sc, _ = self.rule.host_scalars(group, int(t[k]), {}, ())
+            scal[r] = (sc["beta2_weight"], sc["rho"], sc["decay"],
+                       eps1_of(group, self.dtype), sc["eps2"], sc["d"],
+                       1.0 if sc["maximize"] else 0.0)
+        return sidx.astype(np.int64).reshape(-1), scal
+
+
+def group_plan(opt, active, specs, owner):
+    """``(subplans, rest)``: a :class:`GroupPlan` per parameter dtype for the
+    non-empty tensors below :data:`PARALLEL_MIN` elements, and the positions (in
+    ``active``) of the larger ones, which take :func:`run_tensor` (parallel
+    within the tensor)."""
+    params, states = opt._params, opt._state
+    by_dtype, rest = {}, []
+    for k, i in enumerate(active):
+        p = params[i]
+        if p.size == 0:
+            continue
+        if p.size >= PARALLEL_MIN or p.dtype not in (np.float32, np.float64):
+            rest.append(k)
+            continue
+        by_dtype.setdefault(p.dtype, []).append(k)
+    subplans = []
+    for dtype, ks in by_dtype.items():
+        T = len(ks)
+        ptrs = np.zeros((T, 4), dtype=np.int64)
+        dims = np.zeros((T, 4), dtype=np.int64)
+        sqn = np.empty(T, dtype=np.float64)
+        for t, k in enumerate(ks):
+            i = active[k]
+            p, st = params[i], states[i]
+            ptrs[t, 0] = data_address(p)
+            if p.ndim >= 2:
+                R, C = p.shape[-2:]
+                dims[t, :3] = (p.size // (R * C), R, C)
+                rv, cv = st["row_var"], st["col_var"]
+                for a in (rv, cv):
+                    if not (a.flags.c_contiguous and a.dtype == p.dtype):
+                        raise ValueError(f"parameter {i}: Adafactor state must be "
+                                         f"C-contiguous {p.dtype} arrays")
+                ptrs[t, 2], ptrs[t, 3] = data_address(rv), data_address(cv)
+            else:
+                v = st["variance"]
+                if not (v.flags.c_contiguous and v.dtype == p.dtype):
+                    raise ValueError(f"parameter {i}: Adafactor state must be "
+                                     f"C-contiguous {p.dtype} arrays")
+                ptrs[t, 2] = ptrs[t, 3] = data_address(v)
+            dims[t, 3] = p.size
+            sqn[t] = p.size ** 0.5
+        pos = np.asarray(ks, dtype=np.int64)
+        idx = np.asarray([active[k] for k in ks], dtype=np.int64)
+        gown = np.asarray([owner[active[k]] for k in ks], dtype=np.int64)
+        subplans.append(GroupPlan(opt.rule, dtype, pos, idx, gown, ptrs, dims, sqn))
+    return subplans, rest
 
 
 def run_tensor(bk, rule, group, step, p, g, state):

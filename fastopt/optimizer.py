@@ -554,7 +554,7 @@ class Optimizer:
 
     def _step_dense(self, active, dense, gptr, specs, owner, gs, everyone):
         if self.rule.factored:                 # its own passes (fastopt/factored.py)
-            return factored.step(self, active, dense, specs, owner)
+            return factored.step(self, active, dense, specs, owner, gptr)
         if self._exact:
             for i in active:
                 self._flush_param(i)

@@ -209,8 +209,18 @@ class CythonBackend(Backend):
         self._ext.run_stored_dense(*cached[1], work.ptrs, work.fmt, work.chunks, work.hyper,
                                    work.hidx, cached[2], work.nelem, _parallel_min())
 
-    # the passes of factored rules (``kernels/_cy_factored.pxi``, the twin of
-    # fastopt/backends/numba_factored.py; fastopt/factored.py runs them)
+    # factored rules: the grouped step and the per-tensor passes
+    # (``kernels/_cy_factored.pxi``, the twin of fastopt/backends/numba_factored_group.py
+    # and numba_factored.py; fastopt/factored.py runs them)
+    def factored_group(self, ptrs, dims, sqn, sidx, scal, dtype):
+        """One call stepping every tensor of a group plan (one OpenMP thread per
+        tensor), bit for bit the Numba grouped step."""
+        dtype = np.dtype(dtype)
+        # NumPy casts a float32 row_var to float64 through its buffer for the mean
+        bufsize = np.getbufsize() if dtype != np.float64 else sys.maxsize
+        self._ext.factored_group(ptrs, dims, sqn, sidx, scal, np.ones(1, dtype), bufsize,
+                                 may_use_threads() and ptrs.shape[0] > 1)
+
     def factored_sums(self, P, G, B, R, C):
         nb = -(-R // self._ext.FACTOR_ROWS_BUILT)
         rows = np.empty(B * R, dtype=np.float64)

@@ -813,7 +813,16 @@ class NumbaBackend(Backend):
                     make_stored_dense_driver, work.config, parallel))
             cached[2](work.ptrs, work.fmt, work.chunks, work.hyper, work.hidx)
 
-    # the passes of factored rules (fastopt/backends/numba_factored.py)
+    # factored rules: the grouped step, an optional capability that
+    # fastopt.factored.step uses when a backend has it
+    # (fastopt/backends/numba_factored_group.py), and the per-tensor passes
+    # (fastopt/backends/numba_factored.py)
+    def factored_group(self, ptrs, dims, sqn, sidx, scal, dtype):
+        """One call stepping every tensor of a group plan (small tensors: one
+        thread per tensor; the same bits as the per-tensor passes)."""
+        from . import numba_factored_group
+        numba_factored_group.run_group(ptrs, dims, sqn, sidx, scal, dtype)
+
     def factored_sums(self, *a):
         from . import numba_factored
         return numba_factored.factored_sums(*a)

@@ -13,7 +13,9 @@ leading dimensions flattened, C-contiguous):
 
 Vectors (and 0-d tensors, as one element): ``vector_sums`` (lerps ``variance`` in
 place, sums ``p^2``), ``vector_usq``, ``vector_apply``, per chunk of ``CHUNK``
-elements, the chunk sums added in order.  Every order is fixed by the shape: the
+elements, the chunk sums added in order.  The 8-lane sums of squares are one
+vector loop (:func:`_sq_lanes`, LLVM IR: 8 floats widened, squared and added per
+iteration, each lane the scalar chain it replaces).  Every order is fixed by the shape: the
 result does not depend on the thread count.  The element math is the rule's
 (:mod:`fastopt.rules.adafactor`: ``sq``, ``lerp``, ``factored_v``, ``update``,
 ``apply``).
@@ -21,7 +23,10 @@ result does not depend on the thread count.  The element math is the rule's
 
 import numpy as np
 
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .._jit import register_jitable
 from ..rules.adafactor import FACTOR_ROWS, apply, factored_v, lerp, sq, update
@@ -36,64 +41,56 @@ LANES = 8
 _DRIVERS = {}
 
 
+@intrinsic
+def _sq_lanes(typingctx, arr, lo, nvec):
+    """The 8 float64 lanes of a sum of squares: lane ``l`` is the sum over ``i <
+    nvec``, in order, of ``float64(arr[lo + 8 i + l]) ** 2`` (the rule's :func:`sq`,
+    eight elements at a time).  Written in LLVM vector IR (8 float loads, widened,
+    squared, added to an 8-lane accumulator), as Numba did not vectorize the scalar
+    lanes; each lane is the same chain of IEEE operations as the scalar form (no
+    fast-math flags: nothing is reassociated or contracted), so the bits are the
+    same."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1
+            and arr.dtype in (types.float32, types.float64)):
+        return None
+    sig = types.UniTuple(types.float64, LANES)(arr, lo, nvec)
+
+    def codegen(context, builder, signature, args):
+        aty = signature.args[0]
+        a = context.make_array(aty)(context, builder, args[0])
+        elt = context.get_data_type(aty.dtype)
+        vt = ir.VectorType(elt, LANES)
+        vd = ir.VectorType(ir.DoubleType(), LANES)
+        start = context.cast(builder, args[1], signature.args[1], types.intp)
+        nv = context.cast(builder, args[2], signature.args[2], types.intp)
+        base = builder.gep(a.data, [start])
+        acc = cgutils.alloca_once_value(builder, ir.Constant(vd, None))
+        with cgutils.for_range(builder, nv) as loop:
+            off = builder.mul(loop.index, ir.Constant(loop.index.type, LANES))
+            ptr = builder.bitcast(builder.gep(base, [off]), vt.as_pointer())
+            v = builder.load(ptr, align=aty.dtype.bitwidth // 8)
+            if aty.dtype != types.float64:
+                v = builder.fpext(v, vd)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(v, v)), acc)
+        res = builder.load(acc)
+        return context.make_tuple(builder, signature.return_type, [
+            builder.extract_element(res, ir.Constant(ir.IntType(32), k)) for k in range(LANES)])
+
+    return sig, codegen
+
+
 @register_jitable
 def _row_sums(Gr, Pr, body, n):
     """``(sum G^2, sum p^2)`` of one row in float64: element j to lane j % 8 over the
-    first ``body`` elements, the lanes added in order, then the tail (scalar lanes:
-    with lanes in an array Numba kept them in memory)."""
-    a0, a1, a2, a3, a4, a5, a6, a7 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
-    b0, b1, b2, b3, b4, b5, b6, b7 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
-    for j0 in range(0, body, 8):
-        x = sq(Gr[j0 + 0])
-        a0 += x
-        y = np.float64(Pr[j0 + 0])
-        b0 += y * y
-        x = sq(Gr[j0 + 1])
-        a1 += x
-        y = np.float64(Pr[j0 + 1])
-        b1 += y * y
-        x = sq(Gr[j0 + 2])
-        a2 += x
-        y = np.float64(Pr[j0 + 2])
-        b2 += y * y
-        x = sq(Gr[j0 + 3])
-        a3 += x
-        y = np.float64(Pr[j0 + 3])
-        b3 += y * y
-        x = sq(Gr[j0 + 4])
-        a4 += x
-        y = np.float64(Pr[j0 + 4])
-        b4 += y * y
-        x = sq(Gr[j0 + 5])
-        a5 += x
-        y = np.float64(Pr[j0 + 5])
-        b5 += y * y
-        x = sq(Gr[j0 + 6])
-        a6 += x
-        y = np.float64(Pr[j0 + 6])
-        b6 += y * y
-        x = sq(Gr[j0 + 7])
-        a7 += x
-        y = np.float64(Pr[j0 + 7])
-        b7 += y * y
+    first ``body`` elements (:func:`_sq_lanes`), the lanes added in order, then the
+    tail in element order."""
+    a = _sq_lanes(Gr, 0, body // LANES)
+    b = _sq_lanes(Pr, 0, body // LANES)
     s = 0.0
     sp = 0.0
-    s += a0
-    sp += b0
-    s += a1
-    sp += b1
-    s += a2
-    sp += b2
-    s += a3
-    sp += b3
-    s += a4
-    sp += b4
-    s += a5
-    sp += b5
-    s += a6
-    sp += b6
-    s += a7
-    sp += b7
+    for k in range(LANES):
+        s += a[k]
+        sp += b[k]
     for j in range(body, n):
         x = sq(Gr[j])
         s += x
@@ -105,61 +102,126 @@ def _row_sums(Gr, Pr, body, n):
 @register_jitable
 def _lane_sumsq(x, n):
     """The float64 sum of ``x[:n]**2``: element i to lane i % 8 over the first
-    ``n - n % 8`` elements, the lanes added in order, then the tail in order."""
-    body = n - n % 8
-    a0, a1, a2, a3, a4, a5, a6, a7 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
-    for i0 in range(0, body, 8):
-        y = np.float64(x[i0])
-        a0 += y * y
-        y = np.float64(x[i0 + 1])
-        a1 += y * y
-        y = np.float64(x[i0 + 2])
-        a2 += y * y
-        y = np.float64(x[i0 + 3])
-        a3 += y * y
-        y = np.float64(x[i0 + 4])
-        a4 += y * y
-        y = np.float64(x[i0 + 5])
-        a5 += y * y
-        y = np.float64(x[i0 + 6])
-        a6 += y * y
-        y = np.float64(x[i0 + 7])
-        a7 += y * y
-    s = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7
+    ``n - n % 8`` elements (:func:`_sq_lanes`), the lanes added in order, then the
+    tail in order."""
+    body = n - n % LANES
+    a = _sq_lanes(x, 0, body // LANES)
+    s = a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7]
     for i in range(body, n):
         y = np.float64(x[i])
         s += y * y
     return s
 
 
+# --------------------------------------------- the bodies (per-tensor and grouped)
+# One block of rows, one row, one chunk: the per-tensor drivers below run them in
+# parallel loops, the grouped step (numba_factored_group) serially per tensor; row
+# and chunk views, as with plain indexing into P and G Numba's parallel loop bodies
+# did not vectorize (the update pass 7x slower than the serial driver, 16x for
+# vectors).
+@register_jitable
+def sums_block(P, G, R, C, b, r0, r1, pc, rows, prow):
+    """Rows ``r0:r1`` of matrix ``b``: ``pc`` (C) the column partial sums of ``G^2``,
+    ``rows`` and ``prow`` (B R) the rows' sums of ``G^2`` and ``p^2``."""
+    body = C - C % LANES
+    for j in range(C):
+        pc[j] = 0.0
+    for r in range(r0, r1):
+        base = (b * R + r) * C
+        Gr = G[base:base + C]
+        Pr = P[base:base + C]
+        for j in range(C):
+            pc[j] += sq(Gr[j])
+        s, sp = _row_sums(Gr, Pr, body, C)
+        rows[b * R + r] = s
+        prow[b * R + r] = sp
+
+
+@register_jitable
+def usq_row(G, rv, cv, m, R, C, k, e2, sign, one, ub):
+    """The float64 sum of ``U^2`` over row ``k`` (``ub``: a row of scratch)."""
+    b = k // R
+    r = rv[k]
+    mb = m[b]
+    cr = cv[b * C:(b + 1) * C]
+    Gr = G[k * C:(k + 1) * C]
+    for j in range(C):
+        ub[j] = update(Gr[j] * sign, factored_v(r, cr[j], mb), e2, one)
+    return _lane_sumsq(ub, C)
+
+
+@register_jitable
+def apply_row(P, G, rv, cv, m, R, C, k, e2, sign, one, decay, step):
+    """The update of row ``k``."""
+    b = k // R
+    r = rv[k]
+    mb = m[b]
+    Pr = P[k * C:(k + 1) * C]
+    Gr = G[k * C:(k + 1) * C]
+    cr = cv[b * C:(b + 1) * C]
+    for j in range(C):
+        u = update(Gr[j] * sign, factored_v(r, cr[j], mb), e2, one)
+        Pr[j] = apply(Pr[j], u, decay, step)
+
+
+@register_jitable
+def vsums_chunk(P, G, V, n, k, w, omw, sign):
+    """Chunk ``k`` of a vector: ``V = lerp(V, G^2, w)``; returns its sum of ``p^2``."""
+    lo = k * CHUNK
+    hi = min(n, lo + CHUNK)
+    Pc = P[lo:hi]
+    Gc = G[lo:hi]
+    Vc = V[lo:hi]
+    for i in range(hi - lo):
+        g = Gc[i] * sign
+        Vc[i] = lerp(Vc[i], g * g, w, omw)
+    return _lane_sumsq(Pc, hi - lo)
+
+
+@register_jitable
+def vusq_chunk(G, V, n, k, e2, sign, one, ub):
+    """Chunk ``k`` of a vector: its sum of ``U^2`` (``ub``: a chunk of scratch)."""
+    lo = k * CHUNK
+    hi = min(n, lo + CHUNK)
+    Gc = G[lo:hi]
+    Vc = V[lo:hi]
+    for i in range(hi - lo):
+        ub[i] = update(Gc[i] * sign, Vc[i], e2, one)
+    return _lane_sumsq(ub, hi - lo)
+
+
+@register_jitable
+def vapply_chunk(P, G, V, n, k, e2, sign, one, decay, step):
+    """Chunk ``k`` of a vector: the update."""
+    lo = k * CHUNK
+    hi = min(n, lo + CHUNK)
+    Pc = P[lo:hi]
+    Gc = G[lo:hi]
+    Vc = V[lo:hi]
+    for i in range(hi - lo):
+        Pc[i] = apply(Pc[i], update(Gc[i] * sign, Vc[i], e2, one), decay, step)
+
+
+#: the bodies' sources, in the drivers' cache key
+BODIES = (apply, factored_v, lerp, sq, update, _row_sums, _lane_sumsq, _sq_lanes._defn,
+          sums_block, usq_row, apply_row, vsums_chunk, vusq_chunk, vapply_chunk)
+
+
 def _make(parallel):
     """The driver functions, closures over ``STAMP`` (the rule math's source hash) and
     ``PARALLEL``: closure cells are part of Numba's on-disk cache key, so a change of
     the math recompiles and the serial and parallel drivers are cached apart."""
-    STAMP = _stamp(apply, factored_v, lerp, sq, update, _row_sums, _lane_sumsq)
+    STAMP = _stamp(*BODIES)
     PARALLEL = bool(parallel)
 
     def _sums(P, G, B, R, C, rows, prow, part):
         stamp = STAMP  # noqa: F841  (the rule math's source hash, in the cache key)
         par = PARALLEL  # noqa: F841
         nb = (R + FACTOR_ROWS - 1) // FACTOR_ROWS
-        body = C - C % LANES
         for k in prange(B * nb):
-            b = k // nb
             r0 = (k % nb) * FACTOR_ROWS
-            r1 = min(R, r0 + FACTOR_ROWS)
-            pc = part[k]
-            for j in range(C):
-                pc[j] = 0.0
-            for r in range(r0, r1):
-                base = (b * R + r) * C
-                Gr = G[base:base + C]            # row views vectorize (see _apply)
-                Pr = P[base:base + C]
-                for j in range(C):
-                    pc[j] += sq(Gr[j])
-                s, sp = _row_sums(Gr, Pr, body, C)
-                rows[b * R + r] = s
-                prow[b * R + r] = sp
+            sums_block(P, G, R, C, k // nb, r0, min(R, r0 + FACTOR_ROWS), part[k], rows,
+                       prow)
         cols = np.empty(B * C, dtype=np.float64)
         for q in prange(B * C):
             b = q // C
@@ -182,16 +244,8 @@ def _make(parallel):
             r0 = (kb % nb) * FACTOR_ROWS
             r1 = min(R, r0 + FACTOR_ROWS)
             ub = np.empty(C, dtype=G.dtype)          # a row of U, in the dtype
-            mb = m[b]
-            cb = b * C
-            cr = cv[cb:cb + C]
             for rr in range(r0, r1):
-                k = b * R + rr
-                r = rv[k]
-                Gr = G[k * C:(k + 1) * C]        # row views vectorize (see _apply)
-                for j in range(C):
-                    ub[j] = update(Gr[j] * sign, factored_v(r, cr[j], mb), e2, one)
-                rows[k] = _lane_sumsq(ub, C)
+                rows[b * R + rr] = usq_row(G, rv, cv, m, R, C, b * R + rr, e2, sign, one, ub)
         tot = 0.0
         for k in range(B * R):
             tot += rows[k]
@@ -201,17 +255,7 @@ def _make(parallel):
         stamp = STAMP  # noqa: F841
         par = PARALLEL  # noqa: F841
         for k in prange(B * R):
-            b = k // R
-            r = rv[k]
-            mb = m[b]
-            # row views: with plain indexing into P and G Numba's parallel loop body
-            # did not vectorize (7x slower than the serial driver)
-            Pr = P[k * C:(k + 1) * C]
-            Gr = G[k * C:(k + 1) * C]
-            cr = cv[b * C:(b + 1) * C]
-            for j in range(C):
-                u = update(Gr[j] * sign, factored_v(r, cr[j], mb), e2, one)
-                Pr[j] = apply(Pr[j], u, decay, step)
+            apply_row(P, G, rv, cv, m, R, C, k, e2, sign, one, decay, step)
 
     def _vsums(P, G, V, w, omw, sign, part):
         stamp = STAMP  # noqa: F841
@@ -219,15 +263,7 @@ def _make(parallel):
         n = P.shape[0]
         nc = (n + CHUNK - 1) // CHUNK
         for k in prange(nc):
-            lo = k * CHUNK
-            hi = min(n, lo + CHUNK)
-            Pc = P[lo:hi]                # chunk views vectorize (see _apply)
-            Gc = G[lo:hi]
-            Vc = V[lo:hi]
-            for i in range(hi - lo):
-                g = Gc[i] * sign
-                Vc[i] = lerp(Vc[i], g * g, w, omw)
-            part[k] = _lane_sumsq(Pc, hi - lo)
+            part[k] = vsums_chunk(P, G, V, n, k, w, omw, sign)
         tot = 0.0
         for k in range(nc):
             tot += part[k]
@@ -239,14 +275,8 @@ def _make(parallel):
         n = G.shape[0]
         nc = (n + CHUNK - 1) // CHUNK
         for k in prange(nc):
-            lo = k * CHUNK
-            hi = min(n, lo + CHUNK)
-            Gc = G[lo:hi]                # chunk views vectorize (see _apply)
-            Vc = V[lo:hi]
-            ub = np.empty(hi - lo, dtype=G.dtype)    # the chunk of U, in the dtype
-            for i in range(hi - lo):
-                ub[i] = update(Gc[i] * sign, Vc[i], e2, one)
-            part[k] = _lane_sumsq(ub, hi - lo)
+            ub = np.empty(min(CHUNK, n - k * CHUNK), dtype=G.dtype)  # the chunk of U
+            part[k] = vusq_chunk(G, V, n, k, e2, sign, one, ub)
         tot = 0.0
         for k in range(nc):
             tot += part[k]
@@ -258,13 +288,7 @@ def _make(parallel):
         n = P.shape[0]
         nc = (n + CHUNK - 1) // CHUNK
         for k in prange(nc):
-            lo = k * CHUNK
-            hi = min(n, lo + CHUNK)
-            Pc = P[lo:hi]
-            Gc = G[lo:hi]
-            Vc = V[lo:hi]
-            for i in range(hi - lo):
-                Pc[i] = apply(Pc[i], update(Gc[i] * sign, Vc[i], e2, one), decay, step)
+            vapply_chunk(P, G, V, n, k, e2, sign, one, decay, step)
 
     return {f.__name__: f for f in (_sums, _usq, _apply, _vsums, _vusq, _vapply)}
 

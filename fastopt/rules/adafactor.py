@@ -45,6 +45,11 @@ Each tensor of two or more dimensions takes three passes, each a parallel driver
 4. host: the divisor ``max(1, RMS(U)/d)``; the *update pass* (:func:`apply`) reads
    p, G and the factors and writes p.
 
+On the numba and cython backends the tensors of a step below
+``fastopt.factored.PARALLEL_MIN`` elements take all of the above in one driver call
+(the grouped step: each tensor's passes and host work compiled, one thread per
+tensor, the same operations in the same orders, so the same bits).
+
 Vectors: the first pass lerps ``variance`` in place and sums ``p^2`` per chunk of
 ``CHUNK`` elements, the chunks added in order; then the RMS and update passes as
 above with ``V = variance``.  ``U`` is recomputed in the update pass rather than
