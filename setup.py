@@ -109,8 +109,9 @@ _EXT_ATTRS = ("sources", "include_dirs", "define_macros", "undef_macros", "libra
 
 def ext(name, source, openmp=False):
     e = Extension(f"fastopt.{name}", [os.path.join("kernels", source)],
-                  include_dirs=["kernels"],             # fastopt_codecs.h
-                  depends=[os.path.join("kernels", "fastopt_codecs.h")],
+                  include_dirs=["kernels"],             # the kernels/*.h headers
+                  depends=[os.path.join("kernels", h) for h in
+                           ("fastopt_codecs.h", "fastopt_af_lanes.h")],
                   define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
                   extra_compile_args=["/O2"] if sys.platform == "win32" else ["-O3"])
     e._openmp = openmp
