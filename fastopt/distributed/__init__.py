@@ -33,6 +33,9 @@ option correct without special cases: element-wise rules do not care, ``RowWiseA
 and ``max_norm`` need whole rows, and a row-sparse gradient is cut by row ownership.
 The price is balance: the ranks' shares differ by at most the largest row (a
 parameter of shape ``(1, n)`` cannot be split; pass it as 1-D for that).
+A factored rule (Adafactor) reads row/column sums and RMS of whole tensors: each
+parameter is owned whole by one rank instead (balanced by cost, largest first;
+``layout._owner_bounds``), its bounds ``[0, .., 0, rows, .., rows]``.
 
 A dense step: the local gradients are copied into fixed buckets of at most
 ``bucket_bytes`` (default 32 MiB; each bucket holds ``bucket_bytes / N`` bytes of

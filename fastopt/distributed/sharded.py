@@ -18,8 +18,8 @@ from ..sparse import RowSparse, checked_rows, is_sparse
 from .agreement import Agreement, _digest
 from .checkpoints import Checkpoints
 from .collectives import Collectives
-from .layout import (_DensePlan, _DtypePlan, _by_dtype, _grad_dtype, _piece, _row_bounds,
-                     _rows_and_width, _wire)
+from .layout import (_DensePlan, _DtypePlan, _by_dtype, _grad_dtype, _owner_bounds, _piece,
+                     _row_bounds, _rows_and_width, _wire)
 
 #: default size of one communication bucket
 DEFAULT_BUCKET_BYTES = 32 << 20
@@ -125,13 +125,6 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         # the full optimizer on every rank: it validates everything as the single
         # process would, holds the user-visible param_groups, never steps and never
         # holds state (except transiently inside load_state_dict)
-        rule = getattr(optimizer_class, "rule", None)
-        if rule is not None and rule.factored:
-            raise NotImplementedError(
-                f"ShardedOptimizer does not support {rule.name} yet: its factored state "
-                "(row_var, col_var) needs row and column sums of whole matrices, and the "
-                "flat element shards cut matrices at arbitrary points; use the optimizer "
-                "on one process")
         self._template = optimizer_class(params, **hyper)
         t = self._template
         if t.backend.memory != "host":
@@ -207,6 +200,18 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
                 k += 1
         return out
 
+    def _cut(self, params, granules):
+        """The bounds of ``params`` (new parameters): cut by rows
+        (:func:`~fastopt.distributed.layout._row_bounds`), or, for a factored rule
+        (Adafactor), each given whole to one rank, balanced by cost with the
+        parameters already owned (:func:`~fastopt.distributed.layout._owner_bounds`):
+        its row and column sums and RMS are those of the whole tensor, so each
+        tensor is computed as the single process computes it."""
+        if self.rule.factored:
+            bounds, _, self._loads = _owner_bounds(params, self._size, self._loads)
+            return bounds
+        return _row_bounds(params, self._size, granules)
+
     def _inner_group(self, g, pieces):
         """The inner optimizer's group of the pieces of template group ``g``: its
         hyperparameters and storage options."""
@@ -225,7 +230,8 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         n = len(self._params)
         self._names = t.param_names
         self._blocked = self._granules()
-        self._bounds = _row_bounds(self._params, self._size, self._blocked)
+        self._loads = None
+        self._bounds = self._cut(self._params, self._blocked)
         self._widths = [_rows_and_width(p)[1] for p in self._params]
         self._nrows = [_rows_and_width(p)[0] for p in self._params]
         me = self._rank
@@ -447,7 +453,7 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         me = self._rank
         gran = self._granules(n0)
         self._blocked.extend(gran)
-        bounds = _row_bounds(new, self._size, gran)
+        bounds = self._cut(new, gran)
         pieces = [_piece(p, int(b[me]), int(b[me + 1])) for p, b in zip(new, bounds)]
         self._params.extend(new)
         self._bounds.extend(bounds)
