@@ -166,27 +166,21 @@ class _DtypePlan:
             b = bounds[i]
             self.my_offsets[i] = off
             off += int(b[me + 1] - b[me]) * widths[i]
-        self.counts, self.displs = [], []
-        self.pack, self.mine, self.unpack = [], [], []
+        self.segs = segs
+        self.counts = []
+        self.send, self.mine = [], []
         for k in range(self.nbuckets):
             lo = k * b_
             counts = [max(0, min(b_, L - lo)) for L in lengths]
-            displs = [0] * nranks
-            for r in range(1, nranks):
-                displs[r] = displs[r - 1] + counts[r - 1]
             self.counts.append(counts)
-            self.displs.append(displs)
-            pack, unpack = [], []
-            for r in range(nranks):
-                for i, first, pos, n in _window(segs[r], lo, lo + counts[r]):
-                    pack.append((i, first, displs[r] + pos, n))
-                    if r == me:
-                        continue
-                    unpack.append((i, first, displs[r] + pos, n))
-            self.pack.append(pack)
-            self.unpack.append(unpack)
+            # what this rank sends to each rank in bucket k: (param, first element,
+            # count), and the windows of its own rows (param, first, position, count)
+            self.send.append([[(i, first, n) for i, first, _, n in
+                               _window(segs[r], lo, lo + counts[r])] for r in range(nranks)])
             self.mine.append(list(_window(segs[me], lo, lo + counts[me])))
-        self.bytes_needed = nranks * b_ * item
+        #: the reduce-scatter's receive buffer: the other ranks' pieces of one bucket
+        self.recv_elements = (nranks - 1) * b_
+        self.gather_types = None        # the all-gather's MPI datatypes (made on use)
 
 
 def _window(segs, lo, hi):

@@ -43,8 +43,9 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
             parameters (same shapes, dtypes, groups and hyperparameters).
         comm: an mpi4py intracommunicator (default ``MPI.COMM_WORLD``); it is
             duplicated, so this optimizer's messages never mix with the caller's.
-        bucket_bytes: size of one communication bucket (default 32 MiB).  The send
-            and receive buffers are at most this size each, allocated once.
+        bucket_bytes: size of one communication bucket (default 32 MiB): each
+            reduce-scatter call carries at most this many bytes of every rank's
+            gradients; its receive buffer, ``(N - 1) / N`` of it, lives for the step.
         max_grad_norm: clip the averaged gradient to this total norm (over all
             parameters and ranks) before each update; None (default): no clipping.
         norm_type: the norm of ``max_grad_norm`` (2, 1, ..., or ``inf``).
@@ -52,6 +53,14 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
             same call before raising :class:`DistributedError` (default
             ``DEFAULT_TIMEOUT``, 1800 s; None: wait forever); also the settable
             attribute ``timeout``.
+        reuse_grads: False (default): the averaged gradient of this rank's rows is
+            formed in a gradient shard the optimizer keeps (``1/N`` of the gradient
+            bytes), and the local gradients are only read.  True: it is formed in
+            the caller's gradient arrays themselves, over this rank's rows (as DDP
+            averages ``.grad`` in place), and no shard is kept: the gradients'
+            contents after a step are unspecified, and they must not overlap each
+            other or the parameters.  Gradients that are not C-contiguous,
+            writeable and of the gradient dtype are copied for the step instead.
         **hyper: the class's hyperparameters, fused options, ``backend`` (a CPU
             backend) and ``sparse_mode``, as for the class.
 
@@ -62,7 +71,8 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
     """
 
     def __init__(self, optimizer_class, params, comm=None, *, bucket_bytes=DEFAULT_BUCKET_BYTES,
-                 max_grad_norm=None, norm_type=2.0, timeout=DEFAULT_TIMEOUT, **hyper):
+                 max_grad_norm=None, norm_type=2.0, timeout=DEFAULT_TIMEOUT,
+                 reuse_grads=False, **hyper):
         try:
             from mpi4py import MPI
         except ImportError as e:
@@ -87,6 +97,9 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         err, sig = None, None
         try:
             self.timeout = timeout
+            if not isinstance(reuse_grads, (bool, np.bool_)):
+                raise TypeError(f"reuse_grads must be True or False, got {reuse_grads!r}")
+            self._reuse_grads = bool(reuse_grads)
             self._setup(optimizer_class, params, bucket_bytes, max_grad_norm, norm_type, hyper)
             sig = self._construction_signature()
         except Exception as e:      # reported to every rank below
@@ -145,7 +158,7 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         t = self._template
         return {"class": self._cls.__name__, "rule": self.rule.name,
                 "backend": t.backend.name, "sparse_mode": t.sparse_mode,
-                "bucket_bytes": self._bucket_bytes,
+                "bucket_bytes": self._bucket_bytes, "reuse_grads": self._reuse_grads,
                 "clip": (self._max_grad_norm, self._norm_type),
                 "names": None if t.param_names is None else [repr(n) for n in t.param_names],
                 "params": [(p.shape, p.dtype.str) for p in self._params],
@@ -250,7 +263,6 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         self._place_pieces()
         self._spec_seen = None
         self._shard = {}
-        self._send = self._recv = np.zeros(0, dtype=np.uint8)
         self._allocate_buffers()
         self._scratch = {}
         self._version = 0
@@ -259,9 +271,13 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         self.reset_stats()
 
     def _allocate_buffers(self):
-        """The gradient shard (one per dtype) and the bucket buffers for the current
-        parameters, allocated and touched here (at construction, and when a group is
-        added: only what has to grow), reused by every step."""
+        """The gradient shard (one per dtype; none with ``reuse_grads``) for the
+        current parameters, allocated and touched here (at construction, and when a
+        group is added: only what has to grow), reused by every step.  (No bucket
+        buffers: the gradients are sent from their arrays and the parameters
+        gathered into theirs; the reduce-scatter's receive buffer lives for the
+        step.)"""
+        self._free_plans()
         self._plans = {}
         parts = [_DtypePlan(dt, idxs, self._bounds, self._widths, self._size, self._rank,
                             self._bucket_bytes)
@@ -269,19 +285,13 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         # (one rank without clipping steps on the gradients themselves: no buffers)
         alone = self._size == 1
         for dp in parts:
-            need = 0 if alone and self._max_grad_norm is None else dp.length_me
+            need = 0 if (alone and self._max_grad_norm is None) or self._reuse_grads \
+                else dp.length_me
             old = self._shard.get(dp.dtype.str)
             if old is None or old.size < need:
                 buf = np.empty(need, dtype=dp.gdtype)
                 buf.fill(0)
                 self._shard[dp.dtype.str] = buf
-        nbytes = max([0 if alone else dp.bytes_needed for dp in parts] + [8])
-        nbytes = -(-nbytes // 8) * 8
-        if self._send.nbytes < nbytes:
-            self._send = np.zeros(nbytes, dtype=np.uint8)
-            self._recv = np.zeros(nbytes, dtype=np.uint8)
-            self._send.fill(0)
-            self._recv.fill(0)
 
     def _hyper_of(self, group):
         """The hyperparameters of a group and the rule's group entries (schedule-free's
@@ -689,9 +699,9 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
                        if isinstance(v, np.ndarray)))
 
     def buffer_bytes(self):
-        """Bytes of this rank's communication buffers and gradient shard."""
-        return int(self._send.nbytes + self._recv.nbytes
-                   + sum(b.nbytes for b in self._shard.values())
+        """Bytes of this rank's gradient shard and sparse scratch buffers (kept between
+        steps; the reduce-scatter's receive buffer lives for one step)."""
+        return int(sum(b.nbytes for b in self._shard.values())
                    + sum(b.nbytes for b in self._scratch.values()))
 
     def reset_stats(self):
@@ -715,6 +725,7 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         The optimizer cannot be used afterwards."""
         with self._lock:
             self._agree("close", None, None)
+            self._free_plans()
             self._comm.Free()
             self._broken = "it was closed"
 

@@ -323,6 +323,52 @@ def test_mixed_dtypes_and_default_buckets():
     assert [p.dtype for p in mine] == [np.dtype(d) for d in dts]
 
 
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_reuse_grads_averages_in_the_callers_gradients(clip):
+    """``reuse_grads=True``: the average is formed in the caller's gradient arrays
+    (no gradient shard); gradients it cannot use (non-contiguous, another dtype,
+    read-only) are copied for the step; the result is the same bits as without it."""
+    shapes = [(50, 3), (9,), (4, 4), (), (31,), (6, 5)]
+    dts = [np.float32, np.float64, np.float32, np.float64, np.float32, np.float32]
+    params = init(shapes, dts)
+
+    def local(t, r):
+        g = [dense_grad(s, d, t, r) for s, d in zip(shapes, dts)]
+        g[2] = np.asfortranarray(g[2])                      # not C-contiguous
+        g[4] = g[4].astype(np.float64)                      # another dtype
+        g[5] = g[5].copy()
+        g[5].flags.writeable = False                        # read-only
+        return g
+
+    kw = {"reuse_grads": True, "bucket_bytes": 96}
+    if clip is not None:
+        kw["max_grad_norm"] = clip
+    mine = [p.copy() for p in params]
+    ref_p = [p.copy() for p in params]
+    opt = ShardedOptimizer(fastopt.Adam, mine, **kw)
+    ref = fastopt.Adam(ref_p)
+    ro = []
+    for t in range(4):
+        per_rank = [local(t, r) for r in range(N)]
+        want = [np.array(w) for w in averaged(per_rank, ref_p)]
+        if clip is not None:
+            fastopt.clip_grad_norm_(want, clip)
+        before = per_rank[ME][5].copy()
+        opt.step(per_rank[ME])
+        ref.step(want)
+        ro.append(same(per_rank[ME][5], before))
+    if clip is None:
+        assert_same_params(mine, ref_p)
+    else:                       # the clip norm: the ranks' parts added in rank order
+        assert identical_on_every_rank(mine)
+        for a, b in zip(mine, ref_p):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert all(ro)                                   # a read-only gradient is only read
+    assert opt.buffer_bytes() == 0                   # no gradient shard
+    with pytest.raises(TypeError, match="reuse_grads"):
+        ShardedOptimizer(fastopt.Adam, [np.zeros(3)], reuse_grads=1)
+
+
 def test_large_pieces_take_the_threaded_average():
     shapes = [(300, 700), (5,)]           # >= 65536 elements per rank and bucket
     params = init(shapes, np.float32)
