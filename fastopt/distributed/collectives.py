@@ -4,6 +4,7 @@ gather of sparse rows, and the gradient-norm reduction (see the package docstrin
 "Determinism")."""
 
 import math
+import mmap
 import time
 
 import numpy as np
@@ -171,7 +172,10 @@ class Collectives:
                     views[i] = plan.views[i]
                     own[i] = views[i].reshape(-1)
                     np.copyto(own[i], mine)
-            recv = np.empty(dp.recv_elements, dtype=gdt)
+            # mapped for the step and unmapped after it (not the heap: freed, a heap
+            # block of this size would stay resident)
+            mapping = mmap.mmap(-1, max(1, dp.recv_elements * item))
+            recv = np.frombuffer(mapping, dtype=gdt, count=dp.recv_elements)
             st["pack_s"] += time.perf_counter() - t0
             for k in range(dp.nbuckets):
                 t0 = time.perf_counter()
@@ -201,6 +205,10 @@ class Collectives:
                 st["bytes_received"] += (N - 1) * c * item
                 st["bytes_sent"] += (sum(counts) - c) * item
             del recv
+            try:
+                mapping.close()
+            except BufferError:     # a view still alive: unmapped when it goes
+                pass
         return views
 
     def _gather_types(self, dp):
