@@ -55,6 +55,26 @@ def rss():
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def peak_rss():
+    """Peak resident set size of this process in bytes (``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss():
+    """Reset ``VmHWM`` to the current resident set (Linux >= 4.0: ``clear_refs`` 5);
+    False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def fixed_mmap_threshold():
     """Ask glibc to keep its mmap threshold fixed (128 KiB): large arrays are then
     mapped and unmapped, so a freed array leaves the resident set and the RSS
@@ -130,6 +150,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--bucket-mib", type=float, default=32.0)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--reuse-grads", action="store_true",
+                    help="ShardedOptimizer(reuse_grads=True): average in the gradient arrays")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's mmap threshold dynamic (freed temporaries stay "
+                         "resident, as in a long-running process)")
     ap.add_argument("--threads", type=int, default=0,
                     help="Numba threads per rank (default: CPUs / ranks, at least 1)")
     ap.add_argument("--quick", action="store_true", help="1Mi elements, 3 steps")
@@ -143,7 +168,8 @@ def main(argv=None):
     import numba
     comm = MPI.COMM_WORLD
     me, n = comm.rank, comm.size
-    fixed_mmap_threshold()
+    if not args.default_malloc:
+        fixed_mmap_threshold()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = args.threads or max(1, cpus // n)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
@@ -151,6 +177,7 @@ def main(argv=None):
     rule = rules.RULES[args.rule]
     dtype = np.dtype(args.dtype)
     hyper = {"backend": args.backend}
+    sharded_kw = {"reuse_grads": True} if args.reuse_grads else {}
     bucket = int(args.bucket_mib * MiB)
 
     params = make(int(args.elements), args.tensors, dtype, seed=1)
@@ -171,8 +198,9 @@ def main(argv=None):
 
     bw = mpi_bandwidth(comm, bucket) if n > 1 else {"alltoallv": math.inf,
                                                      "allgatherv": math.inf}
+    reset_peak_rss()
     r0 = rss()
-    opt = ShardedOptimizer(cls, params, bucket_bytes=bucket, **hyper)
+    opt = ShardedOptimizer(cls, params, bucket_bytes=bucket, **sharded_kw, **hyper)
     r1 = rss()
     opt.step(grads)
     r2 = rss()
@@ -183,6 +211,7 @@ def main(argv=None):
         t = time.perf_counter()
         opt.step(grads)
         times.append(time.perf_counter() - t)
+    r3, peak = rss(), peak_rss()
     st = dict(opt.stats)
     k = st["steps"]
     shard_elems = sum((opt.shard_rows(i)[1] - opt.shard_rows(i)[0])
@@ -195,7 +224,9 @@ def main(argv=None):
            "bytes_received_per_step": st["bytes_received"] // k,
            "bytes_sent_per_step": st["bytes_sent"] // k,
            "state_bytes": opt.state_bytes(), "buffer_bytes": opt.buffer_bytes(),
-           "rss_buffers": r1 - r0, "rss_state": r2 - r1}
+           "rss_buffers": r1 - r0, "rss_state": r2 - r1, "rss_growth": r3 - r0,
+           "peak_growth": peak - r0, "step_min_s": float(np.min(times)),
+           "step_max_s": float(np.max(times))}
     rows = comm.gather(row, root=0)
     opt.close()
     del opt
@@ -265,6 +296,11 @@ def main(argv=None):
     with_buffers = max(r["rss_state"] + r["rss_buffers"] for r in rows)
     print(f"state per rank / single-process state (RSS): {worst / s['rss_state']:.3f}; "
           f"with the buffers: {with_buffers / s['rss_state']:.3f}")
+    for r in rows:
+        print(f"rank {r['rank']}: RSS growth over construction and {args.steps + 1} steps "
+              f"{r['rss_growth'] / MiB:.1f} MiB, peak {r['peak_growth'] / MiB:.1f} MiB; step "
+              f"min {1e3 * r['step_min_s']:.1f} / median {1e3 * r['step_s']:.1f} / max "
+              f"{1e3 * r['step_max_s']:.1f} ms")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -347,13 +347,6 @@ def test_every_backend_class_has_the_factored_feature():
     assert set(backends.capable("factored")) >= {"numba", "numpy"}
 
 
-def test_sharded_optimizer_refused():
-    pytest.importorskip("mpi4py")
-    from fastopt.distributed import ShardedOptimizer
-    with pytest.raises(NotImplementedError, match="Adafactor"):
-        ShardedOptimizer(fastopt.Adafactor, [np.ones((4, 4))])
-
-
 @pytest.mark.parametrize("bad", [
     {"lr": -1e-3}, {"beta2_decay": 0.1}, {"eps": (-1e-3, 1e-3)}, {"eps": (None, -1.0)},
     {"d": 0.0}, {"d": 0.5}, {"weight_decay": -0.1}])

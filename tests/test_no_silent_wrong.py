@@ -349,7 +349,7 @@ def test_serial_kernels_never_load_a_cached_parallel_build(tmp_path):
         from fastopt import clip
         from fastopt.distributed import collectives
         clip._block_sums(np.ones(300_000, np.float32), 2.0)
-        collectives._mean_parallel(np.ones(20_000), 2, 10_000, np.empty(10_000))
+        collectives._mean_parallel(np.ones(10_000), 2, 0, 10_000, 0, np.ones(10_000))
     """)
     use = textwrap.dedent("""
         import os, sys, numpy as np, fastopt
@@ -359,8 +359,8 @@ def test_serial_kernels_never_load_a_cached_parallel_build(tmp_path):
         pid = os.fork()
         if pid == 0:
             fastopt.clip_grad_norm_([np.ones(300_000, np.float32)], 1.0)
-            out = np.empty(10_000)
-            collectives._mean_serial(np.ones(20_000), 2, 10_000, out)
+            out = np.ones(10_000)
+            collectives._mean_serial(np.ones(10_000), 2, 0, 10_000, 0, out)
             os._exit(0 if out[0] == 1.0 else 3)
         _, status = os.waitpid(pid, 0)
         sys.exit(os.waitstatus_to_exitcode(status))

@@ -33,13 +33,19 @@ option correct without special cases: element-wise rules do not care, ``RowWiseA
 and ``max_norm`` need whole rows, and a row-sparse gradient is cut by row ownership.
 The price is balance: the ranks' shares differ by at most the largest row (a
 parameter of shape ``(1, n)`` cannot be split; pass it as 1-D for that).
+A factored rule (Adafactor) reads row/column sums and RMS of whole tensors: each
+parameter is owned whole by one rank instead (balanced by cost, largest first;
+``layout._owner_bounds``), its bounds ``[0, .., 0, rows, .., rows]``.
 
-A dense step: the local gradients are copied into fixed buckets of at most
-``bucket_bytes`` (default 32 MiB; each bucket holds ``bucket_bytes / N`` bytes of
-every rank's range), exchanged with ``Alltoallv`` and summed (the reduce-scatter),
-the rank steps its shard, then the updated shards are all-gathered bucket by bucket
-(``Allgatherv``) into every rank's parameters.  The send and receive buffers are
-allocated once and reused; so is the gradient shard (``1/N`` of the gradient bytes).
+A dense step: in buckets of at most ``bucket_bytes`` (default 32 MiB; each bucket
+carries ``bucket_bytes / N`` bytes of every rank's range) each rank sends every rank
+its rows straight from the gradient arrays (``Alltoallw`` with MPI struct datatypes:
+no pack copy) and receives the other ranks' pieces of its own rows into a buffer
+mapped for the step; they are summed (the reduce-scatter) in place over its own rows
+-- in the gradient shard (``1/N`` of the gradient bytes, allocated once), or with
+``reuse_grads=True`` in the caller's gradient arrays (no shard) -- the rank steps its
+shard, then one ``Alltoallw`` per dtype all-gathers the updated rows from the
+parameters into the parameters (struct datatypes made once: no buffer, no copy).
 Each rank receives ``2 (N - 1) / N`` times the stepped parameters' bytes per step.
 
 A row-sparse step (:class:`fastopt.RowSparse`, scipy.sparse): each rank sends its

@@ -95,7 +95,7 @@ class Checkpoints:
         kind = self._state_kind(k)
         if kind == "aux":
             return p.shape
-        shape = self.rule.slot_shape(p.shape)
+        shape = self.rule.slot_shape(p.shape, k)
         if kind == "scale":
             r, nb, _ = storage.q8_blocks(shape)
             return (r * nb,)
@@ -105,14 +105,19 @@ class Checkpoints:
         """``[lo, hi)``: the flat elements of the whole parameter's state array ``k``
         that rank ``r``'s piece holds.  Slots and aux arrays: the piece's rows.
         8-bit scales: the blocks of those rows (a 1-D parameter is one row cut at
-        block multiples, so its pieces' blocks are the whole parameter's)."""
+        block multiples, so its pieces' blocks are the whole parameter's).  A
+        factored rule's slots (``row_var``, ``col_var``, ``variance``, whose shapes
+        are not the parameter's): all of them on the rank that owns the whole
+        parameter, none elsewhere."""
         b = self._bounds[i]
         r0, r1 = int(b[r]), int(b[r + 1])
         if r1 == r0:
             return 0, 0
         kind = self._state_kind(k)
         shape = self._params[i].shape if kind == "aux" else \
-            self.rule.slot_shape(self._params[i].shape)
+            self.rule.slot_shape(self._params[i].shape, k)
+        if self.rule.factored:
+            return 0, int(np.prod(shape, dtype=np.int64))
         if kind == "scale":
             if len(shape) <= 1:
                 return r0 // storage.Q8_BLOCK, -(-r1 // storage.Q8_BLOCK)
@@ -256,8 +261,14 @@ class Checkpoints:
                     lo, hi = self._state_range(i, k, me)
                     kind = self._state_kind(k)
                     shape = (hi - lo,) if kind == "scale" else piece.shape if kind == "aux" \
-                        else self.rule.slot_shape(piece.shape)
-                    d[k] = v.reshape(-1)[lo:hi].reshape(shape)
+                        else self.rule.slot_shape(piece.shape, k)
+                    if hi == lo and int(np.prod(shape, dtype=np.int64)):
+                        # a factored slot of a piece without rows (``col_var`` (1, C)
+                        # of an empty (0, C) piece: another rank owns the matrix): the
+                        # zeros the inner optimizer allocates there, never read
+                        d[k] = np.zeros(shape, dtype=v.dtype)
+                    else:
+                        d[k] = v.reshape(-1)[lo:hi].reshape(shape)
                 else:
                     d[k] = v
             state[i] = d

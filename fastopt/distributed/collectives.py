@@ -4,6 +4,7 @@ gather of sparse rows, and the gradient-norm reduction (see the package docstrin
 "Determinism")."""
 
 import math
+import mmap
 import time
 
 import numpy as np
@@ -26,33 +27,42 @@ def _make_mean_of_pieces(parallel):
     entry (see ``fastopt.clip._make_block_sums``); compiled on first call."""
     PARALLEL = bool(parallel)
 
-    def mean_of_pieces(recv, nranks, count, out):
+    def mean_of_pieces(recv, nranks, me, count, pos, own):
         par = PARALLEL  # noqa: F841  (in the cache key)
-        _mean_of_pieces_body(recv, nranks, count, out)
+        _mean_of_pieces_body(recv, nranks, me, count, pos, own)
     return njit(parallel=PARALLEL, cache=True, nogil=True)(mean_of_pieces)
 
 
 @register_jitable(inline="always")
-def _mean_of_pieces_body(recv, nranks, count, out):
-    """``out[j] = (recv[j] + recv[count + j] + ...) / nranks``: the ``nranks``
-    pieces of ``count`` elements added in rank order in float64, divided once and
-    rounded once to ``out``'s dtype.  Blocks of 4096 elements with a float64
-    accumulator, so that the loops over elements vectorize; every element is
-    computed the same way whatever the blocks and threads."""
+def _mean_of_pieces_body(recv, nranks, me, count, pos, own):
+    """The average in place over this rank's own piece: ``own[j] = (x_0[j] + x_1[j]
+    + ... + x_{N-1}[j]) / nranks`` where ``x_me`` is ``own`` itself and ``x_r`` (r !=
+    me) is ``recv[s * count + pos:][:own.size]``, ``s`` = r (r < me) or r - 1 (the
+    other ranks' pieces of ``count`` elements, in rank order, without this rank's).
+    Added in rank order in float64, divided once and rounded once to ``own``'s
+    dtype.  Blocks of 4096 elements with a float64 accumulator, so that the loops
+    over elements vectorize; every element is computed the same way whatever the
+    blocks and threads."""
     B = 4096
-    nb = (count + B - 1) // B
+    total = own.shape[0]
+    nb = (total + B - 1) // B
     for b in prange(nb):
         lo = b * B
-        n = min(B, count - lo)
+        n = min(B, total - lo)
         acc = np.empty(B, dtype=np.float64)
-        src = recv[lo:lo + n]
-        for j in range(n):
-            acc[j] = src[j]
-        for r in range(1, nranks):
-            src = recv[r * count + lo:r * count + lo + n]
-            for j in range(n):
-                acc[j] += src[j]
-        dst = out[lo:lo + n]
+        for r in range(nranks):
+            if r == me:
+                src = own[lo:lo + n]
+            else:
+                s = r if r < me else r - 1
+                src = recv[s * count + pos + lo:s * count + pos + lo + n]
+            if r == 0:
+                for j in range(n):
+                    acc[j] = src[j]
+            else:
+                for j in range(n):
+                    acc[j] += src[j]
+        dst = own[lo:lo + n]
         for j in range(n):
             dst[j] = acc[j] / nranks
 
@@ -76,11 +86,27 @@ def _coalesced_mean(vals, order, seg, nranks, out):
             out[u, j] = s / nranks
 
 
-def _mean_of_pieces(recv, nranks, count, out):
-    if count >= _PARALLEL_MIN and may_use_threads():
-        _mean_parallel(recv, nranks, count, out)
+def _mean_of_pieces(recv, nranks, me, count, pos, own):
+    if own.size >= _PARALLEL_MIN and may_use_threads():
+        _mean_parallel(recv, nranks, me, count, pos, own)
     else:
-        _mean_serial(recv, nranks, count, out)
+        _mean_serial(recv, nranks, me, count, pos, own)
+
+
+def _struct(MPI, segments):
+    """A committed MPI struct datatype of ``segments`` ((address, count, basic MPI
+    datatype), absolute addresses: used with ``MPI.BOTTOM``), or None when empty."""
+    if not segments:
+        return None
+    return MPI.Datatype.Create_struct([n for _, n, _ in segments],
+                                      [a for a, _, _ in segments],
+                                      [t for _, _, t in segments]).Commit()
+
+
+def _free(types):
+    for t in types:
+        if t is not None:
+            t.Free()
 
 
 class Collectives:
@@ -90,76 +116,148 @@ class Collectives:
     def _mpi(self, dtype):
         return self._dtlib.from_numpy_dtype(np.dtype(dtype))
 
+    def _grad_source(self, g, gdtype):
+        """The flat gradient array a rank sends from: ``g`` itself when it is
+        C-contiguous in the gradient dtype (and, with ``reuse_grads``, writeable),
+        else a converted copy (transient, this step's)."""
+        ok = g.dtype == gdtype and g.flags.c_contiguous and \
+            (g.flags.writeable or not self._reuse_grads)
+        return (g if ok else np.array(g, dtype=gdtype, order="C")).reshape(-1)
+
     def _reduce_scatter(self, plan, dense):
-        """The averaged gradient of this rank's pieces: {param: view of the gradient
-        shard}.  (One rank: the gradients themselves, converted to the parameter's
-        dtype and layout where needed, or copied when clipping will scale them.)"""
+        """The averaged gradient of this rank's pieces: {param: array of its rows}.
+
+        Every rank sends each rank's rows of its local gradients straight from the
+        gradient arrays (an MPI struct datatype per destination and bucket, no pack
+        copy) and receives the other ranks' pieces of its own rows into a buffer of
+        ``(N - 1) x`` one bucket's share, allocated for the step; the average is formed
+        in place over its own rows: in the gradient shard (a copy of its own rows
+        first), or, with ``reuse_grads``, in the caller's gradient arrays themselves.
+        (One rank: the gradients themselves, converted to the parameter's dtype and
+        layout where needed, or copied when clipping will scale them.)"""
         N, me, comm, st = self._size, self._rank, self._comm, self.stats
+        reuse = self._reuse_grads
         if N == 1:
             t0 = time.perf_counter()
             out = {}
             for i, g in dense.items():
                 p = self._params[i]
+                gdt = _grad_dtype(p.dtype)
                 if self._max_grad_norm is None:
-                    out[i] = np.asarray(g, dtype=_grad_dtype(p.dtype), order="C")
+                    out[i] = np.asarray(g, dtype=gdt, order="C")
+                elif reuse:
+                    out[i] = self._grad_source(g, gdt).reshape(p.shape)
                 else:
                     out[i] = plan.views[i]
                     np.copyto(out[i], g, casting="same_kind")
             st["pack_s"] += time.perf_counter() - t0
             return out
-        gflat = {i: (g if g.flags.c_contiguous else np.ascontiguousarray(g)).reshape(-1)
-                 for i, g in dense.items()}
+        MPI = self._MPI
+        views = {}
         for dp in plan.parts:
-            mt = self._mpi(dp.gdtype)
-            item = dp.gdtype.itemsize
-            send = self._send.view(dp.gdtype)
-            recv = self._recv.view(dp.gdtype)
-            shard = self._shard[dp.dtype.str]
+            t0 = time.perf_counter()
+            gdt = dp.gdtype
+            mt = self._mpi(gdt)
+            item = gdt.itemsize
+            src, addr, own = {}, {}, {}
+            for i in dp.idxs:
+                src[i] = self._grad_source(dense[i], gdt)
+                addr[i] = src[i].ctypes.data
+                b, w = self._bounds[i], self._widths[i]
+                mine = src[i][int(b[me]) * w:int(b[me + 1]) * w]
+                if reuse:
+                    own[i] = mine
+                    views[i] = mine.reshape(self._pieces[i].shape)
+                else:
+                    views[i] = plan.views[i]
+                    own[i] = views[i].reshape(-1)
+                    np.copyto(own[i], mine)
+            # mapped for the step and unmapped after it (not the heap: freed, a heap
+            # block of this size would stay resident)
+            mapping = mmap.mmap(-1, max(1, dp.recv_elements * item))
+            recv = np.frombuffer(mapping, dtype=gdt, count=dp.recv_elements)
+            st["pack_s"] += time.perf_counter() - t0
             for k in range(dp.nbuckets):
                 t0 = time.perf_counter()
-                counts, displs = dp.counts[k], dp.displs[k]
+                counts = dp.counts[k]
                 c = counts[me]
-                for i, first, pos, n in dp.pack[k]:
-                    np.copyto(send[pos:pos + n], gflat[i][first:first + n], casting="same_kind")
+                stypes = [None if r == me else
+                          _struct(MPI, [(addr[i] + first * item, n, mt)
+                                        for i, first, n in dp.send[k][r]])
+                          for r in range(N)]
+                scounts = [0 if t is None else 1 for t in stypes]
+                rcounts = [0 if r == me else c for r in range(N)]
+                rdispls = [(r if r < me else r - 1) * c * item if r != me else 0
+                           for r in range(N)]
                 t1 = time.perf_counter()
-                comm.Alltoallv([send, (counts, displs), mt],
-                               [recv, ([c] * N, [r * c for r in range(N)]), mt])
+                comm.Alltoallw([MPI.BOTTOM, (scounts, [0] * N),
+                                [MPI.BYTE if t is None else t for t in stypes]],
+                               [recv, (rcounts, rdispls), [mt] * N])
                 t2 = time.perf_counter()
-                if c:
-                    lo = k * dp.b
-                    _mean_of_pieces(recv, N, c, shard[lo:lo + c])
+                _free(stypes)
+                for i, first, pos, n in dp.mine[k]:
+                    o = first - int(self._bounds[i][me]) * self._widths[i]
+                    _mean_of_pieces(recv, N, me, c, pos, own[i][o:o + n])
                 t3 = time.perf_counter()
                 st["pack_s"] += t1 - t0
                 st["comm_s"] += t2 - t1
                 st["reduce_s"] += t3 - t2
                 st["bytes_received"] += (N - 1) * c * item
                 st["bytes_sent"] += (sum(counts) - c) * item
-        return plan.views
+            del recv
+            try:
+                mapping.close()
+            except BufferError:     # a view still alive: unmapped when it goes
+                pass
+        return views
 
-    def _all_gather(self, plan):
-        me, comm, st = self._rank, self._comm, self.stats
-        for dp in plan.parts:
+    def _gather_types(self, dp):
+        """The all-gather's MPI datatypes of a plan part, made once (the parameters
+        do not move): what this rank sends (its rows of every parameter) and, per
+        rank, where that rank's rows go (struct datatypes of absolute addresses)."""
+        if dp.gather_types is None:
+            MPI, me = self._MPI, self._rank
             mt = self._mpi(dp.pdtype)
             item = dp.pdtype.itemsize
-            send = self._send.view(dp.pdtype)
-            recv = self._recv.view(dp.pdtype)
-            for k in range(dp.nbuckets):
-                t0 = time.perf_counter()
-                counts, displs = dp.counts[k], dp.displs[k]
-                c = counts[me]
-                for i, first, pos, n in dp.mine[k]:
-                    send[pos:pos + n] = self._pflat[i][first:first + n]
-                t1 = time.perf_counter()
-                comm.Allgatherv([send, c, mt], [recv, (counts, displs), mt])
-                t2 = time.perf_counter()
-                for i, first, pos, n in dp.unpack[k]:
-                    self._pflat[i][first:first + n] = recv[pos:pos + n]
-                t3 = time.perf_counter()
-                st["pack_s"] += (t1 - t0) + (t3 - t2)
-                st["comm_s"] += t2 - t1
-                others = sum(counts) - c
-                st["bytes_received"] += others * item
-                st["bytes_sent"] += others * item      # ring model: each rank forwards
+
+            def of(segs):
+                return _struct(MPI, [(self._pflat[i].ctypes.data + first * item, n, mt)
+                                     for i, first, n, _ in segs])
+            mine = of(dp.segs[me])
+            dp.gather_types = (mine, [None if r == me else of(dp.segs[r])
+                                      for r in range(self._size)])
+        return dp.gather_types
+
+    def _all_gather(self, plan):
+        """Every rank's updated rows to every rank: one ``Alltoallw`` per dtype, from
+        the parameters into the parameters (struct datatypes, no buffer, no copy)."""
+        me, comm, st, N, MPI = self._rank, self._comm, self.stats, self._size, self._MPI
+        for dp in plan.parts:
+            t0 = time.perf_counter()
+            mine, theirs = self._gather_types(dp)
+            scounts = [0 if r == me or mine is None else 1 for r in range(N)]
+            rcounts = [0 if t is None else 1 for t in theirs]
+            stypes = [MPI.BYTE if mine is None else mine] * N
+            rtypes = [MPI.BYTE if t is None else t for t in theirs]
+            t1 = time.perf_counter()
+            comm.Alltoallw([MPI.BOTTOM, (scounts, [0] * N), stypes],
+                           [MPI.BOTTOM, (rcounts, [0] * N), rtypes])
+            t2 = time.perf_counter()
+            st["pack_s"] += t1 - t0
+            st["comm_s"] += t2 - t1
+            item = dp.pdtype.itemsize
+            others = sum(dp.lengths) - dp.length_me
+            st["bytes_received"] += others * item
+            st["bytes_sent"] += others * item      # ring model: each rank forwards
+
+    def _free_plans(self):
+        """Free the MPI datatypes of the cached plans (before they are dropped)."""
+        for plan in getattr(self, "_plans", {}).values():
+            for dp in plan.parts:
+                if dp.gather_types is not None:
+                    mine, theirs = dp.gather_types
+                    _free([mine, *theirs])
+                    dp.gather_types = None
 
     def _gather_all_params(self):
         """All-gather every parameter (after an exact-mode flush)."""

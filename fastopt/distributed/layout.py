@@ -63,6 +63,41 @@ def _row_bounds(params, nranks, granules=None):
     return bounds
 
 
+#: the cost of one whole tensor beyond its elements, in elements (the host work and
+#: the kernel launches between a factored tensor's passes), for :func:`_owner_bounds`
+TENSOR_COST = 4096
+
+
+def _owner_bounds(params, nranks, loads=None):
+    """Per parameter, int64 (nranks + 1,) bounds that give each parameter *whole* to
+    one rank (its owner owns rows ``[0, rows)``, every other rank none): the
+    ownership of a rule that updates whole tensors from their own reductions
+    (Adafactor's row and column sums and RMS).
+
+    Balanced by cost, largest first (LPT): the parameters in order of decreasing
+    cost (``numel + TENSOR_COST``; ties by index) each go to the rank with the least
+    cost so far (ties: the lowest rank), starting from ``loads`` (per rank, the cost
+    already owned; default zeros).  Deterministic: every rank computes the same
+    owners.  The largest rank's cost is at most the mean plus the largest
+    tensor's cost.  Parameters without elements belong to rank 0 (nobody steps
+    them).  Returns (bounds, owners, new loads)."""
+    load = [0] * nranks if loads is None else list(loads)
+    cost = [int(p.size) + TENSOR_COST if p.size else 0 for p in params]
+    owners = [0] * len(params)
+    for i in sorted(range(len(params)), key=lambda i: (-cost[i], i)):
+        if cost[i] == 0:
+            continue
+        r = min(range(nranks), key=lambda r: (load[r], r))
+        owners[i] = r
+        load[r] += cost[i]
+    bounds = []
+    for p, r in zip(params, owners):
+        b = np.zeros(nranks + 1, dtype=np.int64)
+        b[r + 1:] = _rows_and_width(p)[0]
+        bounds.append(b)
+    return bounds, owners, load
+
+
 def _grad_dtype(dtype):
     """The dtype gradients of a parameter of ``dtype`` are averaged and stepped in:
     float32 for bfloat16 parameters, else the parameter's dtype."""
@@ -131,27 +166,21 @@ class _DtypePlan:
             b = bounds[i]
             self.my_offsets[i] = off
             off += int(b[me + 1] - b[me]) * widths[i]
-        self.counts, self.displs = [], []
-        self.pack, self.mine, self.unpack = [], [], []
+        self.segs = segs
+        self.counts = []
+        self.send, self.mine = [], []
         for k in range(self.nbuckets):
             lo = k * b_
             counts = [max(0, min(b_, L - lo)) for L in lengths]
-            displs = [0] * nranks
-            for r in range(1, nranks):
-                displs[r] = displs[r - 1] + counts[r - 1]
             self.counts.append(counts)
-            self.displs.append(displs)
-            pack, unpack = [], []
-            for r in range(nranks):
-                for i, first, pos, n in _window(segs[r], lo, lo + counts[r]):
-                    pack.append((i, first, displs[r] + pos, n))
-                    if r == me:
-                        continue
-                    unpack.append((i, first, displs[r] + pos, n))
-            self.pack.append(pack)
-            self.unpack.append(unpack)
+            # what this rank sends to each rank in bucket k: (param, first element,
+            # count), and the windows of its own rows (param, first, position, count)
+            self.send.append([[(i, first, n) for i, first, _, n in
+                               _window(segs[r], lo, lo + counts[r])] for r in range(nranks)])
             self.mine.append(list(_window(segs[me], lo, lo + counts[me])))
-        self.bytes_needed = nranks * b_ * item
+        #: the reduce-scatter's receive buffer: the other ranks' pieces of one bucket
+        self.recv_elements = (nranks - 1) * b_
+        self.gather_types = None        # the all-gather's MPI datatypes (made on use)
 
 
 def _window(segs, lo, hi):

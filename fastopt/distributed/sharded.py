@@ -18,8 +18,8 @@ from ..sparse import RowSparse, checked_rows, is_sparse
 from .agreement import Agreement, _digest
 from .checkpoints import Checkpoints
 from .collectives import Collectives
-from .layout import (_DensePlan, _DtypePlan, _by_dtype, _grad_dtype, _piece, _row_bounds,
-                     _rows_and_width, _wire)
+from .layout import (_DensePlan, _DtypePlan, _by_dtype, _grad_dtype, _owner_bounds, _piece,
+                     _row_bounds, _rows_and_width, _wire)
 
 #: default size of one communication bucket
 DEFAULT_BUCKET_BYTES = 32 << 20
@@ -43,8 +43,9 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
             parameters (same shapes, dtypes, groups and hyperparameters).
         comm: an mpi4py intracommunicator (default ``MPI.COMM_WORLD``); it is
             duplicated, so this optimizer's messages never mix with the caller's.
-        bucket_bytes: size of one communication bucket (default 32 MiB).  The send
-            and receive buffers are at most this size each, allocated once.
+        bucket_bytes: size of one communication bucket (default 32 MiB): each
+            reduce-scatter call carries at most this many bytes of every rank's
+            gradients; its receive buffer, ``(N - 1) / N`` of it, lives for the step.
         max_grad_norm: clip the averaged gradient to this total norm (over all
             parameters and ranks) before each update; None (default): no clipping.
         norm_type: the norm of ``max_grad_norm`` (2, 1, ..., or ``inf``).
@@ -52,6 +53,14 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
             same call before raising :class:`DistributedError` (default
             ``DEFAULT_TIMEOUT``, 1800 s; None: wait forever); also the settable
             attribute ``timeout``.
+        reuse_grads: False (default): the averaged gradient of this rank's rows is
+            formed in a gradient shard the optimizer keeps (``1/N`` of the gradient
+            bytes), and the local gradients are only read.  True: it is formed in
+            the caller's gradient arrays themselves, over this rank's rows (as DDP
+            averages ``.grad`` in place), and no shard is kept: the gradients'
+            contents after a step are unspecified, and they must not overlap each
+            other or the parameters.  Gradients that are not C-contiguous,
+            writeable and of the gradient dtype are copied for the step instead.
         **hyper: the class's hyperparameters, fused options, ``backend`` (a CPU
             backend) and ``sparse_mode``, as for the class.
 
@@ -62,7 +71,8 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
     """
 
     def __init__(self, optimizer_class, params, comm=None, *, bucket_bytes=DEFAULT_BUCKET_BYTES,
-                 max_grad_norm=None, norm_type=2.0, timeout=DEFAULT_TIMEOUT, **hyper):
+                 max_grad_norm=None, norm_type=2.0, timeout=DEFAULT_TIMEOUT,
+                 reuse_grads=False, **hyper):
         try:
             from mpi4py import MPI
         except ImportError as e:
@@ -87,6 +97,9 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         err, sig = None, None
         try:
             self.timeout = timeout
+            if not isinstance(reuse_grads, (bool, np.bool_)):
+                raise TypeError(f"reuse_grads must be True or False, got {reuse_grads!r}")
+            self._reuse_grads = bool(reuse_grads)
             self._setup(optimizer_class, params, bucket_bytes, max_grad_norm, norm_type, hyper)
             sig = self._construction_signature()
         except Exception as e:      # reported to every rank below
@@ -125,13 +138,6 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         # the full optimizer on every rank: it validates everything as the single
         # process would, holds the user-visible param_groups, never steps and never
         # holds state (except transiently inside load_state_dict)
-        rule = getattr(optimizer_class, "rule", None)
-        if rule is not None and rule.factored:
-            raise NotImplementedError(
-                f"ShardedOptimizer does not support {rule.name} yet: its factored state "
-                "(row_var, col_var) needs row and column sums of whole matrices, and the "
-                "flat element shards cut matrices at arbitrary points; use the optimizer "
-                "on one process")
         self._template = optimizer_class(params, **hyper)
         t = self._template
         if t.backend.memory != "host":
@@ -152,7 +158,7 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         t = self._template
         return {"class": self._cls.__name__, "rule": self.rule.name,
                 "backend": t.backend.name, "sparse_mode": t.sparse_mode,
-                "bucket_bytes": self._bucket_bytes,
+                "bucket_bytes": self._bucket_bytes, "reuse_grads": self._reuse_grads,
                 "clip": (self._max_grad_norm, self._norm_type),
                 "names": None if t.param_names is None else [repr(n) for n in t.param_names],
                 "params": [(p.shape, p.dtype.str) for p in self._params],
@@ -207,6 +213,18 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
                 k += 1
         return out
 
+    def _cut(self, params, granules):
+        """The bounds of ``params`` (new parameters): cut by rows
+        (:func:`~fastopt.distributed.layout._row_bounds`), or, for a factored rule
+        (Adafactor), each given whole to one rank, balanced by cost with the
+        parameters already owned (:func:`~fastopt.distributed.layout._owner_bounds`):
+        its row and column sums and RMS are those of the whole tensor, so each
+        tensor is computed as the single process computes it."""
+        if self.rule.factored:
+            bounds, _, self._loads = _owner_bounds(params, self._size, self._loads)
+            return bounds
+        return _row_bounds(params, self._size, granules)
+
     def _inner_group(self, g, pieces):
         """The inner optimizer's group of the pieces of template group ``g``: its
         hyperparameters and storage options."""
@@ -225,7 +243,8 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         n = len(self._params)
         self._names = t.param_names
         self._blocked = self._granules()
-        self._bounds = _row_bounds(self._params, self._size, self._blocked)
+        self._loads = None
+        self._bounds = self._cut(self._params, self._blocked)
         self._widths = [_rows_and_width(p)[1] for p in self._params]
         self._nrows = [_rows_and_width(p)[0] for p in self._params]
         me = self._rank
@@ -244,7 +263,6 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         self._place_pieces()
         self._spec_seen = None
         self._shard = {}
-        self._send = self._recv = np.zeros(0, dtype=np.uint8)
         self._allocate_buffers()
         self._scratch = {}
         self._version = 0
@@ -253,9 +271,13 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         self.reset_stats()
 
     def _allocate_buffers(self):
-        """The gradient shard (one per dtype) and the bucket buffers for the current
-        parameters, allocated and touched here (at construction, and when a group is
-        added: only what has to grow), reused by every step."""
+        """The gradient shard (one per dtype; none with ``reuse_grads``) for the
+        current parameters, allocated and touched here (at construction, and when a
+        group is added: only what has to grow), reused by every step.  (No bucket
+        buffers: the gradients are sent from their arrays and the parameters
+        gathered into theirs; the reduce-scatter's receive buffer lives for the
+        step.)"""
+        self._free_plans()
         self._plans = {}
         parts = [_DtypePlan(dt, idxs, self._bounds, self._widths, self._size, self._rank,
                             self._bucket_bytes)
@@ -263,19 +285,13 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         # (one rank without clipping steps on the gradients themselves: no buffers)
         alone = self._size == 1
         for dp in parts:
-            need = 0 if alone and self._max_grad_norm is None else dp.length_me
+            need = 0 if (alone and self._max_grad_norm is None) or self._reuse_grads \
+                else dp.length_me
             old = self._shard.get(dp.dtype.str)
             if old is None or old.size < need:
                 buf = np.empty(need, dtype=dp.gdtype)
                 buf.fill(0)
                 self._shard[dp.dtype.str] = buf
-        nbytes = max([0 if alone else dp.bytes_needed for dp in parts] + [8])
-        nbytes = -(-nbytes // 8) * 8
-        if self._send.nbytes < nbytes:
-            self._send = np.zeros(nbytes, dtype=np.uint8)
-            self._recv = np.zeros(nbytes, dtype=np.uint8)
-            self._send.fill(0)
-            self._recv.fill(0)
 
     def _hyper_of(self, group):
         """The hyperparameters of a group and the rule's group entries (schedule-free's
@@ -447,7 +463,7 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         me = self._rank
         gran = self._granules(n0)
         self._blocked.extend(gran)
-        bounds = _row_bounds(new, self._size, gran)
+        bounds = self._cut(new, gran)
         pieces = [_piece(p, int(b[me]), int(b[me + 1])) for p, b in zip(new, bounds)]
         self._params.extend(new)
         self._bounds.extend(bounds)
@@ -683,9 +699,9 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
                        if isinstance(v, np.ndarray)))
 
     def buffer_bytes(self):
-        """Bytes of this rank's communication buffers and gradient shard."""
-        return int(self._send.nbytes + self._recv.nbytes
-                   + sum(b.nbytes for b in self._shard.values())
+        """Bytes of this rank's gradient shard and sparse scratch buffers (kept between
+        steps; the reduce-scatter's receive buffer lives for one step)."""
+        return int(sum(b.nbytes for b in self._shard.values())
                    + sum(b.nbytes for b in self._scratch.values()))
 
     def reset_stats(self):
@@ -709,6 +725,7 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         The optimizer cannot be used afterwards."""
         with self._lock:
             self._agree("close", None, None)
+            self._free_plans()
             self._comm.Free()
             self._broken = "it was closed"
 

@@ -220,8 +220,6 @@ def variant_cases():
     are what a 3-rank run on 2 CPUs waits on (tests/test_distributed.py)."""
     out = []
     for name, rule in rules.RULES.items():
-        if rule.factored:         # refused by ShardedOptimizer (tests/test_adafactor.py)
-            continue
         for k in range(len(rule.variants)):
             if k == 0 or name == REFERENCE_RULE:
                 for dt, tag in ((np.float32, "f32"), (np.float64, "f64")):
@@ -323,6 +321,52 @@ def test_mixed_dtypes_and_default_buckets():
     mine, ref, opt, _, _ = run_pair(fastopt.Adam, params, {"amsgrad": True}, local, 5)
     assert_same_params(mine, ref)
     assert [p.dtype for p in mine] == [np.dtype(d) for d in dts]
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_reuse_grads_averages_in_the_callers_gradients(clip):
+    """``reuse_grads=True``: the average is formed in the caller's gradient arrays
+    (no gradient shard); gradients it cannot use (non-contiguous, another dtype,
+    read-only) are copied for the step; the result is the same bits as without it."""
+    shapes = [(50, 3), (9,), (4, 4), (), (31,), (6, 5)]
+    dts = [np.float32, np.float64, np.float32, np.float64, np.float32, np.float32]
+    params = init(shapes, dts)
+
+    def local(t, r):
+        g = [dense_grad(s, d, t, r) for s, d in zip(shapes, dts)]
+        g[2] = np.asfortranarray(g[2])                      # not C-contiguous
+        g[4] = g[4].astype(np.float64)                      # another dtype
+        g[5] = g[5].copy()
+        g[5].flags.writeable = False                        # read-only
+        return g
+
+    kw = {"reuse_grads": True, "bucket_bytes": 96}
+    if clip is not None:
+        kw["max_grad_norm"] = clip
+    mine = [p.copy() for p in params]
+    ref_p = [p.copy() for p in params]
+    opt = ShardedOptimizer(fastopt.Adam, mine, **kw)
+    ref = fastopt.Adam(ref_p)
+    ro = []
+    for t in range(4):
+        per_rank = [local(t, r) for r in range(N)]
+        want = [np.array(w) for w in averaged(per_rank, ref_p)]
+        if clip is not None:
+            fastopt.clip_grad_norm_(want, clip)
+        before = per_rank[ME][5].copy()
+        opt.step(per_rank[ME])
+        ref.step(want)
+        ro.append(same(per_rank[ME][5], before))
+    if clip is None:
+        assert_same_params(mine, ref_p)
+    else:                       # the clip norm: the ranks' parts added in rank order
+        assert identical_on_every_rank(mine)
+        for a, b in zip(mine, ref_p):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert all(ro)                                   # a read-only gradient is only read
+    assert opt.buffer_bytes() == 0                   # no gradient shard
+    with pytest.raises(TypeError, match="reuse_grads"):
+        ShardedOptimizer(fastopt.Adam, [np.zeros(3)], reuse_grads=1)
 
 
 def test_large_pieces_take_the_threaded_average():
@@ -879,6 +923,59 @@ def test_resume_checkpoints_of_other_world_sizes():
             assert back["state"][1]["step"] == 6      # "s": dense, stepped 6 times
             open(os.path.join(SHARED_DIR, f"resumed_w{w}_in_w{N}"), "w").close()
         COMM.Barrier()
+
+
+def test_factored_whole_tensors_balanced_and_resumed():
+    """Adafactor: each tensor (matrices, a stack, vectors, a scalar) is owned whole by
+    one rank, balanced by cost; the step equals the single process's bit for bit;
+    the consolidated state carries ``row_var``/``col_var``/``variance`` in their
+    real shapes and resumes bit for bit in every smaller world (re-sharded)."""
+    shapes = [(64, 48), (33, 17), (3, 20, 9), (40,), (), (16, 16), (8, 1)]
+    hyper = {"lr": 0.05, "weight_decay": 0.01}
+    params = init(shapes, np.float32, seed=3)
+
+    def local(t, r):
+        return [dense_grad(s, np.float32, t, r, seed=4) for s in shapes]
+
+    mine, ref, opt, refopt, _ = run_pair(fastopt.Adafactor, params, hyper, local, 3,
+                                         sharded_kw={"bucket_bytes": 1024})
+    owners = [[r for r, (lo, hi) in enumerate(COMM.allgather(opt.shard_rows(i))) if hi > lo]
+              for i in range(len(shapes))]
+    loads = [0] * N
+    for i, o in enumerate(owners):
+        loads[o[0]] += int(np.prod(shapes[i], dtype=np.int64))
+    sd = COMM.bcast(opt.consolidated_state_dict(to=0), root=0)
+    want = refopt.state_dict()
+    now = [p.copy() for p in mine]
+    checks = []
+    for m in range(1, N + 1):
+        sub = COMM.Split(0 if ME < m else MPI.UNDEFINED, ME)
+        if sub != MPI.COMM_NULL:
+            a = [p.copy() for p in now]
+            b = [p.copy() for p in now]
+            o2 = ShardedOptimizer(fastopt.Adafactor, a, comm=sub, **hyper)
+            r2 = fastopt.Adafactor(b, **hyper)
+            o2.load_state_dict(sd)
+            r2.load_state_dict(want)
+            for t in range(3, 6):
+                per_rank = [local(t, r) for r in range(sub.size)]
+                o2.step(per_rank[sub.rank])
+                r2.step(averaged(per_rank, b))
+            final = o2.consolidated_state_dict(to=0)
+            checks.append(all(same(x, y) for x, y in zip(a, b)))
+            if sub.rank == 0:
+                assert_same_state_dict(final, r2.state_dict())
+            o2.close()
+            sub.Free()
+        COMM.Barrier()
+    assert_same_params(mine, ref)
+    assert all(len(o) == 1 for o in owners), owners
+    assert max(loads) <= sum(loads) / N + 64 * 48, loads
+    assert_same_state_dict(sd, want)
+    assert sd["state"][0]["row_var"].shape == (64, 1)
+    assert sd["state"][2]["col_var"].shape == (3, 1, 9)
+    assert sd["state"][3]["variance"].shape == (40,)
+    assert all(checks)
 
 
 # --------------------------------------------------------- memory, volume
