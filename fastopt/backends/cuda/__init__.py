@@ -127,11 +127,13 @@ class CudaBackend(Backend):
     refused on CUDA)."""
 
     name = "cuda"
-    #: every feature but ``matrix`` (no matrix phase on device arrays: Muon) and
-    #: ``factored`` (Adafactor's passes have no CUDA kernels yet), refused through the
+    #: every feature but ``matrix`` (no matrix phase on device arrays: Muon),
+    #: ``factored`` (Adafactor's passes have no CUDA kernels yet) and ``stored_passes``
+    #: (the norm pass of LAMB/LARS reads float32/float64 device arrays only: with
+    #: bfloat16 parameters or 16/8-bit state they are refused), refused through the
     #: capability table; bfloat16 parameters are uint16 device arrays marked with
     #: :func:`bfloat16` (see "Stored formats" in the module docstring)
-    features = frozenset(FEATURES) - {"matrix", "factored"}
+    features = frozenset(FEATURES) - {"matrix", "factored", "stored_passes"}
     memory = "device"
 
     def __init__(self):
