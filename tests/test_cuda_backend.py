@@ -232,12 +232,14 @@ def assert_functional_close(got, want):
 # ------------------------------------------------------------- capabilities
 
 def test_every_feature_is_declared():
-    """The capability table lists every feature for cuda but the matrix phase (Muon)
-    and the factored passes (Adafactor), which have no CUDA kernels (refused: the
-    rules' tests check how); bfloat16 parameters are uint16 device arrays marked with
+    """The capability table lists every feature for cuda but the matrix phase (Muon),
+    the factored passes (Adafactor) and the stored formats of the whole-tensor
+    passes (LAMB, LARS, Muon), which have no CUDA kernels (refused: the rules' tests
+    and tests/test_cuda_storage.py check how); bfloat16 parameters are uint16 device arrays marked with
     fastopt.backends.cuda.bfloat16, see tests/test_cuda_storage.py; the optimizer
     accepts each declared feature (nothing is refused)."""
-    assert set(backends.capabilities()["cuda"]) == set(FEATURES) - {"matrix", "factored"}
+    assert set(backends.capabilities()["cuda"]) == set(FEATURES) - {"matrix", "factored",
+                                                                   "stored_passes"}
     assert backends.capable("sparse_exact").count("cuda") == 1
     d = dev(np.zeros((4, 3), np.float32))
     opt = fastopt.SGD([d], backend="cuda", sparse_mode="exact", lr=0.1, momentum=0.9)

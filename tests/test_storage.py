@@ -21,7 +21,7 @@ from fastopt import rules, storage
 from fastopt.storage import codecs as C
 from fastopt.storage import reference as R
 
-from cases import STORED, STORED_EXACT, param_dtype, storage_of, stored_variant
+from cases import STORED, STORED_EXACT, STORED_WHOLE, param_dtype, storage_of, stored_variant
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF = np.dtype(ml_dtypes.bfloat16)
@@ -282,12 +282,14 @@ def _compare_states(a, b, tol, straddle=False, track=False):
 
 
 @pytest.mark.parametrize("backend", MATRIX_BACKENDS)
-@pytest.mark.parametrize("case", STORED.cases())
+@pytest.mark.parametrize("case", STORED.cases() + STORED_WHOLE.cases())
 def test_stored_kernel_matches_reference(case, backend):
     """Dense steps of every stored case (tests/cases.py STORED: every rule x
     parameter dtype x state width x bf16_update x gradient dtype x fused options
-    pair, Adam in every format) against the reference backend, on several shapes
-    in one optimizer (a small one keeps float32 state under 8 bits)."""
+    pair, Adam in every format; STORED_WHOLE: the same of LAMB, LARS and Muon, whose
+    norm pass and matrix phase read the formats, over 3x the steps) against the
+    reference backend, on several shapes in one optimizer (a small one keeps float32
+    state under 8 bits; Muon's are matrices)."""
     name = case["rule"]
     pdt = param_dtype(case)
     if pdt == BF and backend not in BF16_BACKENDS:
@@ -300,7 +302,9 @@ def test_stored_kernel_matches_reference(case, backend):
     # state (blocks of elements), so that case leaves the 1-D tensor of 8-bit state out
     shapes = [s for s in SHAPES if "max_norm" not in hyper or len(s) > 1
               or storage_of(case, s).state != "q8"]
-    grads = _grads(shapes, STEPS, gdt)
+    if rule.matrix is not None:        # matrices only (a stack, a tall one)
+        shapes = [s for s in shapes if len(s) >= 2] + [(70, 64)]
+    grads = _grads(shapes, 3 * STEPS if rule.whole_tensor else STEPS, gdt)
     if gs is not None:                 # a power of two: the division is exact
         grads = [[g * g.dtype.type(gs) for g in gs_] for gs_ in grads]
     if case["grad"] == "bf16":         # bfloat16 gradients on alternate tensors
