@@ -147,6 +147,10 @@ class Rule:
     #: None when bfloat16 parameters are possible, else the reason (a callable of
     #: nothing returning it; they are then refused when a group is added)
     bf16_reason: Callable = None
+    #: how close the stored formats (bfloat16 parameters, 16/8-bit state) keep the rule
+    #: to float32 where that differs from the element-wise rules' (Muon: a matrix
+    #: phase between its element phases), measured; a note of the capability table
+    storage_note: str = None
     #: per-group entries that are not hyperparameters (state a group carries, saved and
     #: loaded with the groups), set to these values where a new group lacks them
     #: (schedule-free's ``train_mode``)

@@ -317,6 +317,14 @@ RULE = Rule(
     phase1=momentum,
     param_reason=param_reason,
     cross_check=cross_check,
+    storage_note=(
+        "phase 1 decodes the momentum buffer (16- or 8-bit) and encodes it once per "
+        "step; the matrix phase runs on the float32 direction; phase 2 stores the "
+        "bfloat16 parameter with its bf16_update. Against float32 over 50 steps (lr "
+        "0.02, (64, 128) and (2, 32, 48), tests/test_muon.py), the RMS drift over the "
+        "RMS distance moved: 16-bit state 0.29%, 8-bit 0.82%; bfloat16 parameters "
+        "\"split\" 0 (float32's bits), \"kahan\" 0.19%, \"nearest\" 0.97%, "
+        "\"stochastic\" 1.4%"),
     flags=("nesterov",),
     torch_state_in=torch_state_in,
     variants=({}, {"nesterov": False, "weight_decay": 0.0},
