@@ -158,6 +158,27 @@ def test_q8_codecs_bit_for_bit(signed):
 
 
 @pytest.mark.parametrize("signed", [True, False])
+def test_q8_blocks_decoded_and_encoded_again_are_unchanged(signed):
+    """Muon's phase 2 (the stored dense driver) loads the 8-bit momentum buffer that
+    phase 1 encoded and stores it again unchanged (fastopt/backends/matrix_cpu.py):
+    encoding the decoded values of a block must give its codes and its scale back
+    (the block's largest code decodes to the scale exactly), else the buffer would
+    be quantized twice per step.  Random blocks over many scales, NaN/Inf codes
+    included, through the reference."""
+    rng = np.random.default_rng(3)
+    for trial in range(50):
+        x = (rng.standard_normal((4, 700)) * 10.0 ** rng.uniform(-30, 30)).astype(np.float32)
+        if not signed:
+            x = np.abs(x)
+        if trial % 5 == 0:
+            x[0, 3], x[1, 600] = np.nan, np.inf
+        codes, scales = R.q8_encode(x, x.shape, signed)
+        again, s2 = R.q8_encode(R.q8_decode(codes, scales, x.shape, signed), x.shape, signed)
+        np.testing.assert_array_equal(again, codes)
+        np.testing.assert_array_equal(s2.view(np.uint32), scales.view(np.uint32))
+
+
+@pytest.mark.parametrize("signed", [True, False])
 def test_every_q8_code_round_trips(signed):
     codes = np.arange(256, dtype=np.uint8).reshape(1, 256)
     if not signed:
