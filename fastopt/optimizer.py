@@ -230,11 +230,17 @@ class Optimizer:
             if self.rule.bf16_reason is not None:
                 raise ValueError(f"{self.rule.name}: bfloat16 parameters are not possible: "
                                  f"{self.rule.bf16_reason()}")
+            if self.rule.per_tensor or self.rule.matrix is not None:
+                self.backend.require("stored_passes", f"{self.rule.name} with bfloat16 "
+                                     "parameters")
 
     def _check_group(self, group):
         self._check_backend(group)
         bits = group.get("state_bits", self.state_bits)
         if bits in (8, 16):
+            if self.rule.per_tensor or self.rule.matrix is not None:
+                self.backend.require("stored_passes", f"{self.rule.name} with "
+                                     f"state_bits={bits}")
             reason = self.rule.low_state_reason(group)
             if reason is None and bits == 8:
                 reason = self.rule.q8_reason(group)

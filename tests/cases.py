@@ -486,6 +486,31 @@ STORED = case_set("stored",
                   boundscheck=("rule", "param", "bits", "update", "grad", "options"))
 
 
+def _whole_stored_valid(case):
+    rule = rules.RULES[rule_of(case)]
+    if case["options"] == "element" and rule.matrix is not None:
+        return False                      # Muon refuses clip_value and grad_scale
+    bf = case["param"] == "bf16"
+    if (case["update"] is None) == bf or (case.get("grad", "same") == "bf16" and not bf):
+        return False
+    return _takes_bits(case) and not storage_of(case).native
+
+
+#: Stored formats of the whole-tensor rules that read them (the per-tensor LAMB, LARS
+#: through their norm pass; the matrix rule Muon through its matrix phase): rule
+#: (first and last variant) x parameter dtype x state width x bf16_update x gradient
+#: dtype x options (none; the element-wise ones with grad_scale, not for Muon),
+#: pairwise.  tests/test_storage.py runs them against the reference over many steps,
+#: tests/test_cython_storage.py numba against cython bit for bit.
+STORED_WHOLE = case_set("stored-whole",
+                        {"rule": [n for n, r in rules.RULES.items()
+                                  if r.whole_tensor and not r.factored],
+                         "pick": ["last", "first"],
+                         "param": STORED_PARAMS, "bits": STATE_BITS, "update": BF16_UPDATES,
+                         "grad": ["same", "bf16"], "options": ["none", "element"]},
+                        valid=_whole_stored_valid, boundscheck=("rule", "bits"))
+
+
 def _exact_stored_valid(case):
     return _stored_valid(case) and exact_possible(rule_of(case), stored_variant(case))
 

@@ -206,6 +206,8 @@ def test_missing_feature_is_refused_before_writing(backend, feature):
             [np.ones_like(p)]),
         "factored": lambda: fastopt.Adafactor([p], lr=0.1, backend=backend).step(
             [np.ones_like(p)]),
+        "stored_passes": lambda: fastopt.LARS([p], lr=0.1, state_bits=16,
+                                              backend=backend).step([np.ones_like(p)]),
     }
     if bk.supports(feature):
         assert calls[feature]() is True

@@ -51,6 +51,29 @@ def test_clamped_bfloat16_parameters_stay_inside(backend, update, lo, hi):
 
 
 @pytest.mark.parametrize("backend", BF16_BACKENDS)
+@pytest.mark.parametrize("update", ["kahan", "nearest"])
+@pytest.mark.parametrize("name,kw", [("LAMB", dict(lr=0.05)),
+                                     ("LARS", dict(lr=1.0, trust_coefficient=0.2)),
+                                     ("Muon", dict(lr=0.05))])
+def test_clamped_bfloat16_parameters_of_whole_tensor_rules_stay_inside(backend, update,
+                                                                       name, kw):
+    """The same bounds for the rules whose norm pass or matrix phase reads bfloat16
+    parameters (their update pass is the stored driver, its clamp the same)."""
+    rng = np.random.default_rng(0)
+    p = (rng.standard_normal((16, 300)) * 0.2).astype(BF)
+    opt = fastopt.CLASSES[name]([p], backend=backend, bf16_update=update, param_min=-0.1,
+                                param_max=0.1, **kw)
+    top = storage.bf16_toward(0.1, down=True)     # the bound rounded inward
+    hit = 0
+    for _ in range(10):
+        opt.step([(rng.standard_normal(p.shape) * 3.0).astype(np.float32)])
+        w = p.astype(np.float64)
+        assert w.min() >= -0.1 and w.max() <= 0.1, (w.min(), w.max())
+        hit += int(np.sum(np.abs(w) == top))
+    assert hit > 0                       # the bounds were reached
+
+
+@pytest.mark.parametrize("backend", BF16_BACKENDS)
 @pytest.mark.parametrize("update", UPDATES)
 def test_renormalized_bfloat16_rows_stay_under_max_norm(backend, update):
     reached = 0.0

@@ -462,8 +462,34 @@ class _Host:
         return self.d.copy_to_host().view(BF16)
 
 
-#: the rules that take bfloat16 parameters (schedule-free's refuse them, Rule.bf16_reason)
-BF16_RULES = [pytest.param(n, id=n) for n, r in RULES.items() if r.bf16_reason is None]
+#: the rules that take bfloat16 parameters on CUDA (schedule-free's refuse them,
+#: Rule.bf16_reason; the whole-tensor rules' stored passes are CPU only:
+#: test_stored_passes_are_refused_on_cuda)
+BF16_RULES = [pytest.param(n, id=n) for n, r in RULES.items()
+              if r.bf16_reason is None and not r.whole_tensor]
+
+
+@pytest.mark.parametrize("name", [n for n, r in RULES.items()
+                                  if r.whole_tensor and not r.factored])
+def test_stored_passes_are_refused_on_cuda(name):
+    """LAMB, LARS (norm pass) and Muon (matrix phase) read bfloat16 parameters and
+    16/8-bit state on the CPU backends only: the CUDA backend lacks the feature
+    ``stored_passes`` and refuses them when the optimizer is built, naming the
+    backends that have it; nothing is written."""
+    from fastopt.backends.cuda import CudaBackend
+    assert "stored_passes" not in CudaBackend.features
+    p = cuda.to_device(np.ones((16, 300), np.float32))
+    before = p.copy_to_host()
+    # (Muon: refused for the missing 'matrix' first, while CUDA has no matrix phase)
+    why = "matrix rule" if "matrix" not in CudaBackend.features and name == "Muon" else \
+        "16/8-bit state: the norm pass and the matrix phase read the storage formats"
+    q = bf16_device(np.ones((16, 300), np.float32).astype(BF16))
+    for kw, params in ((dict(state_bits=8), [p]), (dict(state_bits=16), [p]), ({}, [q])):
+        with pytest.raises(NotImplementedError) as e:
+            fastopt.CLASSES[name](params, backend="cuda", **kw)
+        assert "backend 'cuda' does not support" in str(e.value)
+        assert why in str(e.value) and "'numba'" in str(e.value), str(e.value)
+    np.testing.assert_array_equal(p.copy_to_host(), before)
 
 
 @pytest.mark.parametrize("name", BF16_RULES)

@@ -38,8 +38,8 @@ from fastopt.backends import numba_cpu  # noqa: E402
 from fastopt.backends import cython as cy_backend  # noqa: E402
 from fastopt.storage import reference as ref  # noqa: E402
 
-from cases import (STORED, STORED_EXACT, param_dtype, same, storage_of,  # noqa: E402
-                   stored_variant)
+from cases import (STORED, STORED_EXACT, STORED_WHOLE, param_dtype, same,  # noqa: E402
+                   storage_of, stored_variant)
 from cases import same_optimizers as _same_optimizers  # noqa: E402
 
 BACKEND = cy_backend.register_backend()
@@ -242,6 +242,41 @@ def test_stored_formats_bit_identical_to_numba(case):
             assert (slot + storage.SCALE_SUFFIX in st) == (fmt.state == "q8"), slot
     if case["update"] in ("split", "kahan"):
         assert storage.Storage(update=case["update"]).aux in st
+
+
+@pytest.mark.parametrize("case", STORED_WHOLE.cases())
+def test_whole_tensor_stored_formats_bit_identical_to_numba(case):
+    """LAMB, LARS (the stored norm pass, ``run_stored_norms``) and Muon (phase 1 on
+    the decoded momentum buffer, phase 2 the stored dense driver) in every
+    STORED_WHOLE case: dense steps on a (16, 300) tensor (8-bit: 2 blocks per row),
+    with the element-wise options, grad_scale and awkward gradients where the case
+    has them; parameters (bits) and every state array compared."""
+    name = case["rule"]
+    pdt = param_dtype(case)
+    hyper, gs = STORED_OPTIONS[case["options"]] if case["options"] != "none" else ({}, None)
+    hyper = {k: v for k, v in hyper.items() if k != "max_norm"}
+    variant = {**stored_variant(case), **hyper}
+    gdt = BF16 if case["grad"] == "bf16" else (np.float32 if pdt == BF16 else pdt)
+    on, oc = both(name, variant, pdt, case["bits"], case["update"], gdt, "d" * 8,
+                  grad_scale=gs, awkward=case["options"] != "none")
+    same_optimizers(on, oc)
+    fmt = storage_of(case, SHAPE)
+    st = oc.state_dict()["state"][0]
+    for slot in rules.RULES[name].slots:        # the format did apply
+        assert st[slot].dtype == storage.state_dtype(fmt, pdt), slot
+
+
+@pytest.mark.parametrize("name", ["LAMB", "LARS"])
+def test_stored_norm_pass_parallel_size_bit_identical_to_numba(name, monkeypatch):
+    """The stored norm pass at a parallel size (several chunks, threads), and run
+    serially: the same bits as numba's."""
+    assert BIG[0] * BIG[1] >= numba_cpu.PARALLEL_MIN
+    variant = dict(rules.variant(rules.RULES[name], 1, 8))
+    on, oc = both(name, variant, BF16, 8, "split", BF16, "ddd", shape=BIG)
+    same_optimizers(on, oc)
+    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN", 1 << 40)
+    same_optimizers(on, run("cython", name, variant, BF16, 8, "split", BF16, "ddd",
+                            shape=BIG))
 
 
 # ------------------------------------------------------- (e) exact sparse mode

@@ -66,6 +66,31 @@ def test_group_state_bits_are_honoured(backend, how):
 
 
 @pytest.mark.parametrize("backend", STORED)
+@pytest.mark.parametrize("name", ["LAMB", "Muon"])
+def test_whole_tensor_rules_take_group_state_bits(backend, name):
+    """LAMB (a norm pass per bucket: one per storage format) and Muon (phase 1 per
+    format) with a group of 8-bit and one of 16-bit state beside a float32 one:
+    each parameter bit for bit as an optimizer given the option for it alone."""
+    shape = (8, 1024)
+    cls = fastopt.CLASSES[name]
+    ps = [np.full(shape, 0.5, np.float32) for _ in range(3)]
+    opt = cls([{"params": [ps[0]]}, {"params": [ps[1]], "state_bits": 8},
+               {"params": [ps[2]], "state_bits": 16}], lr=1e-2, backend=backend)
+    qs = [np.full(shape, 0.5, np.float32) for _ in range(3)]
+    ref = [cls([q], lr=1e-2, backend=backend, state_bits=bits)
+           for q, bits in zip(qs, (None, 8, 16))]
+    for g in _grads([shape] * 3, 4):
+        opt.step(g)
+        for o, gi in zip(ref, g):
+            o.step([gi])
+    for p, q in zip(ps, qs):
+        np.testing.assert_array_equal(p, q)
+    assert not np.array_equal(ps[1], ps[2])      # the formats did differ
+    slot = fastopt.rules.RULES[name].slots[0]
+    assert [_state_arrays(opt, i)[slot].dtype for i in range(3)] == [np.float32, np.uint8, BF]
+
+
+@pytest.mark.parametrize("backend", STORED)
 def test_group_bf16_update_and_seed_are_honoured(backend):
     """bf16_update and seed in a group: the same bits as the optimizer-wide option
     for the same parameter (the stream key is the seed, the parameter's index and

@@ -21,7 +21,7 @@ from fastopt import rules, storage
 from fastopt.storage import codecs as C
 from fastopt.storage import reference as R
 
-from cases import STORED, STORED_EXACT, param_dtype, storage_of, stored_variant
+from cases import STORED, STORED_EXACT, STORED_WHOLE, param_dtype, storage_of, stored_variant
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF = np.dtype(ml_dtypes.bfloat16)
@@ -158,6 +158,27 @@ def test_q8_codecs_bit_for_bit(signed):
 
 
 @pytest.mark.parametrize("signed", [True, False])
+def test_q8_blocks_decoded_and_encoded_again_are_unchanged(signed):
+    """Muon's phase 2 (the stored dense driver) loads the 8-bit momentum buffer that
+    phase 1 encoded and stores it again unchanged (fastopt/backends/matrix_cpu.py):
+    encoding the decoded values of a block must give its codes and its scale back
+    (the block's largest code decodes to the scale exactly), else the buffer would
+    be quantized twice per step.  Random blocks over many scales, NaN/Inf codes
+    included, through the reference."""
+    rng = np.random.default_rng(3)
+    for trial in range(50):
+        x = (rng.standard_normal((4, 700)) * 10.0 ** rng.uniform(-30, 30)).astype(np.float32)
+        if not signed:
+            x = np.abs(x)
+        if trial % 5 == 0:
+            x[0, 3], x[1, 600] = np.nan, np.inf
+        codes, scales = R.q8_encode(x, x.shape, signed)
+        again, s2 = R.q8_encode(R.q8_decode(codes, scales, x.shape, signed), x.shape, signed)
+        np.testing.assert_array_equal(again, codes)
+        np.testing.assert_array_equal(s2.view(np.uint32), scales.view(np.uint32))
+
+
+@pytest.mark.parametrize("signed", [True, False])
 def test_every_q8_code_round_trips(signed):
     codes = np.arange(256, dtype=np.uint8).reshape(1, 256)
     if not signed:
@@ -282,12 +303,14 @@ def _compare_states(a, b, tol, straddle=False, track=False):
 
 
 @pytest.mark.parametrize("backend", MATRIX_BACKENDS)
-@pytest.mark.parametrize("case", STORED.cases())
+@pytest.mark.parametrize("case", STORED.cases() + STORED_WHOLE.cases())
 def test_stored_kernel_matches_reference(case, backend):
     """Dense steps of every stored case (tests/cases.py STORED: every rule x
     parameter dtype x state width x bf16_update x gradient dtype x fused options
-    pair, Adam in every format) against the reference backend, on several shapes
-    in one optimizer (a small one keeps float32 state under 8 bits)."""
+    pair, Adam in every format; STORED_WHOLE: the same of LAMB, LARS and Muon, whose
+    norm pass and matrix phase read the formats, over 3x the steps) against the
+    reference backend, on several shapes in one optimizer (a small one keeps float32
+    state under 8 bits; Muon's are matrices)."""
     name = case["rule"]
     pdt = param_dtype(case)
     if pdt == BF and backend not in BF16_BACKENDS:
@@ -300,7 +323,9 @@ def test_stored_kernel_matches_reference(case, backend):
     # state (blocks of elements), so that case leaves the 1-D tensor of 8-bit state out
     shapes = [s for s in SHAPES if "max_norm" not in hyper or len(s) > 1
               or storage_of(case, s).state != "q8"]
-    grads = _grads(shapes, STEPS, gdt)
+    if rule.matrix is not None:        # matrices only (a stack, a tall one)
+        shapes = [s for s in shapes if len(s) >= 2] + [(70, 64)]
+    grads = _grads(shapes, 3 * STEPS if rule.whole_tensor else STEPS, gdt)
     if gs is not None:                 # a power of two: the division is exact
         grads = [[g * g.dtype.type(gs) for g in gs_] for gs_ in grads]
     if case["grad"] == "bf16":         # bfloat16 gradients on alternate tensors

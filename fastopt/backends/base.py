@@ -80,6 +80,9 @@ FEATURES = {
     "bfloat16": "bfloat16 parameters (bf16_update: split, kahan, stochastic, nearest)",
     "state16": "state_bits=16: bfloat16 optimizer state",
     "state8": "state_bits=8: block-wise 8-bit optimizer state",
+    "stored_passes": "the per-tensor and matrix rules (LAMB, LARS, Muon) with bfloat16 "
+                     "parameters or 16/8-bit state: the norm pass and the matrix phase read "
+                     "the storage formats",
 }
 
 
@@ -131,6 +134,12 @@ class Config:
     @property
     def fusing(self):
         return any(self.switches)
+
+
+def norm_uses(config):
+    """The state slots a stored norm pass loads: the used ones among the rule's first
+    ``norm_reads`` (LAMB: m and v; LARS: none)."""
+    return tuple(bool(u) and k < config.rule.norm_reads for k, u in enumerate(config.uses))
 
 
 @dataclass

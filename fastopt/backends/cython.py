@@ -259,7 +259,16 @@ class CythonBackend(Backend):
         element chunks."""
         cfg = work.config
         out = np.zeros((len(work.params), 2), dtype=np.float64)
-        if work.nelem:
+        if work.nelem and not cfg.storage.native:     # the update pass's block tables
+            code, pkind, skind, smask = self._formats(cfg)
+            u0, u1, u2 = base.norm_uses(cfg)
+            self._ext.run_stored_norms(
+                self.rule_id(cfg.rule), code, pkind, self._ext.GRAD_KINDS[cfg.grad], skind,
+                smask, u0, u1, u2, self._opts(tuple(cfg.switches)), work.ptrs, work.fmt,
+                work.chunks, work.hyper, work.hidx, out,
+                storage.Q8_BLOCK if cfg.storage.state == "q8" else base.CHUNK, work.nelem,
+                _parallel_min())
+        elif work.nelem:
             u0, u1, u2 = (bool(u) for u in cfg.uses)
             self._ext.run_norms(self.rule_id(cfg.rule), self._code(cfg.dtype), u0, u1, u2,
                                 self._opts(tuple(cfg.switches)), work.ptrs,

@@ -26,6 +26,7 @@ from numba import carray, prange
 from numba.extending import register_jitable
 
 from ..rules.fused import pre
+from .base import norm_uses
 from .element import scalar_loader
 from .numba_cpu import _compile, _stamp, _voidptr
 
@@ -119,14 +120,127 @@ def make_norms_driver(config, parallel):
     return _compile(norms_driver, parallel)
 
 
+def make_stored_norms_driver(config, parallel):
+    """The norm pass of a stored format (bfloat16 parameters, float32/bfloat16/8-bit
+    state, bfloat16/float32 gradients): over the bucket's block chunks
+    (``work.chunks``, ``work.fmt``: the update pass's own tables), each element is
+    loaded with the format's load functions (:mod:`fastopt.storage.io`: the
+    parameter as the update pass loads it, ``split``'s float32 master included; an
+    8-bit slot decoded with its block's scale), so the norms are those of the values
+    the update pass will compute with.  The squares of a block go to the
+    :data:`LANES` lanes by their index in the block (``j % LANES``), each lane in
+    element order, blocks in order; the lanes added by :func:`lane_total` per chunk,
+    the chunks per tensor in order (kernels/_cy_norms.pxi gives the same bits)."""
+    from ..storage import io
+    from .base import FMT_AUX, FMT_N, FMT_NB, FMT_NSCALE, FMT_ROW, FMT_SCALE
+    from .numba_cpu import _stored_pieces
+    k = _stored_pieces(config)
+    CT, Q8, BLK = k["CT"], k["Q8"], k["BLK"]
+    PDT, GDT, SDT, ADT = k["PDT"], k["GDT"], k["SDT"], k["ADT"]
+    LP, LG = k["LP"], k["LG"]
+    st = config.storage
+    if Q8:
+        L0, L1, L2 = (io.q8_pieces(st, s, CT)[0] for s in range(3))
+    else:
+        L0, L1, L2 = (io.state_io(st, s, CT)[0] for s in range(3))
+    NORMS = config.rule.norms
+    LOAD = scalar_loader(config.rule.Scalars, CT, config.fixed)
+    U0, U1, U2 = norm_uses(config)
+    SC, CL = bool(config.switches[0]), bool(config.switches[1])
+    STAMP = _stamp(NORMS)
+    PARALLEL = bool(parallel)
+    F32 = np.float32
+    FA, FS, FN, FR, FB, FC = FMT_AUX, FMT_SCALE, FMT_N, FMT_ROW, FMT_NB, FMT_NSCALE
+    HAS_AUX = st.aux is not None
+
+    @register_jitable
+    def SQ(Pb, Ab, Gb, T0, T1, T2, c0, c1, c2, i, c):
+        zero = CT(0)
+        s0 = L0(T0, i, c0) if U0 else zero
+        s1 = L1(T1, i, c1) if U1 else zero
+        s2 = L2(T2, i, c2) if U2 else zero
+        x, y = NORMS(LP(Pb, Ab, i), pre(LG(Gb, i), c, SC, CL), s0, s1, s2, c)
+        fx = np.float64(x)
+        fy = np.float64(y)
+        return fx * fx, fy * fy
+
+    def stored_norms_driver(ptrs, fmt, chunks, hyper, hidx, out):
+        stamp = STAMP  # noqa: F841
+        par = PARALLEL  # noqa: F841
+        nc = chunks.shape[0]
+        part = np.zeros((nc, 2), dtype=np.float64)
+        for ci in prange(nc):
+            t = chunks[ci, 0]
+            n = fmt[t, FN]
+            D = fmt[t, FR]
+            nb = fmt[t, FB]
+            nsc = fmt[t, FC]
+            c = LOAD(hyper, hidx[t])
+            P = carray(_voidptr(ptrs[t, 0]), (n,), PDT)
+            G = carray(_voidptr(ptrs[t, 1]), (n,), GDT)
+            S0 = carray(_voidptr(ptrs[t, 2]), (n,), SDT)
+            S1 = carray(_voidptr(ptrs[t, 3]), (n,), SDT)
+            S2 = carray(_voidptr(ptrs[t, 4]), (n,), SDT)
+            A = carray(_voidptr(fmt[t, FA]), (n,), ADT)
+            C0 = carray(_voidptr(fmt[t, FS]), (nsc,), F32)
+            C1 = carray(_voidptr(fmt[t, FS + 1]), (nsc,), F32)
+            C2 = carray(_voidptr(fmt[t, FS + 2]), (nsc,), F32)
+            ax = np.zeros(LANES, dtype=np.float64)
+            ay = np.zeros(LANES, dtype=np.float64)
+            tx = np.empty(BUF, dtype=np.float64)
+            ty = np.empty(BUF, dtype=np.float64)
+            for kb in range(chunks[ci, 1], chunks[ci, 2]):
+                r = kb // nb
+                j0 = (kb - r * nb) * BLK
+                lo = r * D + j0
+                mb = min(BLK, D - j0)
+                c0 = C0[kb] if Q8 and U0 else F32(0)
+                c1 = C1[kb] if Q8 and U1 else F32(0)
+                c2 = C2[kb] if Q8 and U2 else F32(0)
+                for q in range(0, mb, BUF):       # BUF % LANES == 0: lane j % LANES
+                    m = min(BUF, mb - q)
+                    e = lo + q
+                    Pb, Gb = P[e:e + m], G[e:e + m]
+                    Ab = A[e:e + m] if HAS_AUX else A
+                    T0, T1, T2 = S0[e:e + m], S1[e:e + m], S2[e:e + m]
+                    for j in range(m):
+                        x, y = SQ(Pb, Ab, Gb, T0, T1, T2, c0, c1, c2, j, c)
+                        tx[j] = x
+                        ty[j] = y
+                    top = (m + LANES - 1) // LANES * LANES
+                    for j in range(m, top):
+                        tx[j] = 0.0
+                        ty[j] = 0.0
+                    for j in range(0, top, LANES):
+                        for w in range(LANES):
+                            ax[w] += tx[j + w]
+                            ay[w] += ty[j + w]
+            part[ci, 0] = lane_total(ax[0], ax[1], ax[2], ax[3], ax[4], ax[5], ax[6], ax[7])
+            part[ci, 1] = lane_total(ay[0], ay[1], ay[2], ay[3], ay[4], ay[5], ay[6], ay[7])
+        out[:, :] = 0.0
+        for ci in range(nc):
+            t = chunks[ci, 0]
+            out[t, 0] += part[ci, 0]
+            out[t, 1] += part[ci, 1]
+
+    return _compile(stored_norms_driver, parallel)
+
+
 def run_norms(work, chunks, parallel):
-    """The per-tensor sums of squares of a :class:`~fastopt.backends.base.DenseWork`
-    over its element chunk table ``chunks`` (``Backend.element_chunks``)."""
+    """The per-tensor sums of squares of a :class:`~fastopt.backends.base.DenseWork`:
+    float32/float64 over its element chunk table ``chunks``
+    (``Backend.element_chunks``); a stored format over its block chunks
+    (``work.chunks`` and ``work.fmt``, :func:`make_stored_norms_driver`)."""
     out = np.zeros((len(work.params), 2), dtype=np.float64)
     if work.nelem:
-        key = (work.config, bool(parallel))
+        stored = not work.config.storage.native
+        key = (work.config, bool(parallel), stored)
         d = _NORMS.get(key)
         if d is None:
-            d = _NORMS[key] = make_norms_driver(work.config, parallel)
-        d(work.ptrs, chunks, work.hyper, work.hidx, out)
+            d = _NORMS[key] = (make_stored_norms_driver if stored else make_norms_driver)(
+                work.config, parallel)
+        if stored:
+            d(work.ptrs, work.fmt, work.chunks, work.hyper, work.hidx, out)
+        else:
+            d(work.ptrs, chunks, work.hyper, work.hidx, out)
     return out

@@ -91,9 +91,22 @@ def low_state_reason(group):
 
 
 def bf16_reason():
-    return ("the train()/eval() switch rewrites the parameter from z in the parameter's "
-            "dtype; bfloat16 parameters (with their rounding-mode state) are not supported "
-            "for schedule-free rules: use float32 parameters")
+    """Why bfloat16 parameters are refused.  ``z`` would be float32 state (as every
+    rule's state of a bfloat16 parameter), so the steps themselves are sound; the
+    train()/eval() switch is not: it rewrites the parameter (``x = lerp(y, z, 1 -
+    1/beta1)``, then ``y = lerp(x, z, 1 - beta1)``), so with bfloat16 parameters it
+    would run through the parameter's format.  Only ``bf16_update="split"`` (the
+    parameter and ``master_low`` are a float32 master) switches without loss;
+    "kahan", "nearest" and "stochastic" round ``x``, then ``y`` again, so each
+    eval()/train() pair moves ``y`` by up to one bfloat16 step (2**-8 of ``|y|``)
+    where the package's float32 parameters move by float32 rounding, and a
+    checkpoint saved after eval() holds the rounded ``x``.  A switch through the
+    split master (and a CUDA twin) is not built: refused for every mode."""
+    return ("eval() rewrites the parameter to the average x = lerp(y, z, 1 - 1/beta1) "
+            "(SGDScheduleFree: momentum) and train() back to y; in bfloat16 each switch rounds the parameter (kahan, nearest, "
+            "stochastic: y moves by up to one bfloat16 step per eval()/train() pair; only "
+            "split's float32 master could switch exactly, and that switch is not built): "
+            "use float32 parameters (z is float32 state either way)")
 
 
 def momentum_check(name, value):

@@ -52,7 +52,9 @@ Choices (documented here, tested in tests/test_new_rules_schedulefree.py):
   sqrt(v / bc2) + eps``, torch's two-sided ``lerp``); the schedule is computed in
   float64 on the host, as the package computes it in Python floats.
 * Low-precision state (8- and 16-bit) is refused: ``z`` is an iterate, not a moment
-  (:func:`fastopt.rules._schedulefree.low_state_reason`); bfloat16 parameters too.
+  (:func:`fastopt.rules._schedulefree.low_state_reason`); bfloat16 parameters too:
+  the train()/eval() switch would round the parameter at every switch
+  (:func:`fastopt.rules._schedulefree.bf16_reason`).
 """
 
 import numpy as np

@@ -58,10 +58,10 @@ def unit_host_check(name, value):
 
 def per_tensor_checks(name):
     """``cross_check``, ``low_state_reason`` and ``bf16_reason`` of a per-tensor rule
-    ``name``: its update runs by whole tensors (a norm pass, then the update pass)
-    over float32/float64 parameters and state, so the row renorm ``max_norm`` (a
-    row-driver option), 8/16-bit state and bfloat16 parameters are refused, with the
-    reason."""
+    ``name``: its update runs by whole tensors (a norm pass, then the update pass),
+    so the row renorm ``max_norm`` (a row-driver option) is refused, with the
+    reason.  8/16-bit state and bfloat16 parameters are possible: the norm pass
+    reads them through the storage formats (the values the update pass sees)."""
     def cross_check(group):
         if group.get("max_norm") is not None:
             raise ValueError(f"{name}: max_norm renormalizes rows in the row drivers, and "
@@ -70,13 +70,8 @@ def per_tensor_checks(name):
                              "the step")
 
     def low_state_reason(group):
-        return ("its norm pass reads float32/float64 state; 8- and 16-bit state are not "
-                "built for the per-tensor rules yet")
-
-    def bf16_reason():
-        return ("its norm pass reads float32/float64 parameters; the storage formats are "
-                "not built for the per-tensor rules yet")
-    return cross_check, low_state_reason, bf16_reason
+        return None
+    return cross_check, low_state_reason, None
 
 
 @dataclass(frozen=True, eq=False)   # compared and hashed by identity
@@ -152,6 +147,10 @@ class Rule:
     #: None when bfloat16 parameters are possible, else the reason (a callable of
     #: nothing returning it; they are then refused when a group is added)
     bf16_reason: Callable = None
+    #: how close the stored formats (bfloat16 parameters, 16/8-bit state) keep the rule
+    #: to float32 where that differs from the element-wise rules' (Muon: a matrix
+    #: phase between its element phases), measured; a note of the capability table
+    storage_note: str = None
     #: per-group entries that are not hyperparameters (state a group carries, saved and
     #: loaded with the groups), set to these values where a new group lacks them
     #: (schedule-free's ``train_mode``)
@@ -218,12 +217,14 @@ class Rule:
     @property
     def whole_tensor(self):
         """Whether each tensor is updated as a whole (layouts "tensor", "matrix" and
-        "factored"): no row steps (sparse gradients, max_norm), no stored formats."""
+        "factored"): no row steps (sparse gradients, max_norm).  Stored formats: the
+        per-tensor and matrix rules read them in their norm pass and matrix phase
+        (backend feature ``stored_passes``); the factored rule refuses them."""
         return self.norms is not None or self.matrix is not None or self.factored
 
     def tensor_refusal(self, what):
-        """The message refusing ``what`` (a feature that updates part of a tensor, or
-        stores it in another format) for a per-tensor or matrix rule."""
+        """The message refusing ``what`` (a feature that updates part of a tensor) for
+        a per-tensor or matrix rule."""
         if self.matrix is not None:
             return (f"{self.name} orthogonalizes each matrix as a whole (a matrix phase "
                     f"between its element phases); {what} is not supported for it")

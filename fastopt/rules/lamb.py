@@ -117,8 +117,9 @@ RULE = Rule(
         ``m = b1 m + (1 - b1) g``; ``v = b2 v + (1 - b2) g^2``;
         ``u = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + weight_decay p``;
         ``r = ||p|| / ||u||`` when both are > 0, else 1, at most ``trust_clip``;
-        ``p -= lr r u``.  Norms over the whole tensor, in float64.  Dense gradients and
-        float32/float64 parameters and state (a norm pass, then the update pass).
+        ``p -= lr r u``.  Norms over the whole tensor, in float64, of the values the
+        update pass computes with (a norm pass, then the update pass).  Dense
+        gradients; float32/float64/bfloat16 parameters, 32/16/8-bit state.
         """,
     defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, trust_clip=None),
     checks=dict(lr=hp.non_negative, betas=hp.betas_half_open, eps=hp.non_negative,

@@ -92,8 +92,9 @@ RULE = Rule(
         ``d = local (g + weight_decay p)``; ``buf = momentum buf + d``;
         ``p -= lr buf`` (nesterov: ``p -= lr (d + momentum buf)``).  ``lr`` defaults to
         1.0 (the paper gives none; the trust coefficient sets the scale).  Norms over
-        the whole tensor, in float64.  Dense gradients and float32/float64 parameters
-        and state (a norm pass, then the update pass).
+        the whole tensor, in float64, of the values the update pass computes with (a
+        norm pass, then the update pass).  Dense gradients; float32/float64/bfloat16
+        parameters, 32/16/8-bit state.
         """,
     defaults=dict(lr=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3, eps=1e-8,
                   nesterov=False),

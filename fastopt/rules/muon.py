@@ -297,7 +297,7 @@ RULE = Rule(
         iterations (None: the parameter's; ``"float32"``, ``"float64"``; ``"bfloat16"``,
         torch's iterations through torch's bfloat16 GEMM, when torch is installed).  Parameters of
         ndim >= 2 only (split a model with :func:`fastopt.muon_param_groups`), dense
-        gradients, float32/float64 parameters and state.
+        gradients; float32/float64/bfloat16 parameters, 32/16/8-bit state.
         """,
     defaults=dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                   ns_coefficients=DEFAULT_COEFFICIENTS, eps=1e-7, ns_steps=5,
@@ -317,11 +317,14 @@ RULE = Rule(
     phase1=momentum,
     param_reason=param_reason,
     cross_check=cross_check,
-    low_state_reason=lambda group: (
-        "the matrix phase reads the momentum buffer as float32/float64 arrays; 8- and "
-        "16-bit state are not built for Muon"),
-    bf16_reason=lambda: ("the matrix phase runs on float32/float64 arrays; bfloat16 "
-                         "parameters are not built for Muon"),
+    storage_note=(
+        "phase 1 decodes the momentum buffer (16- or 8-bit) and encodes it once per "
+        "step; the matrix phase runs on the float32 direction; phase 2 stores the "
+        "bfloat16 parameter with its bf16_update. Against float32 over 50 steps (lr "
+        "0.02, (64, 128) and (2, 32, 48), tests/test_muon.py), the RMS drift over the "
+        "RMS distance moved: 16-bit state 0.29%, 8-bit 0.82%; bfloat16 parameters "
+        "\"split\" 0 (float32's bits), \"kahan\" 0.19%, \"nearest\" 0.97%, "
+        "\"stochastic\" 1.4%"),
     flags=("nesterov",),
     torch_state_in=torch_state_in,
     variants=({}, {"nesterov": False, "weight_decay": 0.0},

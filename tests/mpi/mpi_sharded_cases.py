@@ -1376,6 +1376,9 @@ STORAGE_CASES = [
     ("RowWiseAdagrad", BF16, {"bf16_update": "split", "state_bits": 8}),
     ("SGD", BF16, {"momentum": 0.9, "state_bits": 8, "bf16_update": "split"}),
     ("SGD", np.float32, {"momentum": 0.9, "nesterov": True, "state_bits": 8}),
+    # the stored norm pass over row-range shards: the ranks' sums added in rank order
+    ("LAMB", BF16, {"state_bits": 8, "bf16_update": "kahan", "weight_decay": 0.01}),
+    ("LARS", np.float32, {"state_bits": 16, "nesterov": True}),
 ]
 
 

@@ -133,10 +133,13 @@ class CudaBackend(Backend):
     factored passes included."""
 
     name = "cuda"
-    #: every feature (``matrix``: :mod:`.matrix`; ``factored``: :mod:`.factored`);
-    #: bfloat16 parameters are uint16 device arrays marked with :func:`bfloat16` (see
-    #: "Stored formats" in the module docstring)
-    features = frozenset(FEATURES)
+    #: every feature (``matrix``: :mod:`.matrix`; ``factored``: :mod:`.factored`) but
+    #: ``stored_passes`` (the norm pass of LAMB/LARS and Muon's phase 1 read
+    #: float32/float64 device arrays only: with bfloat16 parameters or 16/8-bit state
+    #: they are refused through the capability table); bfloat16 parameters are uint16
+    #: device arrays marked with :func:`bfloat16` (see "Stored formats" in the module
+    #: docstring)
+    features = frozenset(FEATURES) - {"stored_passes"}
     memory = "device"
 
     def __init__(self):
