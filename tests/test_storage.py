@@ -126,6 +126,25 @@ def test_random_stream_bit_for_bit_and_uniform():
     assert hist.min() > 0.9 * n / 16 and hist.max() < 1.1 * n / 16
 
 
+@njit
+def _rand_at(key, e0, m, out):
+    for i in range(m):
+        out[i] = C.random16_at(key, e0, i)
+
+
+def test_block_random_stream_is_the_element_stream():
+    """random16_at (32-bit lanes, the dense blocks' stream) is random16 of e0 + i,
+    across a carry into the high word of the element index."""
+    out = np.empty(512, np.uint32)
+    for e0 in (0, 7, (1 << 32) - 300, (1 << 32) - 1, 1 << 32, 5 * (1 << 32) - 17,
+               (1 << 32) - 512, (1 << 32) - 511,
+               (1 << 62) + 3):
+        for key in (0, 12345, 0xFFFFFFFF):
+            _rand_at(key, e0, 512, out)
+            np.testing.assert_array_equal(
+                out, R.random16(key, e0 + np.arange(512, dtype=np.int64)))
+
+
 def test_stochastic_rounding_is_unbiased():
     x = np.full(1 << 16, 1.0 + 2.0 ** -9, dtype=np.float32)   # a quarter ulp above 1
     r = R.random16(7, np.arange(x.size, dtype=np.int64))
@@ -195,6 +214,29 @@ def test_every_q8_code_round_trips(signed):
             want[0] = 0
         np.testing.assert_array_equal(got[finite & (np.abs(x[0]) <= s)],
                                       want[finite & (np.abs(x[0]) <= s)])
+
+
+@njit
+def _block_scans(T, m):
+    return (C.block_has_special_signed(T, m), C.block_has_special_unsigned(T, m),
+            C.special_signed(T[0]), C.special_unsigned(T[0]))
+
+
+def test_block_special_scans_agree_with_the_code_predicates():
+    """The byte min/max block scans of the drivers find a special code wherever it
+    sits in the block, and only the special codes (every code, at every position
+    parity of a vector, in blocks of full and partial length)."""
+    for m in (256, 77, 1):
+        for c in range(256):
+            for pos in sorted({0, m // 2, m - 1}):
+                T = np.zeros(256, np.uint8)
+                T[pos] = c
+                sig, uns, one_sig, one_uns = _block_scans(T[pos:pos + 1], 1)
+                assert (sig, uns) == (one_sig, one_uns) == (c in (127, 128, 129), c >= 254)
+                sig, uns, _, _ = _block_scans(T, m)
+                assert (sig, uns) == (c in (127, 128, 129), c >= 254)
+        T = np.full(256, 127, np.uint8)
+        assert _block_scans(T, m)[0] and not _block_scans(T[m:], 0)[0]
 
 
 # ----------------------------------------------------- kernels vs reference

@@ -64,6 +64,7 @@ from .base import (CHUNK, PARALLEL_MIN, Backend, make_chunks,  # noqa: E402,F401
                    may_use_threads, stored_chunks)
 from .element import apply_catch_up, element_step, scalar_loader  # noqa: E402
 from .prefetch import PREFETCH_AHEAD, prefetch_row, prefetch_span  # noqa: E402
+from ..storage.codecs import bits32  # noqa: E402
 
 
 @intrinsic
@@ -366,7 +367,10 @@ def _block_loop(config, grad_kind, catch, step, finite):
     parameter (or keep it in the row buffer ``Rb`` for max_norm), and store the
     state (8-bit: keep it in the block buffers ``b0..b2`` for encoding).
     ``finite``: 8-bit slots are decoded without special codes (the block has
-    none)."""
+    none).  Returns, per 8-bit slot, the largest bit pattern of the new values'
+    magnitudes (:func:`_magnitude_bits`), the block scale's max reduction fused
+    into the element loop (a separate pass over each buffer cost about 0.02 ns per
+    element and slot, docs/low-precision.md); zeros for other formats."""
     key = (config, grad_kind, bool(catch), bool(step), bool(finite))
     fn = _BLOCK_LOOPS.get(key)
     if fn is not None:
@@ -375,7 +379,7 @@ def _block_loop(config, grad_kind, catch, step, finite):
     st = config.storage
     CT = np.dtype(config.compute_dtype).type
     LP = io.param_io(st, CT)[0]
-    SP = io.param_store_at(st, CT)
+    SP = io.param_store_block(st, CT)
     LG = io.grad_loader(grad_kind, CT)
     Q8 = st.state == "q8"
     if Q8:
@@ -389,12 +393,15 @@ def _block_loop(config, grad_kind, catch, step, finite):
     CATCH, STEPPING = bool(catch), bool(step)
     V1, V2 = U1 and STEPPING, U2 and STEPPING     # catch-up alone touches p and slot 0
     MX = bool(config.switches[5])
+    I32 = np.int32
+    MAG = _magnitude_bits
 
     def block(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, Rb, c0, c1, c2, m, c, zero, key, lo,
               ca, cb, cc, ce):
         # a row whose catch-up map is exactly the identity (up to date) is not
         # caught up: p + 0 would turn -0 into +0 (as the float32/float64 row driver)
         catching = CATCH and not (ca == 1.0 and cb == 0.0 and cc == 0.0 and ce == 1.0)
+        t0 = t1 = t2 = I32(0)
         for i in range(m):
             old = LP(Pb, Ab, i)
             p = old
@@ -408,14 +415,17 @@ def _block_loop(config, grad_kind, catch, step, finite):
             if MX:
                 Rb[i] = p
             else:
-                SP(Pb, Ab, i, p, old, key, lo + i)
+                SP(Pb, Ab, i, p, old, key, lo)
             if Q8:
                 if U0:
                     b0[i] = s0
+                    t0 = max(t0, MAG(s0))
                 if V1:
                     b1[i] = s1
+                    t1 = max(t1, MAG(s1))
                 if V2:
                     b2[i] = s2
+                    t2 = max(t2, MAG(s2))
             else:
                 if U0:
                     W0(T0, i, s0)
@@ -423,46 +433,77 @@ def _block_loop(config, grad_kind, catch, step, finite):
                     W1(T1, i, s1)
                 if V2:
                     W2(T2, i, s2)
+        return t0, t1, t2
 
     fn = _BLOCK_LOOPS[key] = register_jitable(inline="always")(block)
     return fn
 
 
+@register_jitable
+def _magnitude_bits(x):
+    """The bit pattern of ``|x|`` as float32, an int32 (Inf and NaN above 0x7F800000 -
+    1): for non-negative floats the patterns order like the values, so a block's
+    largest magnitude is an integer max, which vectorizes."""
+    return np.int32(bits32(x) & np.uint32(0x7FFFFFFF))
+
+
 def _q8_slot(storage, slot, CT):
     """(has_special(T, m), finish(T, b, scales, kb, m)) of an 8-bit slot: whether a
-    block's codes hold a special code; encoding a block's new values ``b`` with
-    their scale (the largest finite magnitude, an integer max over the bit
-    patterns), with the finite-only encoder unless a value is not finite."""
-    from ..storage import io
-    from ..storage.codecs import bits32, from_bits, scale_inverse
-    _, _, ENC, ENCF, SPECIAL = io.q8_pieces(storage, slot, CT)
+    block's codes hold a special code (a byte min/max reduction); encoding a block's
+    new values ``b`` with their scale (the largest finite magnitude, an integer max
+    over the bit patterns), with the finite-only encoder unless a value is not
+    finite.  ``finish`` computes the block's largest pattern itself; the drivers
+    call ``_q8_finish(...)(T, b, scales, kb, m, top)`` with the one their element
+    loop reduced."""
+    from ..storage import codecs as C
+    signed = storage.signed[slot] if slot < len(storage.signed) else True
+    HAS = C.block_has_special_signed if signed else C.block_has_special_unsigned
+    FIN = _q8_finish(storage, slot, CT)
     I32 = np.int32
 
     @register_jitable
     def has_special(T, m):
-        k = I32(0)
-        for i in range(m):
-            k = max(k, I32(SPECIAL(T[i])))
-        return k > 0
+        return HAS(T, m)
 
     @register_jitable
     def finish(T, b, scales, kb, m):
         top = I32(0)
-        fin = I32(0)
         for i in range(m):
-            x = I32(bits32(b[i]) & np.uint32(0x7FFFFFFF))
-            top = max(top, x)
-            fin = max(fin, x if x < I32(0x7F800000) else I32(0))
-        a = from_bits(fin)
-        scales[kb] = a
-        inv = scale_inverse(a)
+            top = max(top, _magnitude_bits(b[i]))
+        FIN(T, b, scales, kb, m, top)
+    return has_special, finish
+
+
+def _q8_finish(storage, slot, CT):
+    """``finish(T, b, scales, kb, m, top)``: encode the block's new values ``b``
+    given ``top``, the largest :func:`_magnitude_bits` of ``b[:m]``.  Every value
+    finite (``top`` below Inf's pattern), nearly always: the scale is ``top``'s
+    float and one encode pass with the finite-only encoder follows; otherwise a
+    pass finds the largest finite magnitude and the full encoder runs."""
+    from ..storage import io
+    from ..storage.codecs import from_bits, scale_inverse
+    _, _, ENC, ENCF, _ = io.q8_pieces(storage, slot, CT)
+    I32 = np.int32
+
+    @register_jitable
+    def finish(T, b, scales, kb, m, top):
         if top >= I32(0x7F800000):
+            fin = I32(0)
+            for i in range(m):
+                x = _magnitude_bits(b[i])
+                fin = max(fin, x if x < I32(0x7F800000) else I32(0))
+            a = from_bits(fin)
+            scales[kb] = a
+            inv = scale_inverse(a)
             for i in range(m):
                 T[i] = ENC(b[i], inv)
         else:
+            a = from_bits(top)
+            scales[kb] = a
+            inv = scale_inverse(a)
             for i in range(m):
                 T[i] = ENCF(b[i], inv)
-    return has_special, finish
+    return finish
 
 
 def make_stored_dense_driver(config, parallel):
@@ -476,7 +517,9 @@ def make_stored_dense_driver(config, parallel):
     BODY = _block_loop(config, config.grad, False, True, True)
     BODYS = _block_loop(config, config.grad, False, True, False) if Q8 else BODY
     Q = [_q8_slot(config.storage, s, CT) for s in range(3)] if Q8 else [(None, None)] * 3
-    (H0, E0), (H1, E1), (H2, E2) = Q
+    (H0, _), (H1, _), (H2, _) = Q
+    E0, E1, E2 = ([_q8_finish(config.storage, s, CT) for s in range(3)] if Q8
+                  else [None] * 3)
     LOAD = scalar_loader(config.rule.Scalars, CT, config.fixed)
     U0, U1, U2 = (bool(u) for u in config.uses)
     assert not config.switches[5], "max_norm runs through the row driver"
@@ -531,18 +574,18 @@ def make_stored_dense_driver(config, parallel):
                     special = ((U0 and H0(T0, m)) or (U1 and H1(T1, m))
                                or (U2 and H2(T2, m)))
                 if special:
-                    BODYS(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, b0, c0, c1, c2, m, c, zero,
-                          key, base + lo, 1.0, 0.0, 0.0, 1.0)
+                    t0, t1, t2 = BODYS(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, b0, c0, c1, c2, m,
+                                       c, zero, key, base + lo, 1.0, 0.0, 0.0, 1.0)
                 else:
-                    BODY(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, b0, c0, c1, c2, m, c, zero,
-                         key, base + lo, 1.0, 0.0, 0.0, 1.0)
+                    t0, t1, t2 = BODY(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, b0, c0, c1, c2, m,
+                                      c, zero, key, base + lo, 1.0, 0.0, 0.0, 1.0)
                 if Q8:
                     if U0:
-                        E0(T0, b0, C0, kb, m)
+                        E0(T0, b0, C0, kb, m, t0)
                     if U1:
-                        E1(T1, b1, C1, kb, m)
+                        E1(T1, b1, C1, kb, m, t1)
                     if U2:
-                        E2(T2, b2, C2, kb, m)
+                        E2(T2, b2, C2, kb, m, t2)
 
     return _compile(stored_dense_driver, parallel)
 
@@ -595,7 +638,9 @@ def make_stored_rows_driver(config, parallel, catch, step):
     BODY = _block_loop(config, "native", catch, step, True)
     BODYS = _block_loop(config, "native", catch, step, False) if Q8 else BODY
     Q = [_q8_slot(config.storage, s, CT) for s in range(3)] if Q8 else [(None, None)] * 3
-    (H0, E0), (H1, E1), (H2, E2) = Q
+    (H0, _), (H1, _), (H2, _) = Q
+    E0, E1, E2 = ([_q8_finish(config.storage, s, CT) for s in range(3)] if Q8
+                  else [None] * 3)
     LOAD = scalar_loader(config.rule.Scalars, CT, config.fixed)
     U0, U1, U2 = (bool(u) for u in config.uses)
     MX = bool(config.switches[5])
@@ -668,18 +713,18 @@ def make_stored_rows_driver(config, parallel, catch, step):
                         special = ((U0 and H0(T0, m)) or (V1 and H1(T1, m))
                                    or (V2 and H2(T2, m)))
                     if special:
-                        BODYS(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, Rb, c0, c1, c2, m, c,
-                              zero, ukey, base + lo, ca, cb, cc, ce)
+                        t0, t1, t2 = BODYS(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, Rb, c0, c1,
+                                           c2, m, c, zero, ukey, base + lo, ca, cb, cc, ce)
                     else:
-                        BODY(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, Rb, c0, c1, c2, m, c,
-                             zero, ukey, base + lo, ca, cb, cc, ce)
+                        t0, t1, t2 = BODY(Pb, Ab, Gb, T0, T1, T2, b0, b1, b2, Rb, c0, c1,
+                                          c2, m, c, zero, ukey, base + lo, ca, cb, cc, ce)
                     if Q8:
                         if U0:
-                            E0(T0, b0, C0, kb, m)
+                            E0(T0, b0, C0, kb, m, t0)
                         if V1:
-                            E1(T1, b1, C1, kb, m)
+                            E1(T1, b1, C1, kb, m, t1)
                         if V2:
-                            E2(T2, b2, C2, kb, m)
+                            E2(T2, b2, C2, kb, m, t2)
                 if MX:
                     renorm_row(prow, c, zero, EPS)
                     lo = r * D

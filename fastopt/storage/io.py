@@ -11,6 +11,8 @@ in the element loop.  All work on flat arrays and a flat element index ``e``.
   The CPU drivers index views of a block from 0, which lets LLVM vectorize (an
   index ``lo + i`` of unknown sign keeps Numba's negative-index wraparound in the
   loop, and the loop scalar);
+* ``store_param_block(P, A, i, x, old, key, e0)``: the same with the block's first
+  element ``e0`` (the random bits of ``e0 + i`` drawn in 32-bit lanes);
 * ``load_grad(G, e)``;
 * per state slot ``load_state(S, e, scale)`` and ``store_state(S, e, x)``;
   8-bit slots are stored block by block by the driver with ``encode(x, inv)``.
@@ -93,6 +95,25 @@ def param_store_at(storage, CT):
     def store_at(P, A, i, x, old, key, e):
         STORE(P, A, i, x, old, key)
     return store_at
+
+
+def param_store_block(storage, CT):
+    """``store_param_block(P, A, i, x, old, key, e0)``: ``store_param_at`` for
+    element ``i`` of a block view whose first element is element ``e0`` of the
+    tensor (the CPU dense blocks): the stochastic stream is drawn with
+    :func:`~fastopt.storage.codecs.random16_at` (32-bit lanes, bit for bit the
+    stream of ``e0 + i``)."""
+    if storage.param == "bfloat16" and storage.update == "stochastic":
+        @register_jitable
+        def store_block(P, A, i, x, old, key, e0):
+            P[i] = C.round_stochastic(x, C.random16_at(key, e0, i))
+        return store_block
+    STORE = param_io(storage, CT)[1]
+
+    @register_jitable
+    def store_block(P, A, i, x, old, key, e0):
+        STORE(P, A, i, x, old, key)
+    return store_block
 
 
 def grad_loader(kind, CT):
