@@ -32,7 +32,11 @@ renormalizes each row right after its update, while it is in cache; the rows
 (:func:`make_stored_rowwise_driver`) take whole rows.  Parameters in float32/float64
 with state in their dtype keep row drivers of their own (:func:`make_rows_driver`,
 :func:`make_rowwise_driver`, :func:`run_rows`: 2-D row views, no blocks), the one
-twin whose removal measured slower (docs/backends.md).
+twin whose removal measured slower (docs/backends.md); the element-wise one sums
+the duplicates and updates the rows in one parallel region (each task its own
+range of unique rows, :func:`task_rows`; the plan's inverse from
+:func:`fastopt.sparse.row_plan`), the stored formats' driver runs
+:func:`_sum_duplicates` first.
 
 Every driver is a closure over the configuration (rule math, format, dtype, used
 slots, fixed scalars, fused switches, serial or parallel), compiled once per
