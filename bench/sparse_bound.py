@@ -13,7 +13,7 @@ torch adapter, in one interleaved run; and where a step's time goes.
     big     (``--big``) lazy Adam (numba) on the 1M- and the 16M-row table, the same
             ids (about 13 GB: run it alone)
     stages  the numba step split: the coalescing plan (fastopt.sparse.row_plan), the
-            fused row driver (duplicate sums and row updates, one parallel region)
+            duplicate sums (numba_cpu._sum_duplicates), the row driver (updates)
             and the rest (validation, planning, Python), each timed on its own
 
 Each round times every contender ``--reps`` times in turn, the order alternating
@@ -92,32 +92,31 @@ def stats(ts):
 
 
 def stages(case, reps):
-    """The numba step split into plan, fused driver and the rest (timed through
-    wrappers around fastopt.planner.row_plan and the numba driver call)."""
+    """The numba step split into plan, duplicate sums, row driver and the rest (timed
+    through wrappers around fastopt.planner.row_plan, numba_cpu._sum_duplicates and
+    the numba driver call)."""
     import fastopt.planner as planner
     from fastopt.backends import numba_cpu as nc
     step = core(case, "numba")
     for _ in range(20):
         step()
-    t = {"plan": [], "driver": []}
-    plan, driver = planner.row_plan, nc._driver
+    t = {"plan": [], "sums": [], "driver": []}
 
-    def timed_plan(*a):
-        t0 = time.perf_counter()
-        out = plan(*a)
-        t["plan"].append(time.perf_counter() - t0)
-        return out
+    def timer(name, fn):
+        def run(*a):
+            t0 = time.perf_counter()
+            out = fn(*a)
+            t[name].append(time.perf_counter() - t0)
+            return out
+        return run
+    plan, driver, sums = planner.row_plan, nc._driver, dict(nc._sum_duplicates)
 
     def timed_driver(*a):
-        d = driver(*a)
-
-        def run(*b):
-            t0 = time.perf_counter()
-            d(*b)
-            t["driver"].append(time.perf_counter() - t0)
-        return run
+        return timer("driver", driver(*a))
     total = []
-    planner.row_plan, nc._driver = timed_plan, timed_driver
+    planner.row_plan, nc._driver = timer("plan", plan), timed_driver
+    for k, fn in sums.items():
+        nc._sum_duplicates[k] = timer("sums", fn)
     try:
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -125,9 +124,15 @@ def stages(case, reps):
             total.append(time.perf_counter() - t0)
     finally:
         planner.row_plan, nc._driver = plan, driver
-    rest = np.asarray(total) - np.asarray(t["plan"]) - np.asarray(t["driver"])
-    return {"step": stats(total), "plan": stats(t["plan"]), "driver": stats(t["driver"]),
-            "rest": stats(rest)}
+        nc._sum_duplicates.update(sums)
+    out = {"step": stats(total)}
+    rest = np.asarray(total)
+    for k, v in t.items():
+        if len(v) == len(total):
+            out[k] = stats(v)
+            rest = rest - np.asarray(v)
+    out["rest"] = stats(rest)
+    return out
 
 
 def report(title, times, base, bound_ms=None):

@@ -349,8 +349,8 @@ cdef int _check_inverse(str who, Py_ssize_t nnz, const int64_t[::1] order,
     return 0
 
 
-#: the cost of updating one unique row, in gradient rows summed (as
-#: ``numba_cpu.UNIQUE_ROW_COST``: the split of a fused row step between tasks)
+#: the cost of updating one unique row, in gradient rows summed (the split of a
+#: fused row step between tasks; any value gives the same results)
 cdef enum:
     UNIQUE_ROW_COST = 2
 

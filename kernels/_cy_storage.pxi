@@ -500,8 +500,11 @@ cdef inline void _sprefetch_ahead(floating zero, int ucode, bint stepping, const
 
 cdef void _task_rows(const int64_t* seg, Py_ssize_t n, bint weighted, Py_ssize_t t,
                      Py_ssize_t parts, Py_ssize_t* lo, Py_ssize_t* hi) noexcept nogil:
-    """Twin of ``numba_cpu.task_rows``: the unique rows ``[lo, hi)`` of task ``t``,
-    contiguous ranges splitting ``seg[u] + UNIQUE_ROW_COST * u`` evenly."""
+    """The unique rows ``[lo, hi)`` of task ``t`` of ``parts``: contiguous ranges
+    splitting ``seg[u] + UNIQUE_ROW_COST * u`` (gradient rows to sum and rows to
+    update before unique row ``u``; ``u`` alone when not ``weighted``) evenly.  Each
+    unique row belongs to one task, so each sum is formed by one task in order of
+    appearance whatever ``parts`` is."""
     cdef int64_t total = (seg[n] if weighted else 0) + UNIQUE_ROW_COST * n
     cdef int64_t target
     cdef Py_ssize_t e, k, a, b, mid
@@ -528,7 +531,7 @@ cdef void _task_rows(const int64_t* seg, Py_ssize_t n, bint weighted, Py_ssize_t
 cdef void _stream_sums(const floating* V, Py_ssize_t D, const int64_t* order,
                        const int64_t* seg, const int64_t* inv, Py_ssize_t nnz,
                        Py_ssize_t lo, Py_ssize_t hi, floating* sums) noexcept nogil:
-    """Twin of the Numba row driver's first phase: ``sums[u]`` for the repeated
+    """The first phase of a fused row step: ``sums[u]`` for the repeated
     unique rows ``u`` in ``[lo, hi)``, the gradient rows read in their own order
     (``inv[i]``: the unique row of gradient row ``i``), added in order of appearance
     (the first copied)."""
@@ -615,9 +618,10 @@ def run_stored_rows(int rule_id, int dtype_code, int pkind, int skind, int smask
                     int64_t key, double renorm_eps, Py_ssize_t parallel_min,
                     int64_t base=0, const int64_t[::1] inverse=None):
     """Row step of element-wise rule ``rule_id`` in a stored format (twin of
-    ``make_stored_rows_driver``; with ``inverse``, of the float32/float64 row
-    driver ``make_rows_driver``: duplicate sums and updates in one parallel region,
-    the gradient rows read in their own order).  ``addrs`` int64 (9,): the parameter (nrows, D) in
+    ``make_stored_rows_driver``; with ``inverse``, duplicate sums and updates run
+    in one parallel region, each thread summing the gradient rows of its own
+    unique rows in their order, then updating them; the numba drivers sum first,
+    in a region of their own: the same bits).  ``addrs`` int64 (9,): the parameter (nrows, D) in
     its format (bfloat16: uint16 bits), the gradient rows (nnz, D) in the compute
     dtype, the three state slots, the aux array (split/kahan), the three 8-bit
     scale arrays (nrows * ceil(D / Q8_BLOCK) each); unused entries are never read.

@@ -259,55 +259,18 @@ def test_parallel_duplicate_sums_match_across_backends(dtype):
     np.testing.assert_array_equal(out["numba"], q)
 
 
-def test_row_plan_inverse_and_task_ranges():
-    """row_plan's inverse maps each gradient row to its unique row; task_rows splits
-    the unique rows into contiguous ranges that cover each exactly once, for any
-    number of tasks (more tasks than rows included)."""
+def test_row_plan_inverse():
+    """row_plan's inverse maps each gradient row to its unique row; its plan is
+    coalesce_plan's."""
     pytest.importorskip("numba")
-    from fastopt.backends import numba_cpu as nc
     from fastopt.sparse import coalesce_plan, row_plan
     rng = np.random.default_rng(5)
     for nrows, nnz in ((1, 3), (50, 7), (1000, 5000), (1 << 20, 3000)):
         idx = np.minimum(rng.zipf(1.2, nnz) - 1, nrows - 1).astype(np.int64)
         order, seg, uniq, inverse = row_plan(idx, nrows)
-        for a, b in zip((order, seg, uniq), coalesce_plan(idx, nrows)):
-            np.testing.assert_array_equal(a, b)
+        for x, y in zip((order, seg, uniq), coalesce_plan(idx, nrows)):
+            np.testing.assert_array_equal(x, y)
         np.testing.assert_array_equal(uniq[inverse], idx)
-        for parts in (1, 2, 3, 7, 64):
-            for weighted in (True, False):
-                spans = [nc.task_rows(seg, uniq.size, weighted, t, parts)
-                         for t in range(parts)]
-                assert spans[0][0] == 0 and spans[-1][1] == uniq.size
-                assert all(lo <= hi for lo, hi in spans)
-                assert all(spans[t][1] == spans[t + 1][0] for t in range(parts - 1))
-
-
-@pytest.mark.parametrize("parts", [1, 3, 5])
-def test_fused_row_driver_is_independent_of_task_count(parts, monkeypatch):
-    """The numba row driver sums duplicates and updates rows in one parallel region
-    of ``parts`` tasks: the same bits for any count, equal to the step with the
-    gradient pre-summed in order of appearance; the scratch rows are reused from
-    step to step (stale sums never leak into the next step)."""
-    pytest.importorskip("numba")
-    from fastopt.backends import numba_cpu as nc
-    rng = np.random.default_rng(11)
-    rows, dim, nnz = 4000, 12, 15000
-    base = rng.standard_normal((rows, dim)).astype(np.float32)
-    batches = []
-    for _ in range(3):
-        idx = ((rng.zipf(1.2, nnz) - 1) * 2654435761) % rows
-        batches.append((idx, rng.standard_normal((nnz, dim)).astype(np.float32)))
-    ref = base.copy()
-    opt = fastopt.Adam([ref], lr=1e-2, backend="numba")
-    for idx, vals in batches:
-        uniq, summed = coalesce(idx.astype(np.int64), vals, rows)
-        opt.step([fastopt.RowSparse(uniq, summed)])
-    monkeypatch.setattr(nc, "row_tasks", lambda parallel: parts)
-    p = base.copy()
-    opt = fastopt.Adam([p], lr=1e-2, backend="numba")
-    for idx, vals in batches:
-        opt.step([fastopt.RowSparse(idx, vals)])
-    np.testing.assert_array_equal(p, ref)
 
 
 torch = None

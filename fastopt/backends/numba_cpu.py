@@ -32,11 +32,7 @@ renormalizes each row right after its update, while it is in cache; the rows
 (:func:`make_stored_rowwise_driver`) take whole rows.  Parameters in float32/float64
 with state in their dtype keep row drivers of their own (:func:`make_rows_driver`,
 :func:`make_rowwise_driver`, :func:`run_rows`: 2-D row views, no blocks), the one
-twin whose removal measured slower (docs/backends.md); the element-wise one sums
-the duplicates and updates the rows in one parallel region (each task its own
-range of unique rows, :func:`task_rows`; the plan's inverse from
-:func:`fastopt.sparse.row_plan`), the stored formats' driver runs
-:func:`_sum_duplicates` first.
+twin whose removal measured slower (docs/backends.md).
 
 Every driver is a closure over the configuration (rule math, format, dtype, used
 slots, fixed scalars, fused switches, serial or parallel), compiled once per
@@ -141,52 +137,14 @@ def summed_row(vals, order, a, b, scratch, u):
     return G
 
 
-#: the cost of updating one unique row, in gradient rows summed (the split of a
-#: fused row step between tasks; any value gives the same results)
-UNIQUE_ROW_COST = 2
-
-
-@register_jitable
-def task_rows(seg, n, weighted, t, parts):
-    """The unique rows ``[lo, hi)`` of task ``t`` of ``parts`` (of ``n``): contiguous
-    ranges that split ``seg[u] + UNIQUE_ROW_COST * u`` (the gradient rows to sum and
-    the rows to update before unique row ``u``; ``u`` alone when not ``weighted``:
-    a catch-up without gradient) evenly.  Every unique row belongs to exactly one
-    task, so each sum is formed by one task in order of appearance whatever
-    ``parts`` is."""
-    total = (seg[n] if weighted else 0) + UNIQUE_ROW_COST * n
-    bounds = np.empty(2, dtype=np.int64)
-    for e in range(2):
-        k = t + e
-        if k >= parts:
-            bounds[e] = n
-            continue
-        target = total * k // parts
-        lo, hi = 0, n               # smallest u with cost(u) >= target
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if (seg[mid] if weighted else 0) + UNIQUE_ROW_COST * mid < target:
-                lo = mid + 1
-            else:
-                hi = mid
-        bounds[e] = lo
-    return bounds[0], bounds[1]
-
-
 def make_rows_driver(config, parallel, catch, step):
-    """The row driver of an element-wise rule, one parallel region: ``parts`` tasks
-    each own a contiguous range of unique rows (:func:`task_rows`); a task first
-    sums the duplicate gradient rows of its range, reading the gradient rows in
-    their own order (a stream the hardware prefetches; ``inverse[i]`` is the unique
-    row of gradient row ``i``) into ``scratch[u]`` in order of appearance (the
-    first copied), then updates its rows while those sums are still in cache: for
-    each unique row, catch up (``catch``), the element step with the row's summed
-    gradient (``step``), then ``max_norm``.  ``P`` and the slots are (nrows, D)
-    views (unused slots get ``P`` and are never touched); ``vals`` (nnz, D)
-    gradient rows; ``coef`` (nuniq, 4) float64 catch-up maps; ``scratch`` (nuniq,
-    D) when rows repeat (only the rows of repeated unique rows are touched), else
-    empty, and ``inverse`` empty with it.  The rows ``PREFETCH_AHEAD`` unique rows
-    ahead are prefetched.  Results are identical for any ``parts``."""
+    """The row driver of an element-wise rule: for each unique touched row, catch up
+    (``catch``), then the element step with the row's summed gradient (``step``),
+    then ``max_norm``.  ``P`` and the slots are (nrows, D) views (unused slots get
+    ``P`` and are never touched); ``vals`` (nnz, D) gradient rows; ``coef`` (nuniq,
+    4) float64 catch-up maps; ``scratch`` (nuniq, D) when rows repeat: the summed
+    rows of the unique rows that repeat (:func:`_sum_duplicates`, run just before),
+    else empty.  The rows ``PREFETCH_AHEAD`` unique rows ahead are prefetched."""
     STEP = element_step(config.rule.math, config.switches)
     LOAD = scalar_loader(config.rule.Scalars, config.dtype, config.fixed)
     DT = np.dtype(config.dtype).type
@@ -194,78 +152,61 @@ def make_rows_driver(config, parallel, catch, step):
     MX = bool(config.switches[5])
     EPS = DT(RENORM_EPS)
     CATCH, STEPPING = bool(catch), bool(step)
-    STAMP = _stamp(config.rule.math, task_rows)
+    STAMP = _stamp(config.rule.math)
     PARALLEL = bool(parallel)
     AHEAD = PREFETCH_AHEAD
 
-    def rows_driver(P, S0, S1, S2, vals, order, seg, uniq, hyper, scratch, coef, inverse,
-                    parts):
+    def rows_driver(P, S0, S1, S2, vals, order, seg, uniq, hyper, scratch, coef):
         stamp = STAMP  # noqa: F841
         par = PARALLEL  # noqa: F841
         zero = DT(0)
         D = P.shape[1]
+        n = uniq.shape[0]
+        # duplicates were summed into scratch (_sum_duplicates) before this call
         dups = STEPPING and scratch.shape[0] > 0
-        for t in prange(parts):
+        for u in prange(n):
             # loaded inside the parallel loop: a NamedTuple that crosses into a parfor
             # cannot be typed by Numba's gufunc builder (and LLVM hoists the loads)
             c = LOAD(hyper, 0)
-            lo, hi = task_rows(seg, uniq.shape[0], STEPPING, t, parts)
-            if dups and hi > lo:
-                for i in range(inverse.shape[0]):
-                    w = inverse[i]
-                    if w < lo or w >= hi:
-                        continue
-                    a = seg[w]
-                    if seg[w + 1] - a == 1:
-                        continue
-                    row = scratch[w]
-                    g = vals[i]
-                    if i == order[a]:
-                        for j in range(D):
-                            row[j] = g[j]
-                    else:
-                        for j in range(D):
-                            row[j] += g[j]
-            for u in range(lo, hi):
-                if u + AHEAD < hi:
-                    q = uniq[u + AHEAD]
-                    prefetch_row(P, q)
-                    if U0:
-                        prefetch_row(S0, q)
-                    if U1:
-                        prefetch_row(S1, q)
-                    if U2:
-                        prefetch_row(S2, q)
-                    if STEPPING:
-                        if seg[u + AHEAD + 1] - seg[u + AHEAD] == 1:
-                            prefetch_row(vals, order[seg[u + AHEAD]])
-                r = uniq[u]
-                if CATCH:
-                    ca, cb, cc, ce = coef[u, 0], coef[u, 1], coef[u, 2], coef[u, 3]
-                    identity = ca == 1.0 and cb == 0.0 and cc == 0.0 and ce == 1.0
-                    for j in range(D if not identity else 0):
-                        s = S0[r, j] if U0 else zero
-                        p, s = apply_catch_up(P[r, j], s, ca, cb, cc, ce, DT)
-                        P[r, j] = p
-                        if U0:
-                            S0[r, j] = s
+            if u + AHEAD < n:
+                q = uniq[u + AHEAD]
+                prefetch_row(P, q)
+                if U0:
+                    prefetch_row(S0, q)
+                if U1:
+                    prefetch_row(S1, q)
+                if U2:
+                    prefetch_row(S2, q)
                 if STEPPING:
-                    a = seg[u]
-                    G = scratch[u] if dups and seg[u + 1] - a > 1 else vals[order[a]]
-                    for j in range(D):
-                        s0 = S0[r, j] if U0 else zero
-                        s1 = S1[r, j] if U1 else zero
-                        s2 = S2[r, j] if U2 else zero
-                        p, s0, s1, s2 = STEP(P[r, j], G[j], s0, s1, s2, c, zero)
-                        P[r, j] = p
-                        if U0:
-                            S0[r, j] = s0
-                        if U1:
-                            S1[r, j] = s1
-                        if U2:
-                            S2[r, j] = s2
-                    if MX:
-                        renorm_row(P[r], c, zero, EPS)
+                    if seg[u + AHEAD + 1] - seg[u + AHEAD] == 1:
+                        prefetch_row(vals, order[seg[u + AHEAD]])
+            r = uniq[u]
+            if CATCH:
+                ca, cb, cc, ce = coef[u, 0], coef[u, 1], coef[u, 2], coef[u, 3]
+                identity = ca == 1.0 and cb == 0.0 and cc == 0.0 and ce == 1.0
+                for j in range(D if not identity else 0):
+                    s = S0[r, j] if U0 else zero
+                    p, s = apply_catch_up(P[r, j], s, ca, cb, cc, ce, DT)
+                    P[r, j] = p
+                    if U0:
+                        S0[r, j] = s
+            if STEPPING:
+                a = seg[u]
+                G = scratch[u] if dups and seg[u + 1] - a > 1 else vals[order[a]]
+                for j in range(D):
+                    s0 = S0[r, j] if U0 else zero
+                    s1 = S1[r, j] if U1 else zero
+                    s2 = S2[r, j] if U2 else zero
+                    p, s0, s1, s2 = STEP(P[r, j], G[j], s0, s1, s2, c, zero)
+                    P[r, j] = p
+                    if U0:
+                        S0[r, j] = s0
+                    if U1:
+                        S1[r, j] = s1
+                    if U2:
+                        S2[r, j] = s2
+                if MX:
+                    renorm_row(P[r], c, zero, EPS)
 
     return _compile(rows_driver, parallel)
 
@@ -322,6 +263,21 @@ def _driver(factory, config, parallel, *extra):
 
 
 _EMPTY_COEF = np.zeros((0, 4), dtype=np.float64)
+_SCRATCH = threading.local()
+
+
+def scratch_rows(n, D, dtype):
+    """An (n, D) scratch array of ``dtype`` for the duplicate sums, kept per Python
+    thread and grown as needed (a step allocates none once the largest batch was
+    seen; a driver runs to completion before its thread steps again)."""
+    dt = np.dtype(dtype)
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    buf = pool.get(dt)
+    if buf is None or buf.size < n * D:
+        buf = pool[dt] = np.empty(max(n * D, 1 << 16), dtype=dt)
+    return buf[:n * D].reshape(n, D)
 def run_rows(work):
     """Run a :class:`~fastopt.backends.base.RowsWork` on the CPU (serial below
     PARALLEL_MIN touched elements)."""
@@ -343,58 +299,19 @@ def run_rows(work):
             work.hyper, scratch)
         return
     S = [s.reshape(nrows, -1) if s is not None else P for s in work.slots]
+    scratch = scratch_rows(uniq.shape[0] if dups else 0, D, p.dtype)
+    inverse = np.empty(work.order.shape[0] if dups else 0, dtype=np.int64)
     catch = work.catch is not None
     step = work.vals is not None
     vals = work.vals if step else P
     order = work.order if step else uniq
     seg = work.seg if step else uniq
     coef = work.catch.coef if catch else _EMPTY_COEF
-    parts = row_tasks(parallel)
+    parts = numba.get_num_threads() if parallel else 1
     if dups and step:
-        scratch = scratch_rows(uniq.shape[0], D, p.dtype)
-        inverse = work.inverse
-        if inverse is None:          # a plan made without it (row_plan makes it)
-            inverse = inverse_of(order, seg)
-    else:
-        scratch, inverse = _EMPTY_ROWS[p.dtype.type], _EMPTY_INDEX
+        _sum_duplicates[parallel](vals, order, seg, scratch, inverse, parts)
     _driver(make_rows_driver, cfg, parallel, catch, step)(
-        P, S[0], S[1], S[2], vals, order, seg, uniq, work.hyper, scratch, coef, inverse,
-        parts)
-
-
-def row_tasks(parallel):
-    """Tasks of a parallel row step: one per Numba thread (results do not depend on
-    it: :func:`task_rows`)."""
-    return numba.get_num_threads() if parallel else 1
-
-
-_EMPTY_ROWS = {t: np.zeros((0, 1), dtype=t) for t in (np.float32, np.float64)}
-_EMPTY_INDEX = np.zeros(0, dtype=np.int64)
-_SCRATCH = threading.local()
-
-
-def scratch_rows(n, D, dtype):
-    """An (n, D) scratch array of ``dtype`` for the duplicate sums, kept per Python
-    thread and grown as needed (a step allocates none once the largest batch was
-    seen; a driver runs to completion before its thread steps again)."""
-    dt = np.dtype(dtype)
-    pool = getattr(_SCRATCH, "pool", None)
-    if pool is None:
-        pool = _SCRATCH.pool = {}
-    buf = pool.get(dt)
-    if buf is None or buf.size < n * D:
-        buf = pool[dt] = np.empty(max(n * D, 1 << 16), dtype=dt)
-    return buf[:n * D].reshape(n, D)
-
-
-@njit(cache=True, nogil=True)
-def inverse_of(order, seg):
-    """``inverse[order[k]] = u`` for ``k`` in segment ``u`` of a plan."""
-    inverse = np.empty(order.shape[0], dtype=np.int64)
-    for u in range(seg.shape[0] - 1):
-        for k in range(seg[u], seg[u + 1]):
-            inverse[order[k]] = u
-    return inverse
+        P, S[0], S[1], S[2], vals, order, seg, uniq, work.hyper, scratch, coef)
 
 
 def _count_nonfinite_impl(a, scale):
