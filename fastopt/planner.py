@@ -23,7 +23,7 @@ from .backends.base import (CHUNK, FMT_AUX, FMT_BASE, FMT_COLS, FMT_KEY, FMT_N, 
                             FMT_ROW, FMT_SCALE, CatchUp, Config, DenseWork, RowsWork,
                             make_chunks, stored_chunks)
 from .rules import NSCALARS, NSLOTS, fused
-from .sparse import coalesce_plan
+from .sparse import row_plan
 from .storage import NATIVE, Q8_BLOCK, q8_blocks
 
 
@@ -216,13 +216,14 @@ def rows_work(rule, spec, param, slots, row, idx=None, vals=None, grad_scale=Non
         if extras is not None:
             extras = [e.reshape(1) if e is not None and e.ndim == 0 else e for e in extras]
     nrows = param.shape[0]
+    inverse = None
     if vals is None:
         uniq, order, seg = rows, None, None
     elif idx is None:
         idx, order, seg, uniq = _identity_plan(nrows)
         vals = vals.reshape(nrows, -1)
     else:
-        order, seg, uniq = coalesce_plan(idx, nrows)
+        order, seg, uniq, inverse = row_plan(idx, nrows)
     hyper = np.zeros((1, NSCALARS))
     hyper[0, :len(row)] = row
     catch = exact(uniq) if exact is not None else None
@@ -236,7 +237,7 @@ def rows_work(rule, spec, param, slots, row, idx=None, vals=None, grad_scale=Non
     return RowsWork(config=config(rule, param.dtype, spec, grad_scale, storage), param=param,
                     slots=slots, vals=vals, idx=idx, order=order, seg=seg, uniq=uniq,
                     hyper=hyper, catch=catch, ref=ref, grad_scale=grad_scale, extras=extras,
-                    key=key, base=base)
+                    key=key, base=base, inverse=inverse)
 
 
 __all__ = ["GroupSpec", "group_spec", "config", "slot_list", "dense_buckets", "fill_bucket",

@@ -24,7 +24,7 @@ every row falls one step behind, caught up later).
 
 import numpy as np
 
-from ._jit import njit
+from ._jit import njit, register_jitable
 from .storage import is_bf16
 
 __all__ = ["RowSparse", "is_sparse", "checked_rows"]
@@ -114,16 +114,10 @@ def checked_rows(grad, param, where):
     return idx, vals
 
 
-@njit(cache=True, nogil=True)
-def coalesce_plan(idx, nrows):
-    """Stable radix argsort of row indices and the segments of equal rows.
-
-    Returns ``(order, seg, uniq)``: ``idx[order]`` is sorted (ties in their original
-    order), rows ``uniq[u]`` own positions ``order[seg[u]:seg[u + 1]]``.  An LSD
-    radix sort of (index, position) pairs: as few passes of at most 12 bits as
-    ``nrows`` needs (two for up to 16M rows), each a sequential count and scatter
-    with no gather through ``order``; O(nnz) per pass, no atomics, deterministic.
-    """
+@register_jitable
+def _radix_plan(idx, nrows, inverse):
+    """The plan of :func:`coalesce_plan`; ``inverse`` (nnz,) receives the unique row
+    of each gradient row when it is not empty."""
     n = idx.shape[0]
     bits = 1
     while (1 << bits) < nrows:
@@ -152,20 +146,45 @@ def coalesce_plan(idx, nrows):
         key, key2 = key2, key
         order, order2 = order2, order
         shift += width
+    # segments: starts written into key2 (free now), then copied out at their size
     nuniq = 0
+    inv = inverse.shape[0] > 0
     for i in range(n):
         if i == 0 or key[i] != key[i - 1]:
+            key2[nuniq] = i
             nuniq += 1
+        if inv:
+            inverse[order[i]] = nuniq - 1
     seg = np.empty(nuniq + 1, dtype=np.int64)
     uniq = np.empty(nuniq, dtype=np.int64)
-    u = 0
-    for i in range(n):
-        if i == 0 or key[i] != key[i - 1]:
-            seg[u] = i
-            uniq[u] = key[i]
-            u += 1
+    for u in range(nuniq):
+        seg[u] = key2[u]
+        uniq[u] = key[key2[u]]
     seg[nuniq] = n
     return order, seg, uniq
+
+
+@njit(cache=True, nogil=True)
+def coalesce_plan(idx, nrows):
+    """Stable radix argsort of row indices and the segments of equal rows.
+
+    Returns ``(order, seg, uniq)``: ``idx[order]`` is sorted (ties in their original
+    order), rows ``uniq[u]`` own positions ``order[seg[u]:seg[u + 1]]``.  An LSD
+    radix sort of (index, position) pairs: as few passes of at most 12 bits as
+    ``nrows`` needs (two for up to 16M rows), each a sequential count and scatter
+    with no gather through ``order``; O(nnz) per pass, no atomics, deterministic.
+    """
+    return _radix_plan(idx, nrows, np.empty(0, dtype=np.int64))
+
+
+@njit(cache=True, nogil=True)
+def row_plan(idx, nrows):
+    """:func:`coalesce_plan` and ``inverse`` (nnz,) int64, the unique row of each
+    gradient row (``uniq[inverse[i]] == idx[i]``), in the same pass over the sorted
+    ids: the row drivers read the gradient rows in their own order through it."""
+    inverse = np.empty(idx.shape[0], dtype=np.int64)
+    order, seg, uniq = _radix_plan(idx, nrows, inverse)
+    return order, seg, uniq, inverse
 
 
 def coalesce(idx, vals, nrows):

@@ -327,6 +327,34 @@ cdef int _check_plan(str who, Py_ssize_t nrows, Py_ssize_t D, Py_ssize_t nnz,
     return 1
 
 
+cdef int _check_inverse(str who, Py_ssize_t nnz, const int64_t[::1] order,
+                        const int64_t[::1] seg, Py_ssize_t nuniq,
+                        const int64_t[::1] inverse) except -1:
+    """``inverse`` (nnz,) agrees with a checked plan: ``inverse[order[k]] == u`` for
+    every position ``k`` of segment ``u``."""
+    cdef Py_ssize_t u, bad = -1
+    cdef int64_t k
+    if inverse.shape[0] != nnz:
+        raise ValueError(f"{who}: inverse has {inverse.shape[0]} entries, expected {nnz}")
+    with nogil:
+        for u in range(nuniq):
+            for k in range(seg[u], seg[u + 1]):
+                if inverse[order[k]] != u:
+                    bad = order[k]
+                    break
+            if bad >= 0:
+                break
+    if bad >= 0:
+        raise IndexError(f"{who}: inverse[{bad}] = {inverse[bad]} does not match the plan")
+    return 0
+
+
+#: the cost of updating one unique row, in gradient rows summed (the split of a
+#: fused row step between tasks; any value gives the same results)
+cdef enum:
+    UNIQUE_ROW_COST = 2
+
+
 # ------------------------------------------------- single elements (tests)
 
 def math_elem(int rule_id, p, g, s0, s1, s2, c, dtype, int opts=0):

@@ -427,7 +427,7 @@ cdef inline const floating* _summed(const floating* V, Py_ssize_t D, const int64
 cdef void _srow(floating zero, int rule, int ucode, int opts, const SFmt* f, bint stepping,
                 const floating* V, Py_ssize_t D, const int64_t* order, const int64_t* seg,
                 Py_ssize_t u, int64_t r, const double* coef, floating* gbuf, floating* prow,
-                const floating* c, floating eps) noexcept nogil:
+                const floating* c, floating eps, const floating* sums) noexcept nogil:
     cdef floating buf[4 * SBLK]        # parameters, 3 state slots
     cdef const floating* G = NULL
     cdef const double* k = NULL
@@ -437,7 +437,10 @@ cdef void _srow(floating zero, int rule, int ucode, int opts, const SFmt* f, bin
     cdef bint bf = f.pkind != PK_NATIVE
     cdef bint mx = (opts & OPT_MAX_NORM) != 0
     if stepping:
-        G = _summed(V, D, order, seg[u], seg[u + 1], gbuf)
+        if sums != NULL and seg[u + 1] - seg[u] > 1:
+            G = sums + u * D             # summed by _stream_sums
+        else:
+            G = _summed(V, D, order, seg[u], seg[u + 1], gbuf)
     if coef != NULL:
         k = coef + 4 * u
     for jb in range(nb):
@@ -495,29 +498,116 @@ cdef inline void _sprefetch_ahead(floating zero, int ucode, bint stepping, const
         _prefetch_row(f.S[0] + off * sb, D * sb)
 
 
+cdef void _task_rows(const int64_t* seg, Py_ssize_t n, bint weighted, Py_ssize_t t,
+                     Py_ssize_t parts, Py_ssize_t* lo, Py_ssize_t* hi) noexcept nogil:
+    """The unique rows ``[lo, hi)`` of task ``t`` of ``parts``: contiguous ranges
+    splitting ``seg[u] + UNIQUE_ROW_COST * u`` (gradient rows to sum and rows to
+    update before unique row ``u``; ``u`` alone when not ``weighted``) evenly.  Each
+    unique row belongs to one task, so each sum is formed by one task in order of
+    appearance whatever ``parts`` is."""
+    cdef int64_t total = (seg[n] if weighted else 0) + UNIQUE_ROW_COST * n
+    cdef int64_t target
+    cdef Py_ssize_t e, k, a, b, mid
+    for e in range(2):
+        k = t + e
+        if k >= parts:
+            b = n
+        else:
+            target = total * k // parts
+            a = 0
+            b = n
+            while a < b:
+                mid = (a + b) // 2
+                if (seg[mid] if weighted else 0) + UNIQUE_ROW_COST * mid < target:
+                    a = mid + 1
+                else:
+                    b = mid
+        if e == 0:
+            lo[0] = b
+        else:
+            hi[0] = b
+
+
+cdef void _stream_sums(const floating* V, Py_ssize_t D, const int64_t* order,
+                       const int64_t* seg, const int64_t* inv, Py_ssize_t nnz,
+                       Py_ssize_t lo, Py_ssize_t hi, floating* sums) noexcept nogil:
+    """The first phase of a fused row step: ``sums[u]`` for the repeated
+    unique rows ``u`` in ``[lo, hi)``, the gradient rows read in their own order
+    (``inv[i]``: the unique row of gradient row ``i``), added in order of appearance
+    (the first copied)."""
+    cdef Py_ssize_t i, j
+    cdef int64_t w, a
+    cdef floating* row
+    cdef const floating* g
+    for i in range(nnz):
+        w = inv[i]
+        if w < lo or w >= hi:
+            continue
+        a = seg[w]
+        if seg[w + 1] - a == 1:
+            continue
+        row = sums + w * D
+        g = V + i * D
+        if i == order[a]:
+            for j in range(D):
+                row[j] = g[j]
+        else:
+            for j in range(D):
+                row[j] = row[j] + g[j]
+
+
+cdef void _srows_task(floating zero, int rule, int ucode, int opts, const SFmt* f,
+                      bint stepping, const floating* Vp, Py_ssize_t D, const int64_t* order,
+                      const int64_t* seg, const int64_t* uniq, Py_ssize_t nuniq,
+                      const double* coef, const floating* c, floating eps, char* mine,
+                      Py_ssize_t stride, const int64_t* inv, Py_ssize_t nnz, floating* sums,
+                      Py_ssize_t t, Py_ssize_t parts) noexcept nogil:
+    """One task of a fused row step: its unique rows' duplicate sums, then their
+    updates (the sums still in cache)."""
+    cdef Py_ssize_t lo, hi, u
+    _task_rows(seg, nuniq, stepping, t, parts, &lo, &hi)
+    if stepping and sums != NULL and hi > lo:
+        _stream_sums(Vp, D, order, seg, inv, nnz, lo, hi, sums)
+    for u in range(lo, hi):
+        _sprefetch_ahead(zero, ucode, stepping, f, Vp, D, order, seg, uniq, u, hi)
+        _srow(zero, rule, ucode, opts, f, stepping, Vp, D, order, seg, u, uniq[u], coef,
+              <floating*>mine, <floating*>(mine + stride), c, eps, sums)
+
+
 cdef void _srows(floating zero, int rule, int ucode, int opts, const SFmt* f, bint stepping,
                  const int64_t* V, Py_ssize_t D, const int64_t* order, const int64_t* seg,
                  const int64_t* uniq, Py_ssize_t nuniq, const double* h, const double* coef,
                  double renorm_eps, char* scratch, Py_ssize_t stride,
-                 bint parallel) noexcept nogil:
+                 bint parallel, const int64_t* inv, Py_ssize_t nnz, char* sums) noexcept nogil:
     cdef const floating* Vp = <const floating*><intptr_t>V[0]
     cdef floating c[NSCALARS]
     cdef floating eps = <floating>renorm_eps
-    cdef Py_ssize_t u
+    cdef Py_ssize_t u, t, parts
     cdef char* mine
     _load_scalars(c, h)
-    if parallel:
+    if sums != NULL:
+        # fused: one task per thread owns a range of unique rows (sums and updates)
+        parts = openmp.omp_get_max_threads() if parallel else 1
+        if parallel:
+            for t in prange(parts, schedule="static", chunksize=1, num_threads=parts):
+                _srows_task(zero, rule, ucode, opts, f, stepping, Vp, D, order, seg, uniq,
+                            nuniq, coef, c, eps, scratch + threadid() * 2 * stride, stride,
+                            inv, nnz, <floating*>sums, t, parts)
+        else:
+            _srows_task(zero, rule, ucode, opts, f, stepping, Vp, D, order, seg, uniq, nuniq,
+                        coef, c, eps, scratch, stride, inv, nnz, <floating*>sums, 0, 1)
+    elif parallel:
         # dynamic: the rows with many duplicates (hot ids) are adjacent in ``uniq``
         for u in prange(nuniq, schedule="dynamic", chunksize=16):
             mine = scratch + threadid() * 2 * stride
             _sprefetch_ahead(zero, ucode, stepping, f, Vp, D, order, seg, uniq, u, nuniq)
             _srow(zero, rule, ucode, opts, f, stepping, Vp, D, order, seg, u, uniq[u], coef,
-                  <floating*>mine, <floating*>(mine + stride), c, eps)
+                  <floating*>mine, <floating*>(mine + stride), c, eps, NULL)
     else:
         for u in range(nuniq):
             _sprefetch_ahead(zero, ucode, stepping, f, Vp, D, order, seg, uniq, u, nuniq)
             _srow(zero, rule, ucode, opts, f, stepping, Vp, D, order, seg, u, uniq[u], coef,
-                  <floating*>scratch, <floating*>(scratch + stride), c, eps)
+                  <floating*>scratch, <floating*>(scratch + stride), c, eps, NULL)
 
 
 def run_stored_rows(int rule_id, int dtype_code, int pkind, int skind, int smask,
@@ -526,16 +616,22 @@ def run_stored_rows(int rule_id, int dtype_code, int pkind, int skind, int smask
                     const int64_t[::1] seg, const int64_t[::1] uniq,
                     const double[:, ::1] hyper, const double[:, ::1] coef, bint step,
                     int64_t key, double renorm_eps, Py_ssize_t parallel_min,
-                    int64_t base=0):
+                    int64_t base=0, const int64_t[::1] inverse=None):
     """Row step of element-wise rule ``rule_id`` in a stored format (twin of
-    ``make_stored_rows_driver``).  ``addrs`` int64 (9,): the parameter (nrows, D) in
+    ``make_stored_rows_driver``; with ``inverse``, duplicate sums and updates run
+    in one parallel region, each thread summing the gradient rows of its own
+    unique rows in their order, then updating them; the numba drivers sum first,
+    in a region of their own: the same bits).  ``addrs`` int64 (9,): the parameter (nrows, D) in
     its format (bfloat16: uint16 bits), the gradient rows (nnz, D) in the compute
     dtype, the three state slots, the aux array (split/kahan), the three 8-bit
     scale arrays (nrows * ceil(D / Q8_BLOCK) each); unused entries are never read.
     ``coef``: float64 (nuniq, 4) catch-up maps (exact mode) or None; ``step``: False
     for a catch-up alone (flush).  Codes, options and parallel threshold as
     :func:`run_stored_dense`; the plan is checked; ``key``: the stochastic-rounding
-    stream, ``base``: its element base (the index of element 0 in a larger tensor)."""
+    stream, ``base``: its element base (the index of element 0 in a larger tensor);
+    ``inverse`` (nnz,): the unique row of each gradient row (``fastopt.sparse.row_plan``,
+    checked against the plan), or None: each row's duplicates gathered and summed
+    on their own."""
     cdef Py_ssize_t nuniq = uniq.shape[0]
     cdef int ucode = (1 if uses0 else 0) | (2 if uses1 else 0) | (4 if uses2 else 0)
     cdef Py_ssize_t stride
@@ -577,8 +673,18 @@ def run_stored_rows(int rule_id, int dtype_code, int pkind, int skind, int smask
     f.A = <char*><intptr_t>addrs[5]
     f.key = <uint32_t>key
     f.base = base
+    cdef const int64_t* ip = NULL
+    cdef char* sums = NULL
+    if step and inverse is not None and nnz > nuniq:
+        _check_inverse("run_stored_rows", nnz, order, seg, uniq.shape[0], inverse)
+        ip = &inverse[0]
     parallel = nuniq * D >= parallel_min
     scratch = _scratch_rows2("run_stored_rows", dtype_code, D, parallel, &stride)
+    if ip != NULL:
+        sums = <char*>malloc(nuniq * D * (4 if dtype_code == 0 else 8))
+        if sums == NULL:
+            free(scratch)
+            raise MemoryError("run_stored_rows: no memory for the duplicate sums")
     cdef const int64_t* vp = &addrs[1]
     cdef const int64_t* op = &order[0] if step else NULL
     cdef const int64_t* sp = &seg[0] if step else NULL
@@ -588,12 +694,13 @@ def run_stored_rows(int rule_id, int dtype_code, int pkind, int skind, int smask
         with nogil:
             if dtype_code == 0:
                 _srows(<float>0, rule_id, ucode, opts, &f, step, vp, D, op, sp, up, nuniq,
-                       hp, kp, renorm_eps, scratch, stride, parallel)
+                       hp, kp, renorm_eps, scratch, stride, parallel, ip, nnz, sums)
             else:
                 _srows(<double>0, rule_id, ucode, opts, &f, step, vp, D, op, sp, up, nuniq,
-                       hp, kp, renorm_eps, scratch, stride, parallel)
+                       hp, kp, renorm_eps, scratch, stride, parallel, ip, nnz, sums)
     finally:
         free(scratch)
+        free(sums)
 
 
 cdef char* _scratch_rows2(str who, int dtype_code, Py_ssize_t D, bint parallel,

@@ -738,10 +738,11 @@ def test_run_rows_validates_plan_and_writes_nothing():
     native = (_cy_dense.PARAM_KINDS["native"], _cy_dense.STATE_KINDS["native"], 0)
 
     def call(order=good[0], seg=good[1], uniq=good[2], nnz=3, dtype_code=0, rule=rid,
-             coef=None, step=True, opts=0, hyper=hyper, addrs=addrs, kinds=native):
+             coef=None, step=True, opts=0, hyper=hyper, addrs=addrs, kinds=native,
+             inverse=None):
         _cy_dense.run_stored_rows(rule, dtype_code, *kinds, False, False, False, opts, addrs,
                                   4, 2, nnz, order, seg, uniq, hyper, coef, step, 0,
-                                  fused.RENORM_EPS, 0)
+                                  fused.RENORM_EPS, 0, 0, inverse)
 
     for kw, exc in [(dict(rule=99), ValueError), (dict(dtype_code=2), ValueError),
                     (dict(opts=1 << 10), ValueError),
@@ -760,10 +761,16 @@ def test_run_rows_validates_plan_and_writes_nothing():
                     (dict(uniq=i64(3, 1)), IndexError),            # not increasing
                     (dict(uniq=i64(1, 1)), IndexError),            # repeated row
                     (dict(seg=i64(0, 0, 3)), IndexError),          # empty segment
-                    (dict(seg=i64(0, 2, 4)), IndexError)]:         # past nnz
+                    (dict(seg=i64(0, 2, 4)), IndexError),          # past nnz
+                    (dict(inverse=i64(0, 1)), ValueError),         # not nnz entries
+                    (dict(inverse=i64(1, 0, 0)), IndexError),      # not the plan's
+                    (dict(inverse=i64(0, 7, 0)), IndexError)]:
         with pytest.raises(exc):
             call(**kw)
         np.testing.assert_array_equal(p, 0.0)
+    call(inverse=i64(0, 1, 0))            # the fused driver (sums, then updates)
+    np.testing.assert_array_equal(p, [[0, 0], [-1, -1], [0, 0], [-0.5, -0.5]])
+    p[:] = 0
     call()
     np.testing.assert_array_equal(p, [[0, 0], [-1, -1], [0, 0], [-0.5, -0.5]])
     # catch-up only: rows 1 and 3 through (a, b, c, e) = (2, 0, 0, 1): p <- 2 p

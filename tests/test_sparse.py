@@ -259,6 +259,20 @@ def test_parallel_duplicate_sums_match_across_backends(dtype):
     np.testing.assert_array_equal(out["numba"], q)
 
 
+def test_row_plan_inverse():
+    """row_plan's inverse maps each gradient row to its unique row; its plan is
+    coalesce_plan's."""
+    pytest.importorskip("numba")
+    from fastopt.sparse import coalesce_plan, row_plan
+    rng = np.random.default_rng(5)
+    for nrows, nnz in ((1, 3), (50, 7), (1000, 5000), (1 << 20, 3000)):
+        idx = np.minimum(rng.zipf(1.2, nnz) - 1, nrows - 1).astype(np.int64)
+        order, seg, uniq, inverse = row_plan(idx, nrows)
+        for x, y in zip((order, seg, uniq), coalesce_plan(idx, nrows)):
+            np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(uniq[inverse], idx)
+
+
 torch = None
 try:
     import torch

@@ -213,6 +213,9 @@ class RowsWork:
     extras: list = None
     key: int = 0
     base: int = 0
+    #: (nnz,) int64 the unique row of each gradient row (fastopt.sparse.row_plan), or
+    #: None (a dense or catch-up plan: every gradient row is its own unique row)
+    inverse: np.ndarray = None
 
 
 class Backend:

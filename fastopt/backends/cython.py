@@ -283,7 +283,11 @@ class CythonBackend(Backend):
         the format's arrays checked (C-contiguous, of the format's dtypes and
         sizes) before anything is written, then ``_cy_dense.run_stored_rows`` or,
         for a row-wise rule, ``run_stored_rowwise``; the extension checks the plan
-        and the catch-up table."""
+        and the catch-up table.  With the plan's ``inverse`` (``row_plan``) the
+        duplicate sums and the updates run in one parallel region, each thread
+        summing the gradient rows of its unique rows in their own order, then
+        updating them (numba sums first, in a region of their own: the same
+        bits)."""
         if work.catch is not None and work.catch.coef is None:
             raise ValueError("exact-mode work without its catch-up maps")
         cfg = work.config
@@ -355,7 +359,9 @@ class CythonBackend(Backend):
         self._ext.run_stored_rows(rid, code, pkind, skind, smask, u0, u1, u2, opts, addrs,
                                   nrows, D, nnz, order, seg, _i64(uniq), _f64(work.hyper),
                                   coef, step, int(work.key), fused.RENORM_EPS,
-                                  _parallel_min(), int(work.base))
+                                  _parallel_min(), int(work.base),
+                                  _i64(work.inverse) if step and work.inverse is not None
+                                  else None)
 
     def _formats(self, cfg):
         """(compute dtype code, param kind, state kind, signed mask) of a stored

@@ -46,6 +46,7 @@ Python layer before a launch: the kernels do no bounds checks.
 
 import hashlib
 import inspect
+import threading
 
 import numpy as np
 
@@ -263,6 +264,21 @@ def _driver(factory, config, parallel, *extra):
 
 
 _EMPTY_COEF = np.zeros((0, 4), dtype=np.float64)
+_SCRATCH = threading.local()
+
+
+def scratch_rows(n, D, dtype):
+    """An (n, D) scratch array of ``dtype`` for the duplicate sums, kept per Python
+    thread and grown as needed (a step allocates none once the largest batch was
+    seen; a driver runs to completion before its thread steps again)."""
+    dt = np.dtype(dtype)
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    buf = pool.get(dt)
+    if buf is None or buf.size < n * D:
+        buf = pool[dt] = np.empty(max(n * D, 1 << 16), dtype=dt)
+    return buf[:n * D].reshape(n, D)
 def run_rows(work):
     """Run a :class:`~fastopt.backends.base.RowsWork` on the CPU (serial below
     PARALLEL_MIN touched elements)."""
@@ -278,13 +294,13 @@ def run_rows(work):
     dups = work.vals is not None and work.order.shape[0] > uniq.shape[0]
     if cfg.rule.layout == "rowwise":
         pre = cfg.switches[0] or cfg.switches[1]
-        scratch = np.empty((uniq.shape[0] if (dups or pre) else 0, D), dtype=p.dtype)
+        scratch = scratch_rows(uniq.shape[0] if (dups or pre) else 0, D, p.dtype)
         _driver(make_rowwise_driver, cfg, parallel)(
             P, work.slots[0].reshape(nrows), work.vals, work.order, work.seg, uniq,
             work.hyper, scratch)
         return
     S = [s.reshape(nrows, -1) if s is not None else P for s in work.slots]
-    scratch = np.empty((uniq.shape[0] if dups else 0, D), dtype=p.dtype)
+    scratch = scratch_rows(uniq.shape[0] if dups else 0, D, p.dtype)
     inverse = np.empty(work.order.shape[0] if dups else 0, dtype=np.int64)
     catch = work.catch is not None
     step = work.vals is not None

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..sparse import RowSparse
+from .hugepages import advise_once
 
 STRIDED = torch.strided
 SPARSE = torch.sparse_coo
@@ -121,4 +122,8 @@ def grad(g, p, param_array, backend, i):
         vals = vals.contiguous()
     if idx.is_cuda:          # the CUDA backend takes row-sparse values from the host
         idx, vals = idx.cpu(), vals.cpu()
+    elif backend.memory == "host":   # torch's allocator gives no huge pages (hugepages.py)
+        advise_once(param_array)
+    # the indices and values as they are (views, not coalesced: the row plan sums
+    # the duplicates in order of appearance)
     return RowSparse(idx.numpy(), host_array(vals))
