@@ -260,8 +260,10 @@ def _cross_check(group):
 
 
 def _low_state_reason(group):
-    return ("its passes read float32/float64 state (torch keeps Adafactor's state in the "
-            "parameter's dtype); 8- and 16-bit state are not built for it")
+    return ("a matrix's state is its factors, R + C numbers (32 KiB in float32 for a "
+            "(4096, 4096) weight), so 8- or 16-bit codes would save nothing worth their "
+            "rounding; torch keeps Adafactor's state in the parameter's dtype, and so does "
+            "fastopt (a vector's variance included): use state_bits=32")
 
 
 def _bf16_reason():
