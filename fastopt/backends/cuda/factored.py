@@ -64,6 +64,18 @@ def _make(kind, dtype, NT):
     cuda = _prepare()          # numba.cuda as a global (the simulator swaps globals)
     DT = np.dtype(dtype).type
 
+    @cuda.jit(device=True)
+    def tree_sum(sa, tid):
+        """sa[0] = the sum of the block's NT partial sums ``sa``, added in a fixed
+        halving tree (the same order for any grid), every thread synchronized."""
+        cuda.syncthreads()
+        h = NT // 2
+        while h > 0:
+            if tid < h:
+                sa[tid] += sa[tid + h]
+            cuda.syncthreads()
+            h //= 2
+
     if kind == "sums":
         def sums(P, G, C, nrows, rows, prow):
             sa = cuda.shared.array(NT, np.float64)
@@ -156,13 +168,7 @@ def _make(kind, dtype, NT):
                     a += np.float64(rv[b * R + r])
                     r += NT
                 sa[tid] = a
-                cuda.syncthreads()
-                h = NT // 2
-                while h > 0:
-                    if tid < h:
-                        sa[tid] += sa[tid + h]
-                    cuda.syncthreads()
-                    h //= 2
+                tree_sum(sa, tid)
                 if tid == 0:
                     x = DT(sa[0] / R)
                     m[b] = eps1 if x < eps1 else x     # a NaN mean stays NaN
@@ -187,13 +193,7 @@ def _make(kind, dtype, NT):
                     a += x * x
                     j += NT
                 sa[tid] = a
-                cuda.syncthreads()
-                h = NT // 2
-                while h > 0:
-                    if tid < h:
-                        sa[tid] += sa[tid + h]
-                    cuda.syncthreads()
-                    h //= 2
+                tree_sum(sa, tid)
                 if tid == 0:
                     out[k] = sa[0]
                 cuda.syncthreads()
@@ -230,13 +230,7 @@ def _make(kind, dtype, NT):
                     a += y * y
                     i += NT
                 sa[tid] = a
-                cuda.syncthreads()
-                h = NT // 2
-                while h > 0:
-                    if tid < h:
-                        sa[tid] += sa[tid + h]
-                    cuda.syncthreads()
-                    h //= 2
+                tree_sum(sa, tid)
                 if tid == 0:
                     part[ci] = sa[0]
                 cuda.syncthreads()
@@ -259,13 +253,7 @@ def _make(kind, dtype, NT):
                     a += x * x
                     i += NT
                 sa[tid] = a
-                cuda.syncthreads()
-                h = NT // 2
-                while h > 0:
-                    if tid < h:
-                        sa[tid] += sa[tid + h]
-                    cuda.syncthreads()
-                    h //= 2
+                tree_sum(sa, tid)
                 if tid == 0:
                     part[ci] = sa[0]
                 cuda.syncthreads()
