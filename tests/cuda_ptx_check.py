@@ -22,6 +22,11 @@ Compiles, with the argument types the backend launches them with:
   no-math ceiling kernel;
 * the factored passes of Adafactor and the matrix phase of Muon (element phase 1
   per variant, the Newton-Schulz kernels with the tiled GEMM) for both dtypes;
+* the stored passes (:mod:`fastopt.backends.cuda.stored_passes`): the stored norm
+  pass of LAMB and LARS and Muon's stored phase 1, every variant, for float32 with
+  16/8-bit state, float64 with float32 and 8-bit state, bfloat16 parameters with
+  float32, 16- and 8-bit state (``bf16_update`` modes cycled; float32 and bfloat16
+  gradients);
 
 and checks that the PTX has no approximate square root or division and that the
 dense kernel loads through the pointer table.
@@ -138,7 +143,8 @@ def main():
                         jobs.append((f"rows flush {what}", rows, (cfg, True, False)))
     for dt in (np.float32, np.float64):
         jobs.append((f"finite {np.dtype(dt).name}", finite, (dt,)))
-    jobs += factored_jobs(types, ptx_of) + matrix_jobs(types, ptx_of)
+    jobs += factored_jobs(types, ptx_of) + matrix_jobs(types, ptx_of) + \
+        stored_pass_jobs(types, ptx_of)
     jobs.append(("ceiling", dense, (Config(rule=benchmark.CEILING, dtype=np.dtype(np.float32),
                                            uses=(True, True, True)),)))
     for what, fn, args in jobs:
@@ -165,6 +171,57 @@ def factored_jobs(types, ptx_of):
             k = factored.kernel(kind, dt)
             jobs.append((f"factored {kind} {np.dtype(dt).name}",
                          lambda k=k, sig=sig: ptx_of(k, tuple(kinds[c] for c in sig)), ()))
+    return jobs
+
+
+def stored_pass_jobs(types, ptx_of):
+    """The stored passes (:mod:`fastopt.backends.cuda.stored_passes`) of the
+    per-tensor and matrix rules for the planner's stored configurations."""
+    import numpy as np
+    from fastopt import planner, rules, storage
+    from fastopt.backends.cuda import stored_passes as sp
+    from fastopt.storage import io
+    i64, f64_2d = types.int64, types.Array(types.float64, 2, "C")
+    tab, idx = types.Array(i64, 2, "C"), types.Array(i64, 1, "C")
+    nbt = {np.dtype(np.float32): types.float32, np.dtype(np.float64): types.float64,
+           np.dtype(np.uint8): types.uint8, np.dtype(np.uint16): types.uint16}
+
+    def arr(dt):
+        return types.Array(nbt[np.dtype(dt)], 1, "C")
+
+    modes = storage.BF16_UPDATES
+    jobs = []
+    for name, rule in rules.RULES.items():
+        if not (rule.per_tensor or rule.matrix is not None):
+            continue
+        for v, variant in enumerate(rule.variants):
+            group = rule.check_group({**rule.defaults, **variant})
+            spec = planner.group_spec(rule, group)
+            for k, (dt, bits) in enumerate(((np.float32, 16), (np.float32, 8),
+                                            (np.float64, 32), (np.float64, 8),
+                                            (storage.BF16, None), (storage.BF16, 16),
+                                            (storage.BF16, 8))):
+                mode = modes[(v + k) % 4] if dt is storage.BF16 else None
+                st = storage.storage_for(rule, np.zeros((64, 300), dt), bits, mode)
+                if st.native:
+                    continue
+                cfg0 = planner.config(rule, dt, spec, storage=st)
+                grads = ("native",) if st.param == "native" else ("float32", "bfloat16")
+                for gk in grads:
+                    cfg = cfg0.with_grad(gk)
+                    what = f"{name} {variant} {np.dtype(dt).name} state_bits={bits} " \
+                           f"{mode} grad={gk}"
+                    if rule.per_tensor:
+                        jobs.append((f"stored norms {what}", lambda cfg=cfg: ptx_of(
+                            sp.make_stored_norms_kernel(cfg),
+                            (tab, idx, idx, tab, tab, f64_2d, f64_2d)), ()))
+                        continue
+                    CT = np.dtype(cfg.compute_dtype).type
+                    _, GDT, SDT, _ = io.dtypes(st, gk, CT)
+                    jobs.append((f"stored phase1 {what}", lambda cfg=cfg, CT=CT, G=GDT, S=SDT:
+                                 ptx_of(sp.make_stored_phase1_kernel(cfg),
+                                        (arr(G), arr(S), arr(np.float32), arr(CT), f64_2d,
+                                         i64, i64, i64, i64)), ()))
     return jobs
 
 

@@ -239,7 +239,7 @@ def test_every_feature_is_declared():
     refused, tests/test_cuda_storage.py checks how); bfloat16 parameters are uint16
     device arrays marked with fastopt.backends.cuda.bfloat16, see
     tests/test_cuda_storage.py; the optimizer accepts each declared feature."""
-    assert set(backends.capabilities()["cuda"]) == set(FEATURES) - {"stored_passes"}
+    assert set(backends.capabilities()["cuda"]) == set(FEATURES)
     assert backends.capable("sparse_exact").count("cuda") == 1
     d = dev(np.zeros((4, 3), np.float32))
     opt = fastopt.SGD([d], backend="cuda", sparse_mode="exact", lr=0.1, momentum=0.9)

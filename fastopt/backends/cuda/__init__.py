@@ -22,6 +22,8 @@ The package, one concern a module:
   widen);
 * :mod:`~fastopt.backends.cuda.stored`: their stored-format twins (bfloat16
   parameters, 16- and 8-bit state);
+* :mod:`~fastopt.backends.cuda.stored_passes`: the passes before the update of
+  LAMB / LARS (the norm pass) and Muon (element phase 1) in a stored format;
 * :mod:`~fastopt.backends.cuda.factored`: Adafactor's passes (row and column sums,
   the factors, the ``U^2`` sum, the update; the vector path), the work between them
   on the device too;
@@ -112,7 +114,8 @@ def _load():
 from ...arrays import FLOAT_DTYPES, as_grad  # noqa: E402
 from ...storage import bf16, is_bf16  # noqa: E402
 from ..base import FEATURES, Backend  # noqa: E402
-from . import arrays, bf16_arrays, factored, kernels, launch, matrix, stored  # noqa: E402,F401
+from . import (arrays, bf16_arrays, factored, kernels, launch, matrix, stored,  # noqa: E402,F401
+               stored_passes)
 from .arrays import _address, _describe, _import_device, _packed, is_device  # noqa: E402
 from .bf16_arrays import _BF16Param, _mark_bf16, _widen, bfloat16, is_bf16_state  # noqa: E402,F401
 from .kernels import (TAB_COLS, make_count_kernel, make_dense_kernel,  # noqa: E402,F401
@@ -133,13 +136,11 @@ class CudaBackend(Backend):
     factored passes included."""
 
     name = "cuda"
-    #: every feature (``matrix``: :mod:`.matrix`; ``factored``: :mod:`.factored`) but
-    #: ``stored_passes`` (the norm pass of LAMB/LARS and Muon's phase 1 read
-    #: float32/float64 device arrays only: with bfloat16 parameters or 16/8-bit state
-    #: they are refused through the capability table); bfloat16 parameters are uint16
+    #: every feature (``matrix``: :mod:`.matrix`; ``factored``: :mod:`.factored`;
+    #: ``stored_passes``: :mod:`.stored_passes`); bfloat16 parameters are uint16
     #: device arrays marked with :func:`bfloat16` (see "Stored formats" in the module
     #: docstring)
-    features = frozenset(FEATURES) - {"stored_passes"}
+    features = frozenset(FEATURES)
     memory = "device"
 
     def __init__(self):

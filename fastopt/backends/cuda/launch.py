@@ -41,6 +41,7 @@ from .kernels import (NORM_THREADS, TAB_COLS, TAB_ROW, make_count_kernel, make_d
                       make_widen_kernel)
 from .stored import (make_stored_dense_kernel, make_stored_rows_kernel,
                      make_stored_rowwise_kernel)
+from .stored_passes import make_stored_norms_kernel, make_stored_phase1_kernel
 
 _KERNELS = {}        # (kind, config, extra, simulator) -> cuda.jit kernel
 _DEFAULT_MAX_BLOCKS = None
@@ -51,12 +52,15 @@ _FACTORIES = {"dense": make_dense_kernel, "norms": make_norms_kernel,
               "finite": make_count_kernel, "widen": make_widen_kernel,
               "stored_dense": make_stored_dense_kernel,
               "stored_rows": make_stored_rows_kernel,
-              "stored_rowwise": make_stored_rowwise_kernel}
+              "stored_rowwise": make_stored_rowwise_kernel,
+              "stored_norms": make_stored_norms_kernel,
+              "stored_phase1": make_stored_phase1_kernel}
 
 
 def kernel_for(kind, config, *extra):
     """The compiled kernel of ``kind`` ("dense", "rows", "renorm", "rowwise",
-    "finite", "widen", "stored_dense", "stored_rows", "stored_rowwise") for a
+    "finite", "widen", "stored_dense", "stored_rows", "stored_rowwise",
+    "stored_norms", "stored_phase1") for a
     :class:`~fastopt.backends.base.Config` (cached); ``extra``: the rows kernels'
     (catch, step) flags."""
     key = (kind, config, extra, _pkg._SIM)
@@ -163,31 +167,31 @@ class DenseTables:
 
 
 def run_norms(work):
-    """The norm pass of a per-tensor rule over a bucket (native storage): this step's
-    gradient addresses and scalar rows in one copy, one launch, the chunk sums copied
-    back and added per tensor in chunk order (float64, (tensors, 2))."""
+    """The norm pass of a per-tensor rule over a bucket: this step's gradient
+    addresses and scalar rows in one copy, one launch over the bucket's update tables
+    (:func:`_tables`; a stored format: the ``stored_norms`` kernel,
+    :mod:`fastopt.backends.cuda.stored_passes`), the chunk sums copied back and added
+    per tensor in chunk order (float64, (tensors, 2))."""
     out = np.zeros((len(work.params), 2), dtype=np.float64)
     if not work.nelem:
         return out
-    tables = work.launch.get("cuda")
-    if tables is None or tables.per != _pkg.CHUNK:
-        tables = work.launch["cuda"] = DenseTables(work, False, _pkg.CHUNK)
-    tables.grads[:] = work.ptrs[:, 1]
+    tables = _tables(work)
+    tables.grads[:] = work.ptrs[:, 1]       # (a stored format's keys are not read)
     tables.hyper[:] = work.hyper
     _upload("step", tables.dev, tables.host)
     part = _pkg.cuda.device_array((tables.nchunks, 2), dtype=np.float64)
-    kernel_for("norms", work.config)[_blocks(tables.nchunks), NORM_THREADS](
-        *tables.args, part)
+    kind = "stored_norms" if tables.stored else "norms"
+    kernel_for(kind, work.config)[_blocks(tables.nchunks), NORM_THREADS](*tables.args, part)
     sums = part.copy_to_host()
     np.add.at(out, tables.chunks[:, 0], sums)   # unbuffered: chunk order, one pass in C
     return out
 
 
-def run_dense(work):
-    """A dense step of a bucket: one launch over its tables (prepared on the bucket's
-    first launch, see :class:`DenseTables`)."""
-    if not work.nelem:
-        return
+def _tables(work):
+    """The bucket's :class:`DenseTables` (prepared on first use, or again when the
+    launch settings changed its chunk size): chunks of ``CHUNK`` elements, or with
+    8-bit state of ``BLOCK_SIZE`` 8-bit blocks; shared by the norm pass and the
+    update."""
     stored = not work.config.storage.native
     if stored:
         _check_stored(work.config)
@@ -197,7 +201,15 @@ def run_dense(work):
     tables = work.launch.get("cuda")
     if tables is None or tables.per != per:
         tables = work.launch["cuda"] = DenseTables(work, stored, per)
-    tables.launch(work)
+    return tables
+
+
+def run_dense(work):
+    """A dense step of a bucket: one launch over its tables (prepared on the bucket's
+    first launch, see :class:`DenseTables`)."""
+    if not work.nelem:
+        return
+    _tables(work).launch(work)
 
 
 def _rows_plan(work, nuniq, ident, catch):

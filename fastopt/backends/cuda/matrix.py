@@ -373,12 +373,21 @@ def orthogonalize(U, shape, group, pdt):
 
 def run_matrix(work, groups):
     """Phases 1 and 2 of the bucket ``work`` (see the module docstring); afterwards
-    ``work.grads[t]`` is the tensor's ``r * O`` and ``work.ptrs[t, 1]`` its address."""
+    ``work.grads[t]`` is the tensor's ``r * O`` and ``work.ptrs[t, 1]`` its address.
+    A stored format (bfloat16 parameters, 16/8-bit momentum): phase 1 is the
+    ``stored_phase1`` kernel (:mod:`fastopt.backends.cuda.stored_passes`), ``O`` is
+    in the compute dtype and the bucket's configuration reads it so (as the CPU's
+    :func:`fastopt.backends.matrix_cpu.run_matrix`)."""
     cfg = work.config
     rule = cfg.rule
-    dt = np.dtype(cfg.dtype)
+    stored = not cfg.storage.native
+    dt = np.dtype(cfg.compute_dtype)
     hyper = _pkg.cuda.to_device(np.ascontiguousarray(work.hyper, dtype=np.float64))
-    p1 = kernel("phase1", rule, dt.type, tuple(cfg.fixed))
+    if stored:
+        from .launch import kernel_for
+        p1 = kernel_for("stored_phase1", cfg)
+    else:
+        p1 = kernel("phase1", rule, dt.type, tuple(cfg.fixed))
     out = []
     for t, g in enumerate(work.grads):
         p = work.params[t]
@@ -388,10 +397,33 @@ def run_matrix(work, groups):
         Bf = _flat(work.slots[t][0])
         U = _pkg.cuda.device_array(n, dtype=dt)
         if n:
-            p1[_grid(n)](G, Bf, U, hyper, int(work.hidx[t]))
+            if stored:
+                _stored_phase1(p1, work, t, G, Bf, U, hyper)
+            else:
+                p1[_grid(n)](G, Bf, U, hyper, int(work.hidx[t]))
             o = orthogonalize(U, shape, groups[t], dt)
         else:
             o = U
         out.append(o)
         work.ptrs[t, 1] = _address(o)
     work.grads = out
+    if stored and out:
+        # phase 2 reads O, in the compute dtype, in the gradient's place
+        from ...planner import grad_kind
+        work.config = cfg.with_grad(grad_kind(cfg.storage, out[0]))
+
+
+def _stored_phase1(p1, work, t, G, Bf, U, hyper):
+    """Launch the ``stored_phase1`` kernel over tensor ``t`` of ``work``: 8-bit blocks
+    (the format table's rows, blocks per row and scale count) or elements."""
+    from ..base import FMT_NB, FMT_NSCALE, FMT_ROW
+    from .arrays import _dummy
+    row = int(work.hidx[t])
+    if work.config.storage.state == "q8":
+        f = work.fmt[t]
+        D, nb, units = int(f[FMT_ROW]), int(f[FMT_NB]), int(f[FMT_NSCALE])
+        C0 = _flat(work.extras[t][1])
+    else:
+        D, nb, units = 1, 1, int(G.shape[0])
+        C0 = _dummy((1,), np.float32)
+    p1[_grid(units)](G, Bf, C0, U, hyper, row, D, nb, units)
