@@ -63,31 +63,32 @@ def _blocks(body):
     return run
 
 
-@njit(error_model="numpy")
-def _sr_element(T, x, a, P, key):
-    for kb in range(x.shape[0] // 256):
-        lo = kb * 256
-        Pb, xb = P[lo:lo + 256], x[lo:lo + 256]
-        for i in range(256):
-            Pb[i] = C.round_stochastic(xb[i], C.random16(key, lo + i))
+def _bf16_stores(rounded):
+    """A loop storing bfloat16 bits ``rounded(x, key, lo, i)`` of element ``lo + i``,
+    block by block, as the drivers store parameters."""
+    @njit(error_model="numpy")
+    def run(T, x, a, P, key):
+        for kb in range(x.shape[0] // 256):
+            lo = kb * 256
+            Pb, xb = P[lo:lo + 256], x[lo:lo + 256]
+            for i in range(256):
+                Pb[i] = rounded(xb[i], key, lo, i)
+    return run
 
 
-@njit(error_model="numpy")
-def _sr_block(T, x, a, P, key):
-    for kb in range(x.shape[0] // 256):
-        lo = kb * 256
-        Pb, xb = P[lo:lo + 256], x[lo:lo + 256]
-        for i in range(256):
-            Pb[i] = C.round_stochastic(xb[i], C.random16_at(key, lo, i))
+@register_jitable(inline="always")
+def _sr_element(x, key, lo, i):
+    return C.round_stochastic(x, C.random16(key, lo + i))
 
 
-@njit(error_model="numpy")
-def _round_nearest(T, x, a, P, key):
-    for kb in range(x.shape[0] // 256):
-        lo = kb * 256
-        Pb, xb = P[lo:lo + 256], x[lo:lo + 256]
-        for i in range(256):
-            Pb[i] = C.round_nearest(xb[i])
+@register_jitable(inline="always")
+def _sr_block(x, key, lo, i):
+    return C.round_stochastic(x, C.random16_at(key, lo, i))
+
+
+@register_jitable(inline="always")
+def _nearest(x, key, lo, i):
+    return C.round_nearest(x)
 
 
 STAGES = {
@@ -96,9 +97,9 @@ STAGES = {
     "decode signed": _blocks(_dec_s),
     "decode unsigned": _blocks(_dec_u),
     "encode linear (for comparison)": _blocks(_enc_linear),
-    "bf16 store, stochastic, random16(key, e)": _sr_element,
-    "bf16 store, stochastic, random16_at(key, e0, i)": _sr_block,
-    "bf16 store, round to nearest": _round_nearest,
+    "bf16 store, stochastic, random16(key, e)": _bf16_stores(_sr_element),
+    "bf16 store, stochastic, random16_at(key, e0, i)": _bf16_stores(_sr_block),
+    "bf16 store, round to nearest": _bf16_stores(_nearest),
 }
 
 

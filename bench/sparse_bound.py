@@ -12,9 +12,9 @@ torch adapter, in one interleaved run; and where a step's time goes.
             torch.optim.Adagrad
     big     (``--big``) lazy Adam (numba) on the 1M- and the 16M-row table, the same
             ids (about 13 GB: run it alone)
-    stages  the numba step split: the coalescing plan (fastopt.sparse.row_plan), the
-            duplicate sums (numba_cpu._sum_duplicates), the row driver (updates)
-            and the rest (validation, planning, Python), each timed on its own
+    stages  the numba step split: the coalescing plan (fastopt.sparse.coalesce_plan), the
+            row driver (duplicate sums and updates in one parallel region) and the
+            rest (validation, planning, Python), each timed on its own
 
 Each round times every contender ``--reps`` times in turn, the order alternating
 from round to round, so a slow phase of a shared machine hits every contender alike.
@@ -92,15 +92,15 @@ def stats(ts):
 
 
 def stages(case, reps):
-    """The numba step split into plan, duplicate sums, row driver and the rest (timed
-    through wrappers around fastopt.planner.row_plan, numba_cpu._sum_duplicates and
-    the numba driver call)."""
+    """The numba step split into plan, row driver (duplicate sums and updates) and the
+    rest (timed through wrappers around fastopt.planner.coalesce_plan and the numba driver
+    call)."""
     import fastopt.planner as planner
     from fastopt.backends import numba_cpu as nc
     step = core(case, "numba")
     for _ in range(20):
         step()
-    t = {"plan": [], "sums": [], "driver": []}
+    t = {"plan": [], "driver": []}
 
     def timer(name, fn):
         def run(*a):
@@ -109,22 +109,19 @@ def stages(case, reps):
             t[name].append(time.perf_counter() - t0)
             return out
         return run
-    plan, driver, sums = planner.row_plan, nc._driver, dict(nc._sum_duplicates)
+    plan, driver = planner.coalesce_plan, nc._driver
 
     def timed_driver(*a):
         return timer("driver", driver(*a))
     total = []
-    planner.row_plan, nc._driver = timer("plan", plan), timed_driver
-    for k, fn in sums.items():
-        nc._sum_duplicates[k] = timer("sums", fn)
+    planner.coalesce_plan, nc._driver = timer("plan", plan), timed_driver
     try:
         for _ in range(reps):
             t0 = time.perf_counter()
             step()
             total.append(time.perf_counter() - t0)
     finally:
-        planner.row_plan, nc._driver = plan, driver
-        nc._sum_duplicates.update(sums)
+        planner.coalesce_plan, nc._driver = plan, driver
     out = {"step": stats(total)}
     rest = np.asarray(total)
     for k, v in t.items():

@@ -111,7 +111,8 @@ def _apply(rule, param, grad, slot_arrays, step, host, backend, hyper, grad_scal
     if sparse or spec.by_rows:
         if p.size and (not sparse or idx.shape[0]):
             work = planner.rows_work(rule, spec, p, slots, row,
-                                     idx if sparse else None, g, gs, ref=ref)
+                                     idx if sparse else None, g, gs, ref=ref,
+                                     inverse=bk.plan_inverse)
             bk.run_rows(work)
         return new_host
     (b,) = planner.dense_buckets(rule, bk, [(p, slots, spec, 0)])

@@ -20,6 +20,7 @@ calls of ``step``/``flush``/``load_state_dict`` are serialized by a lock.
 """
 
 import threading
+from bisect import bisect_left
 from struct import pack_into
 
 import numpy as np
@@ -527,22 +528,38 @@ class Optimizer:
         self._alias_ok = key
 
     def _check_aliases(self, dense_i, gptr, rows, starts, ends, what):
+        """Each gradient span ``[lo, hi)`` against the sorted, disjoint spans of the
+        parameters and state (the last one starting below ``hi`` is the only one it
+        can overlap): NumPy for many gradients, plain Python for a few (a sparse
+        step's one or two, where a dozen small NumPy calls cost more than the
+        search)."""
         sizes = [self._params[i].nbytes for i in dense_i]
-        lo = list(gptr) + [self.backend.address(v) for _, _, v in rows]
-        hi = [a + s for a, s in zip(gptr, sizes)] + [
-            self.backend.address(v) + v.nbytes for _, _, v in rows]
+        lo = gptr.reshape(-1).tolist() + [self.backend.address(v) for _, _, v in rows]
+        hi = [a + s for a, s in zip(lo, sizes)] + [
+            a + v.nbytes for a, (_, _, v) in zip(lo[len(sizes):], rows)]
         names = dense_i + [i for i, _, _ in rows]
-        lo = np.asarray(lo, dtype=np.int64)
-        hi = np.asarray(hi, dtype=np.int64)
-        nonempty = hi > lo
-        k = np.searchsorted(starts, hi, side="left") - 1
-        ok = k >= 0
-        hit = np.zeros(len(lo), dtype=bool)
-        hit[ok] = ends[k[ok]] > lo[ok]
-        hit &= nonempty
-        if hit.any():
-            j = int(np.flatnonzero(hit)[0])
-            raise ValueError(f"gradient {names[j]} shares memory with {what[k[j]]}; the update "
+        bad = None
+        if len(lo) <= 16:
+            st, en = starts.tolist(), ends.tolist()
+            for j in range(len(lo)):
+                k = bisect_left(st, hi[j]) - 1
+                if hi[j] > lo[j] and k >= 0 and en[k] > lo[j]:
+                    bad = j, k
+                    break
+        else:
+            lo = np.asarray(lo, dtype=np.int64)
+            hi = np.asarray(hi, dtype=np.int64)
+            k = np.searchsorted(starts, hi, side="left") - 1
+            ok = k >= 0
+            hit = np.zeros(len(lo), dtype=bool)
+            hit[ok] = ends[k[ok]] > lo[ok]
+            hit &= hi > lo
+            if hit.any():
+                j = int(np.flatnonzero(hit)[0])
+                bad = j, int(k[j])
+        if bad is not None:
+            j, k = bad
+            raise ValueError(f"gradient {names[j]} shares memory with {what[k]}; the update "
                              "would read what it writes. Pass a separate gradient array "
                              "(e.g. grad.copy())")
 
@@ -662,7 +679,8 @@ class Optimizer:
                     exact=exact,
                     ref=(spec.group, step, self._ref_state(i, spec.uses), fr) if ref else None,
                     storage=self._storage[i], extras=self._extras(i, spec.uses),
-                    key=self._key(i, step), base=self._bases[i])
+                    key=self._key(i, step), base=self._bases[i],
+                    inverse=self.backend.plan_inverse)
                 self.backend.run_rows(work)
                 if exact is not None:
                     self._exact.mark(i, work.uniq, step)

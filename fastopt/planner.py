@@ -23,7 +23,7 @@ from .backends.base import (CHUNK, FMT_AUX, FMT_BASE, FMT_COLS, FMT_KEY, FMT_N, 
                             FMT_ROW, FMT_SCALE, CatchUp, Config, DenseWork, RowsWork,
                             make_chunks, stored_chunks)
 from .rules import NSCALARS, NSLOTS, fused
-from .sparse import row_plan
+from .sparse import coalesce_plan, row_plan
 from .storage import NATIVE, Q8_BLOCK, q8_blocks
 
 
@@ -198,7 +198,8 @@ def _identity_plan(n):
 
 
 def rows_work(rule, spec, param, slots, row, idx=None, vals=None, grad_scale=None,
-              exact=None, rows=None, ref=None, storage=NATIVE, extras=None, key=0, base=0):
+              exact=None, rows=None, ref=None, storage=NATIVE, extras=None, key=0, base=0,
+              inverse=False):
     """The row step of one parameter.
 
     ``idx``/``vals``: validated row indices (int64) and gradient rows (nnz, D) of a
@@ -208,6 +209,7 @@ def rows_work(rule, spec, param, slots, row, idx=None, vals=None, grad_scale=Non
     ``uniq -> CatchUp or None`` giving the touched rows' pending steps; their
     catch-up maps are computed here from the rule's closed form.  ``key``/``base``:
     the stochastic-rounding stream and element base (see ``DenseWork.fmt``).
+    ``inverse``: give the work the plan's inverse map (``Backend.plan_inverse``).
     """
     if param.ndim == 0:          # a 0-d parameter is one row of one element (max_norm)
         param = param.reshape(1)
@@ -216,14 +218,15 @@ def rows_work(rule, spec, param, slots, row, idx=None, vals=None, grad_scale=Non
         if extras is not None:
             extras = [e.reshape(1) if e is not None and e.ndim == 0 else e for e in extras]
     nrows = param.shape[0]
-    inverse = None
+    want_inverse, inverse = inverse, None
     if vals is None:
         uniq, order, seg = rows, None, None
     elif idx is None:
         idx, order, seg, uniq = _identity_plan(nrows)
         vals = vals.reshape(nrows, -1)
     else:
-        order, seg, uniq, inverse = row_plan(idx, nrows)
+        order, seg, uniq, inverse = row_plan(idx, nrows) if want_inverse else \
+            coalesce_plan(idx, nrows) + (None,)
     hyper = np.zeros((1, NSCALARS))
     hyper[0, :len(row)] = row
     catch = exact(uniq) if exact is not None else None

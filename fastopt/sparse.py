@@ -115,53 +115,84 @@ def checked_rows(grad, param, where):
 
 
 @register_jitable
-def _radix_plan(idx, nrows, inverse):
-    """The plan of :func:`coalesce_plan`; ``inverse`` (nnz,) receives the unique row
-    of each gradient row when it is not empty."""
-    n = idx.shape[0]
+def _bits(n):
+    """Bits needed to write the numbers below ``n`` (at least 1)."""
     bits = 1
-    while (1 << bits) < nrows:
+    while (1 << bits) < n:
         bits += 1
-    passes = (bits + 11) // 12
-    width = (bits + passes - 1) // passes
-    mask = (1 << width) - 1
-    key = idx.copy()
-    order = np.arange(n)
-    key2 = np.empty(n, dtype=np.int64)
-    order2 = np.empty(n, dtype=np.int64)
-    count = np.empty(mask + 2, dtype=np.int64)
-    shift = 0
-    for _ in range(passes):
-        count[:] = 0
-        for i in range(n):
-            count[((key[i] >> shift) & mask) + 1] += 1
-        for d in range(mask + 1):
-            count[d + 1] += count[d]
-        for i in range(n):
-            d = (key[i] >> shift) & mask
-            j = count[d]
-            key2[j] = key[i]
-            order2[j] = order[i]
-            count[d] = j + 1
-        key, key2 = key2, key
-        order, order2 = order2, order
-        shift += width
-    # segments: starts written into key2 (free now), then copied out at their size
+    return bits
+
+
+@register_jitable
+def _radix_plan(idx, nrows, inverse, packed_bits=62):
+    """The plan of :func:`coalesce_plan`; ``inverse`` (nnz,) receives the unique row
+    of each gradient row when it is not empty.
+
+    Each id and its position are packed into one int64 (``idx << pbits | i``) and
+    the packed keys radix-sorted on the id bits: one array scattered per pass, not
+    two.  Where ids and positions do not fit ``packed_bits`` (62) bits together
+    (tables of billions of rows) NumPy's stable merge sort takes the place of the
+    radix sort: the same plan."""
+    n = idx.shape[0]
+    rbits = _bits(nrows)
+    pbits = _bits(n)
+    pmask = (1 << pbits) - 1
+    order = np.empty(n, dtype=np.int64)
+    starts = np.empty(n, dtype=np.int64)      # where each run of equal ids starts
     nuniq = 0
     inv = inverse.shape[0] > 0
-    for i in range(n):
-        if i == 0 or key[i] != key[i - 1]:
-            key2[nuniq] = i
-            nuniq += 1
-        if inv:
-            inverse[order[i]] = nuniq - 1
+    if rbits + pbits <= packed_bits:
+        passes = (rbits + 11) // 12
+        width = (rbits + passes - 1) // passes
+        mask = (1 << width) - 1
+        a = np.empty(n, dtype=np.int64)
+        b = np.empty(n, dtype=np.int64)
+        count = np.zeros((passes, mask + 2), dtype=np.int64)
+        for i in range(n):                    # pack, and count every pass's digits
+            x = (idx[i] << pbits) | i
+            a[i] = x
+            for q in range(passes):
+                count[q, ((x >> (pbits + q * width)) & mask) + 1] += 1
+        for q in range(passes):
+            shift = pbits + q * width
+            c = count[q]
+            for d in range(mask + 1):
+                c[d + 1] += c[d]
+            for i in range(n):
+                x = a[i]
+                d = (x >> shift) & mask
+                j = c[d]
+                b[j] = x
+                c[d] = j + 1
+            a, b = b, a
+        prev = -1
+        for i in range(n):                    # unpack, and find the segments
+            k = a[i] >> pbits
+            o = a[i] & pmask
+            order[i] = o
+            if k != prev:
+                starts[nuniq] = i
+                a[nuniq] = k                  # a[:i] is read: the unique ids go there
+                nuniq += 1
+                prev = k
+            if inv:
+                inverse[o] = nuniq - 1
+        key = a
+    else:
+        order[:] = np.argsort(idx, kind="mergesort")
+        key = np.empty(n, dtype=np.int64)
+        for i in range(n):
+            k = idx[order[i]]
+            if i == 0 or k != key[nuniq - 1]:
+                starts[nuniq] = i
+                key[nuniq] = k
+                nuniq += 1
+            if inv:
+                inverse[order[i]] = nuniq - 1
     seg = np.empty(nuniq + 1, dtype=np.int64)
-    uniq = np.empty(nuniq, dtype=np.int64)
-    for u in range(nuniq):
-        seg[u] = key2[u]
-        uniq[u] = key[key2[u]]
+    seg[:nuniq] = starts[:nuniq]
     seg[nuniq] = n
-    return order, seg, uniq
+    return order, seg, key[:nuniq].copy()
 
 
 @njit(cache=True, nogil=True)
@@ -170,9 +201,10 @@ def coalesce_plan(idx, nrows):
 
     Returns ``(order, seg, uniq)``: ``idx[order]`` is sorted (ties in their original
     order), rows ``uniq[u]`` own positions ``order[seg[u]:seg[u + 1]]``.  An LSD
-    radix sort of (index, position) pairs: as few passes of at most 12 bits as
-    ``nrows`` needs (two for up to 16M rows), each a sequential count and scatter
-    with no gather through ``order``; O(nnz) per pass, no atomics, deterministic.
+    radix sort of (index, position) pairs packed into one int64 each: as few passes
+    of at most 12 bits as ``nrows`` needs (two for up to 16M rows), every pass's
+    digits counted in the packing loop, each pass one scatter, the segments found
+    while unpacking; O(nnz) per pass, no atomics, deterministic.
     """
     return _radix_plan(idx, nrows, np.empty(0, dtype=np.int64))
 

@@ -152,6 +152,27 @@ def test_gradient_that_is_state_or_another_parameter_is_refused(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("n", [3, 40])
+def test_alias_among_many_gradients_is_refused(backend, n):
+    """The alias check searches in Python for a few gradients and with NumPy for
+    many (more than 16): both find an alias at any position, dense or sparse."""
+    ps = [np.ones((4, 3)) for _ in range(n)]
+    opt = fastopt.Adam(ps, backend=backend)
+    ok = [np.ones_like(p) for p in ps]
+    opt.step(ok)
+    snap = _snapshot(opt, ps)
+    for k in (0, n // 2, n - 1):
+        for bad in (ps[(k + 1) % n], opt._state[k]["exp_avg_sq"],
+                    RowSparse(np.arange(4), ps[k - 1])):
+            grads = list(ok)
+            grads[k] = bad
+            with pytest.raises(ValueError, match=f"gradient {k} shares memory"):
+                opt.step(grads)
+    _assert_unchanged(opt, ps, snap)
+    opt.step(ok)                               # and no false alarm either way
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_functional_aliases_are_refused(backend):
     p = np.ones(6)
     m, v = np.zeros(6), np.zeros(6)

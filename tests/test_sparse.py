@@ -273,6 +273,28 @@ def test_row_plan_inverse():
         np.testing.assert_array_equal(uniq[inverse], idx)
 
 
+def test_plan_is_a_stable_argsort_on_both_paths():
+    """The plan is NumPy's stable argsort of the ids and the runs of equal ids, from
+    the packed radix sort and from the merge-sort path that takes over where ids and
+    positions do not fit 62 bits together (forced here with ``packed_bits=0``)."""
+    pytest.importorskip("numba")
+    from numba import njit
+    from fastopt.sparse import _radix_plan
+    plan = njit(lambda idx, nrows, inv, bits: _radix_plan(idx, nrows, inv, bits))
+    rng = np.random.default_rng(11)
+    for nrows, nnz in ((1, 1), (1, 4), (7, 0), (50, 9), (5000, 4000), (1 << 24, 2000)):
+        idx = (rng.zipf(1.3, nnz) * 7919 % nrows).astype(np.int64)
+        order = np.argsort(idx, kind="stable")
+        uniq, first = np.unique(idx[order], return_index=True)
+        for bits in (62, 0):
+            inv = np.empty(nnz, np.int64)
+            o, seg, u = plan(idx, nrows, inv, bits)
+            np.testing.assert_array_equal(o, order)
+            np.testing.assert_array_equal(u, uniq)
+            np.testing.assert_array_equal(seg, np.append(first, nnz))
+            np.testing.assert_array_equal(u[inv], idx)
+
+
 torch = None
 try:
     import torch

@@ -233,6 +233,11 @@ class Backend:
     #: storage format, float32/float64 as the format whose loads and stores are
     #: the identity (the CPU backends: ``fmt`` and block chunks for every bucket)
     plain_layout = True
+    #: whether the row plans of sparse steps carry ``RowsWork.inverse`` (the unique
+    #: row of each gradient row: the Cython row driver streams the gradient rows
+    #: through it; the numba and CUDA drivers gather each row's duplicates and
+    #: skip the map's scattered writes)
+    plan_inverse = False
 
     def supports(self, feature):
         return feature in self.features

@@ -136,6 +136,7 @@ class CythonBackend(Backend):
     as numba); every feature of :data:`fastopt.backends.base.FEATURES`."""
 
     name = "cython"
+    plan_inverse = True
     #: every format, float32/float64 included, runs through the one set of drivers
     plain_layout = False
 

@@ -24,8 +24,10 @@ chunks of a bucket (:class:`~fastopt.backends.base.DenseWork`):
   each tensor.
 
 Row steps (:func:`make_stored_rows_driver`): parallel over the unique touched rows
-of one parameter; duplicates are summed in their order of appearance
-(deterministic, :func:`_sum_duplicates`); in exact sparse mode each row is first
+of one parameter, each task owning a contiguous range of them; a repeated row's
+gradient rows are summed in their order of appearance (deterministic,
+:func:`summed_row`) into the task's scratch row just before the row's update (no
+pass of its own over the gradient); in exact sparse mode each row is first
 caught up over its skipped steps (or only caught up, for ``flush``); ``max_norm``
 renormalizes each row right after its update, while it is in cache; the rows
 ``PREFETCH_AHEAD`` unique rows ahead are prefetched.  Row-wise rules
@@ -131,6 +133,8 @@ def summed_row(vals, order, a, b, scratch, u):
         row = scratch[u]
         row[:] = G
         for k in range(a + 1, b):
+            if k + 12 < b:
+                prefetch_row(vals, order[k + 12])
             more = vals[order[k]]
             for j in range(row.shape[0]):
                 row[j] += more[j]
@@ -138,14 +142,51 @@ def summed_row(vals, order, a, b, scratch, u):
     return G
 
 
+#: the cost of updating one unique row, in gradient rows summed (the split of a
+#: row step between tasks; any value gives the same results)
+UNIQUE_ROW_COST = 2
+
+
+@register_jitable
+def task_rows(seg, n, weighted, t, parts):
+    """The unique rows ``[lo, hi)`` of task ``t`` of ``parts`` (of ``n``): contiguous
+    ranges that split ``seg[u] + UNIQUE_ROW_COST * u`` (the gradient rows summed and
+    the rows updated before unique row ``u``; ``u`` alone when not ``weighted``: a
+    catch-up without gradient) evenly.  A hot id repeated thousands of times weighs
+    what it costs, so neither task waits on the other; every unique row belongs to
+    exactly one task, whatever ``parts`` is."""
+    total = (seg[n] if weighted else 0) + UNIQUE_ROW_COST * n
+    bounds = np.empty(2, dtype=np.int64)
+    for e in range(2):
+        k = t + e
+        if k >= parts:
+            bounds[e] = n
+            continue
+        target = total * k // parts
+        lo, hi = 0, n               # smallest u with cost(u) >= target
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if (seg[mid] if weighted else 0) + UNIQUE_ROW_COST * mid < target:
+                lo = mid + 1
+            else:
+                hi = mid
+        bounds[e] = lo
+    return bounds[0], bounds[1]
+
+
 def make_rows_driver(config, parallel, catch, step):
-    """The row driver of an element-wise rule: for each unique touched row, catch up
-    (``catch``), then the element step with the row's summed gradient (``step``),
-    then ``max_norm``.  ``P`` and the slots are (nrows, D) views (unused slots get
-    ``P`` and are never touched); ``vals`` (nnz, D) gradient rows; ``coef`` (nuniq,
-    4) float64 catch-up maps; ``scratch`` (nuniq, D) when rows repeat: the summed
-    rows of the unique rows that repeat (:func:`_sum_duplicates`, run just before),
-    else empty.  The rows ``PREFETCH_AHEAD`` unique rows ahead are prefetched."""
+    """The row driver of an element-wise rule, one parallel region: ``parts`` tasks
+    each own a contiguous range of unique rows (:func:`task_rows`, balanced by the
+    gradient rows to sum); for each unique row, catch up (``catch``), then the
+    element step with the row's summed gradient (``step``), then ``max_norm``.  A
+    repeated row's gradient rows are summed (:func:`summed_row`: in order of
+    appearance, the first copied, added one by one) into the task's own scratch row
+    ``scratch[t]`` just before its update, so the sum never leaves the L1 cache and
+    no separate pass over the gradient runs.  ``P`` and the slots are (nrows, D)
+    views (unused slots get ``P`` and are never touched); ``vals`` (nnz, D)
+    gradient rows; ``coef`` (nuniq, 4) float64 catch-up maps; ``scratch`` (parts,
+    D).  The table rows and the first gradient row ``PREFETCH_AHEAD`` unique rows
+    ahead are prefetched.  Results are identical for any ``parts``."""
     STEP = element_step(config.rule.math, config.switches)
     LOAD = scalar_loader(config.rule.Scalars, config.dtype, config.fixed)
     DT = np.dtype(config.dtype).type
@@ -153,61 +194,58 @@ def make_rows_driver(config, parallel, catch, step):
     MX = bool(config.switches[5])
     EPS = DT(RENORM_EPS)
     CATCH, STEPPING = bool(catch), bool(step)
-    STAMP = _stamp(config.rule.math)
+    STAMP = _stamp(config.rule.math, task_rows, summed_row)
     PARALLEL = bool(parallel)
     AHEAD = PREFETCH_AHEAD
 
-    def rows_driver(P, S0, S1, S2, vals, order, seg, uniq, hyper, scratch, coef):
+    def rows_driver(P, S0, S1, S2, vals, order, seg, uniq, hyper, scratch, coef, parts):
         stamp = STAMP  # noqa: F841
         par = PARALLEL  # noqa: F841
         zero = DT(0)
         D = P.shape[1]
-        n = uniq.shape[0]
-        # duplicates were summed into scratch (_sum_duplicates) before this call
-        dups = STEPPING and scratch.shape[0] > 0
-        for u in prange(n):
+        for t in prange(parts):
             # loaded inside the parallel loop: a NamedTuple that crosses into a parfor
             # cannot be typed by Numba's gufunc builder (and LLVM hoists the loads)
             c = LOAD(hyper, 0)
-            if u + AHEAD < n:
-                q = uniq[u + AHEAD]
-                prefetch_row(P, q)
-                if U0:
-                    prefetch_row(S0, q)
-                if U1:
-                    prefetch_row(S1, q)
-                if U2:
-                    prefetch_row(S2, q)
-                if STEPPING:
-                    if seg[u + AHEAD + 1] - seg[u + AHEAD] == 1:
-                        prefetch_row(vals, order[seg[u + AHEAD]])
-            r = uniq[u]
-            if CATCH:
-                ca, cb, cc, ce = coef[u, 0], coef[u, 1], coef[u, 2], coef[u, 3]
-                identity = ca == 1.0 and cb == 0.0 and cc == 0.0 and ce == 1.0
-                for j in range(D if not identity else 0):
-                    s = S0[r, j] if U0 else zero
-                    p, s = apply_catch_up(P[r, j], s, ca, cb, cc, ce, DT)
-                    P[r, j] = p
+            lo, hi = task_rows(seg, uniq.shape[0], STEPPING, t, parts)
+            for u in range(lo, hi):
+                if u + AHEAD < hi:
+                    q = uniq[u + AHEAD]
+                    prefetch_row(P, q)
                     if U0:
-                        S0[r, j] = s
-            if STEPPING:
-                a = seg[u]
-                G = scratch[u] if dups and seg[u + 1] - a > 1 else vals[order[a]]
-                for j in range(D):
-                    s0 = S0[r, j] if U0 else zero
-                    s1 = S1[r, j] if U1 else zero
-                    s2 = S2[r, j] if U2 else zero
-                    p, s0, s1, s2 = STEP(P[r, j], G[j], s0, s1, s2, c, zero)
-                    P[r, j] = p
-                    if U0:
-                        S0[r, j] = s0
+                        prefetch_row(S0, q)
                     if U1:
-                        S1[r, j] = s1
+                        prefetch_row(S1, q)
                     if U2:
-                        S2[r, j] = s2
-                if MX:
-                    renorm_row(P[r], c, zero, EPS)
+                        prefetch_row(S2, q)
+                    if STEPPING:
+                        prefetch_row(vals, order[seg[u + AHEAD]])
+                r = uniq[u]
+                if CATCH:
+                    ca, cb, cc, ce = coef[u, 0], coef[u, 1], coef[u, 2], coef[u, 3]
+                    identity = ca == 1.0 and cb == 0.0 and cc == 0.0 and ce == 1.0
+                    for j in range(D if not identity else 0):
+                        s = S0[r, j] if U0 else zero
+                        p, s = apply_catch_up(P[r, j], s, ca, cb, cc, ce, DT)
+                        P[r, j] = p
+                        if U0:
+                            S0[r, j] = s
+                if STEPPING:
+                    G = summed_row(vals, order, seg[u], seg[u + 1], scratch, t)
+                    for j in range(D):
+                        s0 = S0[r, j] if U0 else zero
+                        s1 = S1[r, j] if U1 else zero
+                        s2 = S2[r, j] if U2 else zero
+                        p, s0, s1, s2 = STEP(P[r, j], G[j], s0, s1, s2, c, zero)
+                        P[r, j] = p
+                        if U0:
+                            S0[r, j] = s0
+                        if U1:
+                            S1[r, j] = s1
+                        if U2:
+                            S2[r, j] = s2
+                    if MX:
+                        renorm_row(P[r], c, zero, EPS)
 
     return _compile(rows_driver, parallel)
 
@@ -300,19 +338,16 @@ def run_rows(work):
             work.hyper, scratch)
         return
     S = [s.reshape(nrows, -1) if s is not None else P for s in work.slots]
-    scratch = scratch_rows(uniq.shape[0] if dups else 0, D, p.dtype)
-    inverse = np.empty(work.order.shape[0] if dups else 0, dtype=np.int64)
+    parts = numba.get_num_threads() if parallel else 1
+    scratch = scratch_rows(parts if dups else 0, D, p.dtype)
     catch = work.catch is not None
     step = work.vals is not None
     vals = work.vals if step else P
     order = work.order if step else uniq
     seg = work.seg if step else uniq
     coef = work.catch.coef if catch else _EMPTY_COEF
-    parts = numba.get_num_threads() if parallel else 1
-    if dups and step:
-        _sum_duplicates[parallel](vals, order, seg, scratch, inverse, parts)
     _driver(make_rows_driver, cfg, parallel, catch, step)(
-        P, S[0], S[1], S[2], vals, order, seg, uniq, work.hyper, scratch, coef)
+        P, S[0], S[1], S[2], vals, order, seg, uniq, work.hyper, scratch, coef, parts)
 
 
 def _count_nonfinite_impl(a, scale):
@@ -372,6 +407,44 @@ def _stored_pieces(config):
     Q8 = st.state == "q8"
     return dict(CT=CT, LP=LP, SP=SP, LG=LG, S=S, PDT=PDT, GDT=GDT, SDT=SDT, ADT=ADT, Q8=Q8,
                 BLK=Q8_BLOCK if Q8 else CHUNK)
+
+
+def stored_tensor(k):
+    """The jitable ``tensor(ptrs, fmt, t)`` of a stored format's pieces ``k``
+    (:func:`_stored_pieces`): tensor ``t`` of a bucket as ``(n, D, nb, P, G, S0, S1,
+    S2, A, C0, C1, C2)``, its size, row length, blocks per row and flat views of its
+    parameter, gradient, state slots, aux array and 8-bit scales (``ptrs`` and the
+    planner's ``fmt`` table; every driver that walks a bucket's block chunks, the
+    update pass and the norm pass, reads a tensor through it)."""
+    from .base import FMT_AUX, FMT_N, FMT_NB, FMT_NSCALE, FMT_ROW, FMT_SCALE
+    PDT, GDT, SDT, ADT = k["PDT"], k["GDT"], k["SDT"], k["ADT"]
+    F32 = np.float32
+    FA, FS, FN, FR, FB, FC = FMT_AUX, FMT_SCALE, FMT_N, FMT_ROW, FMT_NB, FMT_NSCALE
+
+    @register_jitable
+    def tensor(ptrs, fmt, t):
+        n = fmt[t, FN]
+        nsc = fmt[t, FC]
+        return (n, fmt[t, FR], fmt[t, FB],
+                carray(_voidptr(ptrs[t, 0]), (n,), PDT),
+                carray(_voidptr(ptrs[t, 1]), (n,), GDT),
+                carray(_voidptr(ptrs[t, 2]), (n,), SDT),
+                carray(_voidptr(ptrs[t, 3]), (n,), SDT),
+                carray(_voidptr(ptrs[t, 4]), (n,), SDT),
+                carray(_voidptr(fmt[t, FA]), (n,), ADT),
+                carray(_voidptr(fmt[t, FS]), (nsc,), F32),
+                carray(_voidptr(fmt[t, FS + 1]), (nsc,), F32),
+                carray(_voidptr(fmt[t, FS + 2]), (nsc,), F32))
+    return tensor
+
+
+@register_jitable
+def block_at(kb, nb, D, BLK):
+    """Block ``kb`` of a tensor of rows of ``D`` elements, ``nb`` blocks of ``BLK``
+    per row: ``(row, first element in the row, first flat element, length)``."""
+    r = kb // nb
+    j0 = (kb - r * nb) * BLK
+    return r, j0, r * D + j0, min(BLK, D - j0)
 
 
 _BLOCK_LOOPS = {}
@@ -526,10 +599,10 @@ def make_stored_dense_driver(config, parallel):
     """The dense driver of a stored format: ``chunks`` rows ``(tensor, first block,
     end block)``; block ``k`` of a tensor is row ``k // nb``, elements
     ``[(k % nb) * BLK, ...)`` of that row (``fmt`` holds row length and nb)."""
-    from .base import FMT_AUX, FMT_BASE, FMT_KEY, FMT_N, FMT_NB, FMT_NSCALE, FMT_ROW, FMT_SCALE
+    from .base import FMT_BASE, FMT_KEY
     k = _stored_pieces(config)
     CT, Q8, BLK = k["CT"], k["Q8"], k["BLK"]
-    PDT, GDT, SDT, ADT = k["PDT"], k["GDT"], k["SDT"], k["ADT"]
+    TENSOR = stored_tensor(k)
     BODY = _block_loop(config, config.grad, False, True, True)
     BODYS = _block_loop(config, config.grad, False, True, False) if Q8 else BODY
     Q = [_q8_slot(config.storage, s, CT) for s in range(3)] if Q8 else [(None, None)] * 3
@@ -542,8 +615,7 @@ def make_stored_dense_driver(config, parallel):
     STAMP = _stamp(config.rule.math)
     PARALLEL = bool(parallel)
     F32 = np.float32
-    FA, FS, FN, FR, FB, FC, FK = FMT_AUX, FMT_SCALE, FMT_N, FMT_ROW, FMT_NB, FMT_NSCALE, FMT_KEY
-    FE = FMT_BASE
+    FK, FE = FMT_KEY, FMT_BASE
     NBUF = BLK if Q8 else 1
     CTT = numba.from_dtype(np.dtype(CT))
     HAS_AUX = config.storage.aux is not None
@@ -554,31 +626,16 @@ def make_stored_dense_driver(config, parallel):
         zero = CT(0)
         for ci in prange(chunks.shape[0]):
             t = chunks[ci, 0]
-            n = fmt[t, FN]
-            D = fmt[t, FR]
-            nb = fmt[t, FB]
-            nsc = fmt[t, FC]
+            n, D, nb, P, G, S0, S1, S2, A, C0, C1, C2 = TENSOR(ptrs, fmt, t)
             key = np.uint32(fmt[t, FK])
             base = fmt[t, FE]
             c = LOAD(hyper, hidx[t])
-            P = carray(_voidptr(ptrs[t, 0]), (n,), PDT)
-            G = carray(_voidptr(ptrs[t, 1]), (n,), GDT)
-            S0 = carray(_voidptr(ptrs[t, 2]), (n,), SDT)
-            S1 = carray(_voidptr(ptrs[t, 3]), (n,), SDT)
-            S2 = carray(_voidptr(ptrs[t, 4]), (n,), SDT)
-            A = carray(_voidptr(fmt[t, FA]), (n,), ADT)
-            C0 = carray(_voidptr(fmt[t, FS]), (nsc,), F32)
-            C1 = carray(_voidptr(fmt[t, FS + 1]), (nsc,), F32)
-            C2 = carray(_voidptr(fmt[t, FS + 2]), (nsc,), F32)
             # block buffers on the stack (see _stack_buffer)
             b0 = carray(_stack_buffer(NBUF, CTT), (NBUF,))
             b1 = carray(_stack_buffer(NBUF, CTT), (NBUF,))
             b2 = carray(_stack_buffer(NBUF, CTT), (NBUF,))
             for kb in range(chunks[ci, 1], chunks[ci, 2]):
-                r = kb // nb
-                j0 = (kb - r * nb) * BLK
-                lo = r * D + j0
-                m = min(BLK, D - j0)
+                r, j0, lo, m = block_at(kb, nb, D, BLK)
                 # views of the block, indexed from 0 (see fastopt.storage.io)
                 Pb, Gb, Ab = P[lo:lo + m], G[lo:lo + m], A[lo:lo + m] if HAS_AUX else A
                 T0, T1, T2 = S0[lo:lo + m], S1[lo:lo + m], S2[lo:lo + m]
@@ -606,49 +663,14 @@ def make_stored_dense_driver(config, parallel):
     return _compile(stored_dense_driver, parallel)
 
 
-def _sum_duplicates_impl(vals, order, seg, scratch, inverse, parts):
-    """scratch[u] = the sum of the gradient rows of unique row u (those that
-    repeat), in order of appearance, added one by one (the first copied).  The
-    gradient rows are read in their own order (a stream the hardware prefetches)
-    instead of gathered group by group: inverse[i] is the unique row of gradient
-    row i, and each of ``parts`` tasks owns a contiguous range of unique rows
-    (split so that each holds about the same number of gradient rows: hot rows
-    repeat hundreds of times), so every sum is formed by one task in the same
-    order for any thread count.  Run before the row drivers."""
-    n = seg.shape[0] - 1
-    D = vals.shape[1]
-    for u in prange(n):
-        for k in range(seg[u], seg[u + 1]):
-            inverse[order[k]] = u
-    nnz = order.shape[0]
-    for t in prange(parts):
-        lo = np.searchsorted(seg, nnz * t // parts)
-        hi = np.searchsorted(seg, nnz * (t + 1) // parts) if t + 1 < parts else n
-        for i in range(inverse.shape[0]):
-            w = inverse[i]
-            if w < lo or w >= hi or seg[w + 1] - seg[w] == 1:
-                continue
-            row = scratch[w]
-            g = vals[i]
-            if i == order[seg[w]]:
-                for j in range(D):
-                    row[j] = g[j]
-            else:
-                for j in range(D):
-                    row[j] += g[j]
-
-
-_sum_duplicates = {p: njit(parallel=p, error_model="numpy", cache=True, nogil=True)(
-    _sum_duplicates_impl) for p in (False, True)}
-
-
 def make_stored_rows_driver(config, parallel, catch, step):
     """The row driver of a stored format (element-wise rules): parameters, state,
     aux and scale arrays flat; each unique row ``uniq[u]`` (``D`` elements, in
     blocks of BLK for 8-bit state) is caught up (``catch``), stepped with its
-    summed gradient (``step``; ``vals`` in the compute dtype, duplicates already
-    summed into ``scratch``), renormalized (``max_norm``, on a row buffer) and
-    stored.  ``tasks`` tasks own contiguous ranges of unique rows."""
+    summed gradient (``step``; ``vals`` in the compute dtype, duplicates summed by
+    :func:`summed_row` into the task's row ``scratch[t]``), renormalized
+    (``max_norm``, on a row buffer) and stored.  ``tasks`` tasks own contiguous
+    ranges of unique rows."""
     k = _stored_pieces(config)
     CT, LP, SP, Q8 = k["CT"], k["LP"], k["SP"], k["Q8"]
     BODY = _block_loop(config, "native", catch, step, True)
@@ -706,8 +728,7 @@ def make_stored_rows_driver(config, parallel, catch, step):
                 r = uniq[u]
                 G = b0                      # (no gradient when only catching up)
                 if STEPPING:
-                    a = seg[u]
-                    G = scratch[u] if seg[u + 1] - a > 1 else vals[order[a]]
+                    G = summed_row(vals, order, seg[u], seg[u + 1], scratch, t)
                 ca, cb, cc, ce = 1.0, 0.0, 0.0, 1.0
                 if CATCH:
                     ca, cb, cc, ce = coef[u, 0], coef[u, 1], coef[u, 2], coef[u, 3]
@@ -781,8 +802,7 @@ def make_stored_rowwise_driver(config, parallel):
             grow = np.empty(D, dtype=CT)
             for u in range(n * t // tasks, n * (t + 1) // tasks):
                 r = uniq[u]
-                a = seg[u]
-                G = scratch[u] if seg[u + 1] - a > 1 else vals[order[a]]
+                G = summed_row(vals, order, seg[u], seg[u + 1], scratch, t)
                 lo = r * D
                 Pr, Ar = P[lo:lo + D], A[lo:lo + D] if HAS_AUX else A
                 for j in range(D):
@@ -831,11 +851,7 @@ def run_stored_rows(work):
         if vals.dtype != CT:
             vals = vals.astype(CT)
         dups = work.order.shape[0] > uniq.shape[0]
-        scratch = np.empty((uniq.shape[0] if dups else 0, D), dtype=CT)
-        if dups:
-            inverse = np.empty(work.order.shape[0], dtype=np.int64)
-            _sum_duplicates[parallel](vals, work.order, work.seg, scratch, inverse,
-                                      threads)
+        scratch = scratch_rows(tasks if dups else 0, D, CT)
         order, seg = work.order, work.seg
     else:
         vals = np.empty((0, D), dtype=CT)

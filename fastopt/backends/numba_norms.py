@@ -132,11 +132,10 @@ def make_stored_norms_driver(config, parallel):
     element order, blocks in order; the lanes added by :func:`lane_total` per chunk,
     the chunks per tensor in order (kernels/_cy_norms.pxi gives the same bits)."""
     from ..storage import io
-    from .base import FMT_AUX, FMT_N, FMT_NB, FMT_NSCALE, FMT_ROW, FMT_SCALE
-    from .numba_cpu import _stored_pieces
+    from .numba_cpu import _stored_pieces, block_at, stored_tensor
     k = _stored_pieces(config)
     CT, Q8, BLK = k["CT"], k["Q8"], k["BLK"]
-    PDT, GDT, SDT, ADT = k["PDT"], k["GDT"], k["SDT"], k["ADT"]
+    TENSOR = stored_tensor(k)
     LP, LG = k["LP"], k["LG"]
     st = config.storage
     if Q8:
@@ -150,7 +149,6 @@ def make_stored_norms_driver(config, parallel):
     STAMP = _stamp(NORMS)
     PARALLEL = bool(parallel)
     F32 = np.float32
-    FA, FS, FN, FR, FB, FC = FMT_AUX, FMT_SCALE, FMT_N, FMT_ROW, FMT_NB, FMT_NSCALE
     HAS_AUX = st.aux is not None
 
     @register_jitable
@@ -171,29 +169,14 @@ def make_stored_norms_driver(config, parallel):
         part = np.zeros((nc, 2), dtype=np.float64)
         for ci in prange(nc):
             t = chunks[ci, 0]
-            n = fmt[t, FN]
-            D = fmt[t, FR]
-            nb = fmt[t, FB]
-            nsc = fmt[t, FC]
+            n, D, nb, P, G, S0, S1, S2, A, C0, C1, C2 = TENSOR(ptrs, fmt, t)
             c = LOAD(hyper, hidx[t])
-            P = carray(_voidptr(ptrs[t, 0]), (n,), PDT)
-            G = carray(_voidptr(ptrs[t, 1]), (n,), GDT)
-            S0 = carray(_voidptr(ptrs[t, 2]), (n,), SDT)
-            S1 = carray(_voidptr(ptrs[t, 3]), (n,), SDT)
-            S2 = carray(_voidptr(ptrs[t, 4]), (n,), SDT)
-            A = carray(_voidptr(fmt[t, FA]), (n,), ADT)
-            C0 = carray(_voidptr(fmt[t, FS]), (nsc,), F32)
-            C1 = carray(_voidptr(fmt[t, FS + 1]), (nsc,), F32)
-            C2 = carray(_voidptr(fmt[t, FS + 2]), (nsc,), F32)
             ax = np.zeros(LANES, dtype=np.float64)
             ay = np.zeros(LANES, dtype=np.float64)
             tx = np.empty(BUF, dtype=np.float64)
             ty = np.empty(BUF, dtype=np.float64)
             for kb in range(chunks[ci, 1], chunks[ci, 2]):
-                r = kb // nb
-                j0 = (kb - r * nb) * BLK
-                lo = r * D + j0
-                mb = min(BLK, D - j0)
+                r, j0, lo, mb = block_at(kb, nb, D, BLK)
                 c0 = C0[kb] if Q8 and U0 else F32(0)
                 c1 = C1[kb] if Q8 and U1 else F32(0)
                 c2 = C2[kb] if Q8 and U2 else F32(0)

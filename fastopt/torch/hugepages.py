@@ -28,6 +28,7 @@ HUGE = 1 << 21
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
 
 _DONE = set()
+_LAST = [None]      # the array advised (or found advised) last
 _LIBC = []
 
 
@@ -63,10 +64,13 @@ def advise(addr, nbytes):
 def advise_once(array):
     """:func:`advise` a host array's memory the first time it is seen (arrays under
     :data:`MIN_BYTES` are skipped)."""
+    if array is _LAST[0]:            # the same table as last step: nothing to look up
+        return
     nbytes = array.nbytes
     if nbytes < MIN_BYTES:
         return
-    key = (array.ctypes.data, nbytes)
+    key = (array.__array_interface__["data"][0], nbytes)
     if key not in _DONE:
         _DONE.add(key)
         advise(*key)
+    _LAST[0] = array

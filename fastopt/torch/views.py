@@ -116,8 +116,9 @@ def grad(g, p, param_array, backend, i):
                          f"sparse_dim={g.sparse_dim()}; fastopt takes row-sparse gradients "
                          f"(sparse_dim=1, the parameter's shape {tuple(p.shape)}), as "
                          "nn.Embedding(sparse=True) produces")
-    g = g.detach()
-    idx, vals = g._indices()[0], g._values()
+    if g.requires_grad:
+        g = g.detach()
+    idx, vals = g._indices(), g._values()     # (1, nnz) and (nnz, ...): views
     if not vals.is_contiguous():
         vals = vals.contiguous()
     if idx.is_cuda:          # the CUDA backend takes row-sparse values from the host
@@ -126,4 +127,4 @@ def grad(g, p, param_array, backend, i):
         advise_once(param_array)
     # the indices and values as they are (views, not coalesced: the row plan sums
     # the duplicates in order of appearance)
-    return RowSparse(idx.numpy(), host_array(vals))
+    return RowSparse(idx.numpy()[0], host_array(vals))
