@@ -74,8 +74,9 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
             ``max_grad_norm``, ``skip_nonfinite``, sparse gradients in the step and
             per-tensor rules (LAMB, LARS), which need every gradient first.  False:
             blocking collectives, bucket after bucket.  None (default):
-            ``DEFAULT_OVERLAP`` (False: slower on the shared-memory machine measured,
-            see docs/distributed.md).
+            ``DEFAULT_OVERLAP`` (False: not faster on the shared-memory machine
+            measured, and slower for many small tensors in many buckets, whose
+            per-bucket inner steps re-plan; see docs/distributed.md, "Overlap").
         **hyper: the class's hyperparameters, fused options, ``backend`` (a CPU
             backend) and ``sparse_mode``, as for the class.
 
@@ -722,7 +723,7 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         optimizer steps this rank's parameters whose rows it completed, and the
         all-gather of every rank's parameters completed in bucket ``k`` starts
         (non-blocking, tested while later buckets are averaged); the parameters
-        without rows here step after the last bucket, and the all-gathers are
+        without rows here step with the last bucket's, and the all-gathers are
         waited for at the end.  Every parameter steps once, on its own rows, as in
         the blocking step: the same bits (the update is element- or row-wise, and
         a factored or matrix rule's tensors are whole on their owner)."""
@@ -738,12 +739,21 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
                 self._inner.step(glist, grad_scale=gs)
                 st["update_s"] += time.perf_counter() - t
 
+        # the parameters without rows here step with the last bucket's (one inner
+        # call fewer; with one bucket the inner step is then a step of every
+        # parameter, which keeps its cached plan)
+        rest = [i for dp in plan.parts for i in dp.rest_mine]
+        last = [(id(dp), dp.nbuckets - 1) for dp in plan.parts if dp.nbuckets][-1:]
         pieces = self._reduce_scatter_pieces(plan, dense, views, gathers)
         try:
             for dp, k in pieces:
-                update(dp.ready_mine[k])
+                if [(id(dp), k)] == last:
+                    update(dp.ready_mine[k] + rest)
+                    rest = []
+                else:
+                    update(dp.ready_mine[k])
                 gathers.append(self._gather_piece(dp, k))
-            update([i for dp in plan.parts for i in dp.rest_mine])
+            update(rest)
         finally:
             pieces.close()
             t = time.perf_counter()
