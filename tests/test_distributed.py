@@ -11,10 +11,10 @@ not collect); this file runs them in subprocesses, in this order:
    (the 2- and 3-rank runs resumed the ones saved before them);
 
 then the same cases with ShardedOptimizer's ``overlap`` default switched (``mpiexec
--n 2`` and ``-n 3``), the example on two ranks, a job whose rank stops calling (it must end, not hang),
-a job whose rank raises under ``python -m mpi4py`` (it must end at once), and the
-benchmark's quick mode.  MPI is never initialized in this process.  Tests
-that need mpi4py or mpiexec skip, saying which is missing.
+-n 2`` and ``-n 3``), the example on two ranks, a job whose rank stops calling (it
+must end, not hang), a job whose rank raises under ``python -m mpi4py`` (it must end
+at once), and the benchmark's quick mode.  MPI is never initialized in this process.
+Tests that need mpi4py or mpiexec skip, saying which is missing.
 """
 
 import importlib.util
