@@ -152,6 +152,9 @@ def main(argv=None):
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--reuse-grads", action="store_true",
                     help="ShardedOptimizer(reuse_grads=True): average in the gradient arrays")
+    ap.add_argument("--overlap", action="store_true",
+                    help="ShardedOptimizer(overlap=True): non-blocking exchanges overlapped "
+                         "with the averaging and the update")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's mmap threshold dynamic (freed temporaries stay "
                          "resident, as in a long-running process)")
@@ -178,6 +181,8 @@ def main(argv=None):
     dtype = np.dtype(args.dtype)
     hyper = {"backend": args.backend}
     sharded_kw = {"reuse_grads": True} if args.reuse_grads else {}
+    if args.overlap:
+        sharded_kw["overlap"] = True
     bucket = int(args.bucket_mib * MiB)
 
     params = make(int(args.elements), args.tensors, dtype, seed=1)
@@ -186,7 +191,7 @@ def main(argv=None):
 
     # warm up: kernels loaded, MPI connections made, on a small copy of the setup
     small = [p[:2].copy() for p in params]
-    w = ShardedOptimizer(cls, small, bucket_bytes=bucket, **hyper)
+    w = ShardedOptimizer(cls, small, bucket_bytes=bucket, **sharded_kw, **hyper)
     for _ in range(2):
         w.step([g[:2] for g in grads])
     plain_small = cls([p.copy() for p in small], **hyper)
@@ -262,9 +267,11 @@ def main(argv=None):
         "bucket_bytes": bucket, "steps": args.steps, "threads_per_rank": threads,
         "cpus": cpus, "mpi_bytes_per_s": bw, "zero_bytes_per_rank": zero,
         "update_bytes_per_element": bpe, "per_rank": rows, "single": single}
+    out["overlap"] = bool(args.overlap)
     print(f"{args.rule} {dtype}, {out['elements']:,} elements ({param_bytes / MiB:.1f} MiB) "
           f"in {args.tensors} tensors, {n} rank{'s' if n > 1 else ''}, bucket "
-          f"{bucket / MiB:g} MiB, {threads} Numba thread(s) per rank on {cpus} CPUs, "
+          f"{bucket / MiB:g} MiB{', overlapped' if args.overlap else ''}, "
+          f"{threads} Numba thread(s) per rank on {cpus} CPUs, "
           f"median of {args.steps} steps")
     head = (f"{'rank':>4} {'shard':>11} {'step ms':>8} {'update':>8} {'comm':>8} "
             f"{'pack+avg':>8} {'check':>6} {'recv MiB':>9} {'ZeRO MiB':>9} "

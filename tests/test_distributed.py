@@ -10,10 +10,11 @@ not collect); this file runs them in subprocesses, in this order:
 3. a world of one again, resuming the checkpoints the 2- and 3-rank runs saved
    (the 2- and 3-rank runs resumed the ones saved before them);
 
-then the example on two ranks, a job whose rank stops calling (it must end, not hang),
-a job whose rank raises under ``python -m mpi4py`` (it must end at once), and the
-benchmark's quick mode.  MPI is never initialized in this process.  Tests
-that need mpi4py or mpiexec skip, saying which is missing.
+then the same cases with ShardedOptimizer's ``overlap`` default switched (``mpiexec
+-n 2`` and ``-n 3``), the example on two ranks, a job whose rank stops calling (it
+must end, not hang), a job whose rank raises under ``python -m mpi4py`` (it must end
+at once), and the benchmark's quick mode.  MPI is never initialized in this process.
+Tests that need mpi4py or mpiexec skip, saying which is missing.
 """
 
 import importlib.util
@@ -113,16 +114,16 @@ def _check_world_of_one(shared, tmp_path, *extra, minimum):
     return out
 
 
-def _mpi_lane(shared, tmp_path, nranks):
+def _mpi_lane(shared, tmp_path, nranks, **env):
     """The cases under ``mpiexec -n nranks``: every rank passes the same tests, the
     lane saves its checkpoint and resumes those of the world sizes run before it
-    (``done``)."""
+    (``done``).  ``env``: more environment variables."""
     logs = tmp_path / f"logs{nranks}"
     logs.mkdir()
     pattern = str(logs / "rank.%r")
     cmd = [MPIEXEC, "-n", str(nranks), "-outfile-pattern", pattern, "-errfile-pattern",
            pattern] + _pytest_args()
-    rc, out = _run(cmd, _env(shared, nranks), LANE_TIMEOUT, tmp_path)
+    rc, out = _run(cmd, {**_env(shared, nranks), **env}, LANE_TIMEOUT, tmp_path)
     texts = {r: (logs / f"rank.{r}").read_text() if (logs / f"rank.{r}").exists() else ""
              for r in range(nranks)}
     report = (f"mpiexec -n {nranks}:\n" + "\n".join(
@@ -156,6 +157,21 @@ def test_every_world_size_in_order(shared, tmp_path):
     for w in (2, 3):
         assert (shared / f"resumed_w{w}_in_w1").exists(), \
             f"the world of one did not resume the {w}-rank checkpoint"
+
+
+@needs_mpiexec
+def test_every_case_with_the_other_overlap(tmp_path_factory, tmp_path):
+    """The cases again under ``mpiexec -n 2`` and ``-n 3`` with ShardedOptimizer's
+    ``overlap`` default switched (``FASTOPT_MPI_OVERLAP``; the cases turn
+    ``fastopt.distributed.DEFAULT_OVERLAP`` over): the other exchange (non-blocking
+    and overlapped, or blocking) passes every case, bit for bit against one process
+    as the default does; the 3-rank run resumes the 2-rank run's checkpoint."""
+    from fastopt.distributed import DEFAULT_OVERLAP
+    shared = tmp_path_factory.mktemp("mpi-overlap")
+    flag = "0" if DEFAULT_OVERLAP else "1"
+    for nranks in (2, 3):
+        _mpi_lane(shared, tmp_path, nranks, FASTOPT_MPI_OVERLAP=flag)
+    assert (shared / "resumed_w2_in_w3").exists()
 
 
 def test_import_fastopt_does_not_import_mpi4py(tmp_path):

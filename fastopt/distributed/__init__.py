@@ -147,7 +147,7 @@ public engine methods (``params``, ``param_names``, ``align_grads``,
 """
 
 from .errors import DistributedError, StateDictMismatchError
-from .sharded import DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT, ShardedOptimizer
+from .sharded import DEFAULT_BUCKET_BYTES, DEFAULT_OVERLAP, DEFAULT_TIMEOUT, ShardedOptimizer
 
 __all__ = ["ShardedOptimizer", "DistributedError", "StateDictMismatchError",
-           "DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT"]
+           "DEFAULT_BUCKET_BYTES", "DEFAULT_OVERLAP", "DEFAULT_TIMEOUT"]

@@ -58,7 +58,11 @@ class Checkpoints:
                     entry[k] = v
                     continue
                 shape = self._state_shape(i, k)
-                full = np.empty(shape, dtype=_dtype_of(v)) if me == to else None
+                # (a factored rule's slots of a parameter without elements, col_var
+                # (1, C) of a (0, C) matrix, are on no rank: the zeros the single
+                # process allocates; every other element is received below)
+                full = (np.zeros if self.rule.factored else np.empty)(
+                    shape, dtype=_dtype_of(v)) if me == to else None
                 for r in range(N):
                     lo, hi = self._state_range(i, k, r)
                     if hi == lo:

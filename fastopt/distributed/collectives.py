@@ -17,6 +17,9 @@ from .layout import _DensePlan, _grad_dtype
 
 #: elements at which the averaging kernel uses threads
 _PARALLEL_MIN = 1 << 16
+#: the overlapped step averages in chunks of this many elements and tests the
+#: requests in flight between them (1 MiB of float32)
+POLL_ELEMENTS = 1 << 18
 
 
 # --------------------------------------------------------------------- kernels
@@ -125,46 +128,68 @@ class Collectives:
         return (g if ok else np.array(g, dtype=gdtype, order="C")).reshape(-1)
 
     def _reduce_scatter(self, plan, dense):
-        """The averaged gradient of this rank's pieces: {param: array of its rows}.
+        """The averaged gradient of this rank's pieces: {param: array of its rows}
+        (:meth:`_reduce_scatter_pieces` run to its end)."""
+        views = {}
+        for _ in self._reduce_scatter_pieces(plan, dense, views):
+            pass
+        return views
+
+    def _reduce_scatter_pieces(self, plan, dense, views, inflight=()):
+        """Average the gradients of this rank's pieces into ``views`` ({param: array
+        of its rows}), bucket by bucket; a generator that yields ``(dtype part,
+        bucket)`` after each bucket is averaged (the parameters of
+        ``part.ready_mine[bucket]`` are then complete).
 
         Every rank sends each rank's rows of its local gradients straight from the
         gradient arrays (an MPI struct datatype per destination and bucket, no pack
-        copy) and receives the other ranks' pieces of its own rows into a buffer of
-        ``(N - 1) x`` one bucket's share, allocated for the step; the average is formed
-        in place over its own rows: in the gradient shard (a copy of its own rows
-        first), or, with ``reuse_grads``, in the caller's gradient arrays themselves.
-        (One rank: the gradients themselves, converted to the parameter's dtype and
-        layout where needed, or copied when clipping will scale them.)"""
+        copy) and receives the other ranks' pieces of its own rows into a receive
+        buffer of ``(N - 1) x`` one bucket's share, allocated for the step; the average
+        is formed in place over its own rows: in the gradient shard (a copy of its own
+        rows first), or, with ``reuse_grads``, in the caller's gradient arrays
+        themselves.  (One rank: the gradients themselves, converted to the
+        parameter's dtype and layout where needed, or copied when clipping will scale
+        them.)
+
+        Blocking (``overlap`` off): one ``Alltoallw`` per bucket, then its average.
+        Overlapped: the buckets are ``Ialltoallw`` calls, bucket ``k + 1`` posted
+        before bucket ``k`` is waited for and averaged (two receive buffers of half
+        a ``bucket_bytes`` bucket each: the same memory), and between chunks of
+        :data:`POLL_ELEMENTS` of the average the requests in flight (the next
+        bucket's, and the caller's ``inflight`` list: its all-gathers) are tested,
+        which is what moves them on where MPI progresses only inside its calls
+        (MPICH without ``MPICH_ASYNC_PROGRESS=1``).  The sums are the same either way
+        (the same kernel over the same elements: bit for bit)."""
         N, me, comm, st = self._size, self._rank, self._comm, self.stats
         reuse = self._reuse_grads
         if N == 1:
             t0 = time.perf_counter()
-            out = {}
             for i, g in dense.items():
                 p = self._params[i]
                 gdt = _grad_dtype(p.dtype)
                 if self._max_grad_norm is None:
-                    out[i] = np.asarray(g, dtype=gdt, order="C")
+                    views[i] = np.asarray(g, dtype=gdt, order="C")
                 elif reuse:
-                    out[i] = self._grad_source(g, gdt).reshape(p.shape)
+                    views[i] = self._grad_source(g, gdt).reshape(p.shape)
                 else:
-                    out[i] = plan.views[i]
-                    np.copyto(out[i], g, casting="same_kind")
+                    views[i] = plan.views[i]
+                    np.copyto(views[i], g, casting="same_kind")
             st["pack_s"] += time.perf_counter() - t0
-            return out
+            for dp in plan.parts:
+                for k in range(dp.nbuckets):
+                    yield dp, k
+            return
         MPI = self._MPI
-        views = {}
+        overlap = self._overlap
+        t0 = time.perf_counter()
+        addr, own = {}, {}
         for dp in plan.parts:
-            t0 = time.perf_counter()
             gdt = dp.gdtype
-            mt = self._mpi(gdt)
-            item = gdt.itemsize
-            src, addr, own = {}, {}, {}
             for i in dp.idxs:
-                src[i] = self._grad_source(dense[i], gdt)
-                addr[i] = src[i].ctypes.data
+                src = self._grad_source(dense[i], gdt)
+                addr[i] = (src, src.ctypes.data)
                 b, w = self._bounds[i], self._widths[i]
-                mine = src[i][int(b[me]) * w:int(b[me + 1]) * w]
+                mine = src[int(b[me]) * w:int(b[me + 1]) * w]
                 if reuse:
                     own[i] = mine
                     views[i] = mine.reshape(self._pieces[i].shape)
@@ -172,44 +197,84 @@ class Collectives:
                     views[i] = plan.views[i]
                     own[i] = views[i].reshape(-1)
                     np.copyto(own[i], mine)
-            # mapped for the step and unmapped after it (not the heap: freed, a heap
-            # block of this size would stay resident)
-            mapping = mmap.mmap(-1, max(1, dp.recv_elements * item))
-            recv = np.frombuffer(mapping, dtype=gdt, count=dp.recv_elements)
-            st["pack_s"] += time.perf_counter() - t0
-            for k in range(dp.nbuckets):
+        seq = [(dp, k) for dp in plan.parts for k in range(dp.nbuckets)]
+        # the receive buffer(s), mapped for the step and unmapped after it (not the
+        # heap: freed, a heap block of this size would stay resident); overlapped: two
+        # halves, bucket j in half j % 2
+        half = max([dp.recv_elements * dp.gdtype.itemsize for dp in plan.parts] + [8])
+        half = -(-half // 8) * 8
+        nbuf = 2 if overlap else 1
+        mapping = mmap.mmap(-1, nbuf * half)
+        st["pack_s"] += time.perf_counter() - t0
+
+        def post(j):
+            """Start bucket ``j`` (blocking: run it); returns (request, datatypes,
+            receive buffer)."""
+            t0 = time.perf_counter()
+            dp, k = seq[j]
+            gdt = dp.gdtype
+            mt = self._mpi(gdt)
+            item = gdt.itemsize
+            recv = np.frombuffer(mapping, dtype=gdt, count=dp.recv_elements,
+                                 offset=(j % nbuf) * half)
+            c = dp.counts[k][me]
+            stypes = [None if r == me else
+                      _struct(MPI, [(addr[i][1] + first * item, n, mt)
+                                    for i, first, n in dp.send[k][r]])
+                      for r in range(N)]
+            scounts = [0 if t is None else 1 for t in stypes]
+            rcounts = [0 if r == me else c for r in range(N)]
+            rdispls = [(r if r < me else r - 1) * c * item if r != me else 0
+                       for r in range(N)]
+            args = ([MPI.BOTTOM, (scounts, [0] * N),
+                     [MPI.BYTE if t is None else t for t in stypes]],
+                    [recv, (rcounts, rdispls), [mt] * N])
+            t1 = time.perf_counter()
+            req = comm.Ialltoallw(*args) if overlap else comm.Alltoallw(*args)
+            t2 = time.perf_counter()
+            st["pack_s"] += t1 - t0
+            st["comm_s"] += t2 - t1
+            st["bytes_received"] += (N - 1) * c * item
+            st["bytes_sent"] += (sum(dp.counts[k]) - c) * item
+            return req, stypes, recv
+
+        try:
+            nxt = post(0) if overlap and seq else None
+            for j, (dp, k) in enumerate(seq):
+                cur = nxt if overlap else post(j)
+                nxt = post(j + 1) if overlap and j + 1 < len(seq) else None
                 t0 = time.perf_counter()
-                counts = dp.counts[k]
-                c = counts[me]
-                stypes = [None if r == me else
-                          _struct(MPI, [(addr[i] + first * item, n, mt)
-                                        for i, first, n in dp.send[k][r]])
-                          for r in range(N)]
-                scounts = [0 if t is None else 1 for t in stypes]
-                rcounts = [0 if r == me else c for r in range(N)]
-                rdispls = [(r if r < me else r - 1) * c * item if r != me else 0
-                           for r in range(N)]
+                if overlap:
+                    cur[0].Wait()
                 t1 = time.perf_counter()
-                comm.Alltoallw([MPI.BOTTOM, (scounts, [0] * N),
-                                [MPI.BYTE if t is None else t for t in stypes]],
-                               [recv, (rcounts, rdispls), [mt] * N])
-                t2 = time.perf_counter()
-                _free(stypes)
+                _free(cur[1])
+                recv = cur[2]
+                c = dp.counts[k][me]
+                polled = ([] if nxt is None else [nxt[0]]) + list(inflight) if overlap else []
+                step = POLL_ELEMENTS if polled else 1 << 62
                 for i, first, pos, n in dp.mine[k]:
                     o = first - int(self._bounds[i][me]) * self._widths[i]
-                    _mean_of_pieces(recv, N, me, c, pos, own[i][o:o + n])
-                t3 = time.perf_counter()
-                st["pack_s"] += t1 - t0
-                st["comm_s"] += t2 - t1
-                st["reduce_s"] += t3 - t2
-                st["bytes_received"] += (N - 1) * c * item
-                st["bytes_sent"] += (sum(counts) - c) * item
-            del recv
+                    for a in range(0, n, step):
+                        m = min(step, n - a)
+                        _mean_of_pieces(recv, N, me, c, pos + a, own[i][o + a:o + a + m])
+                        if polled and a + m < n:
+                            MPI.Request.Testall(polled)
+                    if polled:
+                        MPI.Request.Testall(polled)
+                del recv, cur
+                t2 = time.perf_counter()
+                st["comm_s"] += t1 - t0
+                st["reduce_s"] += t2 - t1
+                yield dp, k
+        finally:
+            if nxt is not None:         # an exception between posting and waiting
+                nxt[0].Wait()
+                _free(nxt[1])
+                nxt = None
             try:
                 mapping.close()
             except BufferError:     # a view still alive: unmapped when it goes
                 pass
-        return views
 
     def _gather_types(self, dp):
         """The all-gather's MPI datatypes of a plan part, made once (the parameters
@@ -250,6 +315,41 @@ class Collectives:
             st["bytes_received"] += others * item
             st["bytes_sent"] += others * item      # ring model: each rank forwards
 
+    def _gather_piece(self, dp, k):
+        """Start the all-gather of bucket ``k`` of a plan part (the overlapped step):
+        every rank's parameters whose rows were complete after that bucket
+        (``dp.ready[k]``), from the parameters into the parameters, one
+        ``Ialltoallw`` (struct datatypes made once per plan); returns its request."""
+        me, comm, st, N, MPI = self._rank, self._comm, self.stats, self._size, self._MPI
+        t0 = time.perf_counter()
+        types = dp.piece_types.get(k)
+        if types is None:
+            mt = self._mpi(dp.pdtype)
+            item = dp.pdtype.itemsize
+
+            def of(segs):
+                return _struct(MPI, [(self._pflat[i].ctypes.data + first * item, n, mt)
+                                     for i, first, n in segs])
+            types = dp.piece_types[k] = (of(dp.ready[k][me]),
+                                         [None if r == me else of(dp.ready[k][r])
+                                          for r in range(N)])
+        mine, theirs = types
+        scounts = [0 if r == me or mine is None else 1 for r in range(N)]
+        rcounts = [0 if t is None else 1 for t in theirs]
+        stypes = [MPI.BYTE if mine is None else mine] * N
+        rtypes = [MPI.BYTE if t is None else t for t in theirs]
+        t1 = time.perf_counter()
+        req = comm.Ialltoallw([MPI.BOTTOM, (scounts, [0] * N), stypes],
+                              [MPI.BOTTOM, (rcounts, [0] * N), rtypes])
+        t2 = time.perf_counter()
+        st["pack_s"] += t1 - t0
+        st["comm_s"] += t2 - t1
+        item = dp.pdtype.itemsize
+        others = sum(n for r in range(N) if r != me for _, _, n in dp.ready[k][r])
+        st["bytes_received"] += others * item
+        st["bytes_sent"] += others * item      # ring model: each rank forwards
+        return req
+
     def _free_plans(self):
         """Free the MPI datatypes of the cached plans (before they are dropped)."""
         for plan in getattr(self, "_plans", {}).values():
@@ -258,6 +358,9 @@ class Collectives:
                     mine, theirs = dp.gather_types
                     _free([mine, *theirs])
                     dp.gather_types = None
+                for mine, theirs in dp.piece_types.values():
+                    _free([mine, *theirs])
+                dp.piece_types = {}
 
     def _gather_all_params(self):
         """All-gather every parameter (after an exact-mode flush)."""

@@ -181,6 +181,20 @@ class _DtypePlan:
         #: the reduce-scatter's receive buffer: the other ranks' pieces of one bucket
         self.recv_elements = (nranks - 1) * b_
         self.gather_types = None        # the all-gather's MPI datatypes (made on use)
+        # the overlapped step (ShardedOptimizer(overlap=True)): per bucket k and rank
+        # r, the segments (param, first element, count) of r's parameters whose last
+        # element of r's rows arrives in bucket k -- r updates them after averaging
+        # bucket k, and the all-gather of bucket k carries them; ready_mine[k]: this
+        # rank's parameters of bucket k; rest_mine: its parameters in no bucket (no
+        # rows here), stepped after the last bucket (empty pieces count steps too)
+        self.ready = [[[] for _ in range(nranks)] for _ in range(self.nbuckets)]
+        for r in range(nranks):
+            for i, first, n, off in segs[r]:
+                self.ready[(off + n - 1) // b_][r].append((i, first, n))
+        self.ready_mine = [[i for i, _, _ in self.ready[k][me]] for k in range(self.nbuckets)]
+        mine = {i for i, _, _, _ in segs[me]}
+        self.rest_mine = [i for i in idxs if i not in mine]
+        self.piece_types = {}           # bucket -> the all-gather's MPI datatypes of it
 
 
 def _window(segs, lo, hi):
@@ -203,9 +217,15 @@ def _by_dtype(params, idxs):
 
 
 class _DensePlan:
-    def __init__(self, opt, active):
+    """The dense exchanges of one set of parameters (``active``): a
+    :class:`_DtypePlan` per dtype, in order of first appearance, and the views of the
+    gradient shard.  ``bucket_bytes``: the size of one bucket (default the
+    optimizer's; the overlapped step passes half of it, two buckets in flight)."""
+
+    def __init__(self, opt, active, bucket_bytes=None):
+        bb = opt._bucket_bytes if bucket_bytes is None else bucket_bytes
         self.parts = [_DtypePlan(dt, idxs, opt._bounds, opt._widths, opt._size, opt._rank,
-                                 opt._bucket_bytes)
+                                 bb)
                       for dt, idxs in _by_dtype(opt._params, active).values()]
         self.views = {}
         for dp in self.parts:

@@ -23,6 +23,10 @@ from .layout import (_DensePlan, _DtypePlan, _by_dtype, _grad_dtype, _owner_boun
 
 #: default size of one communication bucket
 DEFAULT_BUCKET_BYTES = 32 << 20
+#: default of ``overlap``: whether a dense step overlaps its exchanges with the
+#: averaging and the update (non-blocking collectives; see docs/distributed.md,
+#: "Overlap", for why it is off here)
+DEFAULT_OVERLAP = False
 #: default seconds a collective call waits for the other ranks to make the same call
 #: (torch.distributed's default process-group timeout); None waits forever
 DEFAULT_TIMEOUT = 1800.0
@@ -61,6 +65,18 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
             contents after a step are unspecified, and they must not overlap each
             other or the parameters.  Gradients that are not C-contiguous,
             writeable and of the gradient dtype are copied for the step instead.
+        overlap: True: a dense step runs its exchanges as non-blocking collectives
+            in buckets of ``bucket_bytes / 2`` (two in flight: the receive memory of
+            one ``bucket_bytes`` bucket), bucket ``k + 1``'s reduce-scatter in flight
+            while bucket ``k`` is averaged and its completed parameters updated, and
+            their all-gather in flight while the next buckets are; bit for bit the
+            blocking step's result.  The update is split by bucket only without
+            ``max_grad_norm``, ``skip_nonfinite``, sparse gradients in the step and
+            per-tensor rules (LAMB, LARS), which need every gradient first.  False:
+            blocking collectives, bucket after bucket.  None (default):
+            ``DEFAULT_OVERLAP`` (False: not faster on the shared-memory machine
+            measured, and slower for many small tensors in many buckets, whose
+            per-bucket inner steps re-plan; see docs/distributed.md, "Overlap").
         **hyper: the class's hyperparameters, fused options, ``backend`` (a CPU
             backend) and ``sparse_mode``, as for the class.
 
@@ -72,7 +88,7 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
 
     def __init__(self, optimizer_class, params, comm=None, *, bucket_bytes=DEFAULT_BUCKET_BYTES,
                  max_grad_norm=None, norm_type=2.0, timeout=DEFAULT_TIMEOUT,
-                 reuse_grads=False, **hyper):
+                 reuse_grads=False, overlap=None, **hyper):
         try:
             from mpi4py import MPI
         except ImportError as e:
@@ -100,6 +116,11 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
             if not isinstance(reuse_grads, (bool, np.bool_)):
                 raise TypeError(f"reuse_grads must be True or False, got {reuse_grads!r}")
             self._reuse_grads = bool(reuse_grads)
+            if overlap is None:
+                overlap = DEFAULT_OVERLAP
+            if not isinstance(overlap, (bool, np.bool_)):
+                raise TypeError(f"overlap must be True, False or None, got {overlap!r}")
+            self._overlap = bool(overlap)
             self._setup(optimizer_class, params, bucket_bytes, max_grad_norm, norm_type, hyper)
             sig = self._construction_signature()
         except Exception as e:      # reported to every rank below
@@ -159,6 +180,7 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         return {"class": self._cls.__name__, "rule": self.rule.name,
                 "backend": t.backend.name, "sparse_mode": t.sparse_mode,
                 "bucket_bytes": self._bucket_bytes, "reuse_grads": self._reuse_grads,
+                "overlap": self._overlap,
                 "clip": (self._max_grad_norm, self._norm_type),
                 "names": None if t.param_names is None else [repr(n) for n in t.param_names],
                 "params": [(p.shape, p.dtype.str) for p in self._params],
@@ -623,7 +645,15 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         if active:
             plan = self._plans.get(active)
             if plan is None:
-                plan = self._plans[active] = _DensePlan(self, active)
+                plan = self._plans[active] = _DensePlan(
+                    self, active, self._bucket_bytes // 2 if self._overlap else None)
+            if self._overlap and self._size > 1 and not sparse_i and not skip_nonfinite \
+                    and self._max_grad_norm is None and not self.rule.per_tensor:
+                self._step_overlapped(plan, dense, gs)
+                self._version += 1
+                st["steps"] += 1
+                st["step_s"] += time.perf_counter() - t0
+                return True
             views = self._reduce_scatter(plan, dense)
         rows = self._exchange_rows(sparse_i, sparse) if sparse_i else {}
         # the global decisions: non-finite values, the gradient norm, touched rows
@@ -685,6 +715,50 @@ class ShardedOptimizer(Agreement, Collectives, Checkpoints):
         st["steps"] += 1
         st["step_s"] += time.perf_counter() - t0
         return True
+
+    def _step_overlapped(self, plan, dense, gs):
+        """The dense step with its update split by bucket (``overlap``; no global
+        decision between the average and the update): after bucket ``k`` of the
+        reduce-scatter is averaged (bucket ``k + 1`` already in flight), the inner
+        optimizer steps this rank's parameters whose rows it completed, and the
+        all-gather of every rank's parameters completed in bucket ``k`` starts
+        (non-blocking, tested while later buckets are averaged); the parameters
+        without rows here step with the last bucket's, and the all-gathers are
+        waited for at the end.  Every parameter steps once, on its own rows, as in
+        the blocking step: the same bits (the update is element- or row-wise, and
+        a factored or matrix rule's tensors are whole on their owner)."""
+        st, n = self.stats, len(self._params)
+        views, gathers = {}, []
+
+        def update(idxs):
+            if idxs:
+                glist = [None] * n
+                for i in idxs:
+                    glist[i] = views[i]
+                t = time.perf_counter()
+                self._inner.step(glist, grad_scale=gs)
+                st["update_s"] += time.perf_counter() - t
+
+        # the parameters without rows here step with the last bucket's (one inner
+        # call fewer; with one bucket the inner step is then a step of every
+        # parameter, which keeps its cached plan)
+        rest = [i for dp in plan.parts for i in dp.rest_mine]
+        last = [(id(dp), dp.nbuckets - 1) for dp in plan.parts if dp.nbuckets][-1:]
+        pieces = self._reduce_scatter_pieces(plan, dense, views, gathers)
+        try:
+            for dp, k in pieces:
+                if [(id(dp), k)] == last:
+                    update(dp.ready_mine[k] + rest)
+                    rest = []
+                else:
+                    update(dp.ready_mine[k])
+                gathers.append(self._gather_piece(dp, k))
+            update(rest)
+        finally:
+            pieces.close()
+            t = time.perf_counter()
+            self._MPI.Request.Waitall(gathers)
+            st["comm_s"] += time.perf_counter() - t
 
     # ---------------------------------------------------------------- state
     @property

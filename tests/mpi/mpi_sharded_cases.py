@@ -46,6 +46,12 @@ SHARED_DIR = os.environ.get("FASTOPT_MPI_DIR")
 
 needs_two = pytest.mark.skipif(N < 2, reason="needs at least two ranks")
 
+# FASTOPT_MPI_OVERLAP=1 (or 0), set by the driver's overlap lanes: every case runs with
+# ShardedOptimizer's ``overlap`` default on (or off)
+if os.environ.get("FASTOPT_MPI_OVERLAP") in ("0", "1"):
+    import fastopt.distributed.sharded as _sharded  # noqa: E402
+    _sharded.DEFAULT_OVERLAP = os.environ["FASTOPT_MPI_OVERLAP"] == "1"
+
 
 # ------------------------------------------------------------------ gradients
 
@@ -154,7 +160,10 @@ def run_pair(cls, params, hyper, local, steps, sharded_kw=None, check_each=None,
     for t in range(steps):
         per_rank = [local(t, r) for r in range(n)]
         kw = (step_kw or {}).get(t, {})
-        got = opt.step(per_rank[me], **kw)
+        mine_t = per_rank[me]
+        if (sharded_kw or {}).get("reuse_grads"):       # the step writes into them
+            mine_t = [g.copy() if isinstance(g, np.ndarray) else g for g in mine_t]
+        got = opt.step(mine_t, **kw)
         want = ref.step(averaged(per_rank, ref_params), **kw)
         results.append((got, want))
         if check_each is not None:
@@ -978,6 +987,43 @@ def test_factored_whole_tensors_balanced_and_resumed():
     assert all(checks)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_factored_steps_take_the_grouped_driver(monkeypatch, overlap):
+    """A sharded Adafactor step of many small tensors runs the backend's grouped
+    driver (one call per dtype over the tensors a rank owns), not the per-tensor
+    passes (``fastopt.factored.run_tensor``, ~100 us of host work per tensor): the
+    inner optimizer gets the gradient addresses from the engine's check, so every
+    rank's owned tensors take it, also split by bucket (``overlap``); bit for bit
+    the single process's parameters."""
+    from fastopt import factored
+    from fastopt.backends import numba_cpu
+    calls = {"group": 0, "tensor": 0}
+    real_group, real_tensor = numba_cpu.NumbaBackend.factored_group, factored.run_tensor
+
+    def group(self, *a):
+        calls["group"] += 1
+        return real_group(self, *a)
+
+    def tensor(*a):
+        calls["tensor"] += 1
+        return real_tensor(*a)
+    monkeypatch.setattr(numba_cpu.NumbaBackend, "factored_group", group)
+    monkeypatch.setattr(factored, "run_tensor", tensor)
+    shapes = [(6, 5), (9,), (4, 3, 2)] * 12
+    params = init(shapes, np.float32, seed=5)
+
+    def local(t, r):
+        return [dense_grad(s, np.float32, t, r, seed=6) for s in shapes]
+    mine, ref, opt, _, _ = run_pair(fastopt.Adafactor, params, {"lr": 0.05, "backend": "numba"},
+                                    local, 3, sharded_kw={"overlap": overlap,
+                                                          "bucket_bytes": 512})
+    owned = sum(opt.shard_rows(i)[1] > opt.shard_rows(i)[0] for i in range(len(shapes)))
+    opt.close()
+    assert_same_params(mine, ref)
+    assert calls["tensor"] == 0, calls
+    assert owned == 0 or calls["group"] >= 3 * 2, (calls, owned)     # sharded + reference
+
+
 # --------------------------------------------------------- memory, volume
 
 def test_state_is_sharded_by_rows():
@@ -1026,6 +1072,72 @@ def test_communication_volume_is_twice_the_parameter_bytes():
     assert st["steps"] == 3 and st["step_s"] > 0
     assert opt.buffer_bytes() == buffers                  # reused, not regrown
     assert buffers <= 2 * 4096 + mine + 64
+
+
+def overlap_cases():
+    return [("Adam", {"lr": 0.01, "amsgrad": True}, {}, 8),
+            ("Adam", {"lr": 0.01}, {"reuse_grads": True}, 200),
+            ("SGD", {"lr": 0.1, "momentum": 0.9, "max_norm": 0.5}, {}, 1 << 20),
+            ("Adafactor", {"lr": 0.05}, {}, 256),
+            ("Muon", {"lr": 0.02}, {}, 512),
+            ("LAMB", {"lr": 0.01}, {}, 200),
+            ("Adam", {"lr": 0.01}, {"max_grad_norm": 1.0}, 200)]
+
+
+@pytest.mark.parametrize("name,hyper,kw,bucket", overlap_cases(),
+                         ids=lambda v: str(v) if not isinstance(v, dict) else
+                         "-".join(f"{k}={x}" for k, x in v.items()) or "plain")
+def test_overlap_equals_blocking_and_single_process(name, hyper, kw, bucket):
+    """``overlap=True`` (non-blocking exchanges, the update split by bucket where no
+    global decision needs every gradient first) gives the blocking step's parameters,
+    state and byte counts bit for bit, and the single process's parameters; a step
+    with a ``None`` gradient and a float64 parameter among float32 ones included; the
+    split update runs where it should (an all-gather per bucket) and not where it
+    must not (clipping, LAMB's whole-tensor norms)."""
+    cls = getattr(fastopt, name)
+    if name == "Muon":
+        shapes, dts = [(24, 16), (3, 8, 8), (40, 12), (16, 16)], [np.float32] * 4
+    else:
+        shapes = [(37, 5), (3,), (), (100, 7), (0, 4), (64,), (5, 0), (211, 3), (9, 9)]
+        dts = [np.float32, np.float64, np.float32, np.float32, np.float32, np.float64,
+               np.float32, np.float32, np.float32]
+    params = [np.asarray(_rng(7, k, 99).standard_normal(s)).astype(d)
+              for k, (s, d) in enumerate(zip(shapes, dts))]
+
+    def local(t, r):
+        g = [dense_grad(s, d, t, r, seed=8) for s, d in zip(shapes, dts)]
+        if t == 2:
+            g[1] = None
+        return g
+
+    out = {}
+    for ov in (False, True):
+        mine, ref, opt, refopt, _ = run_pair(cls, params, hyper, local, 4,
+                                             sharded_kw={"bucket_bytes": bucket,
+                                                         "overlap": ov, **kw})
+        out[ov] = ([p.copy() for p in mine], ref, opt.consolidated_state_dict(to=0),
+                   refopt.state_dict(),
+                   (opt.stats["bytes_received"], opt.stats["bytes_sent"]))
+        if ov:          # one more step, counting the per-bucket all-gathers
+            pieces = []
+            real = opt._gather_piece
+            opt._gather_piece = lambda dp, k: pieces.append(k) or real(dp, k)
+            opt.step(local(0, ME))
+        opt.close()
+    # (LAMB's norms agree with one process to rounding only, and the reference is not
+    # clipped: those two against the blocking step alone)
+    single = name != "LAMB" and "max_grad_norm" not in kw
+    split = N > 1 and single
+    if single:
+        assert_same_params(out[True][0], out[True][1])
+    assert all(same(a, b) for a, b in zip(out[True][0], out[False][0]))
+    assert identical_on_every_rank(out[True][0])
+    assert out[True][4] == out[False][4]
+    if ME == 0:
+        assert_same_state_dict(out[True][2], out[False][2])
+        if single:
+            assert_same_state_dict(out[True][2], out[True][3])
+    assert bool(pieces) == split, pieces
 
 
 # ------------------------------------------------------------------ bad use
