@@ -66,7 +66,7 @@ from ..rules.fused import RENORM_EPS, renorm_row  # noqa: E402
 from .base import (CHUNK, PARALLEL_MIN, Backend, make_chunks,  # noqa: E402,F401
                    may_use_threads, stored_chunks)
 from .element import apply_catch_up, element_step, scalar_loader  # noqa: E402
-from .prefetch import PREFETCH_AHEAD, prefetch_row, prefetch_span  # noqa: E402
+from .prefetch import GATHER_AHEAD, PREFETCH_AHEAD, prefetch_row, prefetch_span  # noqa: E402
 from ..storage.codecs import bits32  # noqa: E402
 
 
@@ -127,14 +127,15 @@ def _compile(fn, parallel):
 def summed_row(vals, order, a, b, scratch, u):
     """The gradient of one touched row: ``vals[order[a]]`` or, with duplicates, the
     sum of ``vals[order[a:b]]`` added in order of appearance (deterministic) into
-    ``scratch[u]`` (only then is ``scratch`` indexed)."""
+    ``scratch[u]`` (only then is ``scratch`` indexed); the gradient row
+    ``GATHER_AHEAD`` places ahead is prefetched."""
     G = vals[order[a]]
     if b - a > 1:
         row = scratch[u]
         row[:] = G
         for k in range(a + 1, b):
-            if k + 12 < b:
-                prefetch_row(vals, order[k + 12])
+            if k + GATHER_AHEAD < b:
+                prefetch_row(vals, order[k + GATHER_AHEAD])
             more = vals[order[k]]
             for j in range(row.shape[0]):
                 row[j] += more[j]
