@@ -63,7 +63,8 @@ from ..rules.fused import RENORM_EPS, renorm_row  # noqa: E402
 # CHUNK, PARALLEL_MIN and the chunk tables live in .base (the Cython backend and the
 # planner use them without importing numba); PARALLEL_MIN is read here, where tests
 # and tuning set it, and by the Cython backend from here once this module is loaded
-from .base import (CHUNK, PARALLEL_MIN, Backend, make_chunks,  # noqa: E402,F401
+from .base import (CHUNK, FMT_AUX, FMT_N, FMT_NB, FMT_NSCALE,  # noqa: E402,F401
+                   FMT_ROW, FMT_SCALE, PARALLEL_MIN, Backend, make_chunks,
                    may_use_threads, stored_chunks)
 from .element import apply_catch_up, element_step, scalar_loader  # noqa: E402
 from .prefetch import GATHER_AHEAD, PREFETCH_AHEAD, prefetch_row, prefetch_span  # noqa: E402
@@ -410,33 +411,28 @@ def _stored_pieces(config):
                 BLK=Q8_BLOCK if Q8 else CHUNK)
 
 
-def stored_tensor(k):
-    """The jitable ``tensor(ptrs, fmt, t)`` of a stored format's pieces ``k``
-    (:func:`_stored_pieces`): tensor ``t`` of a bucket as ``(n, D, nb, P, G, S0, S1,
-    S2, A, C0, C1, C2)``, its size, row length, blocks per row and flat views of its
-    parameter, gradient, state slots, aux array and 8-bit scales (``ptrs`` and the
-    planner's ``fmt`` table; every driver that walks a bucket's block chunks, the
-    update pass and the norm pass, reads a tensor through it)."""
-    from .base import FMT_AUX, FMT_N, FMT_NB, FMT_NSCALE, FMT_ROW, FMT_SCALE
-    PDT, GDT, SDT, ADT = k["PDT"], k["GDT"], k["SDT"], k["ADT"]
-    F32 = np.float32
-    FA, FS, FN, FR, FB, FC = FMT_AUX, FMT_SCALE, FMT_N, FMT_ROW, FMT_NB, FMT_NSCALE
-
-    @register_jitable
-    def tensor(ptrs, fmt, t):
-        n = fmt[t, FN]
-        nsc = fmt[t, FC]
-        return (n, fmt[t, FR], fmt[t, FB],
-                carray(_voidptr(ptrs[t, 0]), (n,), PDT),
-                carray(_voidptr(ptrs[t, 1]), (n,), GDT),
-                carray(_voidptr(ptrs[t, 2]), (n,), SDT),
-                carray(_voidptr(ptrs[t, 3]), (n,), SDT),
-                carray(_voidptr(ptrs[t, 4]), (n,), SDT),
-                carray(_voidptr(fmt[t, FA]), (n,), ADT),
-                carray(_voidptr(fmt[t, FS]), (nsc,), F32),
-                carray(_voidptr(fmt[t, FS + 1]), (nsc,), F32),
-                carray(_voidptr(fmt[t, FS + 2]), (nsc,), F32))
-    return tensor
+@register_jitable
+def stored_tensor(ptrs, fmt, t, PDT, GDT, SDT, ADT):
+    """Tensor ``t`` of a stored-format bucket as ``(n, D, nb, P, G, S0, S1, S2, A, C0,
+    C1, C2)``: its size, row length, blocks per row and flat views of its parameter,
+    gradient, state slots, aux array and 8-bit scales, from ``ptrs`` and the
+    planner's ``fmt`` table, the element types those of the format
+    (:func:`_stored_pieces`).  Every driver that walks a bucket's block chunks, the
+    update pass and the norm pass, reads a tensor through it.  (A module function,
+    called with the types, not a closure over them: a dynamically made function
+    in a driver's closure cell would change Numba's cache key every process.)"""
+    n = fmt[t, FMT_N]
+    nsc = fmt[t, FMT_NSCALE]
+    return (n, fmt[t, FMT_ROW], fmt[t, FMT_NB],
+            carray(_voidptr(ptrs[t, 0]), (n,), PDT),
+            carray(_voidptr(ptrs[t, 1]), (n,), GDT),
+            carray(_voidptr(ptrs[t, 2]), (n,), SDT),
+            carray(_voidptr(ptrs[t, 3]), (n,), SDT),
+            carray(_voidptr(ptrs[t, 4]), (n,), SDT),
+            carray(_voidptr(fmt[t, FMT_AUX]), (n,), ADT),
+            carray(_voidptr(fmt[t, FMT_SCALE]), (nsc,), np.float32),
+            carray(_voidptr(fmt[t, FMT_SCALE + 1]), (nsc,), np.float32),
+            carray(_voidptr(fmt[t, FMT_SCALE + 2]), (nsc,), np.float32))
 
 
 @register_jitable
@@ -603,7 +599,7 @@ def make_stored_dense_driver(config, parallel):
     from .base import FMT_BASE, FMT_KEY
     k = _stored_pieces(config)
     CT, Q8, BLK = k["CT"], k["Q8"], k["BLK"]
-    TENSOR = stored_tensor(k)
+    PDT, GDT, SDT, ADT = k["PDT"], k["GDT"], k["SDT"], k["ADT"]
     BODY = _block_loop(config, config.grad, False, True, True)
     BODYS = _block_loop(config, config.grad, False, True, False) if Q8 else BODY
     Q = [_q8_slot(config.storage, s, CT) for s in range(3)] if Q8 else [(None, None)] * 3
@@ -613,7 +609,7 @@ def make_stored_dense_driver(config, parallel):
     LOAD = scalar_loader(config.rule.Scalars, CT, config.fixed)
     U0, U1, U2 = (bool(u) for u in config.uses)
     assert not config.switches[5], "max_norm runs through the row driver"
-    STAMP = _stamp(config.rule.math)
+    STAMP = _stamp(config.rule.math, stored_tensor, block_at)
     PARALLEL = bool(parallel)
     F32 = np.float32
     FK, FE = FMT_KEY, FMT_BASE
@@ -627,7 +623,8 @@ def make_stored_dense_driver(config, parallel):
         zero = CT(0)
         for ci in prange(chunks.shape[0]):
             t = chunks[ci, 0]
-            n, D, nb, P, G, S0, S1, S2, A, C0, C1, C2 = TENSOR(ptrs, fmt, t)
+            n, D, nb, P, G, S0, S1, S2, A, C0, C1, C2 = stored_tensor(ptrs, fmt, t, PDT, GDT,
+                                                                     SDT, ADT)
             key = np.uint32(fmt[t, FK])
             base = fmt[t, FE]
             c = LOAD(hyper, hidx[t])

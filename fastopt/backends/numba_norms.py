@@ -28,7 +28,7 @@ from numba.extending import register_jitable
 from ..rules.fused import pre
 from .base import norm_uses
 from .element import scalar_loader
-from .numba_cpu import _compile, _stamp, _voidptr
+from .numba_cpu import _compile, _stamp, _voidptr, block_at, stored_tensor
 
 _NORMS = {}
 
@@ -132,10 +132,10 @@ def make_stored_norms_driver(config, parallel):
     element order, blocks in order; the lanes added by :func:`lane_total` per chunk,
     the chunks per tensor in order (kernels/_cy_norms.pxi gives the same bits)."""
     from ..storage import io
-    from .numba_cpu import _stored_pieces, block_at, stored_tensor
+    from .numba_cpu import _stored_pieces
     k = _stored_pieces(config)
     CT, Q8, BLK = k["CT"], k["Q8"], k["BLK"]
-    TENSOR = stored_tensor(k)
+    PDT, GDT, SDT, ADT = k["PDT"], k["GDT"], k["SDT"], k["ADT"]
     LP, LG = k["LP"], k["LG"]
     st = config.storage
     if Q8:
@@ -146,7 +146,7 @@ def make_stored_norms_driver(config, parallel):
     LOAD = scalar_loader(config.rule.Scalars, CT, config.fixed)
     U0, U1, U2 = norm_uses(config)
     SC, CL = bool(config.switches[0]), bool(config.switches[1])
-    STAMP = _stamp(NORMS)
+    STAMP = _stamp(NORMS, stored_tensor, block_at)
     PARALLEL = bool(parallel)
     F32 = np.float32
     HAS_AUX = st.aux is not None
@@ -169,7 +169,8 @@ def make_stored_norms_driver(config, parallel):
         part = np.zeros((nc, 2), dtype=np.float64)
         for ci in prange(nc):
             t = chunks[ci, 0]
-            n, D, nb, P, G, S0, S1, S2, A, C0, C1, C2 = TENSOR(ptrs, fmt, t)
+            n, D, nb, P, G, S0, S1, S2, A, C0, C1, C2 = stored_tensor(ptrs, fmt, t, PDT, GDT,
+                                                                     SDT, ADT)
             c = LOAD(hyper, hidx[t])
             ax = np.zeros(LANES, dtype=np.float64)
             ay = np.zeros(LANES, dtype=np.float64)
