@@ -417,6 +417,28 @@ def test_sparse_exact_matches_numba(name, bits):
 
 
 @pytest.mark.parametrize("bits", [16, 8])
+def test_sparse_exact_keeps_signed_zeros(bits):
+    """Exact sparse mode: rows stepped at consecutive steps (their catch-up map the
+    identity) keep a -0.0 parameter where the gradient is 0, as numba does (catching
+    them up by the identity would turn -0.0 into +0.0); then a flush."""
+    params = params_of([SHAPE], np.float32)
+    params[0][:, ::5] = -0.0
+    cpu, cpu_p, gpu, gpu_p = pair("SGD", params, state_bits=bits, sparse_mode="exact",
+                                  lr=0.1, momentum=0.9)
+    rng = np.random.default_rng(9)
+    for rows in ([0, 3, 7], [0, 3, 9], [0, 3, 7]):
+        vals = rng.standard_normal((3,) + SHAPE[1:]).astype(np.float32)
+        vals[:, ::5] = 0.0
+        g = fastopt.RowSparse(np.array(rows), vals)
+        cpu.step([g])
+        gpu.step([g])
+    cpu.flush()
+    gpu.flush()
+    assert np.signbit(cpu_p[0][[0, 3], ::5]).all(), "numba keeps the signed zeros"
+    assert_same(cpu, cpu_p, gpu, gpu_p)
+
+
+@pytest.mark.parametrize("bits", [16, 8])
 def test_max_norm_matches_numba(bits):
     """max_norm (the row buffer, renormalized before the stores), with clipping and
     clamps: sparse and dense steps (a dense step of a max_norm group runs by rows)."""

@@ -297,7 +297,10 @@ def make_stored_rows_kernel(config, catch, step):
         s0 = L0(S0, e, c0) if U0 else zero
         s1 = L1(S1, e, c1) if V1 else zero
         s2 = L2(S2, e, c2) if V2 else zero
-        if CATCH:
+        # a row whose catch-up map is the identity (up to date) is not caught up:
+        # p + 0 would turn -0 into +0 (the CPU drivers' rule)
+        if CATCH and not (cat[0] == 1.0 and cat[1] == 0.0 and cat[2] == 0.0
+                          and cat[3] == 1.0):
             p, s0 = apply_catch_up(p, s0, cat[0], cat[1], cat[2], cat[3], CT)
         if STEPPING:
             if ident:
