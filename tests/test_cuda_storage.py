@@ -20,7 +20,6 @@ float32 state.  Tensors are small and steps few; launches are forced small
 (several blocks, grid-stride loops that wrap).
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -141,15 +140,9 @@ def ptx_main():
 if __name__ == "__main__":
     sys.exit(ptx_main())
 
-if importlib.util.find_spec("numba_cuda") is None:
-    pytest.skip("numba-cuda is not installed (pip install 'fastopt[cuda]')",
-                allow_module_level=True)
+from cuda_sim import require_cuda  # noqa: E402
 
-from numba import cuda  # noqa: E402
-
-if not cuda.is_available():
-    pytest.skip("no CUDA GPU here; run this file with NUMBA_ENABLE_CUDASIM=1 set to use "
-                "numba's CUDA simulator", allow_module_level=True)
+cuda = require_cuda()         # skips this module where the CUDA tests cannot run
 
 import fastopt  # noqa: E402
 from fastopt import backends, rules, storage  # noqa: E402
