@@ -26,7 +26,9 @@ Compiles, with the argument types the backend launches them with:
   pass of LAMB and LARS and Muon's stored phase 1, every variant, for float32 with
   16/8-bit state, float64 with float32 and 8-bit state, bfloat16 parameters with
   float32, 16- and 8-bit state (``bf16_update`` modes cycled; float32 and bfloat16
-  gradients);
+  gradients); with 8-bit state phase 1's PTX is checked for a thread block per
+  8-bit block (:func:`check_q8_layout`; the stored update kernels:
+  ``tests/test_cuda_storage.py``);
 
 and checks that the PTX has no approximate square root or division and that the
 dense kernel loads through the pointer table.
@@ -157,6 +159,19 @@ def main():
     return 0
 
 
+def check_q8_layout(ptx, what):
+    """An 8-bit kernel with a thread block per 8-bit block (stored dense, stored rows
+    without ``max_norm``, Muon's stored phase 1; :mod:`fastopt.backends.cuda.stored`):
+    its PTX synchronizes the block (``bar.sync``, the shared-memory max of the block
+    scale) and keeps no per-thread buffer of a block's values (a local array of
+    ``Q8_BLOCK`` values is 1 KiB or more of local memory)."""
+    import re
+    from fastopt.storage import Q8_BLOCK
+    depot = max((int(x) for x in re.findall(r"__local_depot\d+\[(\d+)\]", ptx)), default=0)
+    assert "bar.sync" in ptx, f"{what}: no barrier (a thread per 8-bit block?)"
+    assert depot < 4 * Q8_BLOCK, f"{what}: {depot} bytes of local memory a thread"
+
+
 def factored_jobs(types, ptx_of):
     """The factored passes (Adafactor, :mod:`fastopt.backends.cuda.factored`) for both
     dtypes, with the argument kinds of its ``SIGNATURES``."""
@@ -218,10 +233,13 @@ def stored_pass_jobs(types, ptx_of):
                         continue
                     CT = np.dtype(cfg.compute_dtype).type
                     _, GDT, SDT, _ = io.dtypes(st, gk, CT)
-                    jobs.append((f"stored phase1 {what}", lambda cfg=cfg, CT=CT, G=GDT, S=SDT:
-                                 ptx_of(sp.make_stored_phase1_kernel(cfg),
-                                        (arr(G), arr(S), arr(np.float32), arr(CT), f64_2d,
-                                         i64, i64, i64, i64)), ()))
+                    def phase1(cfg=cfg, CT=CT, G=GDT, S=SDT, what=what):
+                        ptx = ptx_of(sp.make_stored_phase1_kernel(cfg),
+                                     (arr(G), arr(S), arr(np.float32), arr(CT), f64_2d,
+                                      i64, i64, i64, i64))
+                        if cfg.storage.state == "q8":
+                            check_q8_layout(ptx, f"stored phase1 {what}")
+                    jobs.append((f"stored phase1 {what}", phase1, ()))
     return jobs
 
 

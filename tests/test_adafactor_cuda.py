@@ -8,20 +8,12 @@ otherwise.  Matrices are small and reducing blocks narrow (the simulator runs a
 Python thread per CUDA thread); several blocks run and the grid-stride loops wrap.
 """
 
-import importlib.util
-
 import numpy as np
 import pytest
 
-if importlib.util.find_spec("numba_cuda") is None:
-    pytest.skip("numba-cuda is not installed (pip install 'fastopt[cuda]')",
-                allow_module_level=True)
+from cuda_sim import require_cuda
 
-from numba import cuda  # noqa: E402
-
-if not cuda.is_available():
-    pytest.skip("no CUDA GPU here; run this file with NUMBA_ENABLE_CUDASIM=1 set to use "
-                "numba's CUDA simulator", allow_module_level=True)
+cuda = require_cuda()         # skips this module where the CUDA tests cannot run
 
 import fastopt  # noqa: E402
 from fastopt import functional  # noqa: E402

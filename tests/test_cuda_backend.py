@@ -22,7 +22,6 @@ thread); the block size is forced to 32, chunks to 64 elements and the grid to 3
 blocks, so launches have several blocks and the grid-stride loops wrap.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -30,15 +29,9 @@ import sys
 import numpy as np
 import pytest
 
-if importlib.util.find_spec("numba_cuda") is None:
-    pytest.skip("numba-cuda is not installed (pip install 'fastopt[cuda]')",
-                allow_module_level=True)
+from cuda_sim import require_cuda
 
-from numba import cuda  # noqa: E402
-
-if not cuda.is_available():
-    pytest.skip("no CUDA GPU here; run this file with NUMBA_ENABLE_CUDASIM=1 set to use "
-                "numba's CUDA simulator", allow_module_level=True)
+cuda = require_cuda()         # skips this module where the CUDA tests cannot run
 
 import fastopt  # noqa: E402
 from fastopt import backends, functional, planner  # noqa: E402

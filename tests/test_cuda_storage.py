@@ -20,7 +20,6 @@ float32 state.  Tensors are small and steps few; launches are forced small
 (several blocks, grid-stride loops that wrap).
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -35,8 +34,10 @@ def ptx_main():
     and with every fused option, for float32 with 16/8-bit state, float64 with
     8/32-bit state and bfloat16 parameters (float32, 16- and 8-bit state, the
     bf16_update modes cycled; dense kernels with float32 and bfloat16 gradients);
-    dense, rows (lazy, exact, flush) and row-wise kernels, and the widen kernel.  Exit
-    status 0 compiled, 1 failed, 3 cannot check here."""
+    dense, rows (lazy, exact, flush) and row-wise kernels, and the widen kernel.  The
+    8-bit dense and rows kernels (without ``max_norm``) are checked for a thread block
+    per 8-bit block (``cuda_ptx_check.check_q8_layout``).  Exit status 0 compiled, 1
+    failed, 3 cannot check here."""
     import types as pytypes
     try:
         from numba import cuda
@@ -59,6 +60,7 @@ def ptx_main():
     from fastopt import planner, rules, storage
     from fastopt.backends import cuda as cb
     from fastopt.storage import io
+    from cuda_ptx_check import check_q8_layout
 
     i64, idx = types.int64, types.Array(types.int64, 1, "C")
     tab, f64_2d = types.Array(i64, 2, "C"), types.Array(types.float64, 2, "C")
@@ -68,10 +70,12 @@ def ptx_main():
     def arr(dt, nd):
         return types.Array(nbt[np.dtype(dt)], nd, "C")
 
-    def ptx_of(kernel, sig):
+    def ptx_of(kernel, sig, q8_blocks=False):
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
         assert "sqrt.approx" not in ptx and "div.approx" not in ptx \
             and "div.full" not in ptx, "approximate sqrt or division"
+        if q8_blocks:             # a thread block per 8-bit block
+            check_q8_layout(ptx, what)
 
     every = dict(clip_value=0.5, l1=0.01, param_min=-2.0, param_max=2.0, max_norm=1.0)
     n = 0
@@ -105,12 +109,14 @@ def ptx_main():
                                 i64, types.boolean))
                         n += 1
                         continue
+                    q8 = st.state == "q8"
                     if not fused:
-                        ptx_of(cb.make_stored_dense_kernel(cfg), (tab, idx, idx, tab, tab, f64_2d))
+                        ptx_of(cb.make_stored_dense_kernel(cfg), (tab, idx, idx, tab, tab, f64_2d),
+                               q8)
                         n += 1
                         if st.param == "bfloat16":      # bfloat16 gradients
                             ptx_of(cb.make_stored_dense_kernel(cfg.with_grad("bfloat16")),
-                                   (tab, idx, idx, tab, tab, f64_2d))
+                                   (tab, idx, idx, tab, tab, f64_2d), q8)
                             n += 1
                     flags = [(False, True)]
                     if not fused and rule.exact_refusal(group) is None:
@@ -120,7 +126,8 @@ def ptx_main():
                                (arr(PDT, 1), arr(np.uint16, 1)) + (arr(SDT, 1),) * 3
                                + (arr(np.float32, 1),) * 3
                                + (arr(CT, 2), idx, idx, idx, f64_2d, f64_2d, arr(CT, 2),
-                                  i64, i64, i64, i64, types.boolean))
+                                  i64, i64, i64, i64, types.boolean),
+                               q8 and not fused)        # fused: max_norm, a thread a row
                         n += 1
                 except Exception as exc:  # noqa: BLE001
                     print(f"FAILED to compile {what}: {type(exc).__name__}: {exc}")
@@ -133,15 +140,9 @@ def ptx_main():
 if __name__ == "__main__":
     sys.exit(ptx_main())
 
-if importlib.util.find_spec("numba_cuda") is None:
-    pytest.skip("numba-cuda is not installed (pip install 'fastopt[cuda]')",
-                allow_module_level=True)
+from cuda_sim import require_cuda  # noqa: E402
 
-from numba import cuda  # noqa: E402
-
-if not cuda.is_available():
-    pytest.skip("no CUDA GPU here; run this file with NUMBA_ENABLE_CUDASIM=1 set to use "
-                "numba's CUDA simulator", allow_module_level=True)
+cuda = require_cuda()         # skips this module where the CUDA tests cannot run
 
 import fastopt  # noqa: E402
 from fastopt import backends, rules, storage  # noqa: E402
@@ -319,6 +320,54 @@ def test_steps_match_numba(name, bits, steps):
     assert_same(cpu, cpu_p, gpu, gpu_p)
 
 
+def special_grads(shapes, rng, steps):
+    """Gradients that put NaN and +-Inf into 8-bit blocks (full blocks, partial last
+    blocks of a row, a row's last element) and a finite 3e38 whose square overflows
+    (exp_avg finite, exp_avg_sq Inf), a different set each step."""
+    out = []
+    for t in range(steps):
+        gs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        a, b = gs
+        a[1 + t, 5] = np.inf                  # a full block
+        a[2 + t, 290] = np.nan                # the partial last block of a row (44)
+        a[3 + t, 270] = -np.inf
+        a[4 + t, 10] = 3e38
+        b[5 + t, 7] = np.nan                  # rows of 100: one partial block each
+        b[6 + t, 99] = np.inf                 # the row's last element
+        b[7 + t, 0] = -3e38
+        out.append(gs)
+    return out
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_q8_partial_and_special_blocks_match_numba(name):
+    """8-bit state with NaN and +-Inf values (special codes) in full and partial
+    blocks: the blocks' scales are their largest finite magnitudes and the codes the
+    numba driver's, bit for bit in the simulator; later steps decode the special codes
+    (dense, then a row-sparse step over the rows that hold them).  A (16, 300) matrix
+    (blocks of 256 + 44) and a (48, 100) one (one partial block a row), in one
+    bucket."""
+    rule = RULES[name]
+    shapes = [SHAPE, (48, 100)]
+    params = params_of(shapes, np.float32)
+    cpu, cpu_p, gpu, gpu_p = pair(name, params, state_bits=8, **richest_variant(rule, 8))
+    rng = np.random.default_rng(12)
+    for gs in special_grads(shapes, rng, 2):
+        cpu.step(gs)
+        gpu.step([cuda.to_device(g) for g in gs])
+    idx = np.array([1, 2, 3, 9, 2, 5])
+    vals = rng.standard_normal((6, 300)).astype(np.float32)
+    vals[0, 260] = np.inf
+    g = fastopt.RowSparse(idx, vals)
+    cpu.step([g, None])
+    gpu.step([g, None])
+    slot = rule.slots[0]                        # signed: +Inf 127, NaN 128, -Inf 129
+    for st in gpu.state_dict()["state"].values():
+        assert st[slot].dtype == np.uint8
+        assert {127, 128} <= set(np.unique(st[slot]).tolist()), "special codes stored"
+    assert_same(cpu, cpu_p, gpu, gpu_p)
+
+
 @pytest.mark.parametrize("bits", [16, 8])
 @pytest.mark.parametrize("name", ["Adam", "SGD"])
 def test_dense_float64_matches_numba(name, bits):
@@ -357,6 +406,28 @@ def test_sparse_exact_matches_numba(name, bits):
         gpu.step([g])
     cpu.flush()
     gpu.flush()
+    assert_same(cpu, cpu_p, gpu, gpu_p)
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_sparse_exact_keeps_signed_zeros(bits):
+    """Exact sparse mode: rows stepped at consecutive steps (their catch-up map the
+    identity) keep a -0.0 parameter where the gradient is 0, as numba does (catching
+    them up by the identity would turn -0.0 into +0.0); then a flush."""
+    params = params_of([SHAPE], np.float32)
+    params[0][:, ::5] = -0.0
+    cpu, cpu_p, gpu, gpu_p = pair("SGD", params, state_bits=bits, sparse_mode="exact",
+                                  lr=0.1, momentum=0.9)
+    rng = np.random.default_rng(9)
+    for rows in ([0, 3, 7], [0, 3, 9], [0, 3, 7]):
+        vals = rng.standard_normal((3,) + SHAPE[1:]).astype(np.float32)
+        vals[:, ::5] = 0.0
+        g = fastopt.RowSparse(np.array(rows), vals)
+        cpu.step([g])
+        gpu.step([g])
+    cpu.flush()
+    gpu.flush()
+    assert np.signbit(cpu_p[0][[0, 3], ::5]).all(), "numba keeps the signed zeros"
     assert_same(cpu, cpu_p, gpu, gpu_p)
 
 

@@ -70,8 +70,11 @@ gives an ``ml_dtypes.bfloat16`` array, and checkpoints move between backends.
 
 Launch settings (module attributes of this package, read at every launch):
 :data:`BLOCK_SIZE`, :data:`CHUNK`, :data:`MAX_BLOCKS` (``None``: 32 blocks per
-multiprocessor).  Tests set a small block size and grid so that several blocks run
-and the grid-stride loops wrap.
+multiprocessor).  The 8-bit kernels run a thread block per 8-bit block, of
+:data:`fastopt.backends.cuda.stored.Q8_THREADS` (= ``Q8_BLOCK``, 256) threads
+whatever ``BLOCK_SIZE`` is, over dense chunks of ``CHUNK // Q8_BLOCK`` blocks.
+Tests set a small block size and grid so that several blocks run and the
+grid-stride loops wrap.
 
 Importing this package imports numba, not numba.cuda (that happens on first use);
 ``import fastopt`` does not import it (:mod:`fastopt.backends` loads it on the first
@@ -86,9 +89,10 @@ from ..._jit import numba as _numba
 
 _numba()   # a kernel package: numba now (and the registrations pending in fastopt._jit)
 
-#: threads per block
+#: threads per block (the 8-bit kernels: always ``stored.Q8_THREADS``)
 BLOCK_SIZE = 256
-#: elements per chunk of the dense multi-tensor launch
+#: elements per chunk of the dense multi-tensor launch (8-bit state: ``CHUNK //
+#: Q8_BLOCK`` 8-bit blocks)
 CHUNK = 1 << 13
 #: most blocks in one launch (grid-stride loops cover the rest); None: 32 per SM
 MAX_BLOCKS = None

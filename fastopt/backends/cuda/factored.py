@@ -29,7 +29,8 @@ element drivers compile the rules' math.
 
 Determinism: every sum has an order fixed by the shape and :data:`REDUCE_THREADS`
 (a row: thread ``t`` of a block sums elements ``t, t + T, ...`` in order, then the
-block adds the threads' sums in a fixed tree in shared memory), never by the grid or
+block adds the threads' sums in a fixed tree in shared memory,
+:func:`fastopt.backends.cuda.kernels.tree_sum` / ``tree_sum2``), never by the grid or
 the scheduling, and there are no atomics: a CUDA step gives the same bits run to
 run.  The column sums and the totals of ``p^2`` and ``U^2`` over the rows take the
 CPU drivers' order (blocks of ``FACTOR_ROWS`` rows, the blocks in order; rows in
@@ -60,21 +61,12 @@ cuda = None          # numba.cuda, bound by _make (a global: the simulator repla
 
 def _make(kind, dtype, NT):
     global cuda
-    from .kernels import _prepare
-    cuda = _prepare()          # numba.cuda as a global (the simulator swaps globals)
+    from . import kernels as _k
+    cuda = _k._prepare()       # numba.cuda as a global (the simulator swaps globals)
     DT = np.dtype(dtype).type
-
-    @cuda.jit(device=True)
-    def tree_sum(sa, tid):
-        """sa[0] = the sum of the block's NT partial sums ``sa``, added in a fixed
-        halving tree (the same order for any grid), every thread synchronized."""
-        cuda.syncthreads()
-        h = NT // 2
-        while h > 0:
-            if tid < h:
-                sa[tid] += sa[tid + h]
-            cuda.syncthreads()
-            h //= 2
+    # sa[0] (and sb[0]) = the block's NT partial sums added in a fixed halving tree
+    tree_sum = _k.tree_sum(NT)
+    tree_sum2 = _k.tree_sum2(NT)
 
     if kind == "sums":
         def sums(P, G, C, nrows, rows, prow):
@@ -94,14 +86,7 @@ def _make(kind, dtype, NT):
                     j += NT
                 sa[tid] = a
                 sb[tid] = b
-                cuda.syncthreads()
-                h = NT // 2
-                while h > 0:
-                    if tid < h:
-                        sa[tid] += sa[tid + h]
-                        sb[tid] += sb[tid + h]
-                    cuda.syncthreads()
-                    h //= 2
+                tree_sum2(sa, sb, tid)
                 if tid == 0:
                     rows[k] = sa[0]
                     prow[k] = sb[0]

@@ -47,6 +47,11 @@ compiles and caches them and :mod:`fastopt.backends.cuda.launch` launches them.
 * ``widen`` (:func:`make_widen_kernel`): bfloat16 bits to float32, for gradients
   of bfloat16 parameters.
 
+The block reductions in shared memory are device functions written once, here:
+:func:`tree_sum` and :func:`tree_sum2` (one or two float64 sums in a fixed halving
+tree: the norm passes, Adafactor's sums) and :func:`tree_max3` (the 8-bit kernels'
+block scales, :mod:`fastopt.backends.cuda.stored`).
+
 ``error_model`` and fastmath are numba-cuda's defaults (no fast-math flags: IEEE
 ``sqrt.rn`` and ``div.rn``, NaN/Inf propagate).  The CUDA compiler contracts
 ``a * b + c`` into FMA, so results agree with the CPU backends to rounding, not
@@ -145,6 +150,107 @@ def _prepare():
     _ensure_scalar_ufuncs()
     return cuda
 
+# ------------------------------------------------- block reductions (device functions)
+
+_TREES = {}          # (kind, NT, flags, simulator) -> device function
+
+
+def _tree(kind, NT, flags=()):
+    """The cached device function ``kind`` for ``NT`` threads (see :func:`tree_sum`)."""
+    key = (kind, int(NT), tuple(flags), _pkg._SIM)
+    fn = _TREES.get(key)
+    if fn is None:
+        _prepare()
+        fn = _TREES[key] = _TREE_MAKERS[kind](int(NT), *flags)
+    return fn
+
+
+def tree_sum(NT):
+    """Device function ``tree_sum(sa, tid)``: ``sa[0]`` = the sum of the block's ``NT``
+    partial sums ``sa`` (a shared array, each thread ``tid`` having written its own),
+    added in a fixed halving tree (``sa[t] += sa[t + h]`` for ``h = NT/2, NT/4, ..., 1``):
+    the same order for any grid.  Every thread is synchronized before and after;
+    a caller that writes ``sa`` again synchronizes after reading ``sa[0]``.  ``NT``
+    a power of two (the launch's block size)."""
+    return _tree("sum", NT)
+
+
+def tree_sum2(NT):
+    """Device function ``tree_sum2(sa, sb, tid)``: :func:`tree_sum` of two shared arrays
+    at once (one barrier per level for both)."""
+    return _tree("sum2", NT)
+
+
+def tree_max3(NT, u0, u1, u2):
+    """Device function ``(a0, a1, a2) = tree_max3(sm, tid, x0, x1, x2)``: the largest of
+    the block's ``NT`` values ``xk`` for each row ``k`` of the shared float32 array
+    ``sm`` (3, NT) whose flag ``uk`` is set (0 for the others), by a halving tree.  A
+    max is exact in any order, so the result is the sequential loop's.  Returns in
+    registers, every thread synchronized after reading: ``sm`` may be written again
+    at once (the 8-bit kernels' block scale, :mod:`fastopt.backends.cuda.stored`)."""
+    return _tree("max3", NT, (bool(u0), bool(u1), bool(u2)))
+
+
+def _make_sum(NT):
+    def tree_sum(sa, tid):
+        cuda.syncthreads()
+        h = NT // 2
+        while h > 0:
+            if tid < h:
+                sa[tid] += sa[tid + h]
+            cuda.syncthreads()
+            h //= 2
+    return cuda.jit(device=True)(tree_sum)
+
+
+def _make_sum2(NT):
+    def tree_sum2(sa, sb, tid):
+        cuda.syncthreads()
+        h = NT // 2
+        while h > 0:
+            if tid < h:
+                sa[tid] += sa[tid + h]
+                sb[tid] += sb[tid + h]
+            cuda.syncthreads()
+            h //= 2
+    return cuda.jit(device=True)(tree_sum2)
+
+
+def _make_max3(NT, U0, U1, U2):
+    F32 = np.float32
+
+    def tree_max3(sm, tid, x0, x1, x2):
+        if U0:
+            sm[0, tid] = x0
+        if U1:
+            sm[1, tid] = x1
+        if U2:
+            sm[2, tid] = x2
+        cuda.syncthreads()
+        h = NT // 2
+        while h > 0:
+            if tid < h:
+                if U0:
+                    sm[0, tid] = max(sm[0, tid], sm[0, tid + h])
+                if U1:
+                    sm[1, tid] = max(sm[1, tid], sm[1, tid + h])
+                if U2:
+                    sm[2, tid] = max(sm[2, tid], sm[2, tid + h])
+            cuda.syncthreads()
+            h //= 2
+        a0 = sm[0, 0] if U0 else F32(0)
+        a1 = sm[1, 0] if U1 else F32(0)
+        a2 = sm[2, 0] if U2 else F32(0)
+        cuda.syncthreads()
+        return a0, a1, a2
+    return cuda.jit(device=True)(tree_max3)
+
+
+_TREE_MAKERS = {"sum": _make_sum, "sum2": _make_sum2, "max3": _make_max3}
+
+
+# ------------------------------------------------------------------ kernels
+
 def make_dense_kernel(config):
     """The multi-tensor kernel of an element-wise rule configuration.
 
@@ -220,6 +326,7 @@ def make_norms_kernel(config):
     U0, U1, U2 = (bool(u) for u in config.uses)
     SC, CL = bool(config.switches[0]), bool(config.switches[1])
     NT = NORM_THREADS
+    TREE = tree_sum2(NT)
     ROW = TAB_ROW
 
     def norms_kernel(tab, grads, chunks, hyper, part):
@@ -252,14 +359,7 @@ def make_norms_kernel(config):
                 i += NT
             sa[tid] = a
             sb[tid] = b
-            cuda.syncthreads()
-            h = NT // 2
-            while h > 0:
-                if tid < h:
-                    sa[tid] += sa[tid + h]
-                    sb[tid] += sb[tid + h]
-                cuda.syncthreads()
-                h //= 2
+            TREE(sa, sb, tid)
             if tid == 0:
                 part[ci, 0] = sa[0]
                 part[ci, 1] = sb[0]

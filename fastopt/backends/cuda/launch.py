@@ -24,7 +24,11 @@
 
 Launch settings are the package's module attributes ``BLOCK_SIZE``, ``CHUNK`` and
 ``MAX_BLOCKS`` (:mod:`fastopt.backends.cuda`), read at every launch; a bucket whose
-tables were laid out for another chunk size is prepared again.
+tables were laid out for another chunk size is prepared again.  The 8-bit launches
+(stored dense, stored rows without ``max_norm``, Muon's stored phase 1) run thread
+blocks of :data:`fastopt.backends.cuda.stored.Q8_THREADS` threads, one 8-bit block
+each, whatever ``BLOCK_SIZE`` is; their dense chunks are ``CHUNK // Q8_BLOCK``
+8-bit blocks (at least one).
 """
 
 import numpy as np
@@ -39,7 +43,7 @@ from .kernels import (NORM_THREADS, TAB_COLS, TAB_ROW, make_count_kernel, make_d
                       make_norms_kernel,
                       make_renorm_kernel, make_rows_kernel, make_rowwise_kernel,
                       make_widen_kernel)
-from .stored import (make_stored_dense_kernel, make_stored_rows_kernel,
+from .stored import (Q8_THREADS, make_stored_dense_kernel, make_stored_rows_kernel,
                      make_stored_rowwise_kernel)
 from .stored_passes import make_stored_norms_kernel, make_stored_phase1_kernel
 
@@ -105,17 +109,21 @@ class DenseTables:
     ``fixed`` (one device buffer, uploaded here): the pointer table ``tab`` int64 (T,
     :data:`~fastopt.backends.cuda.kernels.TAB_COLS`), the chunk table, and for a stored
     format the format table.  Chunks are elements (``CHUNK`` a chunk) or, with 8-bit
-    state, 8-bit blocks (``BLOCK_SIZE`` a chunk: a thread per block).  ``host`` / ``dev``:
+    state, 8-bit blocks (``per`` a chunk, :func:`_tables`); launched with
+    ``BLOCK_SIZE`` threads a block, with 8-bit state
+    :data:`~fastopt.backends.cuda.stored.Q8_THREADS` (a thread per element of an
+    8-bit block).  ``host`` / ``dev``:
     the per-step buffer, gradient addresses (T,), for a stored format the stream keys
     (T,), then the float64 scalar rows (R, NSCALARS), copied by :meth:`launch`."""
 
     __slots__ = ("per", "nchunks", "stored", "host", "grads", "keys", "hyper", "dev",
-                 "args", "config", "kernel", "chunks")
+                 "args", "config", "kernel", "chunks", "q8")
 
     def __init__(self, work, stored, per):
         cuda = _pkg.cuda
         T, (R, NS) = work.ptrs.shape[0], work.hyper.shape
-        if stored and work.config.storage.state == "q8":
+        self.q8 = stored and work.config.storage.state == "q8"
+        if self.q8:
             units = [int(n) for n in work.fmt[:, FMT_NSCALE]]
         else:
             units = [int(np.prod(_describe(p)[0], dtype=np.int64)) for p in work.params]
@@ -162,7 +170,7 @@ class DenseTables:
             self.keys[:] = work.fmt[:, FMT_KEY]
         self.hyper[:] = work.hyper
         _upload("step", self.dev, self.host)
-        bs = _pkg.BLOCK_SIZE
+        bs = Q8_THREADS if self.q8 else _pkg.BLOCK_SIZE
         self.kernel[_blocks(self.nchunks), bs](*self.args)
 
 
@@ -190,12 +198,16 @@ def run_norms(work):
 def _tables(work):
     """The bucket's :class:`DenseTables` (prepared on first use, or again when the
     launch settings changed its chunk size): chunks of ``CHUNK`` elements, or with
-    8-bit state of ``BLOCK_SIZE`` 8-bit blocks; shared by the norm pass and the
-    update."""
+    8-bit state of ``CHUNK // Q8_BLOCK`` 8-bit blocks (at least one: about ``CHUNK``
+    elements for the chunk's thread block to step block by block); shared by the
+    norm pass and the update."""
     stored = not work.config.storage.native
     if stored:
         _check_stored(work.config)
-        per = _pkg.BLOCK_SIZE if work.config.storage.state == "q8" else _pkg.CHUNK
+        if work.config.storage.state == "q8":
+            per = max(1, int(_pkg.CHUNK) // Q8_BLOCK)
+        else:
+            per = _pkg.CHUNK
     else:
         per = _pkg.CHUNK
     tables = work.launch.get("cuda")
@@ -341,12 +353,13 @@ def _run_stored_rows(work):
     mx = bool(cfg.switches[5])
     prows = _pkg.cuda.device_array((nuniq, D), dtype=CT) if mx else _dummy((1, 1), CT)
     if mx:
-        units = nuniq
+        grid = _blocks(nuniq, bs)                  # a thread per row
     elif cfg.storage.state == "q8":
-        units = nuniq * -(-D // Q8_BLOCK)
+        bs = Q8_THREADS                            # a thread block per 8-bit block
+        grid = _blocks(nuniq * -(-D // Q8_BLOCK))
     else:
-        units = nuniq * D
-    kernel_for("stored_rows", cfg, catch, stepping)[_blocks(units, bs), bs](
+        grid = _blocks(nuniq * D, bs)              # a thread per element
+    kernel_for("stored_rows", cfg, catch, stepping)[grid, bs](
         P, A, S[0], S[1], S[2], C[0], C[1], C[2], vals, order, seg, uniq, coef, hyper,
         prows, nuniq, D, key, int(work.base), ident)
 

@@ -415,15 +415,20 @@ def run_matrix(work, groups):
 
 def _stored_phase1(p1, work, t, G, Bf, U, hyper):
     """Launch the ``stored_phase1`` kernel over tensor ``t`` of ``work``: 8-bit blocks
-    (the format table's rows, blocks per row and scale count) or elements."""
+    (the format table's rows, blocks per row and scale count), a thread block each,
+    or elements, a thread each."""
     from ..base import FMT_NB, FMT_NSCALE, FMT_ROW
     from .arrays import _dummy
+    from .launch import _blocks
+    from .stored import Q8_THREADS
     row = int(work.hidx[t])
     if work.config.storage.state == "q8":
         f = work.fmt[t]
         D, nb, units = int(f[FMT_ROW]), int(f[FMT_NB]), int(f[FMT_NSCALE])
         C0 = _flat(work.extras[t][1])
+        grid = _blocks(units), Q8_THREADS       # a thread block per 8-bit block
     else:
         D, nb, units = 1, 1, int(G.shape[0])
         C0 = _dummy((1,), np.float32)
-    p1[_grid(units)](G, Bf, C0, U, hyper, row, D, nb, units)
+        grid = _grid(units)
+    p1[grid](G, Bf, C0, U, hyper, row, D, nb, units)
