@@ -620,8 +620,8 @@ def run_stored_rows(int rule_id, int dtype_code, int pkind, int skind, int smask
     """Row step of element-wise rule ``rule_id`` in a stored format (twin of
     ``make_stored_rows_driver``; with ``inverse``, duplicate sums and updates run
     in one parallel region, each thread summing the gradient rows of its own
-    unique rows in their order, then updating them; the numba drivers sum first,
-    in a region of their own: the same bits).  ``addrs`` int64 (9,): the parameter (nrows, D) in
+    unique rows in their order, then updating them; the numba drivers gather each
+    row's gradient rows just before its update: the same bits).  ``addrs`` int64 (9,): the parameter (nrows, D) in
     its format (bfloat16: uint16 bits), the gradient rows (nnz, D) in the compute
     dtype, the three state slots, the aux array (split/kahan), the three 8-bit
     scale arrays (nrows * ceil(D / Q8_BLOCK) each); unused entries are never read.

@@ -287,8 +287,8 @@ class CythonBackend(Backend):
         and the catch-up table.  With the plan's ``inverse`` (``row_plan``) the
         duplicate sums and the updates run in one parallel region, each thread
         summing the gradient rows of its unique rows in their own order, then
-        updating them (numba sums first, in a region of their own: the same
-        bits)."""
+        updating them (numba gathers each row's gradient rows just before its
+        update instead: the same bits)."""
         if work.catch is not None and work.catch.coef is None:
             raise ValueError("exact-mode work without its catch-up maps")
         cfg = work.config
